@@ -1,0 +1,1 @@
+"""The master node: session, generation loop, sampling, orchestration."""

@@ -1,0 +1,74 @@
+"""A multi-turn conversation: history, prompt rendering, context trimming."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from master.engine import Engine
+from master.generation import GenerationStats, generate_tokens
+from master.sampling import SamplingParams
+from tpi.errors import PromptError
+from tpi.tokenizer import StreamDecoder, TextTokenizer
+
+
+@dataclass
+class ChatSession:
+    engine: Engine
+    tokenizer: TextTokenizer
+    params: SamplingParams
+    system_prompt: str | None = None
+    history: list[dict[str, str]] = field(default_factory=list)
+    dropped_turns: int = 0  # turns forgotten so the conversation fits the context
+
+    def reset(self) -> None:
+        self.history.clear()
+        self.engine.reset()
+
+    def _messages(self, turns: list[dict[str, str]]) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return system + turns
+
+    def _prompt_ids(self, turns: list[dict[str, str]]) -> list[int]:
+        if self.tokenizer.chat_template is None:
+            # No template: a plain transcript is the best a base model can do.
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in self._messages(turns)) + "assistant:"
+            return self.tokenizer.encode(text)
+        return self.tokenizer.encode_chat(self._messages(turns))
+
+    def _fit(self, turns: list[dict[str, str]]) -> list[int]:
+        """Prompt ids, forgetting the oldest exchanges until an answer still fits."""
+        limit = self.engine.max_positions - min(self.params.max_new_tokens, self.engine.max_positions // 2)
+        ids = self._prompt_ids(turns)
+        while len(ids) > limit and len(turns) > 1:
+            turns[:] = turns[2:] if len(turns) > 2 else turns[1:]
+            self.dropped_turns += 1
+            ids = self._prompt_ids(turns)
+        if len(ids) > limit:
+            raise PromptError(
+                f"the message needs {len(ids)} tokens but the context window leaves room for {limit}"
+            )
+        return ids
+
+    def ask(self, text: str, stats: GenerationStats, cancel: threading.Event | None = None) -> Iterator[str]:
+        """Stream the answer to `text` as printable pieces; history is updated at the end."""
+        if not text.strip():
+            raise PromptError("the message is empty")
+        turns = self.history + [{"role": "user", "content": text}]
+        ids = self._fit(turns)
+        decoder = StreamDecoder(self.tokenizer)
+        answer: list[str] = []
+        try:
+            for token in generate_tokens(self.engine, ids, self.params, self.tokenizer.eos_ids, stats, cancel):
+                piece = decoder.push(token)
+                if piece:
+                    answer.append(piece)
+                    yield piece
+            tail = decoder.flush()
+            if tail:
+                answer.append(tail)
+                yield tail
+        finally:
+            # Even a cancelled answer is part of the conversation the user saw.
+            self.history = turns + [{"role": "assistant", "content": "".join(answer)}]

@@ -1,0 +1,79 @@
+"""Next-token choice from logits: greedy, temperature, top-k, top-p, seeded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+    max_new_tokens: int = 256
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.top_k < 0:
+            raise ValueError("top-k must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top-p must be in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise ValueError("max new tokens must be >= 1")
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams) -> None:
+        params.validate()
+        self.params = params
+        self.generator = torch.Generator()
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature == 0
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """Choose one token id from float32 logits of shape (vocab,)."""
+        if self.greedy:
+            return int(torch.argmax(logits))
+        return int(torch.multinomial(self.probabilities(logits), 1, generator=self.generator))
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution sampled from, after temperature, top-k and top-p."""
+        p = self.params
+        scores = logits.float() / p.temperature
+        if p.top_k and p.top_k < scores.numel():
+            kth = torch.topk(scores, p.top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if p.top_p < 1.0:
+            # Keep the smallest set of most likely tokens whose mass reaches top_p.
+            sorted_scores, order = torch.sort(scores, descending=True)
+            cum = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
+            drop_sorted = cum - torch.softmax(sorted_scores, dim=-1) >= p.top_p
+            drop_sorted[0] = False
+            drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+            scores = scores.masked_fill(drop, float("-inf"))
+        return torch.softmax(scores, dim=-1)
+
+
+def defaults_from_generation_config(config: dict) -> dict:
+    """Sampling defaults a model's generation_config.json recommends.
+
+    Models that set do_sample get their temperature/top-k/top-p; others are
+    decoded greedily, as transformers would.
+    """
+    if not config.get("do_sample"):
+        return {"temperature": 0.0}
+    out: dict = {"temperature": float(config.get("temperature", 1.0))}
+    out["top_k"] = int(config.get("top_k", 50))  # transformers' default when sampling
+    if config.get("top_p") is not None:
+        out["top_p"] = float(config["top_p"])
+    return out

@@ -1,0 +1,76 @@
+"""Read tensors from a Hugging Face safetensors checkpoint, one at a time.
+
+Tensors are fetched by name on demand (safetensors memory-maps the file), so
+callers can stream a model layer by layer without loading it whole.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from tpi.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+class Checkpoint:
+    """Name -> tensor access over model.safetensors or a sharded index."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = Path(model_dir)
+        self._file_of: dict[str, Path] = {}
+        self._handles: dict[Path, object] = {}
+        index = self.model_dir / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"cannot read {index}: {e}") from None
+            for name, fname in weight_map.items():
+                self._file_of[name] = self.model_dir / fname
+        else:
+            files = sorted(self.model_dir.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"no *.safetensors weights in {self.model_dir}")
+            for f in files:
+                for name in self._open(f).keys():
+                    self._file_of[name] = f
+
+    def _open(self, path: Path):
+        handle = self._handles.get(path)
+        if handle is None:
+            if not path.is_file():
+                raise CheckpointError(f"weights file missing: {path}")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"corrupt or truncated safetensors file {path}: {e}") from None
+            self._handles[path] = handle
+        return handle
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The named tensor, converted to `dtype` if given (a fresh copy)."""
+        path = self._file_of.get(name)
+        if path is None:
+            raise CheckpointError(f"tensor {name!r} not found in the checkpoint at {self.model_dir}")
+        try:
+            t = self._open(path).get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"cannot read tensor {name!r} from {path}: {e}") from None
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        return t
+
+    def close(self) -> None:
+        self._handles.clear()

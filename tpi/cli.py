@@ -1,0 +1,118 @@
+"""The `tpi` command: a click group.
+
+Commands of the master and worker packages are found through the
+"tpi.commands" entry points (see pyproject.toml) and imported only when run, so
+the shared library never depends on them and `tpi --help` starts instantly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib.metadata import entry_points
+
+import click
+
+from tpi import __version__
+from tpi.errors import TpiError
+
+
+def _debug() -> bool:
+    return os.environ.get("TPI_DEBUG", "") not in ("", "0")
+
+
+class TpiGroup(click.Group):
+    def _plugins(self) -> dict:
+        return {ep.name: ep for ep in entry_points(group="tpi.commands")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self._plugins()))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, name)
+        if cmd is None and (ep := self._plugins().get(name)) is not None:
+            cmd = ep.load()
+        return cmd
+
+    def invoke(self, ctx: click.Context):
+        # One line and a non-zero exit for anything that goes wrong; tracebacks
+        # are for developers (TPI_DEBUG=1).
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except TpiError as e:
+            if _debug():
+                raise
+            raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+        except Exception as e:
+            if _debug():
+                raise
+            raise click.ClickException(
+                f"internal error: {type(e).__name__}: {e} (set TPI_DEBUG=1 for a traceback)"
+            ) from None
+
+
+@click.group(cls=TpiGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="tpi")
+def cli() -> None:
+    """Run LLMs tensor-parallel across several small machines.
+
+    Quick start: `tpi chat` talks to the embedded SmolLM2-135M-Instruct model.
+    """
+
+
+def echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@cli.command("convert-gguf")
+@click.argument("gguf_file", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Storage dtype of the dequantized weights (fp32 keeps them exact).")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it already holds files.")
+def convert_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, force: bool) -> None:
+    """Convert a Llama-family GGUF file into a Hugging Face checkpoint directory.
+
+    Writes config.json, safetensors weights, tokenizer.json, tokenizer_config.json
+    (with the chat template) and generation_config.json. Quantized blocks are
+    dequantized; attention rows are put back into Hugging Face order.
+    """
+    from pathlib import Path
+
+    from tpi.gguf_convert import convert_gguf
+    from tpi.progress import ProgressReporter
+
+    with ProgressReporter("converting") as progress:
+        convert_gguf(Path(gguf_file), Path(out_dir), dtype=dtype, overwrite=force, progress=progress)
+    click.echo(f"wrote {out_dir}")
+
+
+@cli.command("models")
+def models_cmd() -> None:
+    """List models converted into the cache ($TPI_HOME/models)."""
+    from tpi.default_model import DEFAULT_MODEL_NAME, find_embedded_gguf
+    from tpi.model_registry import cached_models
+    from tpi.paths import models_dir
+
+    found = cached_models()
+    click.echo(f"cache: {models_dir()}")
+    if not found:
+        click.echo("no converted models yet")
+    for m in found:
+        tag = "  (default)" if m.name == DEFAULT_MODEL_NAME else ""
+        click.echo(f"{m.name:40s} {m.size_bytes / 1e6:9.1f} MB  {m.path}{tag}")
+    if DEFAULT_MODEL_NAME not in {m.name for m in found}:
+        state = "installed, converts on first use" if find_embedded_gguf() else "not installed, installs on first use"
+        click.echo(f"default {DEFAULT_MODEL_NAME}: {state}")
+
+
+def main() -> None:
+    cli(prog_name="tpi")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

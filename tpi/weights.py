@@ -1,0 +1,160 @@
+"""Weights of one rank's slice of a layer, and of the master-only head.
+
+A slice is a flat dict of named tensors (the unit written to and read from a
+per-layer safetensors file) wrapped in a typed view for the math. q/k/v and
+gate/up are stored fused so a token costs one matmul for each pair, and the
+fusion is done once at split/load time, not per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from tpi.config import ModelConfig
+from tpi.partition import RankSlice
+
+# Canonical tensor names inside a per-layer slice file.
+ATTN_NORM = "attn_norm"
+MLP_NORM = "mlp_norm"
+QKV = "qkv"
+QKV_BIAS = "qkv_bias"
+O = "o"
+O_BIAS = "o_bias"
+GATE_UP = "gate_up"
+GATE_UP_BIAS = "gate_up_bias"
+DOWN = "down"
+DOWN_BIAS = "down_bias"
+
+EMBED = "embed"
+FINAL_NORM = "final_norm"
+LM_HEAD = "lm_head"
+
+
+def hf_layer_name(layer: int, suffix: str) -> str:
+    return f"model.layers.{layer}.{suffix}"
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor
+    mlp_norm: torch.Tensor
+    qkv: torch.Tensor  # ((n_q + 2 n_kv) * head_dim, hidden)
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor  # (hidden, n_q * head_dim)
+    o_bias: torch.Tensor | None
+    gate_up: torch.Tensor  # (2 * n_mlp, hidden)
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor  # (hidden, n_mlp)
+    down_bias: torch.Tensor | None
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> LayerWeights:
+        return cls(
+            attn_norm=t[ATTN_NORM],
+            mlp_norm=t[MLP_NORM],
+            qkv=t[QKV],
+            qkv_bias=t.get(QKV_BIAS),
+            o=t[O],
+            o_bias=t.get(O_BIAS),
+            gate_up=t[GATE_UP],
+            gate_up_bias=t.get(GATE_UP_BIAS),
+            down=t[DOWN],
+            down_bias=t.get(DOWN_BIAS),
+        )
+
+    def nbytes(self) -> int:
+        return sum(
+            x.numel() * x.element_size()
+            for x in vars(self).values()
+            if isinstance(x, torch.Tensor)
+        )
+
+
+@dataclass
+class HeadWeights:
+    """Embedding, final norm and LM head: the master's extra tensors."""
+
+    embed: torch.Tensor  # (vocab, hidden)
+    final_norm: torch.Tensor
+    lm_head: torch.Tensor  # (vocab, hidden); the same storage as embed when tied
+
+    def nbytes(self) -> int:
+        n = self.embed.numel() * self.embed.element_size() + self.final_norm.numel() * 4
+        if self.lm_head.data_ptr() != self.embed.data_ptr():
+            n += self.lm_head.numel() * self.lm_head.element_size()
+        return n
+
+
+def slice_layer(
+    get: Callable[[str], torch.Tensor], cfg: ModelConfig, layer: int, rs: RankSlice
+) -> dict[str, torch.Tensor]:
+    """Cut rank `rs`'s slice of HF layer `layer` out of a checkpoint.
+
+    `get(name)` returns a full HF tensor; only one projection is held at a time
+    beyond the slices being built. Row-sharded biases (o_proj, down_proj) belong
+    to rank 0 only, so the allreduce adds them exactly once.
+    """
+    hd = cfg.head_dim
+    q0, q1 = rs.q_heads
+    k0, k1 = rs.kv_heads
+    m0, m1 = rs.mlp
+
+    def name(s: str) -> str:
+        return hf_layer_name(layer, s)
+
+    def rows(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        return t[a:b].contiguous()
+
+    out: dict[str, torch.Tensor] = {
+        ATTN_NORM: get(name("input_layernorm.weight")).contiguous(),
+        MLP_NORM: get(name("post_attention_layernorm.weight")).contiguous(),
+    }
+    q = rows(get(name("self_attn.q_proj.weight")), q0 * hd, q1 * hd)
+    k = rows(get(name("self_attn.k_proj.weight")), k0 * hd, k1 * hd)
+    v = rows(get(name("self_attn.v_proj.weight")), k0 * hd, k1 * hd)
+    out[QKV] = torch.cat([q, k, v], 0)
+    del q, k, v
+    if cfg.attention_bias:
+        out[QKV_BIAS] = torch.cat(
+            [
+                rows(get(name("self_attn.q_proj.bias")), q0 * hd, q1 * hd),
+                rows(get(name("self_attn.k_proj.bias")), k0 * hd, k1 * hd),
+                rows(get(name("self_attn.v_proj.bias")), k0 * hd, k1 * hd),
+            ],
+            0,
+        )
+    out[O] = get(name("self_attn.o_proj.weight"))[:, q0 * hd : q1 * hd].contiguous()
+    if cfg.o_proj_bias and rs.rank == 0:
+        out[O_BIAS] = get(name("self_attn.o_proj.bias")).contiguous()
+    gate = rows(get(name("mlp.gate_proj.weight")), m0, m1)
+    up = rows(get(name("mlp.up_proj.weight")), m0, m1)
+    out[GATE_UP] = torch.cat([gate, up], 0)
+    del gate, up
+    if cfg.mlp_bias:
+        out[GATE_UP_BIAS] = torch.cat(
+            [rows(get(name("mlp.gate_proj.bias")), m0, m1), rows(get(name("mlp.up_proj.bias")), m0, m1)],
+            0,
+        )
+        if rs.rank == 0:
+            out[DOWN_BIAS] = get(name("mlp.down_proj.bias")).contiguous()
+    out[DOWN] = get(name("mlp.down_proj.weight"))[:, m0:m1].contiguous()
+    return out
+
+
+def head_tensors(get: Callable[[str], torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The master's embedding / final norm / LM head tensors."""
+    out = {
+        EMBED: get("model.embed_tokens.weight"),
+        FINAL_NORM: get("model.norm.weight"),
+    }
+    if not cfg.tie_word_embeddings:
+        out[LM_HEAD] = get("lm_head.weight")
+    return out
+
+
+def head_from_tensors(t: dict[str, torch.Tensor]) -> HeadWeights:
+    embed = t[EMBED]
+    return HeadWeights(embed=embed, final_norm=t[FINAL_NORM], lm_head=t.get(LM_HEAD, embed))
