@@ -13,7 +13,9 @@ from master.chat_session import ChatSession
 from master.generation import GenerationStats
 from tpi.errors import PromptError
 
-HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D), /help; Ctrl-C stops an answer"
+HELP = (
+    "commands: /reset (forget the conversation), /exit (or Ctrl-D), /help; Ctrl-C stops an answer"
+)
 
 
 @contextmanager

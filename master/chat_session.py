@@ -33,13 +33,18 @@ class ChatSession:
     def _prompt_ids(self, turns: list[dict[str, str]]) -> list[int]:
         if self.tokenizer.chat_template is None:
             # No template: a plain transcript is the best a base model can do.
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in self._messages(turns)) + "assistant:"
+            text = (
+                "".join(f"{m['role']}: {m['content']}\n" for m in self._messages(turns))
+                + "assistant:"
+            )
             return self.tokenizer.encode(text)
         return self.tokenizer.encode_chat(self._messages(turns))
 
     def _fit(self, turns: list[dict[str, str]]) -> list[int]:
         """Prompt ids, forgetting the oldest exchanges until an answer still fits."""
-        limit = self.engine.max_positions - min(self.params.max_new_tokens, self.engine.max_positions // 2)
+        limit = self.engine.max_positions - min(
+            self.params.max_new_tokens, self.engine.max_positions // 2
+        )
         ids = self._prompt_ids(turns)
         while len(ids) > limit and len(turns) > 1:
             turns[:] = turns[2:] if len(turns) > 2 else turns[1:]
@@ -51,7 +56,9 @@ class ChatSession:
             )
         return ids
 
-    def ask(self, text: str, stats: GenerationStats, cancel: threading.Event | None = None) -> Iterator[str]:
+    def ask(
+        self, text: str, stats: GenerationStats, cancel: threading.Event | None = None
+    ) -> Iterator[str]:
         """Stream the answer to `text` as printable pieces; history is updated at the end."""
         if not text.strip():
             raise PromptError("the message is empty")
@@ -60,7 +67,9 @@ class ChatSession:
         decoder = StreamDecoder(self.tokenizer)
         answer: list[str] = []
         try:
-            for token in generate_tokens(self.engine, ids, self.params, self.tokenizer.eos_ids, stats, cancel):
+            for token in generate_tokens(
+                self.engine, ids, self.params, self.tokenizer.eos_ids, stats, cancel
+            ):
                 piece = decoder.push(token)
                 if piece:
                     answer.append(piece)

@@ -17,15 +17,43 @@ def model_options(max_new_default: int):
     def decorate(f):
         options = [
             click.option("--model", "-m", default=None, metavar="PATH|NAME", help=MODEL_HELP),
-            click.option("--dtype", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-                         help="Compute dtype (bf16 halves memory, at some accuracy cost)."),
-            click.option("--temperature", "-t", type=float, default=None,
-                         help="Sampling temperature; 0 = greedy. Default: the model's generation_config, else greedy."),
-            click.option("--top-k", type=int, default=None, help="Sample only among the k most likely tokens (0 = off)."),
-            click.option("--top-p", type=float, default=None, help="Nucleus sampling: smallest set with this probability mass (1 = off)."),
-            click.option("--seed", type=int, default=None, help="Random seed, for reproducible sampling."),
-            click.option("--max-new-tokens", "-n", type=click.IntRange(min=1), default=max_new_default,
-                         show_default=True, help="Stop after this many generated tokens."),
+            click.option(
+                "--dtype",
+                type=click.Choice(["fp32", "bf16"]),
+                default="fp32",
+                show_default=True,
+                help="Compute dtype (bf16 halves memory, at some accuracy cost).",
+            ),
+            click.option(
+                "--temperature",
+                "-t",
+                type=float,
+                default=None,
+                help="Sampling temperature; 0 = greedy. Default: the model's generation_config, else greedy.",
+            ),
+            click.option(
+                "--top-k",
+                type=int,
+                default=None,
+                help="Sample only among the k most likely tokens (0 = off).",
+            ),
+            click.option(
+                "--top-p",
+                type=float,
+                default=None,
+                help="Nucleus sampling: smallest set with this probability mass (1 = off).",
+            ),
+            click.option(
+                "--seed", type=int, default=None, help="Random seed, for reproducible sampling."
+            ),
+            click.option(
+                "--max-new-tokens",
+                "-n",
+                type=click.IntRange(min=1),
+                default=max_new_default,
+                show_default=True,
+                help="Stop after this many generated tokens.",
+            ),
         ]
         for opt in reversed(options):
             f = opt(f)
@@ -37,10 +65,16 @@ def model_options(max_new_default: int):
 @click.command()
 @click.argument("prompt")
 @model_options(max_new_default=256)
-@click.option("--raw", is_flag=True, help="Send PROMPT as-is instead of wrapping it in the model's chat template.")
+@click.option(
+    "--raw",
+    is_flag=True,
+    help="Send PROMPT as-is instead of wrapping it in the model's chat template.",
+)
 @click.option("--system", default=None, help="System prompt (chat template only).")
 @click.option("--stats", is_flag=True, help="Print token counts and speed to stderr at the end.")
-def generate(prompt, model, dtype, temperature, top_k, top_p, seed, max_new_tokens, raw, system, stats):
+def generate(
+    prompt, model, dtype, temperature, top_k, top_p, seed, max_new_tokens, raw, system, stats
+):
     """Generate a reply to PROMPT and stream it to stdout ('-' reads PROMPT from stdin).
 
     Instruction models get PROMPT wrapped in their chat template; use --raw for
@@ -61,7 +95,9 @@ def generate(prompt, model, dtype, temperature, top_k, top_p, seed, max_new_toke
     if raw or tok.chat_template is None:
         ids = tok.encode(prompt)
     else:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
         ids = tok.encode_chat(messages)
     st = GenerationStats()
     decoder = StreamDecoder(tok)

@@ -51,7 +51,9 @@ class Engine:
     def forward(self, ids: Sequence[int], pos: int, all_logits: bool = False) -> torch.Tensor:
         """Run tokens at positions [pos, pos+len); float32 logits of the last (or all) rows."""
         if pos > len(self.cached):
-            raise ValueError(f"position {pos} skips uncached tokens (cache holds {len(self.cached)})")
+            raise ValueError(
+                f"position {pos} skips uncached tokens (cache holds {len(self.cached)})"
+            )
         if pos + len(ids) > self.max_positions:
             raise PromptError(
                 f"sequence of {pos + len(ids)} tokens exceeds the model's context window "

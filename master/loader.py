@@ -11,6 +11,7 @@ import click
 
 from master.engine import Engine, load_engine
 from master.sampling import SamplingParams, defaults_from_generation_config
+from tpi.config import load_config
 from tpi.loading import COMPUTE_DTYPES
 from tpi.model_registry import resolve_model
 from tpi.progress import ProgressReporter
@@ -34,6 +35,7 @@ def open_model(model: str | None, dtype: str, quiet: bool = False) -> LoadedMode
     with ProgressReporter("converting") as progress:
         model_dir = resolve_model(model, echo, progress)
     t0 = time.perf_counter()
+    load_config(model_dir)  # the most telling error first (missing/unsupported model)
     tokenizer = TextTokenizer(model_dir)
     engine = load_engine(model_dir, COMPUTE_DTYPES[dtype])
     return LoadedModel(model_dir, engine, tokenizer, time.perf_counter() - t0)

@@ -49,7 +49,9 @@ class Checkpoint:
             try:
                 handle = safe_open(str(path), framework="pt")
             except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"corrupt or truncated safetensors file {path}: {e}") from None
+                raise CheckpointError(
+                    f"corrupt or truncated safetensors file {path}: {e}"
+                ) from None
             self._handles[path] = handle
         return handle
 
@@ -63,7 +65,9 @@ class Checkpoint:
         """The named tensor, converted to `dtype` if given (a fresh copy)."""
         path = self._file_of.get(name)
         if path is None:
-            raise CheckpointError(f"tensor {name!r} not found in the checkpoint at {self.model_dir}")
+            raise CheckpointError(
+                f"tensor {name!r} not found in the checkpoint at {self.model_dir}"
+            )
         try:
             t = self._open(path).get_tensor(name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:

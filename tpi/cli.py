@@ -55,7 +55,9 @@ class TpiGroup(click.Group):
             ) from None
 
 
-@click.group(cls=TpiGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(
+    cls=TpiGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(__version__, prog_name="tpi")
 def cli() -> None:
     """Run LLMs tensor-parallel across several small machines.
@@ -71,8 +73,13 @@ def echo_err(message: str) -> None:
 @cli.command("convert-gguf")
 @click.argument("gguf_file", type=click.Path(dir_okay=False, path_type=str))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=str))
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-              help="Storage dtype of the dequantized weights (fp32 keeps them exact).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="Storage dtype of the dequantized weights (fp32 keeps them exact).",
+)
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it already holds files.")
 def convert_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, force: bool) -> None:
     """Convert a Llama-family GGUF file into a Hugging Face checkpoint directory.
@@ -87,7 +94,9 @@ def convert_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, force: bool) -> N
     from tpi.progress import ProgressReporter
 
     with ProgressReporter("converting") as progress:
-        convert_gguf(Path(gguf_file), Path(out_dir), dtype=dtype, overwrite=force, progress=progress)
+        convert_gguf(
+            Path(gguf_file), Path(out_dir), dtype=dtype, overwrite=force, progress=progress
+        )
     click.echo(f"wrote {out_dir}")
 
 
@@ -106,7 +115,11 @@ def models_cmd() -> None:
         tag = "  (default)" if m.name == DEFAULT_MODEL_NAME else ""
         click.echo(f"{m.name:40s} {m.size_bytes / 1e6:9.1f} MB  {m.path}{tag}")
     if DEFAULT_MODEL_NAME not in {m.name for m in found}:
-        state = "installed, converts on first use" if find_embedded_gguf() else "not installed, installs on first use"
+        state = (
+            "installed, converts on first use"
+            if find_embedded_gguf()
+            else "not installed, installs on first use"
+        )
         click.echo(f"default {DEFAULT_MODEL_NAME}: {state}")
 
 

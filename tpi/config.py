@@ -105,7 +105,9 @@ def _rope_config(raw: dict[str, Any]) -> RopeConfig:
     )
 
 
-def _sliding_windows(raw: dict[str, Any], model_type: str, num_layers: int) -> tuple[int | None, ...]:
+def _sliding_windows(
+    raw: dict[str, Any], model_type: str, num_layers: int
+) -> tuple[int | None, ...]:
     window = raw.get("sliding_window")
     layer_types = raw.get("layer_types")
     if layer_types:

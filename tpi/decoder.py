@@ -73,7 +73,9 @@ class Decoder:
         self.collective = collective
         self.dtype = dtype
         self.layout = AttentionLayout.for_slice(rank_slice, cfg.group_size, cfg.head_dim)
-        self.cache = KVCache(cfg.num_layers, rank_slice.n_kv, cfg.head_dim, cfg.max_position_embeddings, dtype)
+        self.cache = KVCache(
+            cfg.num_layers, rank_slice.n_kv, cfg.head_dim, cfg.max_position_embeddings, dtype
+        )
         self.rope = RotaryTables(cfg.rope, cfg.head_dim, dtype)
 
     def forward(self, h: torch.Tensor, pos: int) -> torch.Tensor:
@@ -90,7 +92,9 @@ class Decoder:
             def allreduce(x: torch.Tensor, phase: int, _layer: int = i) -> torch.Tensor:
                 return self.collective.allreduce(x, _layer, phase)
 
-            h = decoder_layer(h, w, self.layout, self.cache, i, step, eps, self.cfg.sliding_windows[i], allreduce)
+            h = decoder_layer(
+                h, w, self.layout, self.cache, i, step, eps, self.cfg.sliding_windows[i], allreduce
+            )
             del w
             self.layers.release(i)
         return h

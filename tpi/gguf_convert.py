@@ -11,7 +11,6 @@ an interrupted conversion never leaves a half-written model behind.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Callable
@@ -120,17 +119,23 @@ def _llama3_rope_from_factors(factors: np.ndarray, theta: float, head_dim: int) 
                     "high_freq_factor": 4.0,
                     "original_max_position_embeddings": original,
                 }
-    raise UnsupportedModelError("GGUF rope_freqs do not match any Llama 3 rope scaling this converter knows")
+    raise UnsupportedModelError(
+        "GGUF rope_freqs do not match any Llama 3 rope scaling this converter knows"
+    )
 
 
-def _hf_config(meta: _Meta, tensor_names: set[str], rope_factors: np.ndarray | None) -> dict[str, Any]:
+def _hf_config(
+    meta: _Meta, tensor_names: set[str], rope_factors: np.ndarray | None
+) -> dict[str, Any]:
     arch_class, model_type = ARCHITECTURES[meta.arch]
     hidden = int(meta.arch_get("embedding_length"))
     heads = int(meta.arch_get("attention.head_count"))
     head_dim = int(meta.arch_get("attention.key_length", hidden // heads))
     rot = int(meta.arch_get("rope.dimension_count", head_dim))
     if rot != head_dim:
-        raise UnsupportedModelError(f"partial rotary embeddings ({rot} of {head_dim} dims) are not supported")
+        raise UnsupportedModelError(
+            f"partial rotary embeddings ({rot} of {head_dim} dims) are not supported"
+        )
     theta = float(meta.arch_get("rope.freq_base", 10000.0))
     tokens = meta.get("tokenizer.ggml.tokens")
     cfg: dict[str, Any] = {
@@ -159,13 +164,18 @@ def _hf_config(meta: _Meta, tensor_names: set[str], rope_factors: np.ndarray | N
     if rope_factors is not None:
         cfg["rope_scaling"] = _llama3_rope_from_factors(rope_factors, theta, head_dim)
     elif scaling == "linear":
-        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(meta.arch_get("rope.scaling.factor"))}
+        cfg["rope_scaling"] = {
+            "rope_type": "linear",
+            "factor": float(meta.arch_get("rope.scaling.factor")),
+        }
     elif scaling not in (None, "none"):
         raise UnsupportedModelError(f"GGUF rope scaling {scaling!r} is not supported")
     return cfg
 
 
-def _tokenizer_files(meta: _Meta, cfg: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def _tokenizer_files(
+    meta: _Meta, cfg: dict[str, Any]
+) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     tok_meta = {
         "model": meta.get("tokenizer.ggml.model"),
         "pre": meta.get("tokenizer.ggml.pre"),
@@ -192,7 +202,11 @@ def _tokenizer_files(meta: _Meta, cfg: dict[str, Any]) -> tuple[Any, dict[str, A
     template = meta.get("tokenizer.chat_template")
     if template:
         tok_config["chat_template"] = template
-    eos = [i for i in (meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id")) if i is not None]
+    eos = [
+        i
+        for i in (meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id"))
+        if i is not None
+    ]
     gen_config = {
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": sorted(set(eos)) if len(set(eos)) > 1 else (eos[0] if eos else None),
@@ -271,15 +285,3 @@ def convert_gguf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def parameter_count(model_dir: Path) -> int:
-    """Number of parameters in a converted checkpoint (for listings)."""
-    from safetensors import safe_open
-
-    total = 0
-    for f in Path(model_dir).glob("*.safetensors"):
-        with safe_open(str(f), framework="pt") as h:
-            for name in h.keys():
-                total += math.prod(h.get_slice(name).get_shape())
-    return total

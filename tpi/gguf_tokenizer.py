@@ -63,8 +63,16 @@ def build_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     tk.decoder = decoders.ByteLevel()
     tk.post_processor = processors.ByteLevel(trim_offsets=False)
     types = list(meta.get("token_type") or [])
-    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types, strict=False) if ty == TOKEN_TYPE_CONTROL]
-    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types, strict=False) if ty == TOKEN_TYPE_USER_DEFINED]
+    control = [
+        AddedToken(t, special=True, normalized=False)
+        for t, ty in zip(tokens, types, strict=False)
+        if ty == TOKEN_TYPE_CONTROL
+    ]
+    user = [
+        AddedToken(t, special=False, normalized=False)
+        for t, ty in zip(tokens, types, strict=False)
+        if ty == TOKEN_TYPE_USER_DEFINED
+    ]
     if control:
         tk.add_special_tokens(control)
     if user:

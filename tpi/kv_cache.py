@@ -12,7 +12,9 @@ import torch
 
 
 class KVCache:
-    def __init__(self, num_layers: int, n_kv: int, head_dim: int, max_positions: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, num_layers: int, n_kv: int, head_dim: int, max_positions: int, dtype: torch.dtype
+    ) -> None:
         self.num_layers = num_layers
         self.n_kv = n_kv
         self.head_dim = head_dim
@@ -35,11 +37,15 @@ class KVCache:
 
     def reserve(self, positions: int) -> None:
         if positions > self.max_positions:
-            raise ValueError(f"{positions} positions exceed the cache limit of {self.max_positions}")
+            raise ValueError(
+                f"{positions} positions exceed the cache limit of {self.max_positions}"
+            )
         if positions > self.capacity:
             self._grow(positions)
 
-    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (n_kv, T, hd) at [pos, pos+T); return keys/values for [0, pos+T)."""
         end = pos + k.shape[1]
         self.reserve(end)
@@ -49,4 +55,11 @@ class KVCache:
         return kc[:, :end], vc[:, :end]
 
     def nbytes(self) -> int:
-        return 2 * self.num_layers * self.n_kv * self.capacity * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return (
+            2
+            * self.num_layers
+            * self.n_kv
+            * self.capacity
+            * self.head_dim
+            * torch.empty((), dtype=self.dtype).element_size()
+        )

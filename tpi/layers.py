@@ -46,7 +46,9 @@ class AttentionLayout:
     @classmethod
     def for_slice(cls, rs: RankSlice, group_size: int, head_dim: int) -> AttentionLayout:
         kv_of_q = rs.kv_of_local_q(group_size)
-        uniform = rs.n_q % rs.n_kv == 0 and kv_of_q == [i // (rs.n_q // rs.n_kv) for i in range(rs.n_q)]
+        uniform = rs.n_q % rs.n_kv == 0 and kv_of_q == [
+            i // (rs.n_q // rs.n_kv) for i in range(rs.n_q)
+        ]
         segments = None
         if not uniform:
             runs: list[tuple[int, int, int]] = []
@@ -89,7 +91,9 @@ def _build_mask(pos: int, length: int, window: int | None) -> torch.Tensor | Non
     return allowed
 
 
-def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+def _grouped_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
     """q (G*r, T, hd) against k/v (G, S, hd): r query heads share each KV head."""
     groups, t, hd = k.shape[0], q.shape[1], q.shape[2]
     r = q.shape[0] // groups

@@ -24,7 +24,9 @@ def is_converted(target: Path) -> bool:
     return (target / COMPLETE_MARKER).is_file()
 
 
-def ensure_converted(gguf: Path, target: Path, echo: Callable[[str], None], progress: ProgressFn | None) -> Path:
+def ensure_converted(
+    gguf: Path, target: Path, echo: Callable[[str], None], progress: ProgressFn | None
+) -> Path:
     """Convert `gguf` into `target` unless a finished conversion is already there."""
     from tpi.gguf_convert import convert_gguf
 
@@ -64,7 +66,9 @@ def resolve_model(
         return cached
     if path.exists():
         raise ModelError(f"{spec} is neither a model directory nor a .gguf file")
-    raise ModelError(f"model not found: {spec} (not a directory, .gguf file or cached model name; see 'tpi models')")
+    raise ModelError(
+        f"model not found: {spec} (not a directory, .gguf file or cached model name; see 'tpi models')"
+    )
 
 
 @dataclass(frozen=True)

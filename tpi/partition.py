@@ -68,7 +68,9 @@ def apportion(total: int, shares: list[float], what: str) -> list[int]:
     if n == 0 or any(s <= 0 for s in shares):
         raise PartitionError("shares must be positive numbers, one per rank")
     if total < n:
-        raise PartitionError(f"cannot split {total} {what} across {n} ranks (each needs at least one)")
+        raise PartitionError(
+            f"cannot split {total} {what} across {n} ranks (each needs at least one)"
+        )
     # Give every rank its minimum of one, then apportion the rest.
     rest = total - n
     s = float(sum(shares))
@@ -143,7 +145,9 @@ def plan_partition(cfg: ModelConfig, shares: list[float]) -> Partition:
         q_ranges = _ranges(apportion(cfg.num_heads, shares, "attention heads"))
         kv_ranges = [(a // g, (b - 1) // g + 1) for a, b in q_ranges]
     unit = _mlp_unit(cfg.intermediate_size, world)
-    mlp_ranges = _ranges(apportion(cfg.intermediate_size // unit, shares, "MLP column blocks"), unit)
+    mlp_ranges = _ranges(
+        apportion(cfg.intermediate_size // unit, shares, "MLP column blocks"), unit
+    )
     slices = tuple(
         RankSlice(rank=r, q_heads=q_ranges[r], kv_heads=kv_ranges[r], mlp=mlp_ranges[r])
         for r in range(world)

@@ -21,7 +21,9 @@ class ProgressReporter:
 
     def __call__(self, done: int, total: int, item: str = "") -> None:
         if self._bar is None:
-            self._bar = click.progressbar(length=total, label=self.label, file=sys.stderr, show_pos=True)
+            self._bar = click.progressbar(
+                length=total, label=self.label, file=sys.stderr, show_pos=True
+            )
             self._bar.__enter__()
         if done > self._done:
             self._bar.update(done - self._done)

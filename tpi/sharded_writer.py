@@ -35,7 +35,9 @@ class ShardedWriter:
 
     def _flush(self) -> None:
         index = len(self._shards)
-        save_file(self._pending, str(self.out_dir / f"shard-{index:05d}.tmp"), metadata={"format": "pt"})
+        save_file(
+            self._pending, str(self.out_dir / f"shard-{index:05d}.tmp"), metadata={"format": "pt"}
+        )
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 
@@ -50,7 +52,9 @@ class ShardedWriter:
         for i, path in enumerate(final):
             (self.out_dir / f"shard-{i:05d}.tmp").rename(path)
         if n > 1:
-            weight_map = {name: final[i].name for i, names in enumerate(self._shards) for name in names}
+            weight_map = {
+                name: final[i].name for i, names in enumerate(self._shards) for name in names
+            }
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         return final

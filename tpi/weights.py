@@ -21,7 +21,7 @@ ATTN_NORM = "attn_norm"
 MLP_NORM = "mlp_norm"
 QKV = "qkv"
 QKV_BIAS = "qkv_bias"
-O = "o"
+O_PROJ = "o"
 O_BIAS = "o_bias"
 GATE_UP = "gate_up"
 GATE_UP_BIAS = "gate_up_bias"
@@ -57,7 +57,7 @@ class LayerWeights:
             mlp_norm=t[MLP_NORM],
             qkv=t[QKV],
             qkv_bias=t.get(QKV_BIAS),
-            o=t[O],
+            o=t[O_PROJ],
             o_bias=t.get(O_BIAS),
             gate_up=t[GATE_UP],
             gate_up_bias=t.get(GATE_UP_BIAS),
@@ -67,9 +67,7 @@ class LayerWeights:
 
     def nbytes(self) -> int:
         return sum(
-            x.numel() * x.element_size()
-            for x in vars(self).values()
-            if isinstance(x, torch.Tensor)
+            x.numel() * x.element_size() for x in vars(self).values() if isinstance(x, torch.Tensor)
         )
 
 
@@ -126,7 +124,7 @@ def slice_layer(
             ],
             0,
         )
-    out[O] = get(name("self_attn.o_proj.weight"))[:, q0 * hd : q1 * hd].contiguous()
+    out[O_PROJ] = get(name("self_attn.o_proj.weight"))[:, q0 * hd : q1 * hd].contiguous()
     if cfg.o_proj_bias and rs.rank == 0:
         out[O_BIAS] = get(name("self_attn.o_proj.bias")).contiguous()
     gate = rows(get(name("mlp.gate_proj.weight")), m0, m1)
@@ -135,7 +133,10 @@ def slice_layer(
     del gate, up
     if cfg.mlp_bias:
         out[GATE_UP_BIAS] = torch.cat(
-            [rows(get(name("mlp.gate_proj.bias")), m0, m1), rows(get(name("mlp.up_proj.bias")), m0, m1)],
+            [
+                rows(get(name("mlp.gate_proj.bias")), m0, m1),
+                rows(get(name("mlp.up_proj.bias")), m0, m1),
+            ],
             0,
         )
         if rs.rank == 0:

@@ -1,0 +1,120 @@
+"""The decode loop and chat session: prefix reuse, limits, stopping, history."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from master.chat_session import ChatSession
+from master.engine import load_engine
+from master.generation import GenerationStats, generate_tokens
+from master.sampling import SamplingParams
+from tests.factories import load_reference
+from tpi.errors import PromptError
+from tpi.tokenizer import TextTokenizer
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
+
+
+def test_prefix_reuse_gives_the_same_logits_as_a_fresh_run(llama_dir):
+    engine = load_engine(llama_dir)
+    a = list(range(10, 30))
+    b = a + list(range(40, 50))
+    engine.prefill(a)
+    reused = engine.prefill(b)
+    assert engine.last_reused == len(a)
+    fresh = load_engine(llama_dir).prefill(b)
+    assert torch.allclose(reused, fresh, atol=1e-5)
+    # Diverging prompt: only the common prefix is kept.
+    c = a[:5] + [99] * 10
+    out = engine.prefill(c)
+    assert engine.last_reused == 5
+    assert torch.allclose(out, load_engine(llama_dir).prefill(c), atol=1e-5)
+
+
+def test_generate_matches_reference_and_respects_limits(llama_dir):
+    engine = load_engine(llama_dir)
+    ref = load_reference(llama_dir)
+    prompt = list(range(3, 13))
+    stats = GenerationStats()
+    got = list(generate_tokens(engine, prompt, GREEDY, frozenset(), stats))
+    with torch.no_grad():
+        expected = ref.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
+    assert got == expected
+    assert stats.new_tokens == 8 and stats.stop_reason == "length" and stats.decode_steps == 7
+
+
+def test_stop_token_ends_generation_and_is_not_yielded(llama_dir):
+    engine = load_engine(llama_dir)
+    prompt = list(range(3, 13))
+    free = list(generate_tokens(engine, prompt, GREEDY))
+    stop = free[3]
+    stats = GenerationStats()
+    got = list(generate_tokens(engine, prompt, GREEDY, {stop}, stats))
+    assert got == free[: free.index(stop)]
+    assert stats.stop_reason == "eos"
+
+
+def test_cancel_stops_between_tokens(llama_dir):
+    engine = load_engine(llama_dir)
+    cancel = threading.Event()
+    stats = GenerationStats()
+    out = []
+    for t in generate_tokens(
+        engine, [5, 6, 7], SamplingParams(max_new_tokens=50), frozenset(), stats, cancel
+    ):
+        out.append(t)
+        if len(out) == 3:
+            cancel.set()
+    assert len(out) == 3 and stats.stop_reason == "cancelled"
+
+
+def test_prompt_errors(llama_dir):
+    engine = load_engine(llama_dir)
+    with pytest.raises(PromptError, match="empty"):
+        list(generate_tokens(engine, [], GREEDY))
+    with pytest.raises(PromptError, match="context window"):
+        list(generate_tokens(engine, [5] * engine.max_positions, GREEDY))
+    # Near the end of the context the budget shrinks instead of overflowing.
+    out = list(
+        generate_tokens(engine, [5] * (engine.max_positions - 3), SamplingParams(max_new_tokens=50))
+    )
+    assert len(out) == 3
+
+
+def test_chat_session_keeps_history_and_reuses_the_cache(llama_dir):
+    tok = TextTokenizer(llama_dir)
+    session = ChatSession(load_engine(llama_dir), tok, GREEDY)
+    s1, s2 = GenerationStats(), GenerationStats()
+    first = "".join(session.ask("Hello world", s1))
+    second = "".join(session.ask("What is the capital of France?", s2))
+    assert [m["role"] for m in session.history] == ["user", "assistant", "user", "assistant"]
+    assert session.history[1]["content"] == first and session.history[3]["content"] == second
+    # The second prompt starts with the whole first exchange, whose KV is reused.
+    assert s2.reused_tokens >= s1.prompt_tokens
+    # Same answer as a fresh session given the same history (reuse changes nothing).
+    fresh = ChatSession(load_engine(llama_dir), tok, GREEDY, history=session.history[:2])
+    assert "".join(fresh.ask("What is the capital of France?", GenerationStats())) == second
+    session.reset()
+    assert session.history == [] and session.engine.cached == []
+
+
+def test_chat_session_drops_old_turns_to_fit_the_context(llama_dir):
+    tok = TextTokenizer(llama_dir)
+    params = SamplingParams(temperature=0.0, max_new_tokens=16)
+    session = ChatSession(load_engine(llama_dir), tok, params)
+    long_text = "Tensor parallelism splits every layer across devices. " * 4
+    for _ in range(6):
+        "".join(session.ask(long_text, GenerationStats()))
+    assert session.dropped_turns > 0
+    assert session.history[-2]["content"] == long_text
+    with pytest.raises(PromptError):
+        "".join(session.ask("word " * 400, GenerationStats()))

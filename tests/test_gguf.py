@@ -1,0 +1,227 @@
+"""GGUF conversion: a synthetic file written the way llama.cpp writes it, and the
+embedded SmolLM2 against transformers (on our checkpoint and on the GGUF itself)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from master.engine import load_engine
+from tests.factories import load_reference, make_model
+from tpi.checkpoint import Checkpoint
+from tpi.errors import ModelError, UnsupportedModelError
+from tpi.gguf_convert import convert_gguf
+from tpi.tokenizer import TextTokenizer
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf.py permutation of q/k rows (the forward direction)."""
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def write_gguf_from_hf(hf_dir, path, quant: str = "F32") -> None:
+    import gguf
+    from tokenizers import Tokenizer
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    ckpt = Checkpoint(hf_dir)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    data = json.loads((hf_dir / "tokenizer.json").read_text())
+    vocab = tok.get_vocab(with_added_tokens=True)
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    special = {a["content"] for a in data["added_tokens"] if a["special"]}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in special else 1 for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_chat_template(json.loads((hf_dir / "tokenizer_config.json").read_text())["chat_template"])
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    layer_names = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
+    for name in ckpt.names():
+        t = ckpt.get(name, torch.float32).numpy()
+        if name.startswith("model.layers."):
+            i, rest = name[len("model.layers.") :].split(".", 1)
+            gname = f"blk.{i}.{layer_names[rest]}"
+            if rest.startswith("self_attn.q_proj"):
+                t = llama_cpp_permute(t, cfg["num_attention_heads"])
+            elif rest.startswith("self_attn.k_proj"):
+                t = llama_cpp_permute(t, cfg["num_key_value_heads"])
+        else:
+            gname = names[name]
+        if quant == "Q8_0" and t.ndim == 2:
+            q = gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(gname, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(gname, np.ascontiguousarray(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    d = tmp_path_factory.mktemp("syn")
+    hf = make_model(d / "hf", "llama", tied=False, heads=8, kv_heads=2)
+    path = d / "model.gguf"
+    write_gguf_from_hf(hf, path)
+    return hf, path
+
+
+def test_synthetic_gguf_round_trips_exactly(synthetic, tmp_path):
+    hf, path = synthetic
+    out = convert_gguf(path, tmp_path / "conv")
+    a, b = Checkpoint(hf), Checkpoint(out)
+    assert sorted(a.names()) == sorted(b.names())
+    for name in a.names():
+        assert torch.equal(a.get(name, torch.float32), b.get(name)), name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_key_value_heads"] == 2 and cfg["tie_word_embeddings"] is False
+    ours, orig = TextTokenizer(out), TextTokenizer(hf)
+    for s in ("Hello world", "naïve café 日本語 🙂", "<|im_start|>user\nhi"):
+        assert ours.encode(s) == orig.encode(s)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert ours.render_chat(msgs) == orig.render_chat(msgs)
+
+
+def test_quantized_gguf_converts_to_transformers_equivalent(synthetic, tmp_path):
+    """Q8_0 blocks: our dequantized checkpoint equals what transformers' GGUF loader builds."""
+    hf, _ = synthetic
+    path = tmp_path / "q8.gguf"
+    write_gguf_from_hf(hf, path, quant="Q8_0")
+    out = convert_gguf(path, tmp_path / "conv")
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="q8.gguf", dtype=torch.float32
+    )
+    state = ref.state_dict()
+    ck = Checkpoint(out)
+    for name in ck.names():
+        assert torch.equal(ck.get(name), state[name]), name
+
+
+def test_refuses_existing_output_and_bad_files(synthetic, tmp_path):
+    _, path = synthetic
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(ModelError, match="not empty"):
+        convert_gguf(path, out)
+    assert (out / "keep.txt").read_text() == "x"
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(ModelError, match="not a readable GGUF"):
+        convert_gguf(junk, tmp_path / "o2")
+    assert not (tmp_path / "o2").exists()
+
+
+def test_sentencepiece_vocab_is_refused_clearly():
+    from tpi.gguf_tokenizer import build_tokenizer
+
+    with pytest.raises(UnsupportedModelError, match="only byte-level BPE"):
+        build_tokenizer({"model": "llama", "tokens": ["a"]})
+
+
+# --- the embedded SmolLM2 -------------------------------------------------------------
+
+CHAT = [{"role": "user", "content": "Write a long story about a dragon who learns to code."}]
+
+
+def _greedy_hf(model, prompt: list[int], steps: int) -> list[int]:
+    out = []
+    with torch.no_grad():
+        res = model(torch.tensor([prompt]), use_cache=True)
+        cache = res.past_key_values
+        for _ in range(steps):
+            t = int(res.logits[0, -1].argmax())
+            out.append(t)
+            res = model(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
+            cache = res.past_key_values
+    return out
+
+
+def _greedy_ours(engine, prompt: list[int], steps: int) -> list[int]:
+    logits, out = engine.prefill(prompt), []
+    for i in range(steps):
+        t = int(logits.argmax())
+        out.append(t)
+        logits = engine.forward([t], len(prompt) + i)
+    return out
+
+
+def test_smollm_config_matches_the_published_architecture(smollm_dir):
+    cfg = json.loads((smollm_dir / "config.json").read_text())
+    assert (
+        cfg["num_hidden_layers"],
+        cfg["hidden_size"],
+        cfg["num_attention_heads"],
+        cfg["num_key_value_heads"],
+    ) == (30, 576, 9, 3)
+    assert cfg["tie_word_embeddings"] is True
+
+
+def test_smollm_greedy_matches_transformers_on_our_checkpoint(smollm_dir):
+    tok = TextTokenizer(smollm_dir)
+    prompt = tok.encode_chat(CHAT)
+    ref = load_reference(smollm_dir)
+    assert _greedy_ours(load_engine(smollm_dir), prompt, 32) == _greedy_hf(ref, prompt, 32)
+
+
+def test_smollm_matches_transformers_own_gguf_loader(smollm_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tpi.default_model import GGUF_NAME, find_embedded_gguf
+
+    folder = str(find_embedded_gguf().parent)
+    ref_tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
+    tok = TextTokenizer(smollm_dir)
+    for s in (
+        "Hello world",
+        " Hello",
+        "What is the capital of France?",
+        "naïve café 日本語 🙂",
+        "  two  spaces\n\ttab",
+        "x = 12345",
+    ):
+        assert tok.encode(s) == ref_tok.encode(s), s
+    prompt = tok.encode_chat(CHAT)
+    ref_ids = ref_tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)
+    assert prompt == list(ref_ids["input_ids"] if hasattr(ref_ids, "keys") else ref_ids)
+    ref = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=GGUF_NAME, dtype=torch.float32
+    ).eval()
+    assert _greedy_ours(load_engine(smollm_dir), prompt, 32) == _greedy_hf(ref, prompt, 32)
