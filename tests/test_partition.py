@@ -25,10 +25,16 @@ def test_apportion_is_exact_and_proportional(total, shares):
     counts = apportion(total, shares, "units")
     assert sum(counts) == total
     assert all(c >= 1 for c in counts)
-    # Within one unit of the exact share of what is left after the minimum of one each.
-    rest = total - len(shares)
-    for c, s in zip(counts, shares, strict=True):
-        assert abs((c - 1) - rest * s / sum(shares)) < 1 + 1e-9
+    # A larger share never gets fewer units.
+    for i, j in zip(range(len(shares)), range(1, len(shares)), strict=False):
+        if shares[i] > shares[j]:
+            assert counts[i] >= counts[j]
+        elif shares[i] < shares[j]:
+            assert counts[i] <= counts[j]
+    # With no minimum to enforce, every count is within one unit of its exact share.
+    exact = [total * s / sum(shares) for s in shares]
+    if all(e >= 1 for e in exact):
+        assert all(abs(c - e) < 1 + 1e-9 for c, e in zip(counts, exact, strict=True))
 
 
 def test_parse_shares_errors():

@@ -100,6 +100,57 @@ def convert_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, force: bool) -> N
     click.echo(f"wrote {out_dir}")
 
 
+@cli.command("split")
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
+@click.option(
+    "--world",
+    "-N",
+    type=click.IntRange(min=1),
+    required=True,
+    help="Number of ranks (master + workers).",
+)
+@click.option(
+    "--shares",
+    default=None,
+    metavar="A,B,...",
+    help="Relative share of each rank, master first (e.g. 2,1,1 for a stronger master). Default: even.",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(file_okay=False, path_type=str),
+    required=True,
+    help="Output directory: one rankN/ subdirectory per rank plus split.json.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["keep", "fp32", "bf16", "fp16"]),
+    default="keep",
+    show_default=True,
+    help="Storage dtype of the shards (keep = as in the checkpoint).",
+)
+@click.option("--force", is_flag=True, help="Replace --out if it already holds files.")
+def split_cmd(
+    model_dir: str, world: int, shares: str | None, out: str, dtype: str, force: bool
+) -> None:
+    """Cut a Hugging Face checkpoint into one shard directory per rank.
+
+    Each rank gets one safetensors file per layer holding only its slice
+    (attention heads by KV group, MLP columns) and a manifest with sha256 of every
+    file; rank 0 also gets the embedding, final norm, LM head and tokenizer.
+    Copy rankN/ to worker N (or let the master push it). Streams layer by layer.
+    """
+    from pathlib import Path
+
+    from tpi.partition import parse_shares
+    from tpi.progress import ProgressReporter
+    from tpi.split import split_model
+
+    with ProgressReporter("splitting") as progress:
+        split_model(Path(model_dir), Path(out), parse_shares(shares, world), dtype, progress, force)
+    click.echo(f"wrote {out}")
+
+
 @cli.command("models")
 def models_cmd() -> None:
     """List models converted into the cache ($TPI_HOME/models)."""

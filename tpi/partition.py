@@ -61,8 +61,8 @@ class RankSlice:
 def apportion(total: int, shares: list[float], what: str) -> list[int]:
     """Split `total` units proportionally to `shares`, each rank getting >= 1.
 
-    Largest-remainder method: deterministic and never off by more than one unit
-    from the exact proportion (before the minimum of one is enforced).
+    Largest-remainder method: deterministic, and every count is within one
+    unit of its exact proportion unless it had to be raised to the minimum.
     """
     n = len(shares)
     if n == 0 or any(s <= 0 for s in shares):
@@ -71,15 +71,16 @@ def apportion(total: int, shares: list[float], what: str) -> list[int]:
         raise PartitionError(
             f"cannot split {total} {what} across {n} ranks (each needs at least one)"
         )
-    # Give every rank its minimum of one, then apportion the rest.
-    rest = total - n
     s = float(sum(shares))
-    exact = [rest * x / s for x in shares]
-    counts = [int(e) for e in exact]
-    order = sorted(range(n), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in order[: rest - sum(counts)]:
+    exact = [total * x / s for x in shares]
+    counts = [max(1, int(e)) for e in exact]
+    while sum(counts) < total:  # give to the rank furthest below its share
+        i = max(range(n), key=lambda k: (exact[k] - counts[k], -k))
         counts[i] += 1
-    return [c + 1 for c in counts]
+    while sum(counts) > total:  # minimums overshot: take from the furthest above
+        i = max((k for k in range(n) if counts[k] > 1), key=lambda k: (counts[k] - exact[k], -k))
+        counts[i] -= 1
+    return counts
 
 
 def _ranges(counts: list[int], unit: int = 1) -> list[tuple[int, int]]:

@@ -1,0 +1,229 @@
+"""The master's side of a cluster session.
+
+connect -> HELLO to every worker -> push missing shards (resumable, verified by
+the worker) -> LOAD -> steps (through StarMaster) -> END. Any worker that
+refuses, does not answer or disappears is reported by rank and address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+
+from tpi import __version__
+from tpi.links import ClusterError, LinkLost, LinkSet, WorkerLink, normalize_address
+from tpi.manifest import MANIFEST_NAME, read_manifest
+from tpi.split import read_split_index
+from tpi.star_allreduce import StarMaster
+from tpi.wire import WIRE_DTYPES, Kind, Message, encode_control
+
+CHUNK_BYTES = 1 << 20
+PUSH_WINDOW = 8  # chunks in flight per worker
+CONNECT_TIMEOUT_S = 10.0
+VERIFY_TIMEOUT_S = 600.0
+
+
+@dataclass
+class PushState:
+    link: WorkerLink
+    rank_dir: Path
+    files: list[tuple[str, int]]  # (name, size), manifest last
+    offsets: dict[str, int]
+    file_index: int = 0
+    empty_todo: set[str] = field(default_factory=set)  # zero-byte files still to create
+    in_flight: int = 0
+    sent_bytes: int = 0
+    done_sent: bool = False
+
+    def remaining(self) -> int:
+        return sum(size - self.offsets.get(name, 0) for name, size in self.files)
+
+
+@dataclass
+class ClusterSession:
+    split_dir: Path
+    addresses: list[str]
+    dtype: str = "fp32"
+    wire_dtype: str = "fp32"
+    timeout_s: float = 60.0
+    echo: Callable[[str], None] = print
+    progress: Callable[[int, int, str], None] | None = None
+    session: int = field(default_factory=lambda: secrets.randbits(62))
+    pushed_bytes: int = 0
+    worker_info: dict[int, dict] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.index = read_split_index(self.split_dir)
+        self.world = int(self.index["world"])
+        if len(self.addresses) != self.world - 1:
+            raise ClusterError(
+                f"this split is for {self.world} ranks (master + {self.world - 1} workers) "
+                f"but {len(self.addresses)} worker address(es) were given"
+            )
+        self.ctx = zmq.Context()
+        self.links = LinkSet(self.ctx)
+        self.collective: StarMaster | None = None
+
+    def rank_dir(self, rank: int) -> Path:
+        return self.split_dir / self.index["ranks"][rank]["dir"]
+
+    def _expect(
+        self, kinds: set[Kind], timeout_s: float, ranks: set[int], what: str
+    ) -> dict[int, Message]:
+        """One message of `kinds` from each of `ranks`; errors name the rank."""
+        got: dict[int, Message] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(got) < len(ranks):
+            waiting = ranks - set(got)
+            try:
+                link, msg = self.links.recv(max(0.01, deadline - time.monotonic()), waiting)
+            except TimeoutError:
+                r = min(waiting)
+                raise LinkLost(r, self.links.links[r - 1].name, f"did not answer {what}") from None
+            if msg.kind == Kind.REFUSE:
+                raise ClusterError(f"rank {link.rank} ({link.name}) refused: {msg.body['reason']}")
+            if msg.kind == Kind.ERROR:
+                raise ClusterError(
+                    f"rank {link.rank} ({link.name}) failed {what}: {msg.body['message']}"
+                )
+            if msg.kind in kinds and msg.body.get("session") == self.session:
+                got[link.rank] = msg
+        return got
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.close("setup failed")
+            raise
+
+    def _start(self) -> None:
+        for r, addr in enumerate(self.addresses, start=1):
+            self.links.connect(r, normalize_address(addr))
+        ranks = set(range(1, self.world))
+        for link in self.links.links:
+            manifest_hash = self.index["ranks"][link.rank]["manifest_sha256"]
+            hello = {
+                "session": self.session,
+                "rank": link.rank,
+                "world": self.world,
+                "manifest": manifest_hash,
+                "tpi_version": __version__,
+            }
+            link.send([encode_control(Kind.HELLO, hello)])
+        try:
+            welcomes = self._expect({Kind.WELCOME}, CONNECT_TIMEOUT_S, ranks, "the handshake")
+        except LinkLost as e:
+            raise ClusterError(
+                f"rank {e.rank} ({e.address}) does not answer; is 'tpi worker --listen tcp://{e.address}' "
+                "running there and reachable?"
+            ) from None
+        need = [r for r, m in welcomes.items() if not m.body["have_shard"]]
+        if need:
+            self._push({r: welcomes[r].body["partial"] for r in need})
+        for link in self.links.links:
+            link.send(
+                [
+                    encode_control(
+                        Kind.LOAD,
+                        {
+                            "session": self.session,
+                            "dtype": self.dtype,
+                            "wire_dtype": self.wire_dtype,
+                        },
+                    )
+                ]
+            )
+        ready = self._expect({Kind.READY}, VERIFY_TIMEOUT_S, ranks, "while loading its shard")
+        self.worker_info = {r: m.body for r, m in ready.items()}
+        self.collective = StarMaster(
+            self.links, self.session, WIRE_DTYPES[self.wire_dtype], self.timeout_s
+        )
+
+    def _push_plan(self, rank: int, partial: dict) -> PushState:
+        rank_dir = self.rank_dir(rank)
+        manifest, _ = read_manifest(rank_dir)
+        files = [(name, meta["bytes"]) for name, meta in sorted(manifest.files.items())]
+        files.append((MANIFEST_NAME, (rank_dir / MANIFEST_NAME).stat().st_size))
+        offsets = {}
+        for name, size in files:
+            have = partial.get(name, 0)
+            offsets[name] = have if isinstance(have, int) and 0 <= have <= size else 0
+        empty = {name for name, size in files if size == 0 and name not in partial}
+        return PushState(self.links.links[rank - 1], rank_dir, files, offsets, empty_todo=empty)
+
+    def _pump(self, st: PushState) -> None:
+        """Keep PUSH_WINDOW chunks in flight for one worker."""
+        while st.in_flight < PUSH_WINDOW and st.file_index < len(st.files):
+            name, size = st.files[st.file_index]
+            off = st.offsets[name]
+            if off >= size and name not in st.empty_todo:
+                st.file_index += 1
+                continue
+            with open(st.rank_dir / name, "rb") as f:
+                f.seek(off)
+                data = f.read(CHUNK_BYTES)
+            body = {"session": self.session, "file": name, "offset": off, "total": size}
+            st.link.send([encode_control(Kind.PUSH_CHUNK, body), data])
+            st.offsets[name] = off + len(data)
+            st.in_flight += 1
+            st.sent_bytes += len(data)
+            st.empty_todo.discard(name)
+        if st.file_index >= len(st.files) and st.in_flight == 0 and not st.done_sent:
+            st.link.send([encode_control(Kind.PUSH_DONE, {"session": self.session})])
+            st.done_sent = True
+
+    def _push(self, partials: dict[int, dict]) -> None:
+        states = {r: self._push_plan(r, p) for r, p in partials.items()}
+        total = sum(s.remaining() for s in states.values())
+        resumed = sum(sum(s.offsets.values()) for s in states.values())
+        self.echo(
+            f"pushing shards to rank(s) {', '.join(map(str, states))}: {total / 1e6:.1f} MB"
+            + (f" (resuming; {resumed / 1e6:.1f} MB already there)" if resumed else "")
+        )
+        for st in states.values():
+            self._pump(st)
+        finished: set[int] = set()
+        while len(finished) < len(states):
+            waiting = set(states) - finished
+            try:
+                link, msg = self.links.recv(VERIFY_TIMEOUT_S, waiting)
+            except TimeoutError:
+                raise ClusterError(f"shard push stalled for rank(s) {sorted(waiting)}") from None
+            if msg.kind == Kind.ERROR:
+                raise ClusterError(
+                    f"rank {link.rank} ({link.name}) rejected its shard: {msg.body['message']}"
+                )
+            st = states.get(link.rank)
+            if st is None or msg.body.get("session") != self.session:
+                continue
+            if msg.kind == Kind.PUSH_ACK:
+                st.in_flight -= 1
+                self._pump(st)
+            elif msg.kind == Kind.READY and st.done_sent:
+                finished.add(link.rank)
+            if self.progress:
+                self.progress(sum(s.sent_bytes for s in states.values()), max(total, 1), "push")
+        self.pushed_bytes += sum(s.sent_bytes for s in states.values())
+
+    def stats(self) -> dict[int, dict]:
+        """Counters from every worker (asks them; between generations only)."""
+        for link in self.links.links:
+            link.send([encode_control(Kind.STATS_REQUEST, {"session": self.session})])
+        got = self._expect(
+            {Kind.STATS}, CONNECT_TIMEOUT_S, set(range(1, self.world)), "a stats request"
+        )
+        return {r: m.body["stats"] for r, m in got.items()}
+
+    def close(self, reason: str = "done") -> None:
+        for link in self.links.links:
+            with contextlib.suppress(zmq.ZMQError):
+                link.send([encode_control(Kind.END, {"session": self.session, "reason": reason})])
+        self.links.close(linger_ms=500)  # let the END frames leave
+        self.ctx.term()

@@ -1,0 +1,53 @@
+"""Real local worker processes for cluster tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from master.loader import LoadedModel, open_model
+from master.local_cluster import LocalCluster
+
+
+@contextmanager
+def local_workers(
+    n: int, base: Path, extra_args: list[str] | None = None
+) -> Iterator[LocalCluster]:
+    lc = LocalCluster(n, base, threads=1, extra_args=extra_args or [])
+    lc.start()
+    try:
+        yield lc
+    finally:
+        lc.stop()
+
+
+def addresses(lc: LocalCluster) -> list[str]:
+    return [w.address for w in lc.workers]
+
+
+def step_logits(engine, prompt: list[int], follow: list[int]) -> torch.Tensor:
+    rows = [engine.prefill(prompt)]
+    for i, t in enumerate(follow):
+        rows.append(engine.forward([t], len(prompt) + i))
+    return torch.stack(rows)
+
+
+def greedy(engine, prompt: list[int], steps: int) -> list[int]:
+    logits, out = engine.prefill(prompt), []
+    for i in range(steps):
+        t = int(logits.argmax())
+        out.append(t)
+        logits = engine.forward([t], len(prompt) + i)
+    return out
+
+
+@contextmanager
+def cluster_model(model_dir, workers: list[str], **kw) -> Iterator[LoadedModel]:
+    lm = open_model(str(model_dir), kw.pop("dtype", "fp32"), quiet=True, workers=workers, **kw)
+    try:
+        yield lm
+    finally:
+        lm.close()

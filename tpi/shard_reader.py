@@ -1,0 +1,44 @@
+"""Load one rank's weights from its shard directory (the output of `tpi split`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from tpi.manifest import HEAD_FILE, ShardError, layer_file, read_manifest, verify_files
+from tpi.weights import HeadWeights, LayerWeights, head_from_tensors
+
+
+class RankShard:
+    def __init__(self, rank_dir: Path) -> None:
+        self.dir = Path(rank_dir)
+        self.manifest, self.manifest_sha256 = read_manifest(self.dir)
+
+    @property
+    def config(self):
+        return self.manifest.config
+
+    def layer_path(self, i: int) -> Path:
+        return self.dir / layer_file(i)
+
+    def _load(self, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        path = self.dir / name
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ShardError(f"cannot read shard file {path}: {e}") from None
+        return {k: v if v.dtype == dtype else v.to(dtype) for k, v in tensors.items()}
+
+    def load_layer(self, i: int, dtype: torch.dtype) -> LayerWeights:
+        return LayerWeights.from_tensors(self._load(layer_file(i), dtype))
+
+    def load_head(self, dtype: torch.dtype) -> HeadWeights:
+        if HEAD_FILE not in self.manifest.files:
+            raise ShardError(f"{self.dir} holds no embedding/LM head (only rank 0 does)")
+        return head_from_tensors(self._load(HEAD_FILE, dtype))
+
+    def verify(self) -> None:
+        verify_files(self.dir, self.manifest)

@@ -1,0 +1,198 @@
+"""`tpi split`: cut a Hugging Face checkpoint into one directory per rank.
+
+Streams layer by layer: the full tensors of one layer are read once, sliced for
+every rank, written, and dropped, so peak memory is about two layers, never the
+model. Output goes to a temporary directory renamed at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+
+from tpi.checkpoint import Checkpoint
+from tpi.config import ModelConfig, load_config
+from tpi.errors import ModelError
+from tpi.manifest import (
+    FORMAT_VERSION,
+    HEAD_FILE,
+    MANIFEST_NAME,
+    SPLIT_FORMAT,
+    SPLIT_INDEX_NAME,
+    Manifest,
+    layer_file,
+    sha256_bytes,
+    sha256_file,
+)
+from tpi.partition import Partition, plan_partition
+from tpi.weights import head_tensors, slice_layer
+
+MASTER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+)
+STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Identity of a checkpoint: config plus each weights file's name, size and header."""
+    h = hashlib.sha256()
+    h.update((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, 100_000_000)))
+    return h.hexdigest()
+
+
+def _write(path: Path, data: bytes) -> dict:
+    with open(path, "wb") as f:
+        f.write(data)
+    return {"sha256": sha256_bytes(data), "bytes": len(data)}
+
+
+def split_model(
+    model_dir: Path,
+    out_dir: Path,
+    shares: list[float],
+    dtype: str = "keep",
+    progress: Callable[[int, int, str], None] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write OUT/rank{r}/ for every rank plus OUT/split.json; returns OUT."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    cfg = load_config(model_dir)
+    partition = plan_partition(cfg, shares)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ModelError(f"output directory {out_dir} is not empty (use --force to replace it)")
+    if dtype != "keep" and dtype not in STORAGE_DTYPES:
+        raise ModelError(f"unknown storage dtype {dtype!r}")
+    ckpt = Checkpoint(model_dir)
+    target = STORAGE_DTYPES.get(dtype)
+    source_dtype = ckpt.get("model.norm.weight").dtype
+    storage = target or source_dtype
+    model_id = model_fingerprint(model_dir)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    files: list[dict[str, dict]] = [{} for _ in partition.slices]
+    for r in range(partition.world):
+        (tmp / f"rank{r}").mkdir(parents=True)
+    total = cfg.num_layers + 1
+    try:
+        for i in range(cfg.num_layers):
+            layer_cache: dict[str, torch.Tensor] = {}
+
+            def get(name: str, cache: dict[str, torch.Tensor] = layer_cache) -> torch.Tensor:
+                # Each full tensor is read once per layer, then sliced for every rank.
+                if name not in cache:
+                    cache[name] = ckpt.get(name, storage)
+                return cache[name]
+
+            for rs in partition.slices:
+                tensors = slice_layer(get, cfg, i, rs)
+                files[rs.rank][layer_file(i)] = _write(
+                    tmp / f"rank{rs.rank}" / layer_file(i), save(tensors)
+                )
+                del tensors
+            layer_cache.clear()
+            if progress:
+                progress(i + 1, total, f"layer {i}")
+        head = head_tensors(lambda n: ckpt.get(n, storage), cfg)
+        files[0][HEAD_FILE] = _write(
+            tmp / "rank0" / HEAD_FILE, save({k: v.contiguous() for k, v in head.items()})
+        )
+        del head
+        for name in MASTER_FILES + ("config.json",):
+            src = model_dir / name
+            if src.is_file():
+                shutil.copyfile(src, tmp / "rank0" / name)
+                files[0][name] = {"sha256": sha256_file(src), "bytes": src.stat().st_size}
+        if progress:
+            progress(total, total, "head")
+        index = _write_manifests(tmp, cfg, partition, model_id, _DTYPE_NAMES[storage], files)
+        (tmp / SPLIT_INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        ckpt.close()
+    return out_dir
+
+
+def _write_manifests(
+    tmp: Path, cfg: ModelConfig, partition: Partition, model_id: str, dtype: str, files: list[dict]
+) -> dict:
+    ranks = []
+    for r in range(partition.world):
+        m = Manifest(
+            model_id=model_id, config=cfg, partition=partition, rank=r, dtype=dtype, files=files[r]
+        )
+        raw = m.to_bytes()
+        (tmp / f"rank{r}" / MANIFEST_NAME).write_bytes(raw)
+        ranks.append({"rank": r, "dir": f"rank{r}", "manifest_sha256": sha256_bytes(raw)})
+    return {
+        "format": SPLIT_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_id": model_id,
+        "world": partition.world,
+        "shares": list(partition.shares),
+        "dtype": dtype,
+        "ranks": ranks,
+    }
+
+
+def read_split_index(split_dir: Path) -> dict:
+    path = Path(split_dir) / SPLIT_INDEX_NAME
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {path}: {e}") from None
+    if d.get("format") != SPLIT_FORMAT or d.get("format_version") != FORMAT_VERSION:
+        raise ModelError(f"{path} is not a split index this tpi can read; re-run 'tpi split'")
+    return d
+
+
+def is_split_dir(path: Path) -> bool:
+    return (Path(path) / SPLIT_INDEX_NAME).is_file()
+
+
+def ensure_split(
+    model_dir: Path,
+    shares: list[float],
+    echo: Callable[[str], None],
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Path:
+    """A split of `model_dir` for these shares in $TPI_HOME/splits, made once."""
+    from tpi.file_lock import file_lock
+    from tpi.paths import tpi_home
+
+    tag = "-".join(f"{s:g}" for s in shares)
+    root = tpi_home() / "splits"
+    target = root / f"{model_fingerprint(Path(model_dir))[:16]}-w{len(shares)}-{tag}"
+    if is_split_dir(target):
+        return target
+    with file_lock(root / ".lock"):
+        if not is_split_dir(target):
+            echo(
+                f"splitting {model_dir} for {len(shares)} ranks (shares {tag}) into {target} (once)..."
+            )
+            split_model(Path(model_dir), target, shares, progress=progress, overwrite=True)
+    return target

@@ -1,0 +1,1 @@
+"""The worker daemon: runs one rank's slice for whichever master connects."""

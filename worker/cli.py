@@ -1,0 +1,88 @@
+"""`tpi worker`: the per-device daemon."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.option(
+    "--listen",
+    "-l",
+    required=True,
+    metavar="tcp://HOST:PORT",
+    help="Address to listen on for a master, e.g. tcp://192.168.1.20:5555 "
+    "(host:port works too; port 0 picks a free port).",
+)
+@click.option(
+    "--store",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory of shards: pushed ones are kept here; a rank directory from "
+    "'tpi split' copied here is used as is. Default: $TPI_HOME/store.",
+)
+@click.option(
+    "--port-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the bound address to this file once listening (for scripts).",
+)
+@click.option(
+    "--accept-push/--no-accept-push",
+    default=True,
+    show_default=True,
+    help="Accept shards pushed by a master (off: only use shards already in --store).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Torch compute threads (default: all cores).",
+)
+@click.option(
+    "--max-sessions",
+    type=int,
+    default=None,
+    hidden=True,
+    help="Exit after this many sessions (tests).",
+)
+@click.option("--quiet", "-q", is_flag=True, help="Log only warnings and errors.")
+def worker(listen, store, port_file, accept_push, threads, max_sessions, quiet):
+    """Run the worker daemon: wait for a master, serve its session, wait again.
+
+    The master connects with 'tpi chat --workers HOST:PORT,...'. A worker serves
+    one master at a time (others are told it is busy), receives its shard from
+    the master the first time (resumable, sha256-verified, reused afterwards) and
+    returns to waiting when the master leaves or disappears.
+    """
+    from tpi.links import normalize_address
+    from tpi.paths import tpi_home
+    from worker.daemon import WorkerDaemon
+
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s tpi-worker %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    address = normalize_address(listen, default_host="127.0.0.1", allow_any_port=True)
+    daemon = WorkerDaemon(address, store or tpi_home() / "store", accept_push=accept_push)
+    if port_file:
+        tmp = port_file.with_name(port_file.name + ".tmp")
+        tmp.write_text(daemon.address + "\n")
+        os.replace(tmp, port_file)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        daemon.serve(stop, max_sessions)
+    except KeyboardInterrupt:
+        click.echo("worker stopped", err=True)

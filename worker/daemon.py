@@ -1,0 +1,76 @@
+"""The worker daemon: wait for a master, serve its session, wait again."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import zmq
+
+from tpi.links import WorkerEndpoint, display_address
+from tpi.wire import DATA_KINDS, PROTOCOL_VERSION, Kind, ProtocolError, decode, encode_control
+from worker.session import Session, peer_address
+from worker.store import ShardStore
+
+log = logging.getLogger("tpi.worker")
+
+
+class WorkerDaemon:
+    def __init__(self, listen: str, store: Path, secure=None, accept_push: bool = True) -> None:
+        self.accept_push = accept_push
+        self.ctx = zmq.Context()
+        self.store = ShardStore(store)
+        self.endpoint = WorkerEndpoint(self.ctx, listen, secure)
+        self.sessions_served = 0
+
+    @property
+    def address(self) -> str:
+        return self.endpoint.address
+
+    def serve(self, stop: threading.Event | None = None, max_sessions: int | None = None) -> None:
+        stop = stop or threading.Event()
+        log.info("listening on %s (store %s)", display_address(self.address), self.store.root)
+        try:
+            while not stop.is_set():
+                if max_sessions is not None and self.sessions_served >= max_sessions:
+                    return
+                inb = self.endpoint.recv(0.5)
+                if inb is None:
+                    continue
+                try:
+                    msg = decode(inb.frames)
+                except ProtocolError as e:
+                    self.endpoint.send(inb.peer, [encode_control(Kind.REFUSE, {"reason": str(e)})])
+                    continue
+                if msg.kind == Kind.HELLO and msg.version != PROTOCOL_VERSION:
+                    reason = f"protocol version {msg.version}, this worker speaks {PROTOCOL_VERSION} (upgrade one side)"
+                    self.endpoint.send(inb.peer, [encode_control(Kind.REFUSE, {"reason": reason})])
+                    continue
+                if msg.kind != Kind.HELLO:
+                    if msg.kind not in DATA_KINDS and msg.kind != Kind.END:
+                        reason = f"no session: send HELLO first (got {msg.kind.name})"
+                        self.endpoint.send(
+                            inb.peer, [encode_control(Kind.REFUSE, {"reason": reason})]
+                        )
+                    continue  # late frames of a finished session are dropped quietly
+                self._serve_one(inb, msg.body)
+        finally:
+            self.close()
+
+    def _serve_one(self, inb, body: dict) -> None:
+        session = Session(self.endpoint, self.store, inb, body, self.accept_push)
+        log.info(
+            "master %s connected: rank %d of %d", peer_address(inb), session.rank, session.world
+        )
+        try:
+            why = session.run()
+        except Exception as e:  # a bug must not take the daemon down
+            log.exception("session failed")
+            why = f"internal error: {e}"
+        self.sessions_served += 1
+        log.info("session ended: %s; waiting for a master", why)
+
+    def close(self) -> None:
+        self.endpoint.close()
+        self.ctx.term()

@@ -1,0 +1,265 @@
+"""One master session on a worker: handshake, shard push, load, then steps."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+from tpi.decoder import Decoder, ResidentLayers
+from tpi.errors import TpiError
+from tpi.links import Inbound, WorkerEndpoint
+from tpi.loading import COMPUTE_DTYPES
+from tpi.manifest import ShardError
+from tpi.shard_reader import RankShard
+from tpi.star_allreduce import STEP_LAYER, StarWorker
+from tpi.wire import (
+    WIRE_DTYPES,
+    DataHeader,
+    Kind,
+    Message,
+    ProtocolError,
+    decode,
+    encode_control,
+    payload_tensor,
+)
+from worker.store import ShardStore
+
+log = logging.getLogger("tpi.worker")
+
+MID_STEP_TIMEOUT_S = 300.0  # backstop only: disconnects are noticed within seconds
+
+
+class SessionEnded(Exception):
+    """The master ended the session, vanished, or broke the protocol."""
+
+
+class Refused(Exception):
+    """The master's request cannot be served; it is told why with REFUSE."""
+
+
+def peer_address(inb: Inbound) -> str:
+    try:
+        return inb.frames[0].get("Peer-Address")
+    except Exception:
+        return "?"
+
+
+class Session:
+    def __init__(
+        self,
+        endpoint: WorkerEndpoint,
+        store: ShardStore,
+        hello: Inbound,
+        body: dict,
+        accept_push: bool = True,
+    ) -> None:
+        self.endpoint = endpoint
+        self.accept_push = accept_push
+        self.store = store
+        self.peer = hello.peer
+        self.fd = hello.fd
+        self.addr = peer_address(hello)
+        self.id = int(body["session"])
+        self.rank = int(body["rank"])
+        self.world = int(body["world"])
+        self.manifest_hash = str(body["manifest"])
+        self.decoder: Decoder | None = None
+        self.collective: StarWorker | None = None
+        self.busy_since = 0.0
+        self.compute_seconds = 0.0
+        self.steps = 0
+        self.resident_bytes = 0
+
+    # --- messaging -------------------------------------------------------------------
+
+    def send(self, frames: list) -> None:
+        if not self.endpoint.send(self.peer, frames):
+            raise SessionEnded("master disconnected")
+
+    def control(self, kind: Kind, **body) -> None:
+        self.send([encode_control(kind, {"session": self.id, **body})])
+
+    def _master_gone(self) -> bool:
+        if self.fd not in self.endpoint.closed_fds:
+            return False
+        # A disconnect was reported on our master's fd. Confirm with a probe:
+        # ROUTER_MANDATORY makes a send to a vanished peer fail.
+        self.endpoint.closed_fds.discard(self.fd)
+        return not self.endpoint.send(self.peer, [encode_control(Kind.PING, {"session": self.id})])
+
+    def refuse_stranger(self, inb: Inbound) -> None:
+        try:
+            msg = decode(inb.frames)
+        except ProtocolError as e:
+            self.endpoint.send(inb.peer, [encode_control(Kind.REFUSE, {"reason": str(e)})])
+            return
+        if msg.kind == Kind.HELLO:
+            reason = f"busy: serving another master ({self.addr}) as rank {self.rank}"
+            self.endpoint.send(inb.peer, [encode_control(Kind.REFUSE, {"reason": reason})])
+
+    def recv(self, timeout_s: float | None) -> Message:
+        """Next valid message from our master; strangers are answered 'busy'."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            if self._master_gone():
+                raise SessionEnded("master disconnected")
+            if deadline is not None and time.monotonic() > deadline:
+                raise SessionEnded(f"master silent for {timeout_s:g} s")
+            inb = self.endpoint.recv(0.5)
+            if inb is None:
+                continue
+            if inb.peer != self.peer:
+                self.refuse_stranger(inb)
+                continue
+            self.fd = inb.fd
+            try:
+                msg = decode(inb.frames)
+            except ProtocolError as e:
+                raise SessionEnded(f"protocol error from master: {e}") from None
+            body = msg.body
+            sid = body.session if isinstance(body, DataHeader) else body.get("session")
+            if sid != self.id:
+                continue  # a late frame of an earlier session
+            if msg.kind == Kind.END:
+                raise SessionEnded(f"master ended the session ({body['reason']})")
+            if msg.kind in (Kind.PING, Kind.PONG):
+                continue
+            return msg
+
+    def wait_sum(self, expected: DataHeader) -> Message:
+        """WorkerChannel: the SUM for exactly this step/layer/phase."""
+        want = (expected.step, expected.layer, expected.phase)
+        while True:
+            msg = self.recv(MID_STEP_TIMEOUT_S)
+            if msg.kind == Kind.STATS_REQUEST:
+                self.send_stats()
+                continue
+            if msg.kind != Kind.SUM:
+                raise SessionEnded(f"expected SUM, got {msg.kind.name}")
+            got = (msg.data.step, msg.data.layer, msg.data.phase)
+            if got < want:
+                continue  # stale
+            if got != want or msg.data.shape != expected.shape:
+                raise SessionEnded(
+                    f"SUM for {got} {msg.data.shape}, expected {want} {expected.shape}"
+                )
+            return msg
+
+    # --- phases ---------------------------------------------------------------------
+
+    def run(self) -> str:
+        """Serve until the session ends; returns why it ended."""
+        try:
+            self._handshake()
+            self._load(self.recv(None))
+            while True:
+                msg = self.recv(None)
+                if msg.kind == Kind.STEP:
+                    self._step(msg)
+                elif msg.kind == Kind.STATS_REQUEST:
+                    self.send_stats()
+                else:
+                    raise SessionEnded(f"unexpected {msg.kind.name}")
+        except SessionEnded as e:
+            return str(e)
+        except Refused as e:
+            self.endpoint.send(
+                self.peer, [encode_control(Kind.REFUSE, {"session": self.id, "reason": str(e)})]
+            )
+            return f"refused: {e}"
+        except (TpiError, RuntimeError, MemoryError, OSError) as e:
+            # Tell the master what broke here, then go back to waiting.
+            with contextlib.suppress(SessionEnded):
+                self.control(Kind.ERROR, message=f"{type(e).__name__}: {e}")
+            return f"error: {e}"
+        finally:
+            self.decoder = None  # free weights and KV cache before the next master
+
+    def _handshake(self) -> None:
+        if not (2 <= self.world <= 1024 and 1 <= self.rank < self.world):
+            raise Refused(f"bad rank {self.rank} of world {self.world}")
+        found = self.store.find(self.manifest_hash)
+        if found is None and not self.accept_push:
+            raise Refused(
+                f"no shard with manifest {self.manifest_hash[:12]}... in {self.store.root} "
+                "and this worker does not accept pushed shards"
+            )
+        partial = {} if found else self.store.partial_sizes(self.manifest_hash)
+        self.control(Kind.WELCOME, have_shard=found is not None, partial=partial)
+        if found is None:
+            found = self._receive_push()
+        self.shard_dir = found
+
+    def _receive_push(self):
+        received, last_log = 0, time.monotonic()
+        while True:
+            msg = self.recv(MID_STEP_TIMEOUT_S)
+            if msg.kind == Kind.PUSH_CHUNK:
+                b = msg.body
+                data = msg.payload.buffer if msg.payload is not None else b""
+                nxt = self.store.write_chunk(
+                    self.manifest_hash, b["file"], b["offset"], b["total"], data
+                )
+                received += len(data)
+                self.control(Kind.PUSH_ACK, file=b["file"], next=nxt)
+                if time.monotonic() - last_log > 2:
+                    log.info("receiving shard: %.1f MB so far", received / 1e6)
+                    last_log = time.monotonic()
+            elif msg.kind == Kind.PUSH_DONE:
+                log.info("shard received (%.1f MB this session); verifying", received / 1e6)
+                path = self.store.finalize(self.manifest_hash)
+                self.control(Kind.READY, verified=True)
+                return path
+            else:
+                raise SessionEnded(f"unexpected {msg.kind.name} during shard push")
+
+    def _load(self, msg: Message) -> None:
+        if msg.kind != Kind.LOAD:
+            raise SessionEnded(f"expected LOAD, got {msg.kind.name}")
+        dtype = COMPUTE_DTYPES.get(msg.body["dtype"])
+        wire = WIRE_DTYPES.get(msg.body["wire_dtype"])
+        if dtype is None or wire is None:
+            raise ProtocolError("LOAD names an unknown dtype")
+        t0 = time.perf_counter()
+        shard = RankShard(self.shard_dir)
+        m = shard.manifest
+        if m.rank != self.rank or m.world != self.world:
+            raise ShardError(
+                f"shard is rank {m.rank}/{m.world}, master asked for {self.rank}/{self.world}"
+            )
+        layers = [shard.load_layer(i, dtype) for i in range(m.config.num_layers)]
+        resident = ResidentLayers(layers)
+        self.resident_bytes = resident.nbytes()
+        self.collective = StarWorker(self, self.id, wire)
+        self.decoder = Decoder(m.config, m.rank_slice, resident, self.collective, dtype)
+        load_s = time.perf_counter() - t0
+        log.info(
+            "loaded rank %d/%d (%.1f MB) in %.2f s",
+            self.rank,
+            self.world,
+            self.resident_bytes / 1e6,
+            load_s,
+        )
+        self.control(Kind.READY, load_seconds=load_s, resident_bytes=self.resident_bytes)
+
+    def _step(self, msg: Message) -> None:
+        h = msg.data
+        if h.layer != STEP_LAYER or len(h.shape) != 2 or h.shape[1] != self.decoder.cfg.hidden_size:
+            raise ProtocolError(f"malformed STEP {h}")
+        x = payload_tensor(msg.payload, h).to(self.decoder.dtype, copy=True)
+        self.collective.step, self.collective.pos = h.step, h.pos
+        t0 = time.perf_counter()
+        self.decoder.forward(x, h.pos)
+        self.compute_seconds += time.perf_counter() - t0
+        self.steps += 1
+
+    def send_stats(self) -> None:
+        c = self.collective
+        stats = {
+            "steps": self.steps,
+            "forward_seconds": round(self.compute_seconds, 6),
+            "resident_bytes": self.resident_bytes,
+            **(c.stats.to_dict() if c else {}),
+        }
+        self.control(Kind.STATS, stats=stats)
