@@ -140,3 +140,28 @@ def test_manifest_rejects_path_traversal():
     }
     with pytest.raises(ShardError, match="unsafe"):
         Manifest.from_bytes(json.dumps(bad).encode())
+
+
+def test_tensor_files_are_standard_safetensors(tmp_path):
+    """Our streaming writer and plain-read reader agree with the safetensors library."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tpi.tensor_file import SafetensorsFile, write_safetensors
+
+    tensors = {
+        "a": torch.randn(3, 5),
+        "b": torch.randn(7).to(torch.bfloat16),
+        "c": torch.arange(6, dtype=torch.int32).view(2, 3),
+        "empty": torch.empty(0, 4),
+    }
+    meta = write_safetensors(tmp_path / "ours.safetensors", tensors)
+    assert meta["bytes"] == (tmp_path / "ours.safetensors").stat().st_size
+    assert meta["sha256"] == sha256_file(tmp_path / "ours.safetensors")
+    theirs = load_file(str(tmp_path / "ours.safetensors"))
+    assert set(theirs) == set(tensors) and all(torch.equal(theirs[k], tensors[k]) for k in tensors)
+    save_file(tensors, str(tmp_path / "ref.safetensors"))
+    f = SafetensorsFile(tmp_path / "ref.safetensors")
+    assert all(torch.equal(f.read(k), tensors[k]) for k in tensors)
+    buf = torch.empty(100, dtype=torch.float32)
+    assert torch.equal(f.read("a", out=buf), tensors["a"])

@@ -1,7 +1,7 @@
 """Read tensors from a Hugging Face safetensors checkpoint, one at a time.
 
-Tensors are fetched by name on demand (safetensors memory-maps the file), so
-callers can stream a model layer by layer without loading it whole.
+Tensors are read by name on demand (plain reads, see tensor_file), so callers
+can stream a model layer by layer without ever holding it whole.
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from tpi.errors import CheckpointError
+from tpi.tensor_file import SafetensorsFile
 
 INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 
 class Checkpoint:
@@ -24,7 +23,7 @@ class Checkpoint:
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = Path(model_dir)
         self._file_of: dict[str, Path] = {}
-        self._handles: dict[Path, object] = {}
+        self._files: dict[Path, SafetensorsFile] = {}
         index = self.model_dir / INDEX_NAME
         if index.is_file():
             try:
@@ -41,18 +40,12 @@ class Checkpoint:
                 for name in self._open(f).keys():
                     self._file_of[name] = f
 
-    def _open(self, path: Path):
-        handle = self._handles.get(path)
+    def _open(self, path: Path) -> SafetensorsFile:
+        handle = self._files.get(path)
         if handle is None:
             if not path.is_file():
                 raise CheckpointError(f"weights file missing: {path}")
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(
-                    f"corrupt or truncated safetensors file {path}: {e}"
-                ) from None
-            self._handles[path] = handle
+            handle = self._files[path] = SafetensorsFile(path)
         return handle
 
     def __contains__(self, name: str) -> bool:
@@ -62,19 +55,16 @@ class Checkpoint:
         return list(self._file_of)
 
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The named tensor, converted to `dtype` if given (a fresh copy)."""
+        """The named tensor, converted to `dtype` if given."""
         path = self._file_of.get(name)
         if path is None:
             raise CheckpointError(
                 f"tensor {name!r} not found in the checkpoint at {self.model_dir}"
             )
-        try:
-            t = self._open(path).get_tensor(name)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"cannot read tensor {name!r} from {path}: {e}") from None
+        t = self._open(path).read(name)
         if dtype is not None and t.dtype != dtype:
             t = t.to(dtype)
         return t
 
     def close(self) -> None:
-        self._handles.clear()
+        self._files.clear()

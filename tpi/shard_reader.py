@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
+from tpi.errors import CheckpointError
 from tpi.manifest import HEAD_FILE, ShardError, layer_file, read_manifest, verify_files
+from tpi.tensor_file import SafetensorsFile
 from tpi.weights import HeadWeights, LayerWeights, head_from_tensors
 
 
@@ -27,8 +27,9 @@ class RankShard:
     def _load(self, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         path = self.dir / name
         try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
+            f = SafetensorsFile(path)
+            tensors = {k: f.read(k) for k in f.keys()}
+        except CheckpointError as e:
             raise ShardError(f"cannot read shard file {path}: {e}") from None
         return {k: v if v.dtype == dtype else v.to(dtype) for k, v in tensors.items()}
 

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
 
 from tpi.checkpoint import Checkpoint
 from tpi.config import ModelConfig, load_config
@@ -31,7 +30,9 @@ from tpi.manifest import (
     sha256_bytes,
     sha256_file,
 )
+from tpi.memory import pin_mmap_threshold, release_freed_memory
 from tpi.partition import Partition, plan_partition
+from tpi.tensor_file import write_safetensors
 from tpi.weights import head_tensors, slice_layer
 
 MASTER_FILES = (
@@ -58,12 +59,6 @@ def model_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def _write(path: Path, data: bytes) -> dict:
-    with open(path, "wb") as f:
-        f.write(data)
-    return {"sha256": sha256_bytes(data), "bytes": len(data)}
-
-
 def split_model(
     model_dir: Path,
     out_dir: Path,
@@ -80,6 +75,7 @@ def split_model(
         raise ModelError(f"output directory {out_dir} is not empty (use --force to replace it)")
     if dtype != "keep" and dtype not in STORAGE_DTYPES:
         raise ModelError(f"unknown storage dtype {dtype!r}")
+    pin_mmap_threshold()
     ckpt = Checkpoint(model_dir)
     target = STORAGE_DTYPES.get(dtype)
     source_dtype = ckpt.get("model.norm.weight").dtype
@@ -105,17 +101,16 @@ def split_model(
 
             for rs in partition.slices:
                 tensors = slice_layer(get, cfg, i, rs)
-                files[rs.rank][layer_file(i)] = _write(
-                    tmp / f"rank{rs.rank}" / layer_file(i), save(tensors)
+                files[rs.rank][layer_file(i)] = write_safetensors(
+                    tmp / f"rank{rs.rank}" / layer_file(i), tensors
                 )
                 del tensors
             layer_cache.clear()
+            release_freed_memory()
             if progress:
                 progress(i + 1, total, f"layer {i}")
         head = head_tensors(lambda n: ckpt.get(n, storage), cfg)
-        files[0][HEAD_FILE] = _write(
-            tmp / "rank0" / HEAD_FILE, save({k: v.contiguous() for k, v in head.items()})
-        )
+        files[0][HEAD_FILE] = write_safetensors(tmp / "rank0" / HEAD_FILE, head)
         del head
         for name in MASTER_FILES + ("config.json",):
             src = model_dir / name

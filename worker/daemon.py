@@ -23,6 +23,7 @@ class WorkerDaemon:
         self.store = ShardStore(store)
         self.endpoint = WorkerEndpoint(self.ctx, listen, secure)
         self.sessions_served = 0
+        self.pending = None  # a HELLO handed over by a session whose master vanished
 
     @property
     def address(self) -> str:
@@ -35,7 +36,8 @@ class WorkerDaemon:
             while not stop.is_set():
                 if max_sessions is not None and self.sessions_served >= max_sessions:
                     return
-                inb = self.endpoint.recv(0.5)
+                inb = self.pending or self.endpoint.recv(0.5)
+                self.pending = None
                 if inb is None:
                     continue
                 try:
@@ -69,6 +71,7 @@ class WorkerDaemon:
             log.exception("session failed")
             why = f"internal error: {e}"
         self.sessions_served += 1
+        self.pending = session.handover
         log.info("session ended: %s; waiting for a master", why)
 
     def close(self) -> None:

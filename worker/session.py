@@ -33,6 +33,10 @@ MID_STEP_TIMEOUT_S = 300.0  # backstop only: disconnects are noticed within seco
 class SessionEnded(Exception):
     """The master ended the session, vanished, or broke the protocol."""
 
+    def __init__(self, why: str, handover: Inbound | None = None) -> None:
+        super().__init__(why)
+        self.handover = handover  # a new master's HELLO that arrived as this one vanished
+
 
 class Refused(Exception):
     """The master's request cannot be served; it is told why with REFUSE."""
@@ -66,7 +70,7 @@ class Session:
         self.manifest_hash = str(body["manifest"])
         self.decoder: Decoder | None = None
         self.collective: StarWorker | None = None
-        self.busy_since = 0.0
+        self.handover: Inbound | None = None
         self.compute_seconds = 0.0
         self.steps = 0
         self.resident_bytes = 0
@@ -80,13 +84,17 @@ class Session:
     def control(self, kind: Kind, **body) -> None:
         self.send([encode_control(kind, {"session": self.id, **body})])
 
+    def _probe_master(self) -> bool:
+        """True if our master is still connected (ROUTER_MANDATORY fails a send to a gone peer)."""
+        return self.endpoint.send(self.peer, [encode_control(Kind.PING, {"session": self.id})])
+
     def _master_gone(self) -> bool:
         if self.fd not in self.endpoint.closed_fds:
             return False
-        # A disconnect was reported on our master's fd. Confirm with a probe:
-        # ROUTER_MANDATORY makes a send to a vanished peer fail.
+        # A disconnect was reported on our master's fd; the event may be stale
+        # (fds are reused), so confirm with a probe.
         self.endpoint.closed_fds.discard(self.fd)
-        return not self.endpoint.send(self.peer, [encode_control(Kind.PING, {"session": self.id})])
+        return not self._probe_master()
 
     def refuse_stranger(self, inb: Inbound) -> None:
         try:
@@ -95,6 +103,9 @@ class Session:
             self.endpoint.send(inb.peer, [encode_control(Kind.REFUSE, {"reason": str(e)})])
             return
         if msg.kind == Kind.HELLO:
+            if not self._probe_master():
+                # Our master is gone (its disconnect not yet reported): serve the newcomer.
+                raise SessionEnded("master disconnected", handover=inb)
             reason = f"busy: serving another master ({self.addr}) as rank {self.rank}"
             self.endpoint.send(inb.peer, [encode_control(Kind.REFUSE, {"reason": reason})])
 
@@ -162,6 +173,7 @@ class Session:
                 else:
                     raise SessionEnded(f"unexpected {msg.kind.name}")
         except SessionEnded as e:
+            self.handover = e.handover
             return str(e)
         except Refused as e:
             self.endpoint.send(
