@@ -54,6 +54,8 @@ class ClusterSession:
     timeout_s: float = 60.0
     echo: Callable[[str], None] = print
     progress: Callable[[int, int, str], None] | None = None
+    window: int | None = None
+    max_context: int | None = None
     session: int = field(default_factory=lambda: secrets.randbits(62))
     pushed_bytes: int = 0
     worker_info: dict[int, dict] = field(default_factory=dict)
@@ -128,18 +130,14 @@ class ClusterSession:
         if need:
             self._push({r: welcomes[r].body["partial"] for r in need})
         for link in self.links.links:
-            link.send(
-                [
-                    encode_control(
-                        Kind.LOAD,
-                        {
-                            "session": self.session,
-                            "dtype": self.dtype,
-                            "wire_dtype": self.wire_dtype,
-                        },
-                    )
-                ]
-            )
+            body = {
+                "session": self.session,
+                "dtype": self.dtype,
+                "wire_dtype": self.wire_dtype,
+                "window": self.window,
+                "max_context": self.max_context,
+            }
+            link.send([encode_control(Kind.LOAD, body)])
         ready = self._expect({Kind.READY}, VERIFY_TIMEOUT_S, ranks, "while loading its shard")
         self.worker_info = {r: m.body for r, m in ready.items()}
         self.collective = StarMaster(

@@ -46,7 +46,7 @@ class Engine:
 
     @property
     def max_positions(self) -> int:
-        return self.cfg.max_position_embeddings
+        return self.decoder.max_positions
 
     def forward(self, ids: Sequence[int], pos: int, all_logits: bool = False) -> torch.Tensor:
         """Run tokens at positions [pos, pos+len); float32 logits of the last (or all) rows."""

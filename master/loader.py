@@ -15,12 +15,15 @@ from master.cluster import ClusterSession
 from master.engine import Engine, StepListener, load_engine
 from master.sampling import SamplingParams, defaults_from_generation_config
 from tpi.config import load_config
-from tpi.decoder import Collective, Decoder, LocalCollective, ResidentLayers
+from tpi.decoder import Collective, LocalCollective
 from tpi.errors import ModelError
+from tpi.links import ClusterError
 from tpi.loading import COMPUTE_DTYPES
+from tpi.memory_budget import parse_size
 from tpi.model_registry import resolve_model
 from tpi.partition import parse_shares
 from tpi.progress import ProgressReporter
+from tpi.rank_runtime import RankRuntime, build_rank
 from tpi.shard_reader import RankShard
 from tpi.split import ensure_split, is_split_dir, read_split_index
 from tpi.tokenizer import TextTokenizer
@@ -30,6 +33,17 @@ def _err(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+@dataclass(frozen=True)
+class MemoryOptions:
+    window: int | None = None  # layers resident per rank (None: all, or what the budget allows)
+    budget: str | None = None  # --memory-budget of this machine, e.g. "2GB"
+    max_context: int | None = None  # tokens the KV cache is planned (and capped) for
+
+    @property
+    def streaming(self) -> bool:
+        return self.window is not None or self.budget is not None or self.max_context is not None
+
+
 @dataclass
 class LoadedModel:
     model_dir: Path  # where tokenizer and generation_config live
@@ -37,22 +51,41 @@ class LoadedModel:
     tokenizer: TextTokenizer
     load_seconds: float
     cluster: ClusterSession | None = None
+    runtime: RankRuntime | None = None  # rank 0's scheduler (None: plain in-memory load)
 
     def close(self, reason: str = "done") -> None:
         if self.cluster is not None:
             self.cluster.close(reason)
             self.cluster = None
+        if self.runtime is not None:
+            self.runtime.close()
+            self.runtime = None
 
 
-def load_rank0_engine(
-    rank_dir: Path, dtype: torch.dtype, collective: Collective, listener: StepListener | None
-) -> Engine:
+def load_rank0(
+    rank_dir: Path,
+    dtype: torch.dtype,
+    collective: Collective,
+    listener: StepListener | None,
+    memory: MemoryOptions,
+    echo,
+) -> tuple[Engine, RankRuntime]:
     shard = RankShard(rank_dir)
-    cfg = shard.config
+    # The embedding and LM head stay resident on the master: the head is read
+    # in full for every token, so streaming it would add its whole size in disk
+    # reads per token. They count in the master's budget (head_bytes).
     head = shard.load_head(dtype)
-    layers = [shard.load_layer(i, dtype) for i in range(cfg.num_layers)]
-    decoder = Decoder(cfg, shard.manifest.rank_slice, ResidentLayers(layers), collective, dtype)
-    return Engine(cfg, head, decoder, listener)
+    runtime = build_rank(
+        shard,
+        dtype,
+        collective,
+        window=memory.window,
+        budget_bytes=parse_size(memory.budget) if memory.budget else None,
+        max_context=memory.max_context,
+        head_bytes=head.nbytes(),
+        echo=echo if memory.streaming else None,
+    )
+    return Engine(shard.config, head, runtime.decoder, listener), runtime
 
 
 def open_model(
@@ -63,8 +96,11 @@ def open_model(
     shares: str | None = None,
     wire_dtype: str = "fp32",
     timeout_s: float = 60.0,
+    memory: MemoryOptions | None = None,
 ) -> LoadedModel:
-    """Resolve --model, and if workers are given, split, connect and load the cluster."""
+    """Resolve --model; split it if a cluster or the sliding window needs per-layer
+    files; connect and load the workers; load rank 0."""
+    memory = memory or MemoryOptions()
     echo = (lambda _m: None) if quiet else _err
     with ProgressReporter("converting") as progress:
         model_dir = resolve_model(model, echo, progress)
@@ -80,7 +116,7 @@ def open_model(
             )
     else:
         load_config(model_dir)  # the most telling error first (missing/unsupported model)
-        if not workers:
+        if not workers and not memory.streaming:
             tokenizer = TextTokenizer(model_dir)
             engine = load_engine(model_dir, torch_dtype)
             return LoadedModel(model_dir, engine, tokenizer, time.perf_counter() - t0)
@@ -90,19 +126,36 @@ def open_model(
     rank0 = split_dir / index["ranks"][0]["dir"]
     tokenizer = TextTokenizer(rank0)
     if index["world"] == 1:
-        engine = load_rank0_engine(rank0, torch_dtype, LocalCollective(), None)
-        return LoadedModel(rank0, engine, tokenizer, time.perf_counter() - t0)
+        if workers:
+            raise ClusterError(f"{split_dir} is split for one rank; it cannot use workers")
+        engine, runtime = load_rank0(rank0, torch_dtype, LocalCollective(), None, memory, echo)
+        return LoadedModel(rank0, engine, tokenizer, time.perf_counter() - t0, runtime=runtime)
     with ProgressReporter("pushing shards") as progress:
-        cluster = ClusterSession(split_dir, workers, dtype, wire_dtype, timeout_s, echo, progress)
+        cluster = ClusterSession(
+            split_dir,
+            workers,
+            dtype,
+            wire_dtype,
+            timeout_s,
+            echo,
+            progress,
+            window=memory.window,
+            max_context=memory.max_context,
+        )
         cluster.start()
     try:
-        engine = load_rank0_engine(rank0, torch_dtype, cluster.collective, cluster.collective)
+        engine, runtime = load_rank0(
+            rank0, torch_dtype, cluster.collective, cluster.collective, memory, echo
+        )
     except BaseException:
         cluster.close("master failed to load")
         raise
     if not quiet:
         echo(f"cluster: master + {len(workers)} worker(s) ready ({', '.join(workers)})")
-    return LoadedModel(rank0, engine, tokenizer, time.perf_counter() - t0, cluster)
+        if memory.streaming:
+            for r, info in sorted(cluster.worker_info.items()):
+                echo(f"rank {r}: {info.get('plan_text', '?')}")
+    return LoadedModel(rank0, engine, tokenizer, time.perf_counter() - t0, cluster, runtime)
 
 
 def sampling_params(

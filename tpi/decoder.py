@@ -67,14 +67,19 @@ class Decoder:
         layers: LayerSource,
         collective: Collective,
         dtype: torch.dtype = torch.float32,
+        max_positions: int | None = None,
     ) -> None:
         self.cfg = cfg
         self.layers = layers
         self.collective = collective
         self.dtype = dtype
         self.layout = AttentionLayout.for_slice(rank_slice, cfg.group_size, cfg.head_dim)
+        # The KV cache never grows past the planned context (memory budget).
+        self.max_positions = min(
+            cfg.max_position_embeddings, max_positions or cfg.max_position_embeddings
+        )
         self.cache = KVCache(
-            cfg.num_layers, rank_slice.n_kv, cfg.head_dim, cfg.max_position_embeddings, dtype
+            cfg.num_layers, rank_slice.n_kv, cfg.head_dim, self.max_positions, dtype
         )
         self.rope = RotaryTables(cfg.rope, cfg.head_dim, dtype)
 

@@ -52,8 +52,39 @@ import click
     hidden=True,
     help="Exit after this many sessions (tests).",
 )
+@click.option(
+    "--window",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Layers of this device's slice kept in memory (the rest stream from --store). "
+    "Default: what the master asks, else all.",
+)
+@click.option(
+    "--memory-budget",
+    default=None,
+    metavar="SIZE",
+    help="Memory this device may use, e.g. 2GB: picks the largest window that fits "
+    "(a cgroup memory limit counts too).",
+)
+@click.option(
+    "--max-context",
+    type=click.IntRange(min=16),
+    default=None,
+    help="Tokens of context the KV cache is sized for (default: as the master asks, at most 4096).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="Log only warnings and errors.")
-def worker(listen, store, port_file, accept_push, threads, max_sessions, quiet):
+def worker(
+    listen,
+    store,
+    port_file,
+    accept_push,
+    threads,
+    max_sessions,
+    window,
+    memory_budget,
+    max_context,
+    quiet,
+):
     """Run the worker daemon: wait for a master, serve its session, wait again.
 
     The master connects with 'tpi chat --workers HOST:PORT,...'. A worker serves
@@ -62,8 +93,10 @@ def worker(listen, store, port_file, accept_push, threads, max_sessions, quiet):
     returns to waiting when the master leaves or disappears.
     """
     from tpi.links import normalize_address
+    from tpi.memory_budget import parse_size
     from tpi.paths import tpi_home
     from worker.daemon import WorkerDaemon
+    from worker.options import WorkerOptions
 
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
@@ -75,7 +108,13 @@ def worker(listen, store, port_file, accept_push, threads, max_sessions, quiet):
 
         torch.set_num_threads(threads)
     address = normalize_address(listen, default_host="127.0.0.1", allow_any_port=True)
-    daemon = WorkerDaemon(address, store or tpi_home() / "store", accept_push=accept_push)
+    options = WorkerOptions(
+        accept_push=accept_push,
+        window=window,
+        budget_bytes=parse_size(memory_budget) if memory_budget else None,
+        max_context=max_context,
+    )
+    daemon = WorkerDaemon(address, store or tpi_home() / "store", options=options)
     if port_file:
         tmp = port_file.with_name(port_file.name + ".tmp")
         tmp.write_text(daemon.address + "\n")

@@ -10,6 +10,7 @@ import zmq
 
 from tpi.links import WorkerEndpoint, display_address
 from tpi.wire import DATA_KINDS, PROTOCOL_VERSION, Kind, ProtocolError, decode, encode_control
+from worker.options import WorkerOptions
 from worker.session import Session, peer_address
 from worker.store import ShardStore
 
@@ -17,8 +18,10 @@ log = logging.getLogger("tpi.worker")
 
 
 class WorkerDaemon:
-    def __init__(self, listen: str, store: Path, secure=None, accept_push: bool = True) -> None:
-        self.accept_push = accept_push
+    def __init__(
+        self, listen: str, store: Path, secure=None, options: WorkerOptions | None = None
+    ) -> None:
+        self.options = options or WorkerOptions()
         self.ctx = zmq.Context()
         self.store = ShardStore(store)
         self.endpoint = WorkerEndpoint(self.ctx, listen, secure)
@@ -61,7 +64,7 @@ class WorkerDaemon:
             self.close()
 
     def _serve_one(self, inb, body: dict) -> None:
-        session = Session(self.endpoint, self.store, inb, body, self.accept_push)
+        session = Session(self.endpoint, self.store, inb, body, self.options)
         log.info(
             "master %s connected: rank %d of %d", peer_address(inb), session.rank, session.world
         )

@@ -6,11 +6,13 @@ import contextlib
 import logging
 import time
 
-from tpi.decoder import Decoder, ResidentLayers
+from tpi.decoder import Decoder
 from tpi.errors import TpiError
 from tpi.links import Inbound, WorkerEndpoint
 from tpi.loading import COMPUTE_DTYPES
 from tpi.manifest import ShardError
+from tpi.node_report import node_stats
+from tpi.rank_runtime import RankRuntime, build_rank
 from tpi.shard_reader import RankShard
 from tpi.star_allreduce import STEP_LAYER, StarWorker
 from tpi.wire import (
@@ -23,6 +25,7 @@ from tpi.wire import (
     encode_control,
     payload_tensor,
 )
+from worker.options import WorkerOptions
 from worker.store import ShardStore
 
 log = logging.getLogger("tpi.worker")
@@ -56,10 +59,11 @@ class Session:
         store: ShardStore,
         hello: Inbound,
         body: dict,
-        accept_push: bool = True,
+        options: WorkerOptions,
     ) -> None:
         self.endpoint = endpoint
-        self.accept_push = accept_push
+        self.options = options
+        self.runtime: RankRuntime | None = None
         self.store = store
         self.peer = hello.peer
         self.fd = hello.fd
@@ -186,13 +190,17 @@ class Session:
                 self.control(Kind.ERROR, message=f"{type(e).__name__}: {e}")
             return f"error: {e}"
         finally:
-            self.decoder = None  # free weights and KV cache before the next master
+            # Free weights, KV cache and the loader thread before the next master.
+            if self.runtime is not None:
+                self.runtime.close()
+            self.runtime = None
+            self.decoder = None
 
     def _handshake(self) -> None:
         if not (2 <= self.world <= 1024 and 1 <= self.rank < self.world):
             raise Refused(f"bad rank {self.rank} of world {self.world}")
         found = self.store.find(self.manifest_hash)
-        if found is None and not self.accept_push:
+        if found is None and not self.options.accept_push:
             raise Refused(
                 f"no shard with manifest {self.manifest_hash[:12]}... in {self.store.root} "
                 "and this worker does not accept pushed shards"
@@ -233,6 +241,11 @@ class Session:
         wire = WIRE_DTYPES.get(msg.body["wire_dtype"])
         if dtype is None or wire is None:
             raise ProtocolError("LOAD names an unknown dtype")
+        asked_window = msg.body.get("window")
+        asked_context = msg.body.get("max_context")
+        for name, v in (("window", asked_window), ("max_context", asked_context)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ProtocolError(f"LOAD {name} must be a positive integer")
         t0 = time.perf_counter()
         shard = RankShard(self.shard_dir)
         m = shard.manifest
@@ -240,20 +253,29 @@ class Session:
             raise ShardError(
                 f"shard is rank {m.rank}/{m.world}, master asked for {self.rank}/{self.world}"
             )
-        layers = [shard.load_layer(i, dtype) for i in range(m.config.num_layers)]
-        resident = ResidentLayers(layers)
-        self.resident_bytes = resident.nbytes()
         self.collective = StarWorker(self, self.id, wire)
-        self.decoder = Decoder(m.config, m.rank_slice, resident, self.collective, dtype)
-        load_s = time.perf_counter() - t0
-        log.info(
-            "loaded rank %d/%d (%.1f MB) in %.2f s",
-            self.rank,
-            self.world,
-            self.resident_bytes / 1e6,
-            load_s,
+        # This device's own limits win over what the master asks for.
+        opts = self.options
+        self.runtime = build_rank(
+            shard,
+            dtype,
+            self.collective,
+            window=opts.window or asked_window,
+            budget_bytes=opts.budget_bytes,
+            max_context=opts.max_context or asked_context,
+            echo=log.info,
         )
-        self.control(Kind.READY, load_seconds=load_s, resident_bytes=self.resident_bytes)
+        self.decoder = self.runtime.decoder
+        self.resident_bytes = self.runtime.layers.resident_bytes
+        load_s = time.perf_counter() - t0
+        log.info("loaded rank %d/%d in %.2f s", self.rank, self.world, load_s)
+        self.control(
+            Kind.READY,
+            load_seconds=load_s,
+            resident_bytes=self.resident_bytes,
+            plan=self.runtime.plan.to_dict(),
+            plan_text=self.runtime.plan.describe(),
+        )
 
     def _step(self, msg: Message) -> None:
         h = msg.data
@@ -267,11 +289,10 @@ class Session:
         self.steps += 1
 
     def send_stats(self) -> None:
-        c = self.collective
-        stats = {
-            "steps": self.steps,
-            "forward_seconds": round(self.compute_seconds, 6),
-            "resident_bytes": self.resident_bytes,
-            **(c.stats.to_dict() if c else {}),
-        }
+        stats = node_stats(
+            self.runtime.layers if self.runtime else None,
+            self.collective.stats if self.collective else None,
+            self.compute_seconds,
+            self.steps,
+        )
         self.control(Kind.STATS, stats=stats)

@@ -1,0 +1,180 @@
+"""Options shared by every master command (generate, chat, bench, serve)."""
+
+from __future__ import annotations
+
+import click
+
+MODEL_HELP = (
+    "Model: a Hugging Face checkpoint directory, a directory made by 'tpi split', a .gguf file "
+    "(converted once), or the name of a cached model (see 'tpi models'). "
+    "Default: the embedded SmolLM2-135M-Instruct."
+)
+
+ENGINE_OPTIONS = [
+    click.option("--model", "-m", default=None, metavar="PATH|NAME", help=MODEL_HELP),
+    click.option(
+        "--workers",
+        "-w",
+        default=None,
+        metavar="HOST:PORT,...",
+        help="Worker daemons to run the model with (rank 1, 2, ... in this order). None: this machine alone.",
+    ),
+    click.option(
+        "--shares",
+        default=None,
+        metavar="A,B,...",
+        help="Relative share of each rank, master first (e.g. 2,1,1 gives the master half the heads "
+        "and MLP columns). Default: even.",
+    ),
+    click.option(
+        "--wire-dtype",
+        type=click.Choice(["fp32", "bf16", "fp16"]),
+        default="fp32",
+        show_default=True,
+        help="Precision of partial sums on the network (bf16/fp16 halve the bytes; sums are still done in fp32).",
+    ),
+    click.option(
+        "--timeout",
+        type=click.FloatRange(min=1),
+        default=60.0,
+        show_default=True,
+        help="Seconds to wait for a worker's reply within a step before giving up "
+        "(dead or frozen workers are detected within ~5 s regardless).",
+    ),
+    click.option(
+        "--dtype",
+        type=click.Choice(["fp32", "bf16"]),
+        default="fp32",
+        show_default=True,
+        help="Compute dtype (bf16 halves memory, at some accuracy cost).",
+    ),
+    click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Torch compute threads on this machine (default: all cores).",
+    ),
+    click.option(
+        "--window",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Sliding window: layers of each rank's slice kept in memory; the rest stream from disk "
+        "while earlier layers compute. Default: all layers resident.",
+    ),
+    click.option(
+        "--memory-budget",
+        default=None,
+        metavar="SIZE",
+        help="Memory this machine may use, e.g. 2GB: picks the largest window that fits next to the "
+        "KV cache, activations and (on the master) embedding/LM head, and says what it picked.",
+    ),
+    click.option(
+        "--max-context",
+        type=click.IntRange(min=16),
+        default=None,
+        help="Tokens of context the KV cache is sized for and capped at (default: the model's, at most "
+        "4096 when streaming).",
+    ),
+]
+
+
+def sampling_options(max_new_default: int) -> list:
+    return [
+        click.option(
+            "--temperature",
+            "-t",
+            type=float,
+            default=None,
+            help="Sampling temperature; 0 = greedy. Default: the model's generation_config, else greedy.",
+        ),
+        click.option(
+            "--top-k",
+            type=int,
+            default=None,
+            help="Sample only among the k most likely tokens (0 = off).",
+        ),
+        click.option(
+            "--top-p",
+            type=float,
+            default=None,
+            help="Nucleus sampling: smallest set with this probability mass (1 = off).",
+        ),
+        click.option(
+            "--seed", type=int, default=None, help="Random seed, for reproducible sampling."
+        ),
+        click.option(
+            "--max-new-tokens",
+            "-n",
+            type=click.IntRange(min=1),
+            default=max_new_default,
+            show_default=True,
+            help="Stop after this many generated tokens.",
+        ),
+    ]
+
+
+ENGINE_KEYS = (
+    "model",
+    "workers",
+    "shares",
+    "wire_dtype",
+    "timeout",
+    "dtype",
+    "threads",
+    "window",
+    "memory_budget",
+    "max_context",
+)
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed", "max_new_tokens")
+
+
+def apply(options: list):
+    def decorate(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+
+    return decorate
+
+
+def open_from_options(opts: dict):
+    """Load the model (and cluster) the engine options describe; closed with the command."""
+    from master.loader import MemoryOptions, open_model
+
+    ctx = click.get_current_context()
+    parent = ctx.obj or {}  # set by an enclosing `tpi cluster`
+    workers = opts["workers"]
+    worker_list = (
+        [w.strip() for w in workers.split(",") if w.strip()]
+        if workers
+        else parent.get("cluster_workers", [])
+    )
+    threads = opts["threads"] or parent.get("cluster_threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    loaded = open_model(
+        opts["model"],
+        opts["dtype"],
+        workers=list(worker_list),
+        shares=opts["shares"] or parent.get("cluster_shares"),
+        wire_dtype=opts["wire_dtype"],
+        timeout_s=opts["timeout"],
+        memory=MemoryOptions(opts["window"], opts["memory_budget"], opts["max_context"]),
+    )
+    ctx.call_on_close(loaded.close)
+    return loaded
+
+
+def sampling_from_options(loaded, opts: dict):
+    from master.loader import sampling_params
+
+    return sampling_params(
+        loaded.model_dir,
+        opts["temperature"],
+        opts["top_k"],
+        opts["top_p"],
+        opts["seed"],
+        opts["max_new_tokens"],
+    )

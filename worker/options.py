@@ -1,0 +1,13 @@
+"""What a worker device decides for itself, whatever the master asks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    accept_push: bool = True
+    window: int | None = None  # layers resident (None: as the master asks, or all)
+    budget_bytes: int | None = None  # this device's memory budget
+    max_context: int | None = None
