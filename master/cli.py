@@ -139,3 +139,12 @@ def cluster(ctx, count, shares, base_dir, threads):
 
 cluster.add_command(generate)
 cluster.add_command(chat)
+
+
+def _add_bench() -> None:
+    from master.bench import bench
+
+    cluster.add_command(bench)
+
+
+_add_bench()

@@ -7,6 +7,7 @@ request that shares a prefix (the next chat turn) only runs the new tokens.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -43,6 +44,8 @@ class Engine:
         self.dtype = decoder.dtype
         self.cached: list[int] = []  # tokens whose K/V are valid in the cache, in order
         self.last_reused = 0  # prompt tokens the last prefill did not have to run
+        self.forward_seconds = 0.0  # time in the decoder (layers, disk waits, allreduces)
+        self.steps = 0
 
     @property
     def max_positions(self) -> int:
@@ -56,8 +59,8 @@ class Engine:
             )
         if pos + len(ids) > self.max_positions:
             raise PromptError(
-                f"sequence of {pos + len(ids)} tokens exceeds the model's context window "
-                f"of {self.max_positions}"
+                f"sequence of {pos + len(ids)} tokens exceeds the context window "
+                f"of {self.max_positions} tokens"
             )
         # Forget first: if this pass is interrupted the cache holds garbage past pos.
         del self.cached[pos:]
@@ -65,7 +68,10 @@ class Engine:
         h = embed(x, self.head, self.dtype)
         if self.listener is not None:
             self.listener.begin_step(h, pos)
+        t0 = time.perf_counter()
         h = self.decoder.forward(h, pos)
+        self.forward_seconds += time.perf_counter() - t0
+        self.steps += 1
         self.cached.extend(ids)
         if all_logits:
             return logits(h, self.head, self.cfg.rms_norm_eps)

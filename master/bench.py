@@ -1,0 +1,150 @@
+"""`tpi bench`: one measured generation, reported per node as JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from master.cli_options import ENGINE_OPTIONS, apply, open_from_options
+from tpi.node_report import node_stats
+
+_CUMULATIVE = (
+    "steps",
+    "forward_seconds",
+    "bytes_read",
+    "read_seconds",
+    "blocked_seconds",
+    "layers_loaded",
+    "allreduces",
+    "allreduce_seconds",
+    "bytes_sent",
+    "bytes_received",
+    "compute_seconds",
+)
+
+
+def _delta(after: dict, before: dict) -> dict:
+    out = dict(after)
+    for k in _CUMULATIVE:
+        if k in after and k in before:
+            out[k] = (
+                round(after[k] - before[k], 6)
+                if isinstance(after[k], float)
+                else after[k] - before[k]
+            )
+    if out.get("read_seconds"):
+        out["disk_time_hidden"] = round(
+            max(0.0, 1 - out.get("blocked_seconds", 0) / out["read_seconds"]), 4
+        )
+    return out
+
+
+def _master_stats(loaded) -> dict:
+    runtime = loaded.runtime
+    col = loaded.cluster.collective if loaded.cluster else None
+    return node_stats(
+        runtime.layers if runtime else None,
+        col.stats if col else None,
+        loaded.engine.forward_seconds,
+        loaded.engine.steps,
+    )
+
+
+def _all_stats(loaded) -> dict[int, dict]:
+    stats = {0: _master_stats(loaded)}
+    if loaded.cluster:
+        stats.update(loaded.cluster.stats())
+    return stats
+
+
+def run_bench(loaded, prompt_tokens: int, new_tokens: int) -> dict:
+    engine = loaded.engine
+    vocab = engine.cfg.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(min(10, vocab - 1), vocab, (prompt_tokens,), generator=g).tolist()
+    engine.prefill(prompt[:4])  # warm-up (allocations, first reads)
+    engine.reset()
+    before = _all_stats(loaded)
+    t0 = time.perf_counter()
+    logits = engine.prefill(prompt)
+    ttft = time.perf_counter() - t0
+    tok = int(logits.argmax())
+    mid = _all_stats(loaded)
+    t1 = time.perf_counter()
+    for i in range(new_tokens):
+        tok = int(engine.forward([tok], prompt_tokens + i).argmax())
+    decode = time.perf_counter() - t1
+    after = _all_stats(loaded)
+    nodes = {}
+    for r in sorted(after):
+        d = _delta(after[r], mid[r])
+        wire = d.get("bytes_sent", 0) + d.get("bytes_received", 0)
+        nodes[str(r)] = {
+            "decode": {
+                **d,
+                "per_token": {
+                    "ms": round(1000 * decode / new_tokens, 3),
+                    "disk_bytes": d.get("bytes_read", 0) // new_tokens,
+                    "wire_bytes": wire // new_tokens,
+                    "blocked_ms": round(1000 * d.get("blocked_seconds", 0) / new_tokens, 3),
+                    "allreduce_ms": round(1000 * d.get("allreduce_seconds", 0) / new_tokens, 3),
+                    "compute_ms": round(1000 * d.get("compute_seconds", 0) / new_tokens, 3),
+                },
+            },
+            "prefill": _delta(mid[r], before[r]),
+            "peak_rss_bytes": after[r]["peak_rss_bytes"],
+        }
+    return {
+        "model": str(loaded.model_dir),
+        "world": len(after),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "ttft_ms": round(1000 * ttft, 3),
+        "decode_ms_per_token": round(1000 * decode / new_tokens, 3),
+        "tokens_per_second": round(new_tokens / decode, 3),
+        "load_seconds": round(loaded.load_seconds, 3),
+        "nodes": nodes,
+    }
+
+
+@click.command()
+@apply(ENGINE_OPTIONS)
+@click.option(
+    "--prompt-tokens",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Length of the (synthetic) prompt whose prefill is timed (TTFT).",
+)
+@click.option(
+    "--new-tokens",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="Decode steps timed after the prefill.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the JSON report to this file.",
+)
+def bench(prompt_tokens, new_tokens, out, **opts):
+    """Measure TTFT, ms/token and per-node memory, disk, compute and network; print JSON.
+
+    Per node: peak RSS, bytes read from disk, time blocked waiting for disk, share of
+    disk time hidden behind compute, time computing, time in allreduce, bytes on the
+    wire; all for the decode phase (per token) and the prefill separately.
+    """
+    loaded = open_from_options(
+        {**opts, "max_context": opts["max_context"] or prompt_tokens + new_tokens + 8}
+    )
+    report = run_bench(loaded, prompt_tokens, new_tokens)
+    text = json.dumps(report, indent=2)
+    click.echo(text)
+    if out:
+        out.write_text(text + "\n")
