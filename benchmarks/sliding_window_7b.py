@@ -85,6 +85,66 @@ def summarize(
     }
 
 
+def _hf_runs(model: Path, results: dict, prompt_tokens: int, new_tokens: int, want, save) -> None:
+    base = [
+        sys.executable,
+        str(Path(__file__).parent / "hf_baseline.py"),
+        str(model),
+        "--prompt-tokens",
+        str(prompt_tokens),
+        "--new-tokens",
+        str(new_tokens),
+    ]
+    runs = results["runs"]
+    if want("transformers_full"):
+        click.echo("running transformers, full model ...", err=True)
+        full = subprocess.run(
+            [*base, "--mode", "full"], capture_output=True, text=True, timeout=7200
+        )
+        runs["transformers_full"] = (
+            _json_tail(full.stdout) if full.returncode == 0 else {"error": full.stderr[-1500:]}
+        )
+        click.echo(runs["transformers_full"], err=True)
+        save()
+    if want("transformers_accelerate_offload") and "tpi_world1_window2" in runs:
+        # The same memory as our single-node streaming run with window 2.
+        limit = f"{runs['tpi_world1_window2']['summary']['nodes']['0']['peak_rss_gb']:.2f}GB"
+        click.echo(f"running transformers + accelerate disk offload at {limit} ...", err=True)
+        off = subprocess.run(
+            [*base, "--mode", "offload", "--max-memory", limit],
+            capture_output=True,
+            text=True,
+            timeout=7200,
+        )
+        runs["transformers_accelerate_offload"] = (
+            _json_tail(off.stdout) if off.returncode == 0 else {"error": off.stderr[-1500:]}
+        )
+        click.echo(runs["transformers_accelerate_offload"], err=True)
+        save()
+
+
+def _ratios(runs: dict) -> dict:
+    out = {}
+    ours = runs.get("tpi_world1_window2", {}).get("summary", {})
+    off = runs.get("transformers_accelerate_offload", {})
+    full = runs.get("transformers_full", {})
+    if ours and "decode_ms_per_token" in off:
+        out["accelerate_offload_ms_over_tpi_world1_window2"] = round(
+            off["decode_ms_per_token"] / ours["ms_per_token"], 2
+        )
+        out["accelerate_offload_peak_rss_over_tpi"] = round(
+            off["peak_rss_bytes"] / 1e9 / ours["nodes"]["0"]["peak_rss_gb"], 2
+        )
+    if ours and "decode_ms_per_token" in full:
+        out["tpi_world1_window2_ms_over_transformers_full"] = round(
+            ours["ms_per_token"] / full["decode_ms_per_token"], 2
+        )
+        out["transformers_full_peak_rss_over_tpi_world1_window2"] = round(
+            full["peak_rss_bytes"] / 1e9 / ours["nodes"]["0"]["peak_rss_gb"], 2
+        )
+    return out
+
+
 @click.command()
 @click.option(
     "--work",
@@ -102,103 +162,82 @@ def summarize(
     help="Also run world 1 from a copy of its split on this tmpfs (disk speed out of the way).",
 )
 @click.option("--skip-hf", is_flag=True, help="Skip the transformers baselines.")
+@click.option(
+    "--only",
+    default=None,
+    help="Comma-separated run names to (re)run; the others are kept from the existing results.",
+)
 @click.option("--out", default=None)
-def main(work, prompt_tokens, new_tokens, tmpfs, skip_hf, out):
+def main(work, prompt_tokens, new_tokens, tmpfs, skip_hf, only, out):
     from tpi.manifest import HEAD_FILE, layer_file
     from tpi.split import ensure_split
 
     model = make_synthetic(work / "llama2-7b-synthetic")
     env = dict(os.environ, TPI_HOME=str(work / "home"))
+    os.environ["TPI_HOME"] = env["TPI_HOME"]
+    path = Path(out) if out else Path(__file__).parent / "results" / "sliding_window_7b.json"
+    wanted = set(only.split(",")) if only else None
     results: dict = {
         "model": str(model),
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "runs": {},
     }
+    if path.is_file():  # resume: keep runs already measured
+        results["runs"] = json.loads(path.read_text()).get("runs", {})
+
+    def want(name: str) -> bool:
+        return (wanted is None and name not in results["runs"]) or (
+            wanted is not None and name in wanted
+        )
+
+    def save() -> None:
+        results["ratios"] = _ratios(results["runs"])
+        results["targets"] = {
+            "peak_rss_per_node": "<= window x slice + KV + 20% (head and runtime listed per node)",
+            "disk_time_hidden": ">= 0.8",
+            "vs_accelerate_offload": "faster at equal memory",
+        }
+        write_result("sliding_window_7b", results, str(path))
+
     for world in (1, 3):
-        os.environ["TPI_HOME"] = env["TPI_HOME"]
         split = ensure_split(model, [1.0] * world, lambda m: click.echo(m, err=True))
         slice_bytes = {r: (split / f"rank{r}" / layer_file(0)).stat().st_size for r in range(world)}
         head_bytes = (split / "rank0" / HEAD_FILE).stat().st_size
         for window in (1, 2):
             name = f"tpi_world{world}_window{window}"
-            click.echo(f"running {name} ...", err=True)
-            report = run_tpi(model, world, window, prompt_tokens, new_tokens, env)
-            results["runs"][name] = {
-                "summary": summarize(report, slice_bytes, window, head_bytes),
-                "raw": report,
-            }
-            click.echo(json.dumps(results["runs"][name]["summary"]), err=True)
-        if world == 1 and tmpfs:
-            import shutil
-
-            fast = Path(tmpfs) / "tpi-bench-split"
-            if not fast.exists():
-                shutil.copytree(split, fast)
-            for window in (1, 2):
-                name = f"tpi_world1_window{window}_tmpfs"
-                report = run_tpi(fast, 1, window, prompt_tokens, new_tokens, env)
+            if want(name):
+                click.echo(f"running {name} ...", err=True)
+                report = run_tpi(model, world, window, prompt_tokens, new_tokens, env)
                 results["runs"][name] = {
                     "summary": summarize(report, slice_bytes, window, head_bytes),
                     "raw": report,
                 }
                 click.echo(json.dumps(results["runs"][name]["summary"]), err=True)
-            shutil.rmtree(fast, ignore_errors=True)
+                save()
+        names = [f"tpi_world1_window{w}_tmpfs" for w in (1, 2)]
+        if world == 1 and tmpfs and any(want(n) for n in names):
+            import shutil
+
+            fast = Path(tmpfs) / "tpi-bench-split"
+            if not fast.exists():
+                shutil.copytree(split, fast)
+            try:
+                for window, name in zip((1, 2), names, strict=True):
+                    if want(name):
+                        report = run_tpi(fast, 1, window, prompt_tokens, new_tokens, env)
+                        results["runs"][name] = {
+                            "summary": summarize(report, slice_bytes, window, head_bytes),
+                            "raw": report,
+                        }
+                        click.echo(json.dumps(results["runs"][name]["summary"]), err=True)
+                        save()
+            finally:
+                shutil.rmtree(fast, ignore_errors=True)
     if not skip_hf:
-        base = [
-            sys.executable,
-            str(Path(__file__).parent / "hf_baseline.py"),
-            str(model),
-            "--prompt-tokens",
-            str(prompt_tokens),
-            "--new-tokens",
-            str(new_tokens),
-        ]
-        click.echo("running transformers, full model ...", err=True)
-        full = subprocess.run(
-            [*base, "--mode", "full"], capture_output=True, text=True, timeout=7200
-        )
-        results["runs"]["transformers_full"] = (
-            _json_tail(full.stdout) if full.returncode == 0 else {"error": full.stderr[-1500:]}
-        )
-        click.echo(results["runs"]["transformers_full"], err=True)
-        # Same memory as our heaviest single-node streaming run (window 2).
-        ours = results["runs"]["tpi_world1_window2"]["summary"]["nodes"][0]["peak_rss_gb"]
-        limit = f"{ours:.2f}GB"
-        click.echo(f"running transformers + accelerate disk offload at {limit} ...", err=True)
-        off = subprocess.run(
-            [*base, "--mode", "offload", "--max-memory", limit],
-            capture_output=True,
-            text=True,
-            timeout=7200,
-        )
-        results["runs"]["transformers_accelerate_offload"] = (
-            _json_tail(off.stdout) if off.returncode == 0 else {"error": off.stderr[-1500:]}
-        )
-        click.echo(results["runs"]["transformers_accelerate_offload"], err=True)
-        r = results["runs"]
-        if "decode_ms_per_token" in r["transformers_accelerate_offload"]:
-            results["ratios"] = {
-                "accelerate_offload_ms_over_tpi_world1_window2": round(
-                    r["transformers_accelerate_offload"]["decode_ms_per_token"]
-                    / r["tpi_world1_window2"]["summary"]["ms_per_token"],
-                    2,
-                ),
-            }
-        if "decode_ms_per_token" in r["transformers_full"]:
-            results.setdefault("ratios", {})["tpi_world1_window2_ms_over_transformers_full"] = (
-                round(
-                    r["tpi_world1_window2"]["summary"]["ms_per_token"]
-                    / r["transformers_full"]["decode_ms_per_token"],
-                    2,
-                )
-            )
-    results["targets"] = {
-        "peak_rss_per_node": "<= window x slice + KV + 20% (head and runtime counted separately, see nodes)",
-        "disk_time_hidden": ">= 0.8",
-        "vs_accelerate_offload": "faster at equal memory",
-    }
-    click.echo(f"wrote {write_result('sliding_window_7b', results, out)}")
+        _hf_runs(model, results, prompt_tokens, new_tokens, want, save)
+    save()
+    click.echo(f"wrote {path}")
 
 
 if __name__ == "__main__":

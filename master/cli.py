@@ -112,22 +112,66 @@ def chat(system, **opts):
     default=None,
     help="Torch threads per process (default: the machine's cores divided among master and workers).",
 )
+@click.option(
+    "--mem-limit",
+    default=None,
+    metavar="SIZE",
+    help="Emulated device memory, per rank (master included), e.g. 4GB: a cgroup cap where the "
+    "kernel allows it, and always the memory budget each rank plans its window in.",
+)
+@click.option(
+    "--cpus",
+    type=click.FloatRange(min=0.01),
+    default=None,
+    help="Emulated device CPU per worker (cgroup CPU quota, e.g. 0.5 = half a core).",
+)
+@click.option(
+    "--link-latency",
+    default=None,
+    metavar="DURATION",
+    help="Emulated one-way link latency between master and each worker, e.g. 5ms.",
+)
+@click.option(
+    "--link-bandwidth",
+    default=None,
+    metavar="RATE",
+    help="Emulated link bandwidth in each direction, e.g. 100mbit, 1gbit.",
+)
 @click.pass_context
-def cluster(ctx, count, shares, base_dir, threads):
+def cluster(ctx, count, shares, base_dir, threads, mem_limit, cpus, link_latency, link_bandwidth):
     """Start N local worker daemons on loopback and run a master command against them.
 
-    Examples: 'tpi cluster --workers 3 generate "Hi"', 'tpi cluster --workers 2 chat'.
+    Examples: 'tpi cluster --workers 3 generate "Hi"', 'tpi cluster --workers 2 chat',
+    'tpi cluster --workers 3 --mem-limit 2GB --link-latency 5ms --link-bandwidth 100mbit bench'.
     Without a command, the workers run until Ctrl-C and their addresses are printed
     (for a master started elsewhere). Every process started is stopped on exit.
     """
-    from master.local_cluster import LocalCluster
+    from master.local_cluster import DeviceLimits, LocalCluster
+    from tpi.link_shaper import LinkSpec, parse_duration, parse_rate
+    from tpi.memory_budget import parse_size
     from tpi.paths import tpi_home
 
     threads = threads or max(1, (os.cpu_count() or 1) // (count + 1))
-    local = LocalCluster(count, base_dir or tpi_home() / "cluster", threads)
+    limits = DeviceLimits(parse_size(mem_limit) if mem_limit else None, cpus)
+    link = None
+    if link_latency or link_bandwidth:
+        link = LinkSpec(
+            parse_duration(link_latency or "0ms"),
+            parse_rate(link_bandwidth) if link_bandwidth else None,
+        )
+    local = LocalCluster(
+        count, base_dir or tpi_home() / "cluster", threads, limits=limits, link=link
+    )
     addresses = local.start()
     ctx.call_on_close(local.stop)
-    ctx.obj = {"cluster_workers": addresses, "cluster_shares": shares, "cluster_threads": threads}
+    for note in local.notes:
+        click.echo(f"emulation: {note}", err=True)
+    ctx.obj = {
+        "cluster_workers": addresses,
+        "cluster_shares": shares,
+        "cluster_threads": threads,
+        "cluster_memory_budget": mem_limit,
+    }
     if ctx.invoked_subcommand is None:
         click.echo("workers: " + ",".join(addresses))
         click.echo("press Ctrl-C to stop them", err=True)
@@ -141,10 +185,12 @@ cluster.add_command(generate)
 cluster.add_command(chat)
 
 
-def _add_bench() -> None:
+def _add_late_commands() -> None:
     from master.bench import bench
+    from master.serve_cmd import serve
 
     cluster.add_command(bench)
+    cluster.add_command(serve)
 
 
-_add_bench()
+_add_late_commands()

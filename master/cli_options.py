@@ -161,7 +161,11 @@ def open_from_options(opts: dict):
         shares=opts["shares"] or parent.get("cluster_shares"),
         wire_dtype=opts["wire_dtype"],
         timeout_s=opts["timeout"],
-        memory=MemoryOptions(opts["window"], opts["memory_budget"], opts["max_context"]),
+        memory=MemoryOptions(
+            opts["window"],
+            opts["memory_budget"] or parent.get("cluster_memory_budget"),
+            opts["max_context"],
+        ),
     )
     ctx.call_on_close(loaded.close)
     return loaded

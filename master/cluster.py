@@ -25,7 +25,8 @@ from tpi.wire import WIRE_DTYPES, Kind, Message, encode_control
 
 CHUNK_BYTES = 1 << 20
 PUSH_WINDOW = 8  # chunks in flight per worker
-CONNECT_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0  # no TCP connection by then: nobody is listening
+HANDSHAKE_TIMEOUT_S = 60.0  # connected yet silent this long: something is wrong there
 VERIFY_TIMEOUT_S = 600.0
 
 
@@ -76,16 +77,33 @@ class ClusterSession:
         return self.split_dir / self.index["ranks"][rank]["dir"]
 
     def _expect(
-        self, kinds: set[Kind], timeout_s: float, ranks: set[int], what: str
+        self,
+        kinds: set[Kind],
+        timeout_s: float,
+        ranks: set[int],
+        what: str,
+        connected_timeout_s: float | None = None,
     ) -> dict[int, Message]:
-        """One message of `kinds` from each of `ranks`; errors name the rank."""
+        """One message of `kinds` from each of `ranks`; errors name the rank.
+
+        With `connected_timeout_s`, ranks whose TCP connection is up get that
+        longer deadline (they are there, just busy) instead of `timeout_s`.
+        """
         got: dict[int, Message] = {}
-        deadline = time.monotonic() + timeout_s
+        start = time.monotonic()
         while len(got) < len(ranks):
             waiting = ranks - set(got)
+            patient = connected_timeout_s is not None and all(
+                self.links.links[r - 1].connected for r in waiting
+            )
+            deadline = start + (connected_timeout_s if patient else timeout_s)
             try:
-                link, msg = self.links.recv(max(0.01, deadline - time.monotonic()), waiting)
+                link, msg = self.links.recv(
+                    min(1.0, max(0.01, deadline - time.monotonic())), waiting
+                )
             except TimeoutError:
+                if time.monotonic() < deadline:
+                    continue
                 r = min(waiting)
                 raise LinkLost(r, self.links.links[r - 1].name, f"did not answer {what}") from None
             if msg.kind == Kind.REFUSE:
@@ -120,7 +138,13 @@ class ClusterSession:
             }
             link.send([encode_control(Kind.HELLO, hello)])
         try:
-            welcomes = self._expect({Kind.WELCOME}, CONNECT_TIMEOUT_S, ranks, "the handshake")
+            welcomes = self._expect(
+                {Kind.WELCOME},
+                CONNECT_TIMEOUT_S,
+                ranks,
+                "the handshake",
+                connected_timeout_s=HANDSHAKE_TIMEOUT_S,
+            )
         except LinkLost as e:
             raise ClusterError(
                 f"rank {e.rank} ({e.address}) does not answer; is 'tpi worker --listen tcp://{e.address}' "

@@ -25,6 +25,7 @@ from tpi.partition import parse_shares
 from tpi.progress import ProgressReporter
 from tpi.rank_runtime import RankRuntime, build_rank
 from tpi.shard_reader import RankShard
+from tpi.shard_verify import verify_once
 from tpi.split import ensure_split, is_split_dir, read_split_index
 from tpi.tokenizer import TextTokenizer
 
@@ -71,6 +72,7 @@ def load_rank0(
     echo,
 ) -> tuple[Engine, RankRuntime]:
     shard = RankShard(rank_dir)
+    verify_once(shard.dir, shard.manifest, shard.manifest_sha256)
     # The embedding and LM head stay resident on the master: the head is read
     # in full for every token, so streaming it would add its whole size in disk
     # reads per token. They count in the master's budget (head_bytes).

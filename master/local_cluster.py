@@ -1,8 +1,11 @@
-"""Start N worker daemons as local processes on loopback (for `tpi cluster`)."""
+"""Start N worker daemons as local processes on loopback (for `tpi cluster`),
+optionally emulating small devices: memory and CPU caps (cgroups, where the
+kernel lets us), and slow links (the user-space link shaper)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -11,9 +14,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tpi.cgroups import Cgroup, CgroupFactory
+from tpi.link_shaper import LinkSpec
 from tpi.links import ClusterError, display_address
 
 START_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    memory_bytes: int | None = None
+    cpus: float | None = None
+
+    @property
+    def any(self) -> bool:
+        return self.memory_bytes is not None or self.cpus is not None
 
 
 @dataclass
@@ -23,6 +38,7 @@ class LocalWorker:
     port_file: Path
     log_path: Path
     address: str = ""
+    cgroup: Cgroup | None = None
 
 
 @dataclass
@@ -31,46 +47,114 @@ class LocalCluster:
     base_dir: Path
     threads: int | None = None  # torch threads per worker
     extra_args: list[str] = field(default_factory=list)
+    limits: DeviceLimits = field(default_factory=DeviceLimits)
+    link: LinkSpec | None = None
     workers: list[LocalWorker] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what is (and is not) emulated
+    shaper: subprocess.Popen | None = None
+    _cgroups: CgroupFactory | None = None
+
+    def _spawn(self, i: int) -> LocalWorker:
+        wdir = self.base_dir / f"worker{i}"
+        wdir.mkdir(exist_ok=True)
+        port_file = wdir / "address"
+        port_file.unlink(missing_ok=True)
+        log_path = wdir / "worker.log"
+        cmd = [
+            sys.executable,
+            "-m",
+            "worker",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--store",
+            str(wdir / "store"),
+            "--port-file",
+            str(port_file),
+            *self.extra_args,
+        ]
+        env = dict(os.environ)
+        if self.threads:
+            cmd += ["--threads", str(self.threads)]
+            # Idle OpenMP threads spin; on a shared machine that steals the cores.
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        if self.limits.memory_bytes is not None:
+            # Planned against even where no cgroup enforces it.
+            cmd += ["--memory-budget", str(self.limits.memory_bytes)]
+        # Own process group: Ctrl-C in the terminal reaches only the master,
+        # which then stops the workers itself.
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=env,
+            )
+        w = LocalWorker(i, proc, port_file, log_path)
+        if self._cgroups is not None:
+            # Python takes ~0.1 s to start; the worker allocates nothing big before that.
+            w.cgroup = self._cgroups.create(
+                f"tpi-{os.getpid()}-w{i}", self.limits.memory_bytes, self.limits.cpus
+            )
+            w.cgroup.add(proc.pid)
+        return w
+
+    def _setup_limits(self) -> None:
+        if not self.limits.any:
+            return
+        factory = CgroupFactory()
+        if factory.available:
+            self._cgroups = factory
+            what = []
+            if self.limits.memory_bytes is not None:
+                what.append(f"memory {self.limits.memory_bytes / 2**30:.2f} GiB")
+            if self.limits.cpus is not None:
+                what.append(f"{self.limits.cpus:g} CPUs")
+            self.notes.append(f"device caps per worker: {', '.join(what)} (cgroup {factory.mode})")
+        else:
+            self.notes.append(
+                f"device caps NOT enforced ({factory.reason}); workers still plan within the memory limit"
+            )
+
+    def _start_shaper(self) -> None:
+        ready = self.base_dir / "shaper.json"
+        ready.unlink(missing_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "tpi.link_shaper",
+            "--ready-file",
+            str(ready),
+            "--latency",
+            f"{self.link.latency_s * 1000}ms",
+        ]
+        if self.link.rate_bps:
+            cmd += ["--bandwidth", f"{self.link.rate_bps}bit"]
+        for w in self.workers:
+            cmd += ["--route", w.address]
+        with open(self.base_dir / "shaper.log", "ab") as log:
+            self.shaper = subprocess.Popen(
+                cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not ready.exists():
+            if self.shaper.poll() is not None or time.monotonic() > deadline:
+                raise ClusterError("the link shaper did not start (see shaper.log)")
+            time.sleep(0.05)
+        mapping = json.loads(ready.read_text())
+        for w in self.workers:
+            w.address = mapping[w.address]
+        self.notes.append(
+            f"links: {self.link.describe()} (user-space relay; round trip = 2 x latency)"
+        )
 
     def start(self) -> list[str]:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         try:
+            self._setup_limits()
             for i in range(1, self.count + 1):
-                wdir = self.base_dir / f"worker{i}"
-                wdir.mkdir(exist_ok=True)
-                port_file = wdir / "address"
-                port_file.unlink(missing_ok=True)
-                log_path = wdir / "worker.log"
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "worker",
-                    "--listen",
-                    "tcp://127.0.0.1:0",
-                    "--store",
-                    str(wdir / "store"),
-                    "--port-file",
-                    str(port_file),
-                    *self.extra_args,
-                ]
-                env = dict(os.environ)
-                if self.threads:
-                    cmd += ["--threads", str(self.threads)]
-                    # Idle OpenMP threads spin; on a shared machine that steals the cores.
-                    env["OMP_NUM_THREADS"] = str(self.threads)
-                # Own process group: Ctrl-C in the terminal reaches only the master,
-                # which then stops the workers itself.
-                with open(log_path, "ab") as log:
-                    proc = subprocess.Popen(
-                        cmd,
-                        stdout=log,
-                        stderr=log,
-                        stdin=subprocess.DEVNULL,
-                        start_new_session=True,
-                        env=env,
-                    )
-                self.workers.append(LocalWorker(i, proc, port_file, log_path))
+                self.workers.append(self._spawn(i))
             deadline = time.monotonic() + START_TIMEOUT_S
             for w in self.workers:
                 while not w.port_file.exists():
@@ -85,22 +169,33 @@ class LocalCluster:
                         )
                     time.sleep(0.05)
                 w.address = display_address(w.port_file.read_text().strip())
+            if self.link is not None and (self.link.latency_s > 0 or self.link.rate_bps):
+                self._start_shaper()
         except BaseException:
             self.stop()
             raise
         return [w.address for w in self.workers]
 
+    @staticmethod
+    def _terminate(proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+
     def stop(self) -> None:
-        for w in self.workers:
-            if w.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(w.proc.pid, signal.SIGTERM)
+        procs = [w.proc for w in self.workers] + ([self.shaper] if self.shaper else [])
+        for p in procs:
+            self._terminate(p)
         deadline = time.monotonic() + 5
-        for w in self.workers:
+        for p in procs:
             try:
-                w.proc.wait(max(0.1, deadline - time.monotonic()))
+                p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(w.proc.pid, signal.SIGKILL)
-                w.proc.wait()
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for w in self.workers:
+            if w.cgroup is not None:
+                w.cgroup.remove()
         self.workers.clear()
+        self.shaper = None

@@ -125,9 +125,11 @@ def test_store_uses_a_precopied_rank_dir_and_detects_damage(llama_dir, tmp_path)
     _, h = read_manifest(split / "rank1")
     store = ShardStore(store_root)
     assert store.find(h) == store_root / "rank1"
+    store.verify(store_root / "rank1", h)
     f = store_root / "rank1" / layer_file(1)
     f.write_bytes(f.read_bytes()[:-1] + b"\0")
-    assert store.find(h) is None  # changed since verification: re-verified, rejected
+    with pytest.raises(ShardError, match="layer_001.*corrupt"):
+        store.verify(store_root / "rank1", h)  # changed since verification: checked again
 
 
 def test_manifest_rejects_path_traversal():

@@ -101,7 +101,7 @@ def convert_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, force: bool) -> N
 
 
 @cli.command("split")
-@click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
+@click.argument("model", required=False, default=None)
 @click.option(
     "--world",
     "-N",
@@ -131,9 +131,12 @@ def convert_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, force: bool) -> N
 )
 @click.option("--force", is_flag=True, help="Replace --out if it already holds files.")
 def split_cmd(
-    model_dir: str, world: int, shares: str | None, out: str, dtype: str, force: bool
+    model: str | None, world: int, shares: str | None, out: str, dtype: str, force: bool
 ) -> None:
-    """Cut a Hugging Face checkpoint into one shard directory per rank.
+    """Cut a model into one shard directory per rank.
+
+    MODEL is what --model accepts elsewhere: a Hugging Face checkpoint directory,
+    a .gguf file, or a cached model name; omitted, the embedded default model.
 
     Each rank gets one safetensors file per layer holding only its slice
     (attention heads by KV group, MLP columns) and a manifest with sha256 of every
@@ -142,12 +145,15 @@ def split_cmd(
     """
     from pathlib import Path
 
+    from tpi.model_registry import resolve_model
     from tpi.partition import parse_shares
     from tpi.progress import ProgressReporter
     from tpi.split import split_model
 
+    with ProgressReporter("converting") as progress:
+        model_dir = resolve_model(model, echo_err, progress)
     with ProgressReporter("splitting") as progress:
-        split_model(Path(model_dir), Path(out), parse_shares(shares, world), dtype, progress, force)
+        split_model(model_dir, Path(out), parse_shares(shares, world), dtype, progress, force)
     click.echo(f"wrote {out}")
 
 

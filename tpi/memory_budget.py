@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from tpi.config import ModelConfig
 from tpi.errors import TpiError
@@ -55,34 +54,10 @@ def format_size(n: int) -> str:
 
 
 def cgroup_memory_limit() -> int | None:
-    """The memory limit of this process's cgroup (v2 or v1), if any."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    candidates = []
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, path = parts
-        if controllers == "":  # cgroup v2 unified hierarchy
-            candidates.append(Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max")
-        elif "memory" in controllers.split(","):
-            candidates.append(
-                Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
-            )
-    for c in candidates:
-        try:
-            raw = c.read_text().strip()
-        except OSError:
-            continue
-        if raw == "max":
-            continue
-        value = int(raw)
-        if value < 1 << 60:  # v1 reports "no limit" as a huge number
-            return value
-    return None
+    """The memory limit of this process's cgroup (tightest over its ancestors), if any."""
+    from tpi.cgroups import memory_limit
+
+    return memory_limit()
 
 
 def kv_cache_bytes(cfg: ModelConfig, rs: RankSlice, context: int, elem: int) -> int:

@@ -247,6 +247,7 @@ class Session:
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise ProtocolError(f"LOAD {name} must be a positive integer")
         t0 = time.perf_counter()
+        self.store.verify(self.shard_dir, self.manifest_hash)  # sha256, once per unchanged shard
         shard = RankShard(self.shard_dir)
         m = shard.manifest
         if m.rank != self.rank or m.world != self.world:

@@ -5,8 +5,8 @@ Layout under --store DIR:
     DIR/<any>/manifest.json + files  several pre-copied rank directories
     DIR/shards/<manifest sha256>/    shards pushed by a master
     DIR/incoming/<manifest sha256>/  pushes in progress (resumable)
-A shard is found by the sha256 of its manifest bytes and verified (every file's
-sha256) once per daemon run before it is used.
+A shard is found by the sha256 of its manifest bytes; its files are verified
+(sha256) before first use and again only if they change.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from tpi.manifest import (
     sha256_file,
     verify_files,
 )
+from tpi.shard_verify import remember, verify_once
 
 MAX_FILE_BYTES = 1 << 40
 
@@ -35,7 +36,6 @@ class ShardStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._verified: dict[str, tuple] = {}
 
     def _candidates(self) -> list[Path]:
         dirs = [self.root]
@@ -49,36 +49,40 @@ class ShardStore:
             dirs += sorted(d for d in shards.iterdir() if d.is_dir())
         return dirs
 
-    @staticmethod
-    def _fingerprint(d: Path, m: Manifest) -> tuple:
-        out = []
-        for name in sorted(m.files):
-            st = (d / name).stat()
-            out.append((name, st.st_size, st.st_mtime_ns))
-        return tuple(out)
-
     def find(self, manifest_hash: str) -> Path | None:
-        """A verified directory holding the shard with this manifest hash, or None."""
+        """A directory holding the shard with this manifest hash, or None.
+
+        Only the manifest is matched here (cheap, during the handshake); the files
+        are verified by verify() when the shard is loaded.
+        """
         if not _valid_hash(manifest_hash):
             return None
         for d in self._candidates():
-            path = d / MANIFEST_NAME
             try:
-                raw = path.read_bytes()
+                raw = (d / MANIFEST_NAME).read_bytes()
             except OSError:
                 continue
-            if sha256_bytes(raw) != manifest_hash:
-                continue
-            try:
-                m = Manifest.from_bytes(raw, str(path))
-                fp = self._fingerprint(d, m)
-                if self._verified.get(manifest_hash) != fp:
-                    verify_files(d, m)
-                    self._verified[manifest_hash] = fp
+            if sha256_bytes(raw) == manifest_hash:
                 return d
-            except (ShardError, OSError):
-                continue  # damaged copy: look elsewhere, or receive it again
         return None
+
+    def verify(self, shard_dir: Path, manifest_hash: str) -> None:
+        """Check every file against the manifest (once per unchanged shard).
+
+        A pushed shard that fails is removed, so the next session pushes it again.
+        """
+        m = Manifest.from_bytes(
+            (shard_dir / MANIFEST_NAME).read_bytes(), str(shard_dir / MANIFEST_NAME)
+        )
+        try:
+            verify_once(shard_dir, m, manifest_hash)
+        except ShardError as e:
+            if shard_dir.parent == self.root / "shards":
+                shutil.rmtree(shard_dir, ignore_errors=True)
+                raise ShardError(
+                    f"{e}; it was removed and will be pushed again next session"
+                ) from None
+            raise
 
     def _incoming(self, manifest_hash: str) -> Path:
         if not _valid_hash(manifest_hash):
@@ -142,5 +146,5 @@ class ShardStore:
         if final.exists():
             shutil.rmtree(final)
         os.replace(d, final)
-        self._verified[manifest_hash] = self._fingerprint(final, m)
+        remember(final, m, manifest_hash)
         return final
