@@ -33,7 +33,39 @@ def _json_tail(text: str) -> dict:
     return json.loads(text[start:])
 
 
-def run_tpi(model: Path, world: int, window: int | None, prompt: int, new: int, env: dict) -> dict:
+def run_capped(cmd: list[str], env: dict | None, cap_bytes: int | None, timeout: float = 7200):
+    """Run `cmd`; with `cap_bytes`, inside a fresh memory cgroup after dropping the page
+    cache, so page cache counts against the same limit as RSS (equal-memory runs)."""
+    if cap_bytes is None:
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    from tpi.cgroups import CgroupFactory
+
+    factory = CgroupFactory()
+    if not factory.available:
+        raise SystemExit(f"capped runs need cgroups: {factory.reason}")
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3")
+    cg = factory.create(f"tpi-bench-{os.getpid()}-{time.monotonic_ns()}", cap_bytes, None)
+    try:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        cg.add(proc.pid)
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    finally:
+        cg.remove()
+
+
+def run_tpi(
+    model: Path,
+    world: int,
+    window: int | None,
+    prompt: int,
+    new: int,
+    env: dict,
+    cap_bytes: int | None = None,
+) -> dict:
     args = [
         "bench",
         "--model",
@@ -49,7 +81,7 @@ def run_tpi(model: Path, world: int, window: int | None, prompt: int, new: int, 
         args += ["--window", str(window)]
     cmd = [TPI, *args] if world == 1 else [TPI, "cluster", "--workers", str(world - 1), *args]
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=7200)
+    res = run_capped(cmd, env, cap_bytes)
     if res.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
     report = _json_tail(res.stdout)
@@ -67,7 +99,7 @@ def summarize(
         w = window or 32
         kv = 0  # a few dozen tokens of context: negligible next to layers
         held = w * slice_bytes[r] + kv + (head_bytes if r == 0 else 0)
-        nodes[r] = {
+        nodes[str(r)] = {
             "peak_rss_gb": round(node["peak_rss_bytes"] / 1e9, 3),
             "window_x_slice_gb": round(w * slice_bytes[r] / 1e9, 3),
             "head_gb": round(head_bytes / 1e9, 3) if r == 0 else 0,
@@ -85,7 +117,9 @@ def summarize(
     }
 
 
-def _hf_runs(model: Path, results: dict, prompt_tokens: int, new_tokens: int, want, save) -> None:
+def _hf_runs(
+    model: Path, results: dict, prompt_tokens: int, new_tokens: int, want, save, cap_gb: float
+) -> None:
     base = [
         sys.executable,
         str(Path(__file__).parent / "hf_baseline.py"),
@@ -96,31 +130,28 @@ def _hf_runs(model: Path, results: dict, prompt_tokens: int, new_tokens: int, wa
         str(new_tokens),
     ]
     runs = results["runs"]
+
+    def record(name: str, res) -> None:
+        runs[name] = (
+            _json_tail(res.stdout) if res.returncode == 0 else {"error": res.stderr[-1500:]}
+        )
+        click.echo(f"{name}: {runs[name]}", err=True)
+        save()
+
     if want("transformers_full"):
-        click.echo("running transformers, full model ...", err=True)
-        full = subprocess.run(
-            [*base, "--mode", "full"], capture_output=True, text=True, timeout=7200
+        record("transformers_full", run_capped([*base, "--mode", "full"], None, None))
+    if "tpi_world1_window2" not in runs:
+        return
+    # The same memory as our single-node streaming run with window 2.
+    limit = f"{runs['tpi_world1_window2']['summary']['nodes']['0']['peak_rss_gb']:.2f}GB"
+    offload = [*base, "--mode", "offload", "--max-memory", limit]
+    if want("transformers_accelerate_offload"):
+        # Unconstrained machine: its reads are served by the page cache, outside its RSS.
+        record("transformers_accelerate_offload", run_capped(offload, None, None))
+    if want("transformers_accelerate_offload_capped"):
+        record(
+            "transformers_accelerate_offload_capped", run_capped(offload, None, int(cap_gb * 1e9))
         )
-        runs["transformers_full"] = (
-            _json_tail(full.stdout) if full.returncode == 0 else {"error": full.stderr[-1500:]}
-        )
-        click.echo(runs["transformers_full"], err=True)
-        save()
-    if want("transformers_accelerate_offload") and "tpi_world1_window2" in runs:
-        # The same memory as our single-node streaming run with window 2.
-        limit = f"{runs['tpi_world1_window2']['summary']['nodes']['0']['peak_rss_gb']:.2f}GB"
-        click.echo(f"running transformers + accelerate disk offload at {limit} ...", err=True)
-        off = subprocess.run(
-            [*base, "--mode", "offload", "--max-memory", limit],
-            capture_output=True,
-            text=True,
-            timeout=7200,
-        )
-        runs["transformers_accelerate_offload"] = (
-            _json_tail(off.stdout) if off.returncode == 0 else {"error": off.stderr[-1500:]}
-        )
-        click.echo(runs["transformers_accelerate_offload"], err=True)
-        save()
 
 
 def _ratios(runs: dict) -> dict:
@@ -141,6 +172,12 @@ def _ratios(runs: dict) -> dict:
         )
         out["transformers_full_peak_rss_over_tpi_world1_window2"] = round(
             full["peak_rss_bytes"] / 1e9 / ours["nodes"]["0"]["peak_rss_gb"], 2
+        )
+    capped = runs.get("tpi_world1_window2_capped", {}).get("summary", {})
+    off_capped = runs.get("transformers_accelerate_offload_capped", {})
+    if capped and "decode_ms_per_token" in off_capped:
+        out["capped_accelerate_offload_ms_over_tpi"] = round(
+            off_capped["decode_ms_per_token"] / capped["ms_per_token"], 2
         )
     return out
 
@@ -167,8 +204,14 @@ def _ratios(runs: dict) -> dict:
     default=None,
     help="Comma-separated run names to (re)run; the others are kept from the existing results.",
 )
+@click.option(
+    "--cap-gb",
+    default=2.0,
+    show_default=True,
+    help="Memory cgroup cap (RSS + page cache) for the equal-memory runs.",
+)
 @click.option("--out", default=None)
-def main(work, prompt_tokens, new_tokens, tmpfs, skip_hf, only, out):
+def main(work, prompt_tokens, new_tokens, tmpfs, skip_hf, only, cap_gb, out):
     from tpi.manifest import HEAD_FILE, layer_file
     from tpi.split import ensure_split
 
@@ -215,6 +258,16 @@ def main(work, prompt_tokens, new_tokens, tmpfs, skip_hf, only, out):
                 }
                 click.echo(json.dumps(results["runs"][name]["summary"]), err=True)
                 save()
+        if world == 1 and want("tpi_world1_window2_capped"):
+            name = "tpi_world1_window2_capped"
+            click.echo(f"running {name} (cgroup cap {cap_gb} GB incl. page cache) ...", err=True)
+            report = run_tpi(model, 1, 2, prompt_tokens, new_tokens, env, int(cap_gb * 1e9))
+            results["runs"][name] = {
+                "summary": summarize(report, slice_bytes, 2, head_bytes),
+                "raw": report,
+            }
+            click.echo(json.dumps(results["runs"][name]["summary"]), err=True)
+            save()
         names = [f"tpi_world1_window{w}_tmpfs" for w in (1, 2)]
         if world == 1 and tmpfs and any(want(n) for n in names):
             import shutil
@@ -235,7 +288,7 @@ def main(work, prompt_tokens, new_tokens, tmpfs, skip_hf, only, out):
             finally:
                 shutil.rmtree(fast, ignore_errors=True)
     if not skip_hf:
-        _hf_runs(model, results, prompt_tokens, new_tokens, want, save)
+        _hf_runs(model, results, prompt_tokens, new_tokens, want, save, cap_gb)
     save()
     click.echo(f"wrote {path}")
 

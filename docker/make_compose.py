@@ -29,6 +29,8 @@ x-device: &device
 x-link: &link
   TPI_LINK_LATENCY: ${{TPI_LINK_LATENCY:-5ms}}
   TPI_LINK_BANDWIDTH: ${{TPI_LINK_BANDWIDTH:-100mbit}}
+  # 1: encrypt every link with CurveZMQ (the shared secret is always required)
+  TPI_CURVE: ${{TPI_CURVE:-0}}
 
 services:
   prepare:

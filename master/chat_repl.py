@@ -11,10 +11,12 @@ import click
 
 from master.chat_session import ChatSession
 from master.generation import GenerationStats
-from tpi.errors import PromptError
+from tpi.errors import PromptError, TpiError
+from tpi.links import ClusterError
 
 HELP = (
-    "commands: /reset (forget the conversation), /exit (or Ctrl-D), /help; Ctrl-C stops an answer"
+    "commands: /reset (forget the conversation), /retry (reconnect and answer the last message "
+    "again), /exit (or Ctrl-D), /help; Ctrl-C stops an answer"
 )
 
 
@@ -40,8 +42,27 @@ def _stats_line(stats: GenerationStats) -> str:
     )
 
 
-def run_repl(session: ChatSession, read_line: Callable[[str], str] = input) -> None:
+def _answer(session: ChatSession, text: str) -> None:
+    stats = GenerationStats()
+    cancel = threading.Event()
+    dropped = session.dropped_turns
+    with _sigint_sets(cancel):
+        for piece in session.ask(text, stats, cancel):
+            click.echo(piece, nl=False)
+    click.echo("")
+    if session.dropped_turns > dropped:
+        click.echo("(older turns were dropped to fit the context window)", err=True)
+    click.echo(_stats_line(stats), err=True)
+
+
+def run_repl(
+    session: ChatSession,
+    read_line: Callable[[str], str] = input,
+    reconnect: Callable[[], object] | None = None,
+) -> None:
+    """`reconnect()` re-opens the model (and cluster) after a failure; returns the new engine."""
     click.echo(HELP, err=True)
+    broken = False
     while True:
         try:
             line = read_line("> ")
@@ -56,27 +77,43 @@ def run_repl(session: ChatSession, read_line: Callable[[str], str] = input) -> N
             continue
         if text in ("/exit", "/quit"):
             return
-        if text == "/reset":
-            session.reset()
-            click.echo("(conversation cleared)", err=True)
-            continue
         if text == "/help":
             click.echo(HELP, err=True)
             continue
-        if text.startswith("/"):
+        if text == "/reset":
+            session.history.clear()
+            if not broken:
+                session.engine.reset()
+            click.echo("(conversation cleared)", err=True)
+            continue
+        if text == "/retry":
+            if reconnect is None:
+                click.echo("nothing to reconnect: this chat runs on one machine", err=True)
+                continue
+            try:
+                session.engine = reconnect()
+            except TpiError as e:
+                click.echo(f"error: still failing: {e}", err=True)
+                continue
+            broken = False
+            click.echo("(reconnected)", err=True)
+            if not session.failed_message:
+                continue
+            text = session.failed_message
+        elif text.startswith("/"):
             click.echo(f"unknown command {text.split()[0]}; {HELP}", err=True)
             continue
-        stats = GenerationStats()
-        cancel = threading.Event()
-        dropped = session.dropped_turns
-        try:
-            with _sigint_sets(cancel):
-                for piece in session.ask(text, stats, cancel):
-                    click.echo(piece, nl=False)
-        except PromptError as e:
-            click.echo(f"error: {e}", err=True)
+        elif broken:
+            click.echo(
+                "the cluster is down; type /retry once the worker is back (the conversation is kept)",
+                err=True,
+            )
             continue
-        click.echo("")
-        if session.dropped_turns > dropped:
-            click.echo("(older turns were dropped to fit the context window)", err=True)
-        click.echo(_stats_line(stats), err=True)
+        try:
+            _answer(session, text)
+        except PromptError as e:
+            click.echo(f"\nerror: {e}", err=True)
+        except ClusterError as e:
+            broken = True
+            click.echo(f"\nerror: {e}", err=True)
+            click.echo("(the conversation is kept; type /retry once the worker is back)", err=True)

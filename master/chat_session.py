@@ -21,6 +21,7 @@ class ChatSession:
     system_prompt: str | None = None
     history: list[dict[str, str]] = field(default_factory=list)
     dropped_turns: int = 0  # turns forgotten so the conversation fits the context
+    failed_message: str | None = None  # the last message whose answer failed
 
     def reset(self) -> None:
         self.history.clear()
@@ -66,6 +67,7 @@ class ChatSession:
         ids = self._fit(turns)
         decoder = StreamDecoder(self.tokenizer)
         answer: list[str] = []
+        self.failed_message = None
         try:
             for token in generate_tokens(
                 self.engine, ids, self.params, self.tokenizer.eos_ids, stats, cancel
@@ -78,6 +80,10 @@ class ChatSession:
             if tail:
                 answer.append(tail)
                 yield tail
-        finally:
-            # Even a cancelled answer is part of the conversation the user saw.
-            self.history = turns + [{"role": "assistant", "content": "".join(answer)}]
+        except Exception:
+            # A failed answer (e.g. a worker died) is not part of the conversation;
+            # the message is kept so it can be asked again (/retry).
+            self.failed_message = text
+            raise
+        # Even a cancelled answer is part of the conversation the user saw.
+        self.history = turns + [{"role": "assistant", "content": "".join(answer)}]

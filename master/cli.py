@@ -83,7 +83,16 @@ def chat(system, **opts):
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
     session = ChatSession(loaded.engine, loaded.tokenizer, params, system_prompt=system)
-    run_repl(session)
+    current = [loaded]
+
+    def reconnect():
+        # End what is left of the broken session, then connect afresh (workers
+        # that are back get a new session; their shards are still in place).
+        current[0].close("reconnecting")
+        current[0] = open_from_options(opts)
+        return current[0].engine
+
+    run_repl(session, reconnect=reconnect if loaded.cluster is not None else None)
 
 
 @click.group(invoke_without_command=True)
@@ -152,6 +161,12 @@ def cluster(ctx, count, shares, base_dir, threads, mem_limit, cpus, link_latency
     from tpi.paths import tpi_home
 
     threads = threads or max(1, (os.cpu_count() or 1) // (count + 1))
+    if not os.environ.get("TPI_SECRET"):
+        # A fresh secret for this run's local workers (inherited through the
+        # environment, never on a command line where `ps` would show it).
+        from tpi.auth import new_secret
+
+        os.environ["TPI_SECRET"] = new_secret()
     limits = DeviceLimits(parse_size(mem_limit) if mem_limit else None, cpus)
     link = None
     if link_latency or link_bandwidth:

@@ -69,6 +69,24 @@ ENGINE_OPTIONS = [
         "KV cache, activations and (on the master) embedding/LM head, and says what it picked.",
     ),
     click.option(
+        "--secret-file",
+        default=None,
+        metavar="FILE",
+        help="File holding the cluster's shared secret (else $TPI_SECRET); workers require it.",
+    ),
+    click.option(
+        "--insecure",
+        is_flag=True,
+        help="Talk to workers without a shared secret (they must allow it).",
+    ),
+    click.option(
+        "--curve",
+        "curve_dir",
+        default=None,
+        metavar="DIR",
+        help="Encrypt all traffic with CurveZMQ, using keys from 'tpi keygen DIR' (workers need --curve too).",
+    ),
+    click.option(
         "--max-context",
         type=click.IntRange(min=16),
         default=None,
@@ -113,18 +131,6 @@ def sampling_options(max_new_default: int) -> list:
     ]
 
 
-ENGINE_KEYS = (
-    "model",
-    "workers",
-    "shares",
-    "wire_dtype",
-    "timeout",
-    "dtype",
-    "threads",
-    "window",
-    "memory_budget",
-    "max_context",
-)
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed", "max_new_tokens")
 
 
@@ -161,6 +167,9 @@ def open_from_options(opts: dict):
         shares=opts["shares"] or parent.get("cluster_shares"),
         wire_dtype=opts["wire_dtype"],
         timeout_s=opts["timeout"],
+        secret_file=opts["secret_file"],
+        insecure=opts["insecure"],
+        curve_dir=opts["curve_dir"],
         memory=MemoryOptions(
             opts["window"],
             opts["memory_budget"] or parent.get("cluster_memory_budget"),

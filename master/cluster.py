@@ -17,6 +17,8 @@ from pathlib import Path
 import zmq
 
 from tpi import __version__
+from tpi.auth import check, new_nonce, proof
+from tpi.curve import CurveKeys
 from tpi.links import ClusterError, LinkLost, LinkSet, WorkerLink, normalize_address
 from tpi.manifest import MANIFEST_NAME, read_manifest
 from tpi.split import read_split_index
@@ -57,6 +59,8 @@ class ClusterSession:
     progress: Callable[[int, int, str], None] | None = None
     window: int | None = None
     max_context: int | None = None
+    secret: bytes | None = field(default=None, repr=False)  # None: --insecure
+    curve: CurveKeys | None = field(default=None, repr=False)
     session: int = field(default_factory=lambda: secrets.randbits(62))
     pushed_bytes: int = 0
     worker_info: dict[int, dict] = field(default_factory=dict)
@@ -105,7 +109,7 @@ class ClusterSession:
                 if time.monotonic() < deadline:
                     continue
                 r = min(waiting)
-                raise LinkLost(r, self.links.links[r - 1].name, f"did not answer {what}") from None
+                raise LinkLost(r, self.links.links[r - 1].name, f"no answer {what}") from None
             if msg.kind == Kind.REFUSE:
                 raise ClusterError(f"rank {link.rank} ({link.name}) refused: {msg.body['reason']}")
             if msg.kind == Kind.ERROR:
@@ -125,31 +129,37 @@ class ClusterSession:
 
     def _start(self) -> None:
         for r, addr in enumerate(self.addresses, start=1):
-            self.links.connect(r, normalize_address(addr))
+            self.links.connect(
+                r, normalize_address(addr), self.curve.secure_client if self.curve else None
+            )
         ranks = set(range(1, self.world))
+        nonces = {r: new_nonce() for r in ranks}
         for link in self.links.links:
-            manifest_hash = self.index["ranks"][link.rank]["manifest_sha256"]
             hello = {
                 "session": self.session,
                 "rank": link.rank,
                 "world": self.world,
-                "manifest": manifest_hash,
+                "manifest": self.index["ranks"][link.rank]["manifest_sha256"],
                 "tpi_version": __version__,
+                "nonce": nonces[link.rank],
+                "auth": "hmac" if self.secret else "none",
             }
             link.send([encode_control(Kind.HELLO, hello)])
         try:
-            welcomes = self._expect(
-                {Kind.WELCOME},
+            first = self._expect(
+                {Kind.CHALLENGE, Kind.WELCOME},
                 CONNECT_TIMEOUT_S,
                 ranks,
                 "the handshake",
                 connected_timeout_s=HANDSHAKE_TIMEOUT_S,
             )
         except LinkLost as e:
+            hint = " with the same --curve keys" if self.curve else ""
             raise ClusterError(
                 f"rank {e.rank} ({e.address}) does not answer; is 'tpi worker --listen tcp://{e.address}' "
-                "running there and reachable?"
+                f"running there{hint} and reachable?"
             ) from None
+        welcomes = self._authenticate(first, nonces)
         need = [r for r, m in welcomes.items() if not m.body["have_shard"]]
         if need:
             self._push({r: welcomes[r].body["partial"] for r in need})
@@ -233,6 +243,36 @@ class ClusterSession:
             if self.progress:
                 self.progress(sum(s.sent_bytes for s in states.values()), max(total, 1), "push")
         self.pushed_bytes += sum(s.sent_bytes for s in states.values())
+
+    def _authenticate(
+        self, first: dict[int, Message], nonces: dict[int, str]
+    ) -> dict[int, Message]:
+        """Check each worker's proof of the secret and prove ours (tpi.auth)."""
+        for r, msg in first.items():
+            link = self.links.links[r - 1]
+            if self.secret is None:
+                if msg.kind == Kind.CHALLENGE:
+                    raise ClusterError(
+                        f"rank {r} ({link.name}) requires the cluster's shared secret: set TPI_SECRET "
+                        "or --secret-file on the master"
+                    )
+                continue
+            if msg.kind != Kind.CHALLENGE:
+                raise ClusterError(
+                    f"rank {r} ({link.name}) did not prove the shared secret (is it running with --insecure?)"
+                )
+            nonce_w = msg.body["nonce"]
+            if not check(
+                self.secret, msg.body["proof"], "worker", nonces[r], nonce_w, self.session
+            ):
+                raise ClusterError(
+                    f"rank {r} ({link.name}) failed authentication: it does not know the shared secret"
+                )
+            answer = proof(self.secret, "master", nonces[r], nonce_w, self.session)
+            link.send([encode_control(Kind.AUTH, {"session": self.session, "proof": answer})])
+        if self.secret is None:
+            return first
+        return self._expect({Kind.WELCOME}, CONNECT_TIMEOUT_S, set(first), "after authentication")
 
     def stats(self) -> dict[int, dict]:
         """Counters from every worker (asks them; between generations only)."""

@@ -14,7 +14,9 @@ import torch
 from master.cluster import ClusterSession
 from master.engine import Engine, StepListener, load_engine
 from master.sampling import SamplingParams, defaults_from_generation_config
+from tpi.auth import require_secret
 from tpi.config import load_config
+from tpi.curve import CurveKeys
 from tpi.decoder import Collective, LocalCollective
 from tpi.errors import ModelError
 from tpi.links import ClusterError
@@ -99,6 +101,9 @@ def open_model(
     wire_dtype: str = "fp32",
     timeout_s: float = 60.0,
     memory: MemoryOptions | None = None,
+    secret_file: str | None = None,
+    insecure: bool = False,
+    curve_dir: str | None = None,
 ) -> LoadedModel:
     """Resolve --model; split it if a cluster or the sliding window needs per-layer
     files; connect and load the workers; load rank 0."""
@@ -132,6 +137,8 @@ def open_model(
             raise ClusterError(f"{split_dir} is split for one rank; it cannot use workers")
         engine, runtime = load_rank0(rank0, torch_dtype, LocalCollective(), None, memory, echo)
         return LoadedModel(rank0, engine, tokenizer, time.perf_counter() - t0, runtime=runtime)
+    secret = require_secret(secret_file, insecure, "the master")
+    curve = CurveKeys.load(curve_dir, "master") if curve_dir else None
     with ProgressReporter("pushing shards") as progress:
         cluster = ClusterSession(
             split_dir,
@@ -143,6 +150,8 @@ def open_model(
             progress,
             window=memory.window,
             max_context=memory.max_context,
+            secret=secret,
+            curve=curve,
         )
         cluster.start()
     try:

@@ -54,7 +54,7 @@ class LocalCluster:
     shaper: subprocess.Popen | None = None
     _cgroups: CgroupFactory | None = None
 
-    def _spawn(self, i: int) -> LocalWorker:
+    def _spawn(self, i: int, listen: str = "tcp://127.0.0.1:0") -> LocalWorker:
         wdir = self.base_dir / f"worker{i}"
         wdir.mkdir(exist_ok=True)
         port_file = wdir / "address"
@@ -65,7 +65,7 @@ class LocalCluster:
             "-m",
             "worker",
             "--listen",
-            "tcp://127.0.0.1:0",
+            listen,
             "--store",
             str(wdir / "store"),
             "--port-file",
@@ -157,24 +157,45 @@ class LocalCluster:
                 self.workers.append(self._spawn(i))
             deadline = time.monotonic() + START_TIMEOUT_S
             for w in self.workers:
-                while not w.port_file.exists():
-                    if w.proc.poll() is not None:
-                        tail = w.log_path.read_text(errors="replace").strip().splitlines()[-1:]
-                        raise ClusterError(
-                            f"local worker {w.index} exited: {tail[0] if tail else 'no output'}"
-                        )
-                    if time.monotonic() > deadline:
-                        raise ClusterError(
-                            f"local worker {w.index} did not start within {START_TIMEOUT_S:g} s"
-                        )
-                    time.sleep(0.05)
-                w.address = display_address(w.port_file.read_text().strip())
+                self._wait_address(w, deadline)
             if self.link is not None and (self.link.latency_s > 0 or self.link.rate_bps):
                 self._start_shaper()
         except BaseException:
             self.stop()
             raise
         return [w.address for w in self.workers]
+
+    def _wait_address(self, w: LocalWorker, deadline: float) -> None:
+        while not w.port_file.exists():
+            if w.proc.poll() is not None:
+                tail = w.log_path.read_text(errors="replace").strip().splitlines()[-1:]
+                raise ClusterError(
+                    f"local worker {w.index} exited: {tail[0] if tail else 'no output'}"
+                )
+            if time.monotonic() > deadline:
+                raise ClusterError(
+                    f"local worker {w.index} did not start within {START_TIMEOUT_S:g} s"
+                )
+            time.sleep(0.05)
+        w.address = display_address(w.port_file.read_text().strip())
+
+    def signal_worker(self, index: int, sig: int) -> None:
+        """Send `sig` to worker `index` (1-based), e.g. SIGKILL or SIGSTOP (tests, soak runs)."""
+        os.kill(self.workers[index - 1].proc.pid, sig)
+
+    def restart(self, index: int) -> str:
+        """Start worker `index` again, on the port it had (after it died or was killed)."""
+        old = self.workers[index - 1]
+        if old.proc.poll() is None:
+            os.killpg(old.proc.pid, signal.SIGKILL)
+        old.proc.wait()
+        port = old.port_file.read_text().strip().rpartition(":")[2]
+        w = self._spawn(index, f"tcp://127.0.0.1:{port}")
+        self.workers[index - 1] = w
+        self._wait_address(w, time.monotonic() + START_TIMEOUT_S)
+        if self.shaper is not None:
+            w.address = old.address  # the master keeps talking through the same relay
+        return w.address
 
     @staticmethod
     def _terminate(proc: subprocess.Popen) -> None:

@@ -53,6 +53,7 @@ def serve(host, port, api_key, queue_size, model_name, **opts):
     """
     import uvicorn
 
+    from master.model_holder import ModelHolder
     from master.server import api_key_from, create_app
 
     loaded = open_from_options(opts)
@@ -60,6 +61,14 @@ def serve(host, port, api_key, queue_size, model_name, **opts):
     name = model_name or loaded.model_dir.name
     if name.startswith("rank"):  # a split's rank0 directory: name it after the split
         name = loaded.model_dir.parent.name
-    app = create_app(loaded, name, defaults, api_key_from(api_key), queue_size)
+    ctx = click.get_current_context()
+
+    def reopen():
+        # Runs in a worker thread: click's current context is thread-local.
+        with ctx.scope(cleanup=False):
+            return open_from_options(opts)
+
+    reopen = reopen if loaded.cluster is not None else None
+    app = create_app(ModelHolder(loaded, reopen), name, defaults, api_key_from(api_key), queue_size)
     click.echo(f"serving {name} on http://{host}:{port} (chat page at /, API at /v1)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)

@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from master.generation_queue import GenerationQueue, Job, QueueFull
+from master.model_holder import ModelDown, ModelHolder
 from master.openai_api import (
     ChatRequest,
     CompletionRequest,
@@ -45,21 +46,22 @@ class ApiError(Exception):
 
 
 def create_app(
-    loaded,
+    holder: ModelHolder,
     model_name: str,
     defaults: SamplingParams,
     api_key: str | None = None,
-    max_waiting: int = 8,
+    capacity: int = 8,
 ) -> FastAPI:
-    """`loaded` is a master.loader.LoadedModel; `defaults` the command line's sampling."""
+    """`holder` holds the LoadedModel (and reconnects it after a failure);
+    `defaults` is the command line's sampling."""
     app = FastAPI(title="tpi", version="1", docs_url=None, redoc_url=None)
-    state = {"cluster_error": None}
+    loaded = holder.loaded
 
     def on_error(e: BaseException) -> None:
         if isinstance(e, ClusterError):
-            state["cluster_error"] = str(e)
+            holder.failed(e)
 
-    gen = GenerationQueue(loaded.engine, loaded.tokenizer, max_waiting, on_error)
+    gen = GenerationQueue(loaded.engine, loaded.tokenizer, capacity, on_error)
     app.state.generation = gen
     tok = loaded.tokenizer
     created = now()
@@ -130,14 +132,15 @@ def create_app(
                 code="context_length_exceeded",
             )
 
-    def submit(ids: list[int], req: SamplingFields) -> Job:
-        if state["cluster_error"]:
-            raise ApiError(
-                503,
-                f"the cluster is down: {state['cluster_error']}",
-                "server_error",
-                "cluster_down",
-            )
+    async def submit(ids: list[int], req: SamplingFields) -> Job:
+        if holder.error is not None:
+            try:  # a worker failed earlier: reconnect (off the event loop; rate-limited)
+                current = await asyncio.to_thread(holder.ensure)
+            except ModelDown as e:
+                raise ApiError(
+                    503, f"the cluster is down: {e}", "server_error", "cluster_down"
+                ) from None
+            gen.engine = current.engine
         try:
             stops = req.stops()
         except ValueError as e:
@@ -225,18 +228,12 @@ def create_app(
     @app.get("/health")
     async def health():
         ranks = [{"rank": 0, "address": "local", "state": "ok"}]
-        if loaded.cluster is not None:
-            for link in loaded.cluster.links.links:
-                ranks.append(
-                    {
-                        "rank": link.rank,
-                        "address": link.name,
-                        "state": "lost"
-                        if link.lost
-                        else ("ok" if link.connected else "connecting"),
-                    }
-                )
-        down = state["cluster_error"] is not None or any(r["state"] == "lost" for r in ranks)
+        cluster = holder.loaded.cluster
+        if cluster is not None:
+            for link in cluster.links.links:
+                state = "lost" if link.lost else ("ok" if link.connected else "connecting")
+                ranks.append({"rank": link.rank, "address": link.name, "state": state})
+        down = holder.error is not None or any(r["state"] == "lost" for r in ranks)
         body = {
             "status": "down" if down else "ok",
             "model": model_name,
@@ -245,8 +242,8 @@ def create_app(
             "waiting": gen.waiting,
             "recent": list(gen.recent),
         }
-        if state["cluster_error"]:
-            body["error"] = state["cluster_error"]
+        if holder.error is not None:
+            body["error"] = holder.error
         return JSONResponse(body, status_code=503 if down else 200)
 
     @app.get("/v1/models")
@@ -272,7 +269,7 @@ def create_app(
         except TpiError as e:
             raise ApiError(400, str(e), param="messages") from None
         check_fits(ids)
-        job = submit(ids, req)
+        job = await submit(ids, req)
         cid, ts = new_id("chatcmpl"), now()
         if req.stream:
 
@@ -313,7 +310,7 @@ def create_app(
             raise ApiError(400, "prompt lists must hold exactly one prompt", param="prompt")
         ids = tok.encode(prompt)
         check_fits(ids)
-        job = submit(ids, req)
+        job = await submit(ids, req)
         cid, ts = new_id("cmpl"), now()
         if req.stream:
 

@@ -10,6 +10,8 @@ import pytest
 from tests.factories import make_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Masters and the local workers the tests start share this cluster secret.
+os.environ.setdefault("TPI_SECRET", "test-secret-" + "0123456789abcdef" * 2)
 _HOME: str | None = None
 
 

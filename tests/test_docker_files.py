@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 import pytest
 import yaml
+from click.testing import CliRunner
 
 from tpi.cli import cli
 
@@ -31,7 +32,7 @@ def _tpi_invocations() -> list[list[str]]:
     text = (DOCKER / "entrypoint.sh").read_text().replace("\\\n", " ")
     out = []
     for line in text.splitlines():
-        m = re.search(r"exec \$run tpi (.*)", line)
+        m = re.search(r"\$run tpi (.*)", line)
         if m:
             out.append(shlex.split(m.group(1).replace('"$@"', "")))
     return out
@@ -46,7 +47,11 @@ def _command(name: str) -> click.Command:
 
 def test_every_command_and_flag_in_the_entrypoint_exists():
     invocations = _tpi_invocations()
-    assert {argv[0] for argv in invocations} >= {"split", "worker", "serve"}
+    assert {argv[0] for argv in invocations} >= {"keygen", "split", "worker", "serve"}
+    # Every node that talks on the cluster proves the shared secret.
+    for argv in invocations:
+        if argv[0] not in ("keygen", "split"):
+            assert "$security" in argv, argv
     for argv in invocations:
         name = argv[0]
         # The pass-through role, `tpi "$role" --model ... --workers ...`, serves these commands.
@@ -62,14 +67,16 @@ def test_every_command_and_flag_in_the_entrypoint_exists():
             for flag in (a for a in argv[1:] if a.startswith("--")):
                 assert flag in opts, f"tpi {n} has no {flag}"
             # And --help really runs for it.
-            assert click.testing.CliRunner().invoke(cli, [n, "--help"]).exit_code == 0
+            assert CliRunner().invoke(cli, [n, "--help"]).exit_code == 0
 
 
 def test_environment_variable_flags_exist():
-    # $budget and $window expand to these flags.
+    # $budget, $window and $security expand to these flags.
     text = (DOCKER / "entrypoint.sh").read_text()
-    for flag in re.findall(r'="(--[a-z-]+) \$\{', text):
-        for n in ("worker", "serve"):
+    flags = re.findall(r"(--[a-z-]+) \$\{", text)
+    assert {"--memory-budget", "--window", "--secret-file", "--curve"} <= set(flags)
+    for flag in flags:
+        for n in ("worker", "serve", "chat", "generate", "bench"):
             opts = {o for p in _command(n).params for o in getattr(p, "opts", [])}
             assert flag in opts, f"tpi {n} has no {flag}"
 

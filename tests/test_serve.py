@@ -250,13 +250,21 @@ def test_chat_page_streams_in_a_real_browser(server, tmp_path):
         page = browser.new_page()
         page.goto(server + "/")
         page.fill("#input", QUESTION)
+        # Record every length the answer passes through: streamed text grows in steps.
+        page.evaluate(
+            """() => {
+              window.lengths = [];
+              new MutationObserver(() => {
+                const b = document.querySelector('.msg.assistant .body');
+                if (b) window.lengths.push(b.textContent.length);
+              }).observe(document.body, {subtree: true, childList: true, characterData: true});
+            }"""
+        )
         page.click("#send")
         answer = page.locator(".msg.assistant .body").first
-        # Streamed: text appears before the answer is finished (the meta line comes last).
-        page.wait_for_function(
-            "document.querySelector('.msg.assistant .body').textContent.length > 0", timeout=60000
-        )
         page.wait_for_selector(".msg.assistant .meta:not(:empty)", timeout=120000)
+        lengths = page.evaluate("window.lengths")
+        assert len({n for n in lengths if n > 0}) >= 3, lengths
         assert "tok/s" in page.locator(".msg.assistant .meta").first.text_content()
         assert answer.text_content()
         page.screenshot(path=str(shot))

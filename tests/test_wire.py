@@ -33,12 +33,23 @@ def test_tensor_round_trip(dtype):
 
 
 def test_control_round_trip_and_schema():
-    body = {"session": 1, "rank": 2, "world": 3, "manifest": "ab", "tpi_version": "x", "extra": [1]}
+    body = {
+        "session": 1,
+        "rank": 2,
+        "world": 3,
+        "manifest": "ab",
+        "tpi_version": "x",
+        "nonce": "00" * 16,
+        "auth": "hmac",
+        "extra": [1],
+    }
     assert decode([encode_control(Kind.HELLO, body)]).body == body
     with pytest.raises(ProtocolError, match="rank"):
         decode([encode_control(Kind.HELLO, {**body, "rank": "2"})])
     with pytest.raises(ProtocolError, match="rank"):
         decode([encode_control(Kind.HELLO, {**body, "rank": True})])
+    with pytest.raises(ProtocolError, match="nonce"):
+        decode([encode_control(Kind.HELLO, {k: v for k, v in body.items() if k != "nonce"})])
 
 
 def test_payload_size_must_match_header():

@@ -157,6 +157,23 @@ def split_cmd(
     click.echo(f"wrote {out}")
 
 
+@cli.command("keygen")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=str))
+@click.option("--force", is_flag=True, help="Replace keys already in DIRECTORY.")
+def keygen_cmd(directory: str, force: bool) -> None:
+    """Make a cluster keyring: the shared secret and CurveZMQ key pairs.
+
+    Copy DIRECTORY to every device (it holds secrets: keep it private), then run
+    workers with '--secret-file DIRECTORY/secret --curve DIRECTORY' and the master
+    with the same two flags.
+    """
+    from tpi.curve import keygen
+
+    d = keygen(directory, force)
+    click.echo(f"wrote {d}: secret, master/worker CURVE keys, authorized/ (master public key)")
+    click.echo(f"use: --secret-file {d}/secret --curve {d}   (on the master and on every worker)")
+
+
 @cli.command("models")
 def models_cmd() -> None:
     """List models converted into the cache ($TPI_HOME/models)."""

@@ -25,7 +25,7 @@ from tpi.errors import TpiError
 from tpi.wire import Message, decode
 
 HEARTBEAT_IVL_MS = 1000
-HEARTBEAT_TIMEOUT_MS = 4000
+HEARTBEAT_TIMEOUT_MS = 3000  # a frozen peer is declared lost within ~3-4 s
 SRCFD = 2  # ZMQ_SRCFD: which connection a message arrived on
 # Zero-copy sends cost pyzmq extra bookkeeping (~10 us here); they only pay off
 # for large frames (prefill blocks, shard chunks), so small ones are copied.
@@ -41,11 +41,15 @@ class ClusterError(TpiError):
 
 
 class LinkLost(ClusterError):
-    def __init__(self, rank: int, address: str, what: str) -> None:
-        super().__init__(f"rank {rank} ({address}) {what}")
+    """A worker stopped answering: "rank 2 (host:port) stopped answering during layer 17 (why)"."""
+
+    def __init__(self, rank: int, address: str, reason: str, where: str = "") -> None:
+        super().__init__(
+            f"rank {rank} ({address}) stopped answering{' ' + where if where else ''} ({reason})"
+        )
         self.rank = rank
         self.address = address
-        self.what = what
+        self.reason = reason
 
 
 def normalize_address(
@@ -141,7 +145,7 @@ class LinkSet:
             if event == zmq.EVENT_CONNECTED:
                 link.connected = True
             elif event == zmq.EVENT_DISCONNECTED and link.lost is None:
-                link.lost = "disconnected (stopped, crashed, or link down)"
+                link.lost = "connection lost: process stopped, crashed, or link down"
 
     def _take(self, link: WorkerLink) -> Message | None:
         try:

@@ -103,11 +103,9 @@ class StarMaster:
             except TimeoutError:
                 r = min(pending)
                 lk = self.links.links[r - 1]
-                raise LinkLost(
-                    r, lk.name, f"stopped answering {where} (no reply in {self.timeout_s:g} s)"
-                ) from None
+                raise LinkLost(r, lk.name, f"no reply in {self.timeout_s:g} s", where) from None
             except LinkLost as e:
-                raise LinkLost(e.rank, e.address, f"{e.what} {where}") from None
+                raise LinkLost(e.rank, e.address, e.reason, where) from None
             if msg.kind == Kind.ERROR:
                 raise ClusterError(
                     f"rank {link.rank} ({link.name}) failed {where}: {msg.body['message']}"

@@ -51,6 +51,8 @@ class Kind(IntEnum):
     PONG = 15
     STATS = 16  # worker -> master: counters, in answer to a STATS request
     STATS_REQUEST = 17
+    CHALLENGE = 18  # worker -> master: my nonce, and proof that I know the secret
+    AUTH = 19  # master -> worker: proof that I know the secret
 
 
 DATA_KINDS = frozenset({Kind.STEP, Kind.PARTIAL, Kind.SUM})
@@ -61,7 +63,17 @@ VERSION_FREE_KINDS = frozenset({Kind.HELLO, Kind.REFUSE})
 # Required fields and their types, per control kind. Extra fields are ignored
 # (forward compatibility within one protocol version).
 SCHEMAS: dict[Kind, dict[str, type | tuple[type, ...]]] = {
-    Kind.HELLO: {"session": int, "rank": int, "world": int, "manifest": str, "tpi_version": str},
+    Kind.HELLO: {
+        "session": int,
+        "rank": int,
+        "world": int,
+        "manifest": str,
+        "tpi_version": str,
+        "nonce": str,
+        "auth": str,
+    },
+    Kind.CHALLENGE: {"session": int, "nonce": str, "proof": str},
+    Kind.AUTH: {"session": int, "proof": str},
     Kind.WELCOME: {"session": int, "have_shard": bool, "partial": dict},
     Kind.REFUSE: {"reason": str},
     Kind.PUSH_CHUNK: {"session": int, "file": str, "offset": int, "total": int},

@@ -72,6 +72,24 @@ import click
     default=None,
     help="Tokens of context the KV cache is sized for (default: as the master asks, at most 4096).",
 )
+@click.option(
+    "--secret-file",
+    default=None,
+    metavar="FILE",
+    help="File holding the cluster's shared secret (else $TPI_SECRET); masters must prove it.",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Accept any master without a shared secret (only on a network you trust).",
+)
+@click.option(
+    "--curve",
+    "curve_dir",
+    default=None,
+    metavar="DIR",
+    help="Encrypt and authenticate all traffic with CurveZMQ, using keys from 'tpi keygen DIR'.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="Log only warnings and errors.")
 def worker(
     listen,
@@ -83,6 +101,9 @@ def worker(
     window,
     memory_budget,
     max_context,
+    secret_file,
+    insecure,
+    curve_dir,
     quiet,
 ):
     """Run the worker daemon: wait for a master, serve its session, wait again.
@@ -92,6 +113,8 @@ def worker(
     the master the first time (resumable, sha256-verified, reused afterwards) and
     returns to waiting when the master leaves or disappears.
     """
+    from tpi.auth import require_secret
+    from tpi.curve import CurveKeys
     from tpi.links import normalize_address
     from tpi.memory_budget import parse_size
     from tpi.paths import tpi_home
@@ -108,13 +131,20 @@ def worker(
 
         torch.set_num_threads(threads)
     address = normalize_address(listen, default_host="127.0.0.1", allow_any_port=True)
+    secret = require_secret(secret_file, insecure, "the worker")
+    if insecure:
+        logging.getLogger("tpi.worker").warning(
+            "running --insecure: any master on the network may connect"
+        )
+    curve = CurveKeys.load(curve_dir, "worker") if curve_dir else None
     options = WorkerOptions(
         accept_push=accept_push,
         window=window,
         budget_bytes=parse_size(memory_budget) if memory_budget else None,
         max_context=max_context,
+        secret=secret,
     )
-    daemon = WorkerDaemon(address, store or tpi_home() / "store", options=options)
+    daemon = WorkerDaemon(address, store or tpi_home() / "store", curve=curve, options=options)
     if port_file:
         tmp = port_file.with_name(port_file.name + ".tmp")
         tmp.write_text(daemon.address + "\n")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import zmq
 
+from tpi.curve import CurveKeys
 from tpi.links import WorkerEndpoint, display_address
 from tpi.wire import DATA_KINDS, PROTOCOL_VERSION, Kind, ProtocolError, decode, encode_control
 from worker.options import WorkerOptions
@@ -19,12 +20,17 @@ log = logging.getLogger("tpi.worker")
 
 class WorkerDaemon:
     def __init__(
-        self, listen: str, store: Path, secure=None, options: WorkerOptions | None = None
+        self,
+        listen: str,
+        store: Path,
+        curve: CurveKeys | None = None,
+        options: WorkerOptions | None = None,
     ) -> None:
+        self.curve = curve
         self.options = options or WorkerOptions()
         self.ctx = zmq.Context()
         self.store = ShardStore(store)
-        self.endpoint = WorkerEndpoint(self.ctx, listen, secure)
+        self.endpoint = WorkerEndpoint(self.ctx, listen, curve.secure_server if curve else None)
         self.sessions_served = 0
         self.pending = None  # a HELLO handed over by a session whose master vanished
 
@@ -79,4 +85,6 @@ class WorkerDaemon:
 
     def close(self) -> None:
         self.endpoint.close()
+        if self.curve is not None:
+            self.curve.stop()
         self.ctx.term()

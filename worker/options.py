@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -11,3 +11,4 @@ class WorkerOptions:
     window: int | None = None  # layers resident (None: as the master asks, or all)
     budget_bytes: int | None = None  # this device's memory budget
     max_context: int | None = None
+    secret: bytes | None = field(default=None, repr=False)  # None: --insecure (never logged)

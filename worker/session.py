@@ -6,6 +6,7 @@ import contextlib
 import logging
 import time
 
+from tpi.auth import check, new_nonce, proof
 from tpi.decoder import Decoder
 from tpi.errors import TpiError
 from tpi.links import Inbound, WorkerEndpoint
@@ -30,7 +31,8 @@ from worker.store import ShardStore
 
 log = logging.getLogger("tpi.worker")
 
-MID_STEP_TIMEOUT_S = 300.0  # backstop only: disconnects are noticed within seconds
+MID_STEP_TIMEOUT_S = 300.0
+AUTH_TIMEOUT_S = 10.0  # backstop only: disconnects are noticed within seconds
 
 
 class SessionEnded(Exception):
@@ -72,6 +74,8 @@ class Session:
         self.rank = int(body["rank"])
         self.world = int(body["world"])
         self.manifest_hash = str(body["manifest"])
+        self.nonce_m = str(body["nonce"])
+        self.auth_mode = str(body["auth"])
         self.decoder: Decoder | None = None
         self.collective: StarWorker | None = None
         self.handover: Inbound | None = None
@@ -196,9 +200,32 @@ class Session:
             self.runtime = None
             self.decoder = None
 
+    def _authenticate(self) -> None:
+        """Mutual proof of the shared secret (see tpi.auth) before anything else."""
+        secret = self.options.secret
+        if secret is None:
+            return
+        if self.auth_mode != "hmac":
+            raise Refused(
+                "this worker requires the cluster's shared secret (set TPI_SECRET or --secret-file on the master)"
+            )
+        nonce_w = new_nonce()
+        self.control(
+            Kind.CHALLENGE,
+            nonce=nonce_w,
+            proof=proof(secret, "worker", self.nonce_m, nonce_w, self.id),
+        )
+        msg = self.recv(AUTH_TIMEOUT_S)
+        if msg.kind != Kind.AUTH or not check(
+            secret, msg.body["proof"], "master", self.nonce_m, nonce_w, self.id
+        ):
+            log.warning("master %s failed authentication", self.addr)
+            raise Refused("authentication failed: wrong shared secret")
+
     def _handshake(self) -> None:
         if not (2 <= self.world <= 1024 and 1 <= self.rank < self.world):
             raise Refused(f"bad rank {self.rank} of world {self.world}")
+        self._authenticate()
         found = self.store.find(self.manifest_hash)
         if found is None and not self.options.accept_push:
             raise Refused(

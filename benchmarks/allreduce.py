@@ -1,0 +1,332 @@
+"""Allreduce study: tpi's star allreduce vs a ring allreduce (ours, over ZeroMQ)
+vs torch.distributed gloo, for N = 2..8 ranks, 4 KB..1 MB messages and emulated
+link latency 0, 1, 5, 10 ms (one way, by the user-space link shaper on every
+link; gloo's own connections cannot be relayed, so gloo runs at 0 ms only).
+
+Every rank is its own process. The star side runs tpi's production code
+(StarMaster / StarWorker over the same sockets the cluster uses). On a machine
+with fewer cores than ranks, the processes share cores: compare algorithms
+within one row, not across machines.
+
+    python benchmarks/allreduce.py [--max-world 8] [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import write_result  # noqa: E402
+
+SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20]
+LATENCIES_MS = [0, 1, 5, 10]
+SESSION = 1
+
+
+def _iters(latency_ms: float, world: int, quick: bool) -> int:
+    base = 4 if quick else (20 if latency_ms <= 1 else 8)
+    return max(3, base if world <= 4 else base // 2)
+
+
+# --- shaping ---------------------------------------------------------------------------------
+
+
+class Shaper:
+    def __init__(self, targets: list[str], latency_ms: float, workdir: Path) -> None:
+        self.proc = None
+        self.map = {t: t for t in targets}
+        if latency_ms <= 0:
+            return
+        ready = workdir / f"shaper-{os.getpid()}-{time.monotonic_ns()}.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "tpi.link_shaper",
+            "--ready-file",
+            str(ready),
+            "--latency",
+            f"{latency_ms}ms",
+        ]
+        for t in targets:
+            cmd += ["--route", t]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("link shaper did not start")
+            time.sleep(0.05)
+        self.map = json.loads(ready.read_text())
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+
+
+# --- star (tpi's production code) --------------------------------------------------------------
+
+
+def _star_worker(conn, iters_by_size: dict[int, int]) -> None:
+    import torch
+    import zmq
+
+    from tpi.links import WorkerEndpoint
+    from tpi.star_allreduce import StarWorker
+    from tpi.wire import Kind, decode
+
+    ctx = zmq.Context()
+    ep = WorkerEndpoint(ctx, "tcp://127.0.0.1:0")
+    conn.send(ep.address.replace("tcp://", ""))
+    peer = None
+    while peer is None:  # the master's first PING tells us who it is
+        inb = ep.recv(1.0)
+        if inb is not None:
+            peer = inb.peer
+
+    class Channel:
+        def send(self, frames):
+            ep.send(peer, frames)
+
+        def wait_sum(self, expected):
+            while True:
+                inb = ep.recv(30.0)
+                if inb is None:
+                    raise TimeoutError
+                msg = decode(inb.frames)
+                if msg.kind == Kind.SUM and msg.data.step == expected.step:
+                    return msg
+
+    w = StarWorker(Channel(), SESSION, torch.float32)
+    step = 0
+    for size, iters in iters_by_size.items():
+        x = torch.ones(size // 4)
+        for _ in range(iters):
+            step += 1
+            w.step = step
+            w.allreduce(x, 0, 0)
+    conn.recv()  # wait until the master is done before closing
+    ep.close()
+    ctx.term()
+
+
+def run_star(
+    world: int, latency_ms: float, iters_by_size: dict[int, int], workdir: Path
+) -> dict[int, float]:
+    import torch
+    import zmq
+
+    from tpi.links import LinkSet
+    from tpi.star_allreduce import StarMaster
+    from tpi.wire import Kind, encode_control
+
+    mpctx = mp.get_context("fork")
+    pipes, procs = [], []
+    for _ in range(world - 1):
+        a, b = mpctx.Pipe()
+        p = mpctx.Process(target=_star_worker, args=(b, iters_by_size), daemon=True)
+        p.start()
+        pipes.append(a)
+        procs.append(p)
+    addrs = [a.recv() for a in pipes]
+    shaper = Shaper(addrs, latency_ms, workdir)
+    ctx = zmq.Context()
+    links = LinkSet(ctx)
+    for r, addr in enumerate(addrs, start=1):
+        link = links.connect(r, f"tcp://{shaper.map[addr]}")
+        link.send([encode_control(Kind.PING, {"session": SESSION})])
+    master = StarMaster(links, SESSION, torch.float32, timeout_s=60)
+    out = {}
+    step = 0
+    try:
+        for size, iters in iters_by_size.items():
+            x = torch.ones(size // 4)
+            warm = min(2, iters - 1)
+            for i in range(iters):
+                if i == warm:
+                    t0 = time.perf_counter()
+                step += 1
+                master.step = step
+                master.allreduce(x, 0, 0)
+            out[size] = (time.perf_counter() - t0) / (iters - warm)
+    finally:
+        for a in pipes:
+            a.send("done")
+        for p in procs:
+            p.join(10)
+        links.close()
+        ctx.term()
+        shaper.close()
+    return out
+
+
+# --- ring (ours, over ZeroMQ) -------------------------------------------------------------------
+
+
+def _ring_rank(rank: int, world: int, conn, iters_by_size: dict[int, int]) -> None:
+    import numpy as np
+    import zmq
+
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    conn.send(f"127.0.0.1:{port}")
+    next_addr = conn.recv()  # the (possibly shaped) address of rank+1's PULL
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"tcp://{next_addr}")
+    conn.send("connected")
+    conn.recv()  # everyone connected
+    times = {}
+    for size, iters in iters_by_size.items():
+        n = size // 4
+        data = np.ones(n, dtype=np.float32)
+        bounds = np.linspace(0, n, world + 1).astype(int)
+        chunks = [slice(bounds[i], bounds[i + 1]) for i in range(world)]
+        warm = min(2, iters - 1)
+        for it in range(iters):
+            if it == warm:
+                t0 = time.perf_counter()
+            # Reduce-scatter: after N-1 steps rank r owns the full sum of chunk r+1.
+            for s in range(world - 1):
+                send_idx = (rank - s) % world
+                recv_idx = (rank - s - 1) % world
+                push.send(data[chunks[send_idx]], copy=False)
+                data[chunks[recv_idx]] += np.frombuffer(pull.recv(), dtype=np.float32)
+            # All-gather: circulate the reduced chunks.
+            for s in range(world - 1):
+                send_idx = (rank - s + 1) % world
+                recv_idx = (rank - s) % world
+                push.send(data[chunks[send_idx]], copy=False)
+                data[chunks[recv_idx]] = np.frombuffer(pull.recv(), dtype=np.float32)
+        times[size] = (time.perf_counter() - t0) / (iters - warm)
+    conn.send(times)
+    conn.recv()
+    push.close(linger=0)
+    pull.close(linger=0)
+    ctx.term()
+
+
+def run_ring(
+    world: int, latency_ms: float, iters_by_size: dict[int, int], workdir: Path
+) -> dict[int, float]:
+    mpctx = mp.get_context("fork")
+    pipes, procs = [], []
+    for r in range(world):
+        a, b = mpctx.Pipe()
+        p = mpctx.Process(target=_ring_rank, args=(r, world, b, iters_by_size), daemon=True)
+        p.start()
+        pipes.append(a)
+        procs.append(p)
+    addrs = [a.recv() for a in pipes]
+    shaper = Shaper(addrs, latency_ms, workdir)
+    try:
+        for r, a in enumerate(pipes):
+            a.send(shaper.map[addrs[(r + 1) % world]])
+        for a in pipes:
+            a.recv()
+        for a in pipes:
+            a.send("go")
+        results = [a.recv() for a in pipes]
+        for a in pipes:
+            a.send("done")
+        for p in procs:
+            p.join(10)
+    finally:
+        shaper.close()
+    return {size: max(r[size] for r in results) for size in iters_by_size}
+
+
+# --- gloo --------------------------------------------------------------------------------------
+
+
+def _gloo_rank(rank: int, world: int, port: int, conn, iters_by_size: dict[int, int]) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    times = {}
+    for size, iters in iters_by_size.items():
+        x = torch.ones(size // 4)
+        warm = min(2, iters - 1)
+        dist.barrier()
+        for it in range(iters):
+            if it == warm:
+                t0 = time.perf_counter()
+            dist.all_reduce(x)
+        times[size] = (time.perf_counter() - t0) / (iters - warm)
+    conn.send(times)
+    dist.destroy_process_group()
+
+
+def run_gloo(world: int, iters_by_size: dict[int, int]) -> dict[int, float]:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    mpctx = mp.get_context("spawn")
+    pipes, procs = [], []
+    for r in range(world):
+        a, b = mpctx.Pipe()
+        p = mpctx.Process(target=_gloo_rank, args=(r, world, port, b, iters_by_size), daemon=True)
+        p.start()
+        pipes.append(a)
+        procs.append(p)
+    results = [a.recv() for a in pipes]
+    for p in procs:
+        p.join(30)
+    return {size: max(r[size] for r in results) for size in iters_by_size}
+
+
+@click.command()
+@click.option("--max-world", default=8, show_default=True)
+@click.option("--quick", is_flag=True, help="Fewer iterations (a smoke run).")
+@click.option("--out", default=None)
+def main(max_world: int, quick: bool, out: str | None) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for world in range(2, max_world + 1):
+            for latency in LATENCIES_MS:
+                iters = {s: _iters(latency, world, quick) for s in SIZES}
+                star = run_star(world, latency, iters, workdir)
+                ring = run_ring(world, latency, iters, workdir)
+                gloo = run_gloo(world, iters) if latency == 0 else {}
+                for size in SIZES:
+                    row = {
+                        "world": world,
+                        "latency_ms": latency,
+                        "bytes": size,
+                        "star_ms": round(1000 * star[size], 3),
+                        "ring_ms": round(1000 * ring[size], 3),
+                        "gloo_ms": round(1000 * gloo[size], 3) if gloo else None,
+                        "ring_over_star": round(ring[size] / star[size], 2),
+                    }
+                    rows.append(row)
+                    click.echo(row, err=True)
+    wins = sum(r["ring_over_star"] > 1 for r in rows)
+    data = {
+        "sizes": SIZES,
+        "latencies_ms": LATENCIES_MS,
+        "rows": rows,
+        "star_faster_in": f"{wins} of {len(rows)} configurations",
+        "note": "latency is one way per link (a round trip costs 2x); all ranks on one machine",
+    }
+    click.echo(f"wrote {write_result('allreduce', data, out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Emulated devices without docker: shaped links and memory caps are real."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from master.engine import load_engine
+from master.loader import open_model
+from master.local_cluster import DeviceLimits, LocalCluster
+from tests.cluster_helpers import greedy
+from tpi.cgroups import CgroupFactory
+from tpi.cli import cli
+from tpi.link_shaper import LinkSpec, parse_duration, parse_rate, serve
+from tpi.links import ClusterError
+
+PROMPT = list(range(5, 25))
+
+
+def test_units():
+    assert (
+        parse_duration("5ms") == 0.005
+        and parse_duration("250us") == 0.00025
+        and parse_duration("1s") == 1
+    )
+    assert (
+        parse_rate("100mbit") == 100e6
+        and parse_rate("1gbit") == 1e9
+        and parse_rate("10MBps") == 80e6
+    )
+
+
+def _echo_server() -> int:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def run():
+        while True:
+            c, _ = srv.accept()
+            threading.Thread(
+                target=lambda c=c: [c.sendall(d) for d in iter(lambda: c.recv(1 << 20), b"")],
+                daemon=True,
+            ).start()
+
+    threading.Thread(target=run, daemon=True).start()
+    return srv.getsockname()[1]
+
+
+def test_shaper_never_beats_the_emulated_link():
+    """Lower bounds hold by construction (no timing noise can make them pass falsely):
+    a round trip takes at least 2 x latency, and data never flows faster than the rate."""
+    port = _echo_server()
+
+    async def run():
+        spec = LinkSpec(0.005, 20e6)
+        m = await serve([("127.0.0.1", port)], spec)
+        host, p = m[f"127.0.0.1:{port}"].split(":")
+        r, w = await asyncio.open_connection(host, int(p))
+        rtts = []
+        for _ in range(10):
+            t = time.perf_counter()
+            w.write(b"x" * 32)
+            await w.drain()
+            await r.readexactly(32)
+            rtts.append(time.perf_counter() - t)
+        size = 500_000
+        t = time.perf_counter()
+        w.write(b"y" * size)
+        await w.drain()
+        await r.readexactly(size)
+        bulk = time.perf_counter() - t
+        w.close()
+        return rtts, bulk, size, spec
+
+    rtts, bulk, size, spec = asyncio.run(run())
+    assert min(rtts) >= 2 * spec.latency_s
+    # Echoed both ways, each direction serializes `size` bytes at the rate.
+    assert bulk >= size * 8 / spec.rate_bps + 2 * spec.latency_s
+
+
+def test_three_node_cluster_over_5ms_links(llama_dir, tmp_path):
+    """Each allreduce costs at least one emulated round trip, and tokens are unchanged.
+
+    By causality a worker's partial for allreduce k+1 can only leave after the sum
+    of allreduce k reached it, so on the master the ends of consecutive allreduces
+    are at least one round trip apart. (A single call can be short: when the
+    master was descheduled, the partials were already waiting for it.)
+    """
+    expected = greedy(load_engine(llama_dir), PROMPT, 6)
+    latency = 0.005
+    lc = LocalCluster(2, tmp_path, threads=1, link=LinkSpec(latency))
+    addrs = lc.start()
+    try:
+        assert any("latency 5 ms" in n for n in lc.notes)
+        lm = open_model(str(llama_dir), "fp32", quiet=True, workers=addrs)
+        try:
+            col = lm.cluster.collective
+            ends: list[tuple[int, float]] = []
+            allreduce = col.allreduce
+
+            def timed(partial, layer, phase):
+                out = allreduce(partial, layer, phase)
+                ends.append((layer, time.perf_counter()))
+                return out
+
+            col.allreduce = timed
+            got = greedy(lm.engine, PROMPT, 6)
+        finally:
+            lm.close()
+    finally:
+        lc.stop()
+    assert got == expected
+    layers = load_engine(llama_dir).cfg.num_layers
+    assert len(ends) == 2 * layers * (1 + 6)  # prefill + 6 decode passes, 2 per layer
+    # Within a forward pass (between passes the master samples and broadcasts).
+    spacing = [
+        b - a
+        for (la, a), (lb, b) in zip(ends, ends[1:], strict=False)
+        if not (lb == 0 and la == layers - 1)
+    ]
+    assert len(spacing) == (2 * layers - 1) * 7
+    assert min(spacing) >= 2 * latency, min(spacing)
+
+
+cgroups = CgroupFactory()
+needs_cgroups = pytest.mark.skipif(
+    not cgroups.available, reason=f"cgroups unavailable: {cgroups.reason}"
+)
+
+
+@needs_cgroups
+def test_cgroup_limit_is_applied_and_detected(tmp_path):
+    limit = 300 * 1024 * 1024
+    cg = cgroups.create(f"tpi-test-{os.getpid()}", limit, None)
+    try:
+        code = "from tpi.memory_budget import cgroup_memory_limit; print(cgroup_memory_limit())"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", f"import time; time.sleep(0.3); {code}"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        cg.add(proc.pid)
+        out, _ = proc.communicate(timeout=60)
+        assert int(out.strip()) == limit
+    finally:
+        cg.remove()
+
+
+@needs_cgroups
+def test_worker_under_a_too_small_cap_says_so(tmp_path):
+    from tests.factories import make_model
+
+    model = make_model(
+        tmp_path / "m", "llama", hidden=256, heads=4, kv_heads=4, intermediate=1024, layers=8
+    )
+    cap = 200 * 1024 * 1024  # below a Python+torch worker's own footprint
+    lc = LocalCluster(1, tmp_path / "w", threads=1, limits=DeviceLimits(memory_bytes=cap))
+    addrs = lc.start()
+    try:
+        pid = lc.workers[0].proc.pid
+        memory_cgroup = next(
+            line
+            for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+            if ":memory:" in line
+        ).split(":", 2)[2]
+        assert f"tpi-{os.getpid()}-w1" in memory_cgroup
+        with pytest.raises(
+            ClusterError,
+            match=r"rank 1 \(.*\) failed .*out of memory budget: need .* have 200\.00 MiB",
+        ):
+            open_model(str(model), "fp32", quiet=True, workers=addrs)
+        assert lc.workers[0].proc.poll() is None  # refused, not killed
+    finally:
+        lc.stop()
+
+
+def test_cluster_cli_reports_the_emulation(llama_dir, tmp_path):
+    res = CliRunner().invoke(
+        cli,
+        [
+            "cluster",
+            "--workers",
+            "1",
+            "--dir",
+            str(tmp_path),
+            "--mem-limit",
+            "4GB",
+            "--link-latency",
+            "2ms",
+            "--link-bandwidth",
+            "100mbit",
+            "generate",
+            "--model",
+            str(llama_dir),
+            "-n",
+            "3",
+            "-t",
+            "0",
+            "Hello",
+        ],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    assert "emulation: links: latency 2 ms each way, bandwidth 100 Mbit/s" in res.stderr
+    assert "emulation: device caps" in res.stderr
