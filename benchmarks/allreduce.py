@@ -84,6 +84,7 @@ def _star_worker(conn, iters_by_size: dict[int, int]) -> None:
     from tpi.star_allreduce import StarWorker
     from tpi.wire import Kind, decode
 
+    torch.set_num_threads(1)  # one core per emulated device, as `tpi cluster` does
     ctx = zmq.Context()
     ep = WorkerEndpoint(ctx, "tcp://127.0.0.1:0")
     conn.send(ep.address.replace("tcp://", ""))
@@ -129,7 +130,9 @@ def run_star(
     from tpi.star_allreduce import StarMaster
     from tpi.wire import Kind, encode_control
 
-    mpctx = mp.get_context("fork")
+    # spawn, not fork: a child forked after the parent ran torch's thread pool
+    # can deadlock in its first parallel op (OpenMP is not fork-safe).
+    mpctx = mp.get_context("spawn")
     pipes, procs = [], []
     for _ in range(world - 1):
         a, b = mpctx.Pipe()
@@ -296,6 +299,9 @@ def run_gloo(world: int, iters_by_size: dict[int, int]) -> dict[int, float]:
 @click.option("--quick", is_flag=True, help="Fewer iterations (a smoke run).")
 @click.option("--out", default=None)
 def main(max_world: int, quick: bool, out: str | None) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the star master, like every rank, gets one core
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

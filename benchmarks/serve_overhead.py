@@ -87,18 +87,30 @@ def _http(client, base: str, prompt: str, new_tokens: int) -> tuple[float, float
 @click.option("--model", default=None, help="Model dir (default: the embedded SmolLM2).")
 @click.option("--new-tokens", default=64, show_default=True)
 @click.option("--repeats", default=5, show_default=True)
+@click.option(
+    "--threads",
+    type=int,
+    default=None,
+    help="Torch threads for both sides (default: all cores). With all cores busy "
+    "computing, the server's event loop and the client compete with torch for CPU.",
+)
 @click.option("--out", default=None, help="Output JSON path.")
-def main(model, new_tokens, repeats, out):
+def main(model, new_tokens, repeats, threads, out):
     import httpx
+    import torch
 
     from master.loader import open_model
     from tests.serve_helpers import free_port
 
+    if threads:
+        torch.set_num_threads(threads)
     loaded = open_model(model, "fp32", quiet=True)
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "tpi"), "serve", "--port", str(port)]
     if model:
         cmd += ["--model", model]
+    if threads:
+        cmd += ["--threads", str(threads)]
     server = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -135,12 +147,14 @@ def main(model, new_tokens, repeats, out):
         "model": model or "embedded SmolLM2-135M-Instruct",
         "new_tokens": new_tokens,
         "repeats": repeats,
+        "torch_threads": torch.get_num_threads(),
         **summary,
         "ttft_overhead": round(h["ttft_ms"] / d["ttft_ms"] - 1, 4),
         "throughput_overhead": round(1 - h["decode_tokens_per_s"] / d["decode_tokens_per_s"], 4),
         "raw": runs,
     }
-    path = write_result("serve_overhead", result, out)
+    name = "serve_overhead" + (f"_threads{threads}" if threads else "")
+    path = write_result(name, result, out)
     click.echo(json.dumps({k: v for k, v in result.items() if k != "raw"}, indent=2))
     click.echo(f"wrote {path}")
 

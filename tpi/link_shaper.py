@@ -128,9 +128,18 @@ async def _relay(client_r, client_w, target: tuple[str, int], spec: LinkSpec) ->
         client_w.close()
         return
     up, down = _Direction(spec), _Direction(spec)
-    await asyncio.gather(
-        up.pump_in(client_r), up.pump_out(server_w), down.pump_in(server_r), down.pump_out(client_w)
-    )
+    try:
+        await asyncio.gather(
+            up.pump_in(client_r),
+            up.pump_out(server_w),
+            down.pump_in(server_r),
+            down.pump_out(client_w),
+        )
+    except asyncio.CancelledError:
+        # The shaper is shutting down. Returning (not re-raising) keeps
+        # asyncio's connection callback from printing a traceback per link.
+        server_w.close()
+        client_w.close()
 
 
 async def serve(
