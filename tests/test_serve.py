@@ -19,10 +19,10 @@ from tpi.cli import cli
 QUESTION = "What is the capital of France?"
 
 
-def _generate(model: Path, prompt: str, n: int, raw: bool = False) -> str:
-    args = ["generate", "--model", str(model), "-t", "0", "-n", str(n), prompt] + (
-        ["--raw"] if raw else []
-    )
+def _generate(model: Path | None, prompt: str, n: int, raw: bool = False) -> str:
+    """`tpi generate` in-process; model None is the embedded default."""
+    args = ["generate", *(["--model", str(model)] if model else []), "-t", "0", "-n", str(n)]
+    args += [prompt, *(["--raw"] if raw else [])]
     res = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert res.exit_code == 0
     return res.stdout[:-1]  # generate ends the answer with a newline
@@ -133,14 +133,23 @@ def test_unknown_route_is_an_openai_style_404(server):
     assert r.status_code == 404 and "error" in r.json()
 
 
-def test_eight_concurrent_clients_are_queued_and_the_ninth_is_refused(server, llama_dir):
-    prompts = [f"Question number {i}: what is {i} plus {i}?" for i in range(8)]
-    expected = {p: _generate(llama_dir, p, 40) for p in prompts}
+@pytest.fixture(scope="module")
+def smollm_server():
+    """The embedded SmolLM2: slow enough per token (tens of ms) that queueing and
+    disconnects are observed mid-generation, whatever the machine's load."""
+    with live_server(["-t", "0", "--queue-size", "8"]) as base:
+        yield base
+
+
+def test_eight_concurrent_clients_are_queued_and_the_ninth_is_refused(smollm_server):
+    server = smollm_server
+    prompts = [f"Write a short poem about the number {i}." for i in range(8)]
+    expected = {p: _generate(None, p, 24) for p in prompts}
     results: dict[str, str] = {}
 
     def ask(p: str) -> None:
         r = _client(server).chat.completions.create(
-            model="x", messages=[{"role": "user", "content": p}], max_tokens=40, temperature=0
+            model="x", messages=[{"role": "user", "content": p}], max_tokens=24, temperature=0
         )
         results[p] = r.choices[0].message.content
 
@@ -163,7 +172,8 @@ def test_eight_concurrent_clients_are_queued_and_the_ninth_is_refused(server, ll
     assert results == expected  # each got its own full answer
 
 
-def test_disconnect_mid_stream_frees_the_cluster(server):
+def test_disconnect_mid_stream_frees_the_cluster(smollm_server):
+    server = smollm_server
     body = {
         "messages": [{"role": "user", "content": "Tell a very long story"}],
         "max_tokens": 200,

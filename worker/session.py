@@ -31,8 +31,8 @@ from worker.store import ShardStore
 
 log = logging.getLogger("tpi.worker")
 
-MID_STEP_TIMEOUT_S = 300.0
-AUTH_TIMEOUT_S = 10.0  # backstop only: disconnects are noticed within seconds
+MID_STEP_TIMEOUT_S = 300.0  # backstop only: disconnects are noticed within seconds
+AUTH_TIMEOUT_S = 10.0  # a master that does not answer the challenge is dropped
 
 
 class SessionEnded(Exception):
