@@ -13,10 +13,8 @@ within one row, not across machines.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,29 +41,14 @@ def _iters(latency_ms: float, world: int, quick: bool) -> int:
 
 class Shaper:
     def __init__(self, targets: list[str], latency_ms: float, workdir: Path) -> None:
+        from tpi.link_shaper import LinkSpec, start_process
+
         self.proc = None
         self.map = {t: t for t in targets}
         if latency_ms <= 0:
             return
         ready = workdir / f"shaper-{os.getpid()}-{time.monotonic_ns()}.json"
-        cmd = [
-            sys.executable,
-            "-m",
-            "tpi.link_shaper",
-            "--ready-file",
-            str(ready),
-            "--latency",
-            f"{latency_ms}ms",
-        ]
-        for t in targets:
-            cmd += ["--route", t]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("link shaper did not start")
-            time.sleep(0.05)
-        self.map = json.loads(ready.read_text())
+        self.proc, self.map = start_process(targets, LinkSpec(latency_ms / 1000), ready)
 
     def close(self) -> None:
         if self.proc is not None:

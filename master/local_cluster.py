@@ -5,7 +5,6 @@ kernel lets us), and slow links (the user-space link shaper)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpi.cgroups import Cgroup, CgroupFactory
-from tpi.link_shaper import LinkSpec
+from tpi.errors import TpiError
+from tpi.link_shaper import LinkSpec, start_process
 from tpi.links import ClusterError, display_address
 
 START_TIMEOUT_S = 60.0
@@ -118,31 +118,17 @@ class LocalCluster:
             )
 
     def _start_shaper(self) -> None:
-        ready = self.base_dir / "shaper.json"
-        ready.unlink(missing_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "tpi.link_shaper",
-            "--ready-file",
-            str(ready),
-            "--latency",
-            f"{self.link.latency_s * 1000}ms",
-        ]
-        if self.link.rate_bps:
-            cmd += ["--bandwidth", f"{self.link.rate_bps}bit"]
-        for w in self.workers:
-            cmd += ["--route", w.address]
         with open(self.base_dir / "shaper.log", "ab") as log:
-            self.shaper = subprocess.Popen(
-                cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not ready.exists():
-            if self.shaper.poll() is not None or time.monotonic() > deadline:
-                raise ClusterError("the link shaper did not start (see shaper.log)")
-            time.sleep(0.05)
-        mapping = json.loads(ready.read_text())
+            try:
+                self.shaper, mapping = start_process(
+                    [w.address for w in self.workers],
+                    self.link,
+                    self.base_dir / "shaper.json",
+                    log,
+                    START_TIMEOUT_S,
+                )
+            except TpiError as e:
+                raise ClusterError(f"{e} (see shaper.log)") from None
         for w in self.workers:
             w.address = mapping[w.address]
         self.notes.append(

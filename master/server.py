@@ -8,6 +8,8 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 
 from fastapi import FastAPI, Request
@@ -43,6 +45,40 @@ class ApiError(Exception):
     ) -> None:
         super().__init__(message)
         self.status, self.type, self.code, self.param = status, type_, code, param
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    """How one OpenAI endpoint shapes its answers."""
+
+    id_prefix: str
+    object: str
+    chunk_object: str
+    opening: dict | None  # the first streamed delta, before any text
+    # (delta {"content": text}, finish_reason, streamed) -> one element of "choices"
+    choice: Callable[[dict, str | None, bool], dict]
+
+
+def _chat_choice(delta: dict, reason: str | None, streamed: bool) -> dict:
+    if streamed:
+        return {"index": 0, "delta": delta, "finish_reason": reason}
+    message = {"role": "assistant", "content": delta["content"]}
+    return {"index": 0, "message": message, "finish_reason": reason}
+
+
+def _text_choice(delta: dict, reason: str | None, streamed: bool) -> dict:
+    text = delta.get("content", "")
+    return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+
+
+CHAT = _Endpoint(
+    "chatcmpl",
+    "chat.completion",
+    "chat.completion.chunk",
+    {"role": "assistant", "content": ""},
+    _chat_choice,
+)
+TEXT = _Endpoint("cmpl", "text_completion", "text_completion", None, _text_choice)
 
 
 def create_app(
@@ -253,6 +289,36 @@ def create_app(
             "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "tpi"}],
         }
 
+    async def respond(ids, req, request: Request, endpoint: _Endpoint):
+        """Queue one generation and answer it in `endpoint`'s shape, streamed or whole."""
+        check_fits(ids)
+        job = await submit(ids, req)
+        cid, ts = new_id(endpoint.id_prefix), now()
+
+        def envelope(object_: str, delta: dict, reason: str | None, streamed: bool) -> dict:
+            return {
+                "id": cid,
+                "object": object_,
+                "created": ts,
+                "model": model_name,
+                "choices": [endpoint.choice(delta, reason, streamed)],
+            }
+
+        if req.stream:
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            return stream(
+                job,
+                request,
+                lambda delta, reason: envelope(endpoint.chunk_object, delta, reason, True),
+                include,
+                endpoint.opening,
+            )
+        try:
+            text, reason = await collect(job)
+        finally:
+            job.cancel.set()
+        return {**envelope(endpoint.object, {"content": text}, reason, False), "usage": usage(job)}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         messages = [
@@ -268,40 +334,7 @@ def create_app(
                 )
         except TpiError as e:
             raise ApiError(400, str(e), param="messages") from None
-        check_fits(ids)
-        job = await submit(ids, req)
-        cid, ts = new_id("chatcmpl"), now()
-        if req.stream:
-
-            def chunk(delta, reason):
-                return {
-                    "id": cid,
-                    "object": "chat.completion.chunk",
-                    "created": ts,
-                    "model": model_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
-                }
-
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            return stream(job, request, chunk, include, {"role": "assistant", "content": ""})
-        try:
-            text, reason = await collect(job)
-        finally:
-            job.cancel.set()
-        return {
-            "id": cid,
-            "object": "chat.completion",
-            "created": ts,
-            "model": model_name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": reason,
-                }
-            ],
-            "usage": usage(job),
-        }
+        return await respond(ids, req, request, CHAT)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -309,41 +342,7 @@ def create_app(
         if isinstance(req.prompt, list) and len(req.prompt) != 1:
             raise ApiError(400, "prompt lists must hold exactly one prompt", param="prompt")
         ids = tok.encode(prompt)
-        check_fits(ids)
-        job = await submit(ids, req)
-        cid, ts = new_id("cmpl"), now()
-        if req.stream:
-
-            def chunk(delta, reason):
-                return {
-                    "id": cid,
-                    "object": "text_completion",
-                    "created": ts,
-                    "model": model_name,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "text": delta.get("content", ""),
-                            "logprobs": None,
-                            "finish_reason": reason,
-                        }
-                    ],
-                }
-
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            return stream(job, request, chunk, include, None)
-        try:
-            text, reason = await collect(job)
-        finally:
-            job.cancel.set()
-        return {
-            "id": cid,
-            "object": "text_completion",
-            "created": ts,
-            "model": model_name,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
-            "usage": usage(job),
-        }
+        return await respond(ids, req, request, TEXT)
 
     @app.get("/", response_class=HTMLResponse)
     async def page():

@@ -24,8 +24,11 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from tpi.errors import TpiError
 
@@ -154,6 +157,31 @@ async def serve(
         port = server.sockets[0].getsockname()[1]
         mapping[f"{target[0]}:{target[1]}"] = f"{host}:{port}"
     return mapping
+
+
+def start_process(
+    routes: list[str], spec: LinkSpec, ready_file: Path, log=subprocess.DEVNULL, timeout_s=30.0
+) -> tuple[subprocess.Popen, dict[str, str]]:
+    """Run the relay as its own process (`python -m tpi.link_shaper`), so its event
+    loop never competes with the caller's; returns it and {route: shaped address}."""
+    ready_file.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "tpi.link_shaper", "--ready-file", str(ready_file)]
+    cmd += ["--latency", f"{spec.latency_s * 1000}ms"]
+    if spec.rate_bps:
+        cmd += ["--bandwidth", f"{spec.rate_bps}bit"]
+    for route in routes:
+        cmd += ["--route", route]
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + timeout_s
+    while not ready_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise TpiError("the link shaper did not start")
+        time.sleep(0.05)
+    return proc, json.loads(ready_file.read_text())
 
 
 def _target(text: str) -> tuple[str, int]:
