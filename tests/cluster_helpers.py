@@ -6,8 +6,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 from master.loader import LoadedModel, open_model
 from master.local_cluster import LocalCluster
 
@@ -26,22 +24,6 @@ def local_workers(
 
 def addresses(lc: LocalCluster) -> list[str]:
     return [w.address for w in lc.workers]
-
-
-def step_logits(engine, prompt: list[int], follow: list[int]) -> torch.Tensor:
-    rows = [engine.prefill(prompt)]
-    for i, t in enumerate(follow):
-        rows.append(engine.forward([t], len(prompt) + i))
-    return torch.stack(rows)
-
-
-def greedy(engine, prompt: list[int], steps: int) -> list[int]:
-    logits, out = engine.prefill(prompt), []
-    for i in range(steps):
-        t = int(logits.argmax())
-        out.append(t)
-        logits = engine.forward([t], len(prompt) + i)
-    return out
 
 
 @contextmanager

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from master.engine import load_engine
-from tests.cluster_helpers import addresses, cluster_model, greedy, local_workers, step_logits
+from tests.cluster_helpers import addresses, cluster_model, local_workers
 from tests.factories import load_reference
+from tests.stepping import greedy, hf_step_logits, step_logits
 from tpi.links import ClusterError
 
 PROMPT = list(range(5, 25))
@@ -19,20 +19,6 @@ def workers(tmp_path_factory):
     """Four worker daemons, shared by the tests (each session uses the first k)."""
     with local_workers(4, tmp_path_factory.mktemp("workers")) as lc:
         yield addresses(lc)
-
-
-def _hf_step_logits(model_dir) -> torch.Tensor:
-    ref = load_reference(model_dir)
-    rows = []
-    with torch.no_grad():
-        out = ref(torch.tensor([PROMPT]), use_cache=True)
-        rows.append(out.logits[0, -1])
-        cache = out.past_key_values
-        for t in FOLLOW:
-            out = ref(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            rows.append(out.logits[0, -1])
-    return torch.stack(rows).float()
 
 
 @pytest.mark.parametrize("fixture", ["llama_dir", "qwen2_dir"])
@@ -47,7 +33,7 @@ def test_cluster_matches_single_node_and_transformers(fixture, shares, workers, 
     with cluster_model(model_dir, workers[: world - 1], shares=shares) as lm:
         got = step_logits(lm.engine, PROMPT, FOLLOW)
         assert (got - expected_logits).abs().max() <= 1e-4
-        assert (got - _hf_step_logits(model_dir)).abs().max() <= 1e-4
+        assert (got - hf_step_logits(load_reference(model_dir), PROMPT, FOLLOW)).abs().max() <= 1e-4
         lm.engine.reset()
         assert greedy(lm.engine, PROMPT, 32) == expected_tokens
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from master.engine import load_engine
-from tests.cluster_helpers import addresses, cluster_model, greedy, local_workers
+from tests.cluster_helpers import addresses, cluster_model, local_workers
+from tests.stepping import greedy
 from tpi.config import load_config
 from tpi.partition import plan_partition
 from tpi.tokenizer import TextTokenizer

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from master.engine import load_engine
 from master.loader import open_model
 from master.local_cluster import DeviceLimits, LocalCluster
-from tests.cluster_helpers import greedy
+from tests.stepping import greedy
 from tpi.cgroups import CgroupFactory
 from tpi.cli import cli
 from tpi.link_shaper import LinkSpec, parse_duration, parse_rate, serve

@@ -11,6 +11,7 @@ import torch
 
 from master.engine import load_engine
 from tests.factories import load_reference, make_model
+from tests.stepping import greedy
 from tpi.checkpoint import Checkpoint
 from tpi.errors import ModelError, UnsupportedModelError
 from tpi.gguf_convert import convert_gguf
@@ -174,15 +175,6 @@ def _greedy_hf(model, prompt: list[int], steps: int) -> list[int]:
     return out
 
 
-def _greedy_ours(engine, prompt: list[int], steps: int) -> list[int]:
-    logits, out = engine.prefill(prompt), []
-    for i in range(steps):
-        t = int(logits.argmax())
-        out.append(t)
-        logits = engine.forward([t], len(prompt) + i)
-    return out
-
-
 def test_smollm_config_matches_the_published_architecture(smollm_dir):
     cfg = json.loads((smollm_dir / "config.json").read_text())
     assert (
@@ -198,7 +190,7 @@ def test_smollm_greedy_matches_transformers_on_our_checkpoint(smollm_dir):
     tok = TextTokenizer(smollm_dir)
     prompt = tok.encode_chat(CHAT)
     ref = load_reference(smollm_dir)
-    assert _greedy_ours(load_engine(smollm_dir), prompt, 32) == _greedy_hf(ref, prompt, 32)
+    assert greedy(load_engine(smollm_dir), prompt, 32) == _greedy_hf(ref, prompt, 32)
 
 
 def test_smollm_matches_transformers_own_gguf_loader(smollm_dir):
@@ -224,4 +216,4 @@ def test_smollm_matches_transformers_own_gguf_loader(smollm_dir):
     ref = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=GGUF_NAME, dtype=torch.float32
     ).eval()
-    assert _greedy_ours(load_engine(smollm_dir), prompt, 32) == _greedy_hf(ref, prompt, 32)
+    assert greedy(load_engine(smollm_dir), prompt, 32) == _greedy_hf(ref, prompt, 32)

@@ -7,30 +7,10 @@ import torch
 
 from master.engine import load_engine
 from tests.factories import load_reference, make_model
+from tests.stepping import greedy, hf_step_logits, step_logits
 
 PREFILL = 20
 DECODE = 16
-
-
-def _reference_step_logits(model, prompt: list[int], follow: list[int]) -> torch.Tensor:
-    """HF logits after the prompt and after each forced follow-up token (incremental, with cache)."""
-    rows = []
-    with torch.no_grad():
-        out = model(torch.tensor([prompt]), use_cache=True)
-        rows.append(out.logits[0, -1])
-        cache = out.past_key_values
-        for t in follow:
-            out = model(torch.tensor([[t]]), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            rows.append(out.logits[0, -1])
-    return torch.stack(rows).float()
-
-
-def _our_step_logits(engine, prompt: list[int], follow: list[int]) -> torch.Tensor:
-    rows = [engine.prefill(prompt)]
-    for i, t in enumerate(follow):
-        rows.append(engine.forward([t], len(prompt) + i))
-    return torch.stack(rows)
 
 
 def _greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
@@ -39,15 +19,6 @@ def _greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
             torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False
         )
     return out[0, len(prompt) :].tolist()
-
-
-def _greedy_ours(engine, prompt: list[int], steps: int) -> list[int]:
-    logits, out = engine.prefill(prompt), []
-    for i in range(steps):
-        t = int(logits.argmax())
-        out.append(t)
-        logits = engine.forward([t], len(prompt) + i)
-    return out
 
 
 @pytest.mark.parametrize("fixture", ["llama_dir", "qwen2_dir", "llama3_dir"])
@@ -60,15 +31,11 @@ def test_fp32_logits_and_greedy_tokens_match_transformers(fixture, request):
     prompt = torch.randint(3, vocab, (PREFILL,), generator=g).tolist()
     follow = torch.randint(3, vocab, (DECODE,), generator=g).tolist()
 
-    diff = (
-        (_our_step_logits(engine, prompt, follow) - _reference_step_logits(ref, prompt, follow))
-        .abs()
-        .max()
-    )
+    diff = (step_logits(engine, prompt, follow) - hf_step_logits(ref, prompt, follow)).abs().max()
     assert diff <= 1e-4, f"max abs logit diff {diff}"
 
     engine.reset()
-    assert _greedy_ours(engine, prompt, 32) == _greedy_reference(ref, prompt, 32)
+    assert greedy(engine, prompt, 32) == _greedy_reference(ref, prompt, 32)
 
 
 def test_prefill_all_logits_match_transformers(llama_dir):
@@ -87,7 +54,7 @@ def test_sharded_bf16_checkpoint_loads_and_matches(tmp_path):
     ref = load_reference(d, torch.float32)  # same bf16 values, computed in fp32
     engine = load_engine(d)
     prompt = list(range(10, 30))
-    assert _greedy_ours(engine, prompt, 32) == _greedy_reference(ref, prompt, 32)
+    assert greedy(engine, prompt, 32) == _greedy_reference(ref, prompt, 32)
 
 
 def test_mistral_sliding_window_matches_transformers(tmp_path):
@@ -97,11 +64,7 @@ def test_mistral_sliding_window_matches_transformers(tmp_path):
     engine = load_engine(d)
     prompt = list(range(5, 25))
     follow = list(range(40, 50))
-    diff = (
-        (_our_step_logits(engine, prompt, follow) - _reference_step_logits(ref, prompt, follow))
-        .abs()
-        .max()
-    )
+    diff = (step_logits(engine, prompt, follow) - hf_step_logits(ref, prompt, follow)).abs().max()
     assert diff <= 1e-4
 
 
@@ -111,9 +74,9 @@ def test_bf16_is_no_less_accurate_than_transformers_bf16(llama_dir):
     a bf16 bug (e.g. a norm done in bf16) blows far past that."""
     prompt = list(range(7, 27))
     follow = list(range(50, 66))
-    truth = _reference_step_logits(load_reference(llama_dir, torch.float32), prompt, follow)
-    hf_bf16 = _reference_step_logits(load_reference(llama_dir, torch.bfloat16), prompt, follow)
-    ours = _our_step_logits(load_engine(llama_dir, torch.bfloat16), prompt, follow)
+    truth = hf_step_logits(load_reference(llama_dir, torch.float32), prompt, follow)
+    hf_bf16 = hf_step_logits(load_reference(llama_dir, torch.bfloat16), prompt, follow)
+    ours = step_logits(load_engine(llama_dir, torch.bfloat16), prompt, follow)
     hf_err = (hf_bf16 - truth).abs().max().item()
     our_err = (ours - truth).abs().max().item()
     assert our_err <= 1.5 * hf_err + 0.02, f"ours {our_err} vs transformers bf16 {hf_err}"

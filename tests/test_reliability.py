@@ -20,7 +20,8 @@ from master.engine import load_engine
 from master.loader import open_model
 from master.local_cluster import LocalCluster
 from master.sampling import SamplingParams
-from tests.cluster_helpers import addresses, cluster_model, greedy, local_workers
+from tests.cluster_helpers import addresses, cluster_model, local_workers
+from tests.stepping import greedy
 from tpi.links import ClusterError
 from tpi.manifest import ShardError, layer_file
 from tpi.split import split_model

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from master.engine import load_engine
 from master.loader import open_model
-from tests.cluster_helpers import addresses, cluster_model, greedy, local_workers
+from tests.cluster_helpers import addresses, cluster_model, local_workers
+from tests.stepping import greedy
 from tpi.auth import AuthError
 from tpi.cli import cli
 from tpi.links import ClusterError

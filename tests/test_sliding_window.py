@@ -13,8 +13,9 @@ from click.testing import CliRunner
 
 from master.engine import load_engine
 from master.loader import MemoryOptions, open_model
-from tests.cluster_helpers import addresses, local_workers, step_logits
+from tests.cluster_helpers import addresses, local_workers
 from tests.factories import make_model
+from tests.stepping import step_logits
 from tpi.cli import cli
 from tpi.errors import TpiError
 from tpi.memory_budget import MemoryBudgetError, parse_size, plan_window
