@@ -49,6 +49,21 @@ ENGINE_OPTIONS = [
         help="Compute dtype (bf16 halves memory, at some accuracy cost).",
     ),
     click.option(
+        "--quant",
+        type=click.Choice(["none", "bf16", "int8", "int4"]),
+        default=None,
+        help="Weight-only quantization of the matmul weights (made once by an automatic split): "
+        "int8 and int4 read and move a half and a quarter of bf16's bytes per token. "
+        "Default: none, or whatever a pre-split --model was made with.",
+    ),
+    click.option(
+        "--group-size",
+        type=click.Choice(["32", "64", "128"]),
+        default="32",
+        show_default=True,
+        help="With --quant int4: weights per scale/zero group.",
+    ),
+    click.option(
         "--threads",
         type=click.IntRange(min=1),
         default=None,
@@ -170,6 +185,8 @@ def open_from_options(opts: dict):
         secret_file=opts["secret_file"],
         insecure=opts["insecure"],
         curve_dir=opts["curve_dir"],
+        quant=opts["quant"],
+        group_size=int(opts["group_size"]),
         memory=MemoryOptions(
             opts["window"],
             opts["memory_budget"] or parent.get("cluster_memory_budget"),

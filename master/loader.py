@@ -25,6 +25,7 @@ from tpi.memory_budget import parse_size
 from tpi.model_registry import resolve_model
 from tpi.partition import parse_shares
 from tpi.progress import ProgressReporter
+from tpi.quantize import QuantSpec
 from tpi.rank_runtime import RankRuntime, build_rank
 from tpi.shard_reader import RankShard
 from tpi.shard_verify import verify_once
@@ -104,6 +105,8 @@ def open_model(
     secret_file: str | None = None,
     insecure: bool = False,
     curve_dir: str | None = None,
+    quant: str | None = None,
+    group_size: int = 32,
 ) -> LoadedModel:
     """Resolve --model; split it if a cluster or the sliding window needs per-layer
     files; connect and load the workers; load rank 0."""
@@ -121,14 +124,22 @@ def open_model(
             raise ModelError(
                 "--shares applies when splitting a model; this directory is already split"
             )
+        made = QuantSpec.from_dict(read_split_index(split_dir).get("quant")).mode
+        if quant is not None and quant != made:
+            raise ModelError(
+                f"this directory was split with --quant {made}; --quant {quant} needs a new split"
+            )
     else:
         load_config(model_dir)  # the most telling error first (missing/unsupported model)
-        if not workers and not memory.streaming:
+        spec = QuantSpec.for_split(quant or "none", group_size)
+        if not workers and not memory.streaming and not spec.quantized:
             tokenizer = TextTokenizer(model_dir)
             engine = load_engine(model_dir, torch_dtype)
             return LoadedModel(model_dir, engine, tokenizer, time.perf_counter() - t0)
         with ProgressReporter("splitting") as progress:
-            split_dir = ensure_split(model_dir, parse_shares(shares, world), echo, progress)
+            split_dir = ensure_split(
+                model_dir, parse_shares(shares, world), echo, progress, quant=spec
+            )
     index = read_split_index(split_dir)
     rank0 = split_dir / index["ranks"][0]["dir"]
     tokenizer = TextTokenizer(rank0)

@@ -129,9 +129,31 @@ def convert_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, force: bool) -> N
     show_default=True,
     help="Storage dtype of the shards (keep = as in the checkpoint).",
 )
+@click.option(
+    "--quant",
+    type=click.Choice(["none", "bf16", "int8", "int4"]),
+    default="none",
+    show_default=True,
+    help="Weight-only quantization of the matmul weights: int8 per output channel, int4 in groups "
+    "(see --group-size); bf16 halves them. Norms, biases and the KV cache stay float.",
+)
+@click.option(
+    "--group-size",
+    type=click.Choice(["32", "64", "128"]),
+    default="32",
+    show_default=True,
+    help="int4 only: weights per scale/zero group (smaller = more accurate, slightly bigger).",
+)
 @click.option("--force", is_flag=True, help="Replace --out if it already holds files.")
 def split_cmd(
-    model: str | None, world: int, shares: str | None, out: str, dtype: str, force: bool
+    model: str | None,
+    world: int,
+    shares: str | None,
+    out: str,
+    dtype: str,
+    quant: str,
+    group_size: str,
+    force: bool,
 ) -> None:
     """Cut a model into one shard directory per rank.
 
@@ -148,12 +170,16 @@ def split_cmd(
     from tpi.model_registry import resolve_model
     from tpi.partition import parse_shares
     from tpi.progress import ProgressReporter
+    from tpi.quantize import QuantSpec
     from tpi.split import split_model
 
+    spec = QuantSpec.for_split(quant, int(group_size))
     with ProgressReporter("converting") as progress:
         model_dir = resolve_model(model, echo_err, progress)
     with ProgressReporter("splitting") as progress:
-        split_model(model_dir, Path(out), parse_shares(shares, world), dtype, progress, force)
+        split_model(
+            model_dir, Path(out), parse_shares(shares, world), dtype, progress, force, quant=spec
+        )
     click.echo(f"wrote {out}")
 
 

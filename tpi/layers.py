@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tpi.kv_cache import KVCache
+from tpi.linear import embedding_rows, linear
 from tpi.partition import RankSlice
 from tpi.rope import apply_rotary
 from tpi.weights import HeadWeights, LayerWeights
@@ -116,7 +117,7 @@ def attention_block(
     """Partial attention output (T, hidden) of this rank's heads."""
     t, hd = x.shape[0], layout.head_dim
     nq, nkv = layout.n_q, layout.n_kv
-    qkv = F.linear(x, w.qkv, w.qkv_bias)
+    qkv = linear(x, w.qkv, w.qkv_bias)
     q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
     q = apply_rotary(q.view(t, nq, hd).transpose(0, 1), step.cos, step.sin)
     k = apply_rotary(k.view(t, nkv, hd).transpose(0, 1), step.cos, step.sin)
@@ -135,13 +136,13 @@ def attention_block(
             dim=0,
         )
     out = out.transpose(0, 1).reshape(t, nq * hd)
-    return F.linear(out, w.o, w.o_bias)
+    return linear(out, w.o, w.o_bias)
 
 
 def mlp_block(x: torch.Tensor, w: LayerWeights) -> torch.Tensor:
     """Partial SwiGLU output (T, hidden) of this rank's MLP columns."""
-    gate, up = F.linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, w.down, w.down_bias)
+    gate, up = linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, w.down, w.down_bias)
 
 
 def decoder_layer(
@@ -162,9 +163,9 @@ def decoder_layer(
 
 
 def embed(ids: torch.Tensor, head: HeadWeights, dtype: torch.dtype) -> torch.Tensor:
-    return F.embedding(ids, head.embed).to(dtype)
+    return embedding_rows(ids, head.embed, dtype)
 
 
 def logits(h: torch.Tensor, head: HeadWeights, eps: float) -> torch.Tensor:
     """Float32 logits (T, vocab) from final hidden states."""
-    return F.linear(rms_norm(h, head.final_norm, eps), head.lm_head).float()
+    return linear(rms_norm(h, head.final_norm, eps), head.lm_head).float()

@@ -16,9 +16,14 @@ from typing import Any
 from tpi.config import ModelConfig
 from tpi.errors import TpiError
 from tpi.partition import Partition, RankSlice
+from tpi.quantize import QuantError, QuantSpec
 
 FORMAT = "tpi-shard"
 FORMAT_VERSION = 1
+# Version 2 adds quantized weights ("quant"); unquantized shards keep writing 1
+# so their manifests (and hashes, and shards cached on workers) stay the same.
+QUANT_FORMAT_VERSION = 2
+READABLE_VERSIONS = (FORMAT_VERSION, QUANT_FORMAT_VERSION)
 SPLIT_FORMAT = "tpi-split"
 MANIFEST_NAME = "manifest.json"
 SPLIT_INDEX_NAME = "split.json"
@@ -54,6 +59,7 @@ class Manifest:
     rank: int
     dtype: str
     files: dict[str, dict[str, Any]]  # name -> {"sha256": str, "bytes": int}
+    quant: QuantSpec = QuantSpec()
 
     @property
     def world(self) -> int:
@@ -66,7 +72,7 @@ class Manifest:
     def to_bytes(self) -> bytes:
         data = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": QUANT_FORMAT_VERSION if self.quant.quantized else FORMAT_VERSION,
             "model_id": self.model_id,
             "rank": self.rank,
             "dtype": self.dtype,
@@ -74,6 +80,8 @@ class Manifest:
             "partition": self.partition.to_dict(),
             "files": {k: self.files[k] for k in sorted(self.files)},
         }
+        if self.quant.quantized:
+            data["quant"] = self.quant.to_dict()
         return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
 
     @classmethod
@@ -82,10 +90,10 @@ class Manifest:
             d = json.loads(raw)
             if d.get("format") != FORMAT:
                 raise ShardError(f"{where} is not a tpi shard manifest")
-            if d.get("format_version") != FORMAT_VERSION:
+            if d.get("format_version") not in READABLE_VERSIONS:
                 raise ShardError(
-                    f"{where} has shard format version {d.get('format_version')}, this tpi reads {FORMAT_VERSION}; "
-                    "re-run 'tpi split'"
+                    f"{where} has shard format version {d.get('format_version')}, this tpi reads "
+                    f"{' and '.join(map(str, READABLE_VERSIONS))}; re-run 'tpi split'"
                 )
             files = d["files"]
             if not isinstance(files, dict) or not all(
@@ -105,10 +113,11 @@ class Manifest:
                 rank=int(d["rank"]),
                 dtype=str(d["dtype"]),
                 files=files,
+                quant=QuantSpec.from_dict(d.get("quant")),
             )
         except ShardError:
             raise
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, QuantError) as e:
             raise ShardError(f"{where} is malformed: {e}") from None
         if not 0 <= m.rank < m.world:
             raise ShardError(f"{where} names rank {m.rank} of a world of {m.world}")

@@ -7,7 +7,10 @@ from pathlib import Path
 import torch
 
 from tpi.errors import CheckpointError
+from tpi.int4_pack import Int4Layout, disk_layout, to_native
+from tpi.linear import INT4_SUFFIX
 from tpi.manifest import HEAD_FILE, ShardError, layer_file, read_manifest, verify_files
+from tpi.quantize import keeps_stored_dtype
 from tpi.tensor_file import SafetensorsFile
 from tpi.weights import HeadWeights, LayerWeights, head_from_tensors
 
@@ -31,7 +34,15 @@ class RankShard:
             tensors = {k: f.read(k) for k in f.keys()}
         except CheckpointError as e:
             raise ShardError(f"cannot read shard file {path}: {e}") from None
-        return {k: v if v.dtype == dtype else v.to(dtype) for k, v in tensors.items()}
+        quant = self.manifest.quant
+        out = {}
+        for k, v in tensors.items():
+            if k.endswith(INT4_SUFFIX):
+                v = to_native(v, Int4Layout.parse(quant.int4_layout or disk_layout().name))
+            elif v.is_floating_point() and not keeps_stored_dtype(k, quant.quantized):
+                v = v.to(dtype)
+            out[k] = v
+        return out
 
     def load_layer(self, i: int, dtype: torch.dtype) -> LayerWeights:
         return LayerWeights.from_tensors(self._load(layer_file(i), dtype))

@@ -15,6 +15,7 @@ page cache (POSIX_FADV_DONTNEED): the memory a node uses is the memory it holds.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -22,10 +23,15 @@ from dataclasses import dataclass
 import torch
 
 from tpi.errors import TpiError
+from tpi.int4_pack import Int4Layout, native_layout, to_native
+from tpi.linear import INT4_SUFFIX
 from tpi.memory import pin_mmap_threshold
+from tpi.quantize import keeps_stored_dtype
 from tpi.shard_reader import RankShard
 from tpi.tensor_file import SafetensorsFile, read_span
 from tpi.weights import LayerWeights
+
+log = logging.getLogger("tpi.sliding_window")
 
 
 @dataclass
@@ -88,32 +94,50 @@ class StreamLayout:
     """Per-layer file layouts and the slot sizes they need, before any allocation."""
 
     layouts: tuple[LayerLayout, ...]
-    convert: bool  # stored float dtype differs from the compute dtype
+    convert: bool  # some stored float dtype differs from the one kept in memory
     slot_bytes: int
     staging_bytes: int
+    dtype: torch.dtype
+    quantized: bool
+    int4_layout: Int4Layout | None  # how packed int4 weights are stored (None: no int4)
+
+    def target_dtype(self, name: str, stored: torch.dtype) -> torch.dtype:
+        if not stored.is_floating_point or keeps_stored_dtype(name, self.quantized):
+            return stored
+        return self.dtype
 
     @classmethod
     def of(cls, shard: RankShard, dtype: torch.dtype) -> StreamLayout:
         layouts = tuple(layer_layout(shard.layer_path(i)) for i in range(shard.config.num_layers))
-        stored = {dt for lay in layouts for _, dt, *_ in lay.tensors}
+        quant = shard.manifest.quant
+        int4 = Int4Layout.parse(quant.int4_layout) if quant.int4_layout else None
+        probe = cls((), False, 0, 0, dtype, quant.quantized, int4)
         # Shards stored in another float dtype are converted into the slot;
         # the raw bytes then need one staging buffer of their own.
-        convert = any(dt.is_floating_point and dt != dtype for dt in stored)
-        elem = torch.empty((), dtype=dtype).element_size()
+        convert = any(
+            probe.target_dtype(name, dt) != dt for lay in layouts for name, dt, *_ in lay.tensors
+        )
 
         def need(lay: LayerLayout) -> int:
             if not convert:
                 return lay.data_bytes
             return sum(
-                (b - a) // torch.empty((), dtype=dt).element_size() * elem
-                if dt.is_floating_point
-                else b - a
-                for _, dt, _, a, b in lay.tensors
+                (b - a) // _elem(dt) * _elem(probe.target_dtype(name, dt))
+                for name, dt, _, a, b in lay.tensors
             )
 
         slot = max(need(lay) for lay in layouts)
         staging = max(lay.data_bytes for lay in layouts) if convert else 0
-        return cls(layouts, convert, slot, staging)
+        return cls(layouts, convert, slot, staging, dtype, quant.quantized, int4)
+
+
+def _aligned(n: int) -> int:
+    """Converted tensors start on 8-byte boundaries (a dtype view needs its alignment)."""
+    return (n + 7) // 8 * 8
+
+
+def _elem(dt: torch.dtype) -> int:
+    return torch.empty((), dtype=dt).element_size()
 
 
 class SlidingWindowLayers:
@@ -122,7 +146,18 @@ class SlidingWindowLayers:
     def __init__(self, layout: StreamLayout, window: int, dtype: torch.dtype) -> None:
         pin_mmap_threshold()
         self.dtype = dtype
+        self.layout = layout
         self.layouts = layout.layouts
+        native = native_layout()
+        # Packed int4 made on a CPU with another layout is repacked as it loads.
+        self.repack_int4 = layout.int4_layout is not None and layout.int4_layout != native
+        if self.repack_int4:
+            log.warning(
+                "int4 weights were packed as %s, this CPU's torch reads %s: repacking each layer "
+                "as it loads (slower; split on a machine like this one to avoid it)",
+                layout.int4_layout.name,
+                native.name if native else "its own layout",
+            )
         self.convert = layout.convert
         self.num_layers = len(self.layouts)
         self.window = max(1, min(window, self.num_layers))
@@ -169,13 +204,17 @@ class SlidingWindowLayers:
             offset = 0
             converted = {}
             for name, t in tensors.items():
-                dt = self.dtype if t.dtype.is_floating_point else t.dtype
+                dt = self.layout.target_dtype(name, t.dtype)
                 n = t.numel() * torch.empty((), dtype=dt).element_size()
                 dst = slot[offset : offset + n].view(dt).view(t.shape)
                 dst.copy_(t)
                 converted[name] = dst
-                offset += n
+                offset += _aligned(n)
             tensors = converted
+        if self.repack_int4:
+            for name, t in tensors.items():
+                if name.endswith(INT4_SUFFIX):
+                    t.copy_(to_native(t, self.layout.int4_layout))
         self.stats.read_seconds += time.perf_counter() - t0
         self.stats.bytes_read += lay.data_bytes
         self.stats.layers_loaded += 1

@@ -32,8 +32,9 @@ from tpi.manifest import (
 )
 from tpi.memory import pin_mmap_threshold, release_freed_memory
 from tpi.partition import Partition, plan_partition
+from tpi.quantize import LINEAR_NAMES, QuantSpec, quantize_embedding, quantize_tensors
 from tpi.tensor_file import write_safetensors
-from tpi.weights import head_tensors, slice_layer
+from tpi.weights import EMBED, FINAL_NORM, LM_HEAD, head_tensors, slice_layer
 
 MASTER_FILES = (
     "tokenizer.json",
@@ -66,8 +67,11 @@ def split_model(
     dtype: str = "keep",
     progress: Callable[[int, int, str], None] | None = None,
     overwrite: bool = False,
+    quant: QuantSpec | None = None,
 ) -> Path:
-    """Write OUT/rank{r}/ for every rank plus OUT/split.json; returns OUT."""
+    """Write OUT/rank{r}/ for every rank plus OUT/split.json; returns OUT.
+
+    `quant` stores the matmul weights quantized (see tpi.quantize)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg = load_config(model_dir)
     partition = plan_partition(cfg, shares)
@@ -75,6 +79,7 @@ def split_model(
         raise ModelError(f"output directory {out_dir} is not empty (use --force to replace it)")
     if dtype != "keep" and dtype not in STORAGE_DTYPES:
         raise ModelError(f"unknown storage dtype {dtype!r}")
+    quant = quant or QuantSpec()
     pin_mmap_threshold()
     ckpt = Checkpoint(model_dir)
     target = STORAGE_DTYPES.get(dtype)
@@ -100,7 +105,7 @@ def split_model(
                 return cache[name]
 
             for rs in partition.slices:
-                tensors = slice_layer(get, cfg, i, rs)
+                tensors = quantize_tensors(slice_layer(get, cfg, i, rs), LINEAR_NAMES, quant)
                 files[rs.rank][layer_file(i)] = write_safetensors(
                     tmp / f"rank{rs.rank}" / layer_file(i), tensors
                 )
@@ -109,7 +114,7 @@ def split_model(
             release_freed_memory()
             if progress:
                 progress(i + 1, total, f"layer {i}")
-        head = head_tensors(lambda n: ckpt.get(n, storage), cfg)
+        head = quantize_head(head_tensors(lambda n: ckpt.get(n, storage), cfg), quant)
         files[0][HEAD_FILE] = write_safetensors(tmp / "rank0" / HEAD_FILE, head)
         del head
         for name in MASTER_FILES + ("config.json",):
@@ -119,7 +124,7 @@ def split_model(
                 files[0][name] = {"sha256": sha256_file(src), "bytes": src.stat().st_size}
         if progress:
             progress(total, total, "head")
-        index = _write_manifests(tmp, cfg, partition, model_id, _DTYPE_NAMES[storage], files)
+        index = _write_manifests(tmp, cfg, partition, model_id, _DTYPE_NAMES[storage], files, quant)
         (tmp / SPLIT_INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -132,13 +137,33 @@ def split_model(
     return out_dir
 
 
+def quantize_head(head: dict[str, torch.Tensor], quant: QuantSpec) -> dict[str, torch.Tensor]:
+    """Embedding and LM head in the split's format; tied, they stay one table."""
+    out = {FINAL_NORM: head[FINAL_NORM], **quantize_embedding(EMBED, head[EMBED], quant)}
+    if LM_HEAD in head:
+        out.update(quantize_embedding(LM_HEAD, head[LM_HEAD], quant))
+    return out
+
+
 def _write_manifests(
-    tmp: Path, cfg: ModelConfig, partition: Partition, model_id: str, dtype: str, files: list[dict]
+    tmp: Path,
+    cfg: ModelConfig,
+    partition: Partition,
+    model_id: str,
+    dtype: str,
+    files: list[dict],
+    quant: QuantSpec,
 ) -> dict:
     ranks = []
     for r in range(partition.world):
         m = Manifest(
-            model_id=model_id, config=cfg, partition=partition, rank=r, dtype=dtype, files=files[r]
+            model_id=model_id,
+            config=cfg,
+            partition=partition,
+            rank=r,
+            dtype=dtype,
+            files=files[r],
+            quant=quant,
         )
         raw = m.to_bytes()
         (tmp / f"rank{r}" / MANIFEST_NAME).write_bytes(raw)
@@ -150,6 +175,7 @@ def _write_manifests(
         "world": partition.world,
         "shares": list(partition.shares),
         "dtype": dtype,
+        "quant": quant.to_dict(),
         "ranks": ranks,
     }
 
@@ -174,12 +200,18 @@ def ensure_split(
     shares: list[float],
     echo: Callable[[str], None],
     progress: Callable[[int, int, str], None] | None = None,
+    quant: QuantSpec | None = None,
 ) -> Path:
     """A split of `model_dir` for these shares in $TPI_HOME/splits, made once."""
     from tpi.file_lock import file_lock
     from tpi.paths import tpi_home
 
+    quant = quant or QuantSpec()
     tag = "-".join(f"{s:g}" for s in shares)
+    if quant.quantized:
+        tag += f"-{quant.mode}" + (
+            f"g{quant.group_size}-{quant.int4_layout}" if quant.mode == "int4" else ""
+        )
     root = tpi_home() / "splits"
     target = root / f"{model_fingerprint(Path(model_dir))[:16]}-w{len(shares)}-{tag}"
     if is_split_dir(target):
@@ -189,5 +221,7 @@ def ensure_split(
             echo(
                 f"splitting {model_dir} for {len(shares)} ranks (shares {tag}) into {target} (once)..."
             )
-            split_model(Path(model_dir), target, shares, progress=progress, overwrite=True)
+            split_model(
+                Path(model_dir), target, shares, progress=progress, overwrite=True, quant=quant
+            )
     return target

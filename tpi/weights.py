@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from tpi.config import ModelConfig
+from tpi.linear import Weight, weight_from_tensors, weight_nbytes
 from tpi.partition import RankSlice
 
 # Canonical tensor names inside a per-layer slice file.
@@ -41,48 +42,53 @@ def hf_layer_name(layer: int, suffix: str) -> str:
 class LayerWeights:
     attn_norm: torch.Tensor
     mlp_norm: torch.Tensor
-    qkv: torch.Tensor  # ((n_q + 2 n_kv) * head_dim, hidden)
+    # Matmul weights are float tensors or quantized (tpi.linear).
+    qkv: Weight  # ((n_q + 2 n_kv) * head_dim, hidden)
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # (hidden, n_q * head_dim)
+    o: Weight  # (hidden, n_q * head_dim)
     o_bias: torch.Tensor | None
-    gate_up: torch.Tensor  # (2 * n_mlp, hidden)
+    gate_up: Weight  # (2 * n_mlp, hidden)
     gate_up_bias: torch.Tensor | None
-    down: torch.Tensor  # (hidden, n_mlp)
+    down: Weight  # (hidden, n_mlp)
     down_bias: torch.Tensor | None
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> LayerWeights:
+        def weight(name: str) -> Weight:
+            w = weight_from_tensors(t, name)
+            if w is None:
+                raise KeyError(name)
+            return w
+
         return cls(
             attn_norm=t[ATTN_NORM],
             mlp_norm=t[MLP_NORM],
-            qkv=t[QKV],
+            qkv=weight(QKV),
             qkv_bias=t.get(QKV_BIAS),
-            o=t[O_PROJ],
+            o=weight(O_PROJ),
             o_bias=t.get(O_BIAS),
-            gate_up=t[GATE_UP],
+            gate_up=weight(GATE_UP),
             gate_up_bias=t.get(GATE_UP_BIAS),
-            down=t[DOWN],
+            down=weight(DOWN),
             down_bias=t.get(DOWN_BIAS),
         )
 
     def nbytes(self) -> int:
-        return sum(
-            x.numel() * x.element_size() for x in vars(self).values() if isinstance(x, torch.Tensor)
-        )
+        return sum(weight_nbytes(x) for x in vars(self).values())
 
 
 @dataclass
 class HeadWeights:
     """Embedding, final norm and LM head: the master's extra tensors."""
 
-    embed: torch.Tensor  # (vocab, hidden)
+    embed: Weight  # (vocab, hidden); float or int8 rows
     final_norm: torch.Tensor
-    lm_head: torch.Tensor  # (vocab, hidden); the same storage as embed when tied
+    lm_head: Weight  # (vocab, hidden); the same object as embed when tied and stored once
 
     def nbytes(self) -> int:
-        n = self.embed.numel() * self.embed.element_size() + self.final_norm.numel() * 4
-        if self.lm_head.data_ptr() != self.embed.data_ptr():
-            n += self.lm_head.numel() * self.lm_head.element_size()
+        n = weight_nbytes(self.embed) + weight_nbytes(self.final_norm)
+        if self.lm_head is not self.embed:
+            n += weight_nbytes(self.lm_head)
         return n
 
 
@@ -157,5 +163,8 @@ def head_tensors(get: Callable[[str], torch.Tensor], cfg: ModelConfig) -> dict[s
 
 
 def head_from_tensors(t: dict[str, torch.Tensor]) -> HeadWeights:
-    embed = t[EMBED]
-    return HeadWeights(embed=embed, final_norm=t[FINAL_NORM], lm_head=t.get(LM_HEAD, embed))
+    embed = weight_from_tensors(t, EMBED)
+    lm_head = weight_from_tensors(t, LM_HEAD)
+    return HeadWeights(
+        embed=embed, final_norm=t[FINAL_NORM], lm_head=embed if lm_head is None else lm_head
+    )
