@@ -64,6 +64,13 @@ ENGINE_OPTIONS = [
         help="With --quant int4: weights per scale/zero group.",
     ),
     click.option(
+        "--vocab-parallel",
+        is_flag=True,
+        help="Split the embedding and LM head by vocabulary rows across all ranks (less memory and "
+        "head compute on the master; only token ids and a few candidates per token cross the "
+        "wire, at the cost of one more allreduce per token).",
+    ),
+    click.option(
         "--threads",
         type=click.IntRange(min=1),
         default=None,
@@ -187,6 +194,7 @@ def open_from_options(opts: dict):
         curve_dir=opts["curve_dir"],
         quant=opts["quant"],
         group_size=int(opts["group_size"]),
+        vocab_parallel=opts["vocab_parallel"],
         memory=MemoryOptions(
             opts["window"],
             opts["memory_budget"] or parent.get("cluster_memory_budget"),

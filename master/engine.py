@@ -1,58 +1,51 @@
 """Token ids in, logits out, on the master.
 
-Owns what never leaves the master (embedding, final norm, LM head) and rank 0's
-slice of the layers. Remembers which tokens are in the KV cache so a new
-request that shares a prefix (the next chat turn) only runs the new tokens.
+Owns the token side (embedding, final norm, LM head: whole, or rank 0's
+vocabulary rows, see master.vocab), sampling requests, and rank 0's slice of
+the layers. Remembers which tokens are in the KV cache so a new request that
+shares a prefix (the next chat turn) only runs the new tokens.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
+from master.sampling import Sampler
+from master.vocab import SpreadVocab, WholeVocab
 from tpi.config import ModelConfig, load_config
 from tpi.decoder import Decoder, LocalCollective, ResidentLayers
 from tpi.errors import PromptError
-from tpi.layers import embed, logits
 from tpi.loading import load_head, load_layers, open_checkpoint
 from tpi.partition import plan_partition
-from tpi.weights import HeadWeights
-
-
-class StepListener(Protocol):
-    """Told about each forward pass before rank 0 runs it (the cluster hooks in here)."""
-
-    def begin_step(self, h: torch.Tensor, pos: int) -> None: ...
 
 
 class Engine:
     def __init__(
         self,
         cfg: ModelConfig,
-        head: HeadWeights,
+        vocab: WholeVocab | SpreadVocab,
         decoder: Decoder,
-        listener: StepListener | None = None,
     ) -> None:
         self.cfg = cfg
-        self.head = head
+        self.vocab = vocab
         self.decoder = decoder
-        self.listener = listener
         self.dtype = decoder.dtype
         self.cached: list[int] = []  # tokens whose K/V are valid in the cache, in order
         self.last_reused = 0  # prompt tokens the last prefill did not have to run
         self.forward_seconds = 0.0  # time in the decoder (layers, disk waits, allreduces)
         self.steps = 0
+        self.prefill_chunks: Callable[[int], int] = lambda _tokens: 1
 
     @property
     def max_positions(self) -> int:
         return self.decoder.max_positions
 
-    def forward(self, ids: Sequence[int], pos: int, all_logits: bool = False) -> torch.Tensor:
-        """Run tokens at positions [pos, pos+len); float32 logits of the last (or all) rows."""
+    def _run(self, ids: Sequence[int], pos: int, want: dict) -> torch.Tensor:
+        """Final hidden states of tokens at positions [pos, pos+len)."""
         if pos > len(self.cached):
             raise ValueError(
                 f"position {pos} skips uncached tokens (cache holds {len(self.cached)})"
@@ -64,21 +57,30 @@ class Engine:
             )
         # Forget first: if this pass is interrupted the cache holds garbage past pos.
         del self.cached[pos:]
-        x = torch.tensor(list(ids), dtype=torch.long)
-        h = embed(x, self.head, self.dtype)
-        if self.listener is not None:
-            self.listener.begin_step(h, pos)
+        chunks = self.prefill_chunks(len(ids)) if len(ids) > 1 else 1
         t0 = time.perf_counter()
-        h = self.decoder.forward(h, pos)
+        h = self.vocab.start(list(ids), pos, chunks, want)
+        h = self.decoder.forward(h, pos, chunks)
         self.forward_seconds += time.perf_counter() - t0
         self.steps += 1
         self.cached.extend(ids)
-        if all_logits:
-            return logits(h, self.head, self.cfg.rms_norm_eps)
-        return logits(h[-1:], self.head, self.cfg.rms_norm_eps)[0]
+        return h
 
-    def prefill(self, prompt: Sequence[int]) -> torch.Tensor:
-        """Logits after the prompt, reusing the longest cached prefix."""
+    def forward(self, ids: Sequence[int], pos: int, all_logits: bool = False) -> torch.Tensor:
+        """Run tokens at positions [pos, pos+len); float32 logits of the last (or all) rows."""
+        h = self._run(ids, pos, {"mode": "logits", "rows": "all" if all_logits else "last"})
+        if all_logits:
+            return self.vocab.logits(h)
+        return self.vocab.logits(h[-1:])[0]
+
+    def forward_token(self, ids: Sequence[int], pos: int, sampler: Sampler) -> int:
+        """Run tokens at positions [pos, pos+len) and choose the next token."""
+        req = sampler.request()
+        h = self._run(ids, pos, {"mode": "choose", **req.to_dict()})
+        return self.vocab.choose(h[-1:], req)
+
+    def _reuse(self, prompt: Sequence[int]) -> int:
+        """Where a new prompt must start running: after the longest cached prefix."""
         if not prompt:
             raise PromptError("the prompt is empty")
         common = 0
@@ -87,9 +89,18 @@ class Engine:
                 break
             common += 1
         # At least one token must run to produce logits.
-        start = min(common, len(prompt) - 1)
-        self.last_reused = start
+        self.last_reused = min(common, len(prompt) - 1)
+        return self.last_reused
+
+    def prefill(self, prompt: Sequence[int]) -> torch.Tensor:
+        """Logits after the prompt, reusing the longest cached prefix."""
+        start = self._reuse(prompt)
         return self.forward(prompt[start:], start)
+
+    def prefill_token(self, prompt: Sequence[int], sampler: Sampler) -> int:
+        """The first new token after the prompt, reusing the longest cached prefix."""
+        start = self._reuse(prompt)
+        return self.forward_token(prompt[start:], start, sampler)
 
     def reset(self) -> None:
         self.cached.clear()
@@ -106,4 +117,4 @@ def load_engine(model_dir: Path, dtype: torch.dtype = torch.float32) -> Engine:
     finally:
         ckpt.close()
     decoder = Decoder(cfg, part.slices[0], ResidentLayers(layers), LocalCollective(), dtype)
-    return Engine(cfg, head, decoder)
+    return Engine(cfg, WholeVocab(cfg, head, dtype, None), decoder)

@@ -60,13 +60,12 @@ def generate_tokens(
     budget = min(params.max_new_tokens, engine.max_positions - len(prompt))
     stats.prompt_tokens = len(prompt)
     t0 = time.perf_counter()
-    logits = engine.prefill(prompt)
+    token = engine.prefill_token(prompt, sampler)
     stats.reused_tokens = engine.last_reused
     stats.prefill_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     stats.stop_reason = "length"
     for i in range(budget):
-        token = sampler(logits)
         if token in stop_ids:
             stats.stop_reason = "eos"
             break
@@ -77,6 +76,6 @@ def generate_tokens(
         if cancel is not None and cancel.is_set():
             stats.stop_reason = "cancelled"
             break
-        logits = engine.forward([token], len(prompt) + i)
+        token = engine.forward_token([token], len(prompt) + i, sampler)
         stats.decode_steps += 1
         stats.decode_seconds = time.perf_counter() - t1

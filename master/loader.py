@@ -12,8 +12,9 @@ import click
 import torch
 
 from master.cluster import ClusterSession
-from master.engine import Engine, StepListener, load_engine
+from master.engine import Engine, load_engine
 from master.sampling import SamplingParams, defaults_from_generation_config
+from master.vocab import SpreadVocab, WholeVocab
 from tpi.auth import require_secret
 from tpi.config import load_config
 from tpi.curve import CurveKeys
@@ -30,6 +31,7 @@ from tpi.rank_runtime import RankRuntime, build_rank
 from tpi.shard_reader import RankShard
 from tpi.shard_verify import verify_once
 from tpi.split import ensure_split, is_split_dir, read_split_index
+from tpi.star_allreduce import StarMaster
 from tpi.tokenizer import TextTokenizer
 
 
@@ -70,15 +72,16 @@ def load_rank0(
     rank_dir: Path,
     dtype: torch.dtype,
     collective: Collective,
-    listener: StepListener | None,
+    cluster: StarMaster | None,
     memory: MemoryOptions,
     echo,
 ) -> tuple[Engine, RankRuntime]:
     shard = RankShard(rank_dir)
     verify_once(shard.dir, shard.manifest, shard.manifest_sha256)
-    # The embedding and LM head stay resident on the master: the head is read
-    # in full for every token, so streaming it would add its whole size in disk
-    # reads per token. They count in the master's budget (head_bytes).
+    # The embedding and LM head (or rank 0's vocabulary rows of them) stay
+    # resident: the head is read in full for every token, so streaming it would
+    # add its whole size in disk reads per token. They count in the master's
+    # budget (head_bytes).
     head = shard.load_head(dtype)
     runtime = build_rank(
         shard,
@@ -90,7 +93,13 @@ def load_rank0(
         head_bytes=head.nbytes(),
         echo=echo if memory.streaming else None,
     )
-    return Engine(shard.config, head, runtime.decoder, listener), runtime
+    cfg, partition = shard.config, shard.manifest.partition
+    if partition.vocab_parallel and cluster is not None:
+        sizes = [b - a for a, b in (rs.vocab for rs in partition.slices)]
+        vocab = SpreadVocab(cfg, head, dtype, cluster, sizes)
+    else:
+        vocab = WholeVocab(cfg, head, dtype, cluster)
+    return Engine(cfg, vocab, runtime.decoder), runtime
 
 
 def open_model(
@@ -107,6 +116,7 @@ def open_model(
     curve_dir: str | None = None,
     quant: str | None = None,
     group_size: int = 32,
+    vocab_parallel: bool = False,
 ) -> LoadedModel:
     """Resolve --model; split it if a cluster or the sliding window needs per-layer
     files; connect and load the workers; load rank 0."""
@@ -124,10 +134,15 @@ def open_model(
             raise ModelError(
                 "--shares applies when splitting a model; this directory is already split"
             )
-        made = QuantSpec.from_dict(read_split_index(split_dir).get("quant")).mode
+        made_index = read_split_index(split_dir)
+        made = QuantSpec.from_dict(made_index.get("quant")).mode
         if quant is not None and quant != made:
             raise ModelError(
                 f"this directory was split with --quant {made}; --quant {quant} needs a new split"
+            )
+        if vocab_parallel and not made_index.get("vocab_parallel"):
+            raise ModelError(
+                "this directory was split without --vocab-parallel; split it again with it"
             )
     else:
         load_config(model_dir)  # the most telling error first (missing/unsupported model)
@@ -138,7 +153,12 @@ def open_model(
             return LoadedModel(model_dir, engine, tokenizer, time.perf_counter() - t0)
         with ProgressReporter("splitting") as progress:
             split_dir = ensure_split(
-                model_dir, parse_shares(shares, world), echo, progress, quant=spec
+                model_dir,
+                parse_shares(shares, world),
+                echo,
+                progress,
+                quant=spec,
+                vocab_parallel=vocab_parallel and world > 1,
             )
     index = read_split_index(split_dir)
     rank0 = split_dir / index["ranks"][0]["dir"]

@@ -1,10 +1,18 @@
-"""Next-token choice from logits: greedy, temperature, top-k, top-p, seeded."""
+"""Next-token choice: greedy, temperature, top-k, top-p, seeded.
+
+The choice itself is tpi.vocab_head's (Gumbel-max over candidates), shared
+with the vocabulary-parallel head, so a seed gives the same tokens whether the
+logits sit on one node or are spread over ranks. `probabilities` spells out
+the distribution that is sampled, for tests and for reading.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from tpi.vocab_head import HeadRequest, choose_local
 
 
 @dataclass(frozen=True)
@@ -40,11 +48,17 @@ class Sampler:
     def greedy(self) -> bool:
         return self.params.temperature == 0
 
+    def request(self) -> HeadRequest:
+        """How to choose the next token (draws that token's noise seed)."""
+        p = self.params
+        if self.greedy:
+            return HeadRequest()
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        return HeadRequest(p.temperature, p.top_k, p.top_p, seed)
+
     def __call__(self, logits: torch.Tensor) -> int:
         """Choose one token id from float32 logits of shape (vocab,)."""
-        if self.greedy:
-            return int(torch.argmax(logits))
-        return int(torch.multinomial(self.probabilities(logits), 1, generator=self.generator))
+        return choose_local(logits.float(), self.request())
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution sampled from, after temperature, top-k and top-p."""

@@ -147,7 +147,7 @@ def test_eavesdropper_reads_activations_only_without_curve(llama_dir, tmp_path, 
             lm.engine.prefill(ids)
             # The hidden states the master ships to the worker for this prompt:
             secret_bytes = (
-                torch.nn.functional.embedding(torch.tensor(ids), lm.engine.head.embed)
+                torch.nn.functional.embedding(torch.tensor(ids), lm.engine.vocab.head.embed)
                 .numpy()
                 .tobytes()
             )

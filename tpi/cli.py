@@ -144,6 +144,12 @@ def convert_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, force: bool) -> N
     show_default=True,
     help="int4 only: weights per scale/zero group (smaller = more accurate, slightly bigger).",
 )
+@click.option(
+    "--vocab-parallel",
+    is_flag=True,
+    help="Give every rank its vocabulary rows of the embedding and LM head (by the same shares) "
+    "instead of all of them to rank 0.",
+)
 @click.option("--force", is_flag=True, help="Replace --out if it already holds files.")
 def split_cmd(
     model: str | None,
@@ -153,6 +159,7 @@ def split_cmd(
     dtype: str,
     quant: str,
     group_size: str,
+    vocab_parallel: bool,
     force: bool,
 ) -> None:
     """Cut a model into one shard directory per rank.
@@ -178,7 +185,14 @@ def split_cmd(
         model_dir = resolve_model(model, echo_err, progress)
     with ProgressReporter("splitting") as progress:
         split_model(
-            model_dir, Path(out), parse_shares(shares, world), dtype, progress, force, quant=spec
+            model_dir,
+            Path(out),
+            parse_shares(shares, world),
+            dtype,
+            progress,
+            force,
+            quant=spec,
+            vocab_parallel=vocab_parallel,
         )
     click.echo(f"wrote {out}")
 

@@ -9,7 +9,6 @@ a single node), so the residual stream is identical on every rank.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +20,6 @@ from tpi.partition import RankSlice
 from tpi.rope import apply_rotary
 from tpi.weights import HeadWeights, LayerWeights
 
-Allreduce = Callable[[torch.Tensor, int], torch.Tensor]  # (partial, phase) -> sum
 PHASE_ATTENTION = 0
 PHASE_MLP = 1
 
@@ -145,7 +143,7 @@ def mlp_block(x: torch.Tensor, w: LayerWeights) -> torch.Tensor:
     return linear(F.silu(gate) * up, w.down, w.down_bias)
 
 
-def decoder_layer(
+def attention_partial(
     h: torch.Tensor,
     w: LayerWeights,
     layout: AttentionLayout,
@@ -154,16 +152,26 @@ def decoder_layer(
     step: StepContext,
     eps: float,
     window: int | None,
-    allreduce: Allreduce,
 ) -> torch.Tensor:
-    a = attention_block(rms_norm(h, w.attn_norm, eps), w, layout, cache, layer, step, window)
-    h = h + allreduce(a, PHASE_ATTENTION)
-    m = mlp_block(rms_norm(h, w.mlp_norm, eps), w)
-    return h + allreduce(m, PHASE_MLP)
+    """First half of a decoder layer: this rank's attention output, to be allreduced
+    and added to the residual h."""
+    return attention_block(rms_norm(h, w.attn_norm, eps), w, layout, cache, layer, step, window)
+
+
+def mlp_partial(h: torch.Tensor, w: LayerWeights, eps: float) -> torch.Tensor:
+    """Second half: this rank's MLP output, to be allreduced and added to h."""
+    return mlp_block(rms_norm(h, w.mlp_norm, eps), w)
 
 
 def embed(ids: torch.Tensor, head: HeadWeights, dtype: torch.dtype) -> torch.Tensor:
-    return embedding_rows(ids, head.embed, dtype)
+    """Embeddings of `ids`; rows outside this head's vocabulary range are zero (the
+    vocabulary-parallel embedding: an allreduce then adds every rank's rows)."""
+    local = ids - head.start
+    inside = (local >= 0) & (local < head.rows)
+    if bool(inside.all()):
+        return embedding_rows(local, head.embed, dtype)
+    rows = embedding_rows(local.clamp(0, head.rows - 1), head.embed, dtype)
+    return rows.masked_fill(~inside[:, None], 0)
 
 
 def logits(h: torch.Tensor, head: HeadWeights, eps: float) -> torch.Tensor:

@@ -86,6 +86,11 @@ def weight_nbytes(w: Weight | None) -> int:
     return _nbytes(w) if isinstance(w, torch.Tensor) else w.nbytes()
 
 
+def weight_rows(w: Weight) -> int:
+    """Output features (rows) of a weight."""
+    return w.shape[0]
+
+
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (T, K) @ w.T (+ bias) -> (T, N) in x's dtype."""
     if isinstance(w, torch.Tensor):

@@ -28,6 +28,9 @@ class RankSlice:
     q_heads: tuple[int, int]  # [start, end) global query heads
     kv_heads: tuple[int, int]  # [start, end) global KV heads read by those query heads
     mlp: tuple[int, int]  # [start, end) intermediate columns
+    # [start, end) vocabulary rows of the embedding and LM head, when they are
+    # split by vocabulary (None: the master holds them whole).
+    vocab: tuple[int, int] | None = None
 
     @property
     def n_q(self) -> int:
@@ -46,7 +49,10 @@ class RankSlice:
         return [q // group_size - self.kv_heads[0] for q in range(*self.q_heads)]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.vocab is None:  # splits without it keep their manifests (and hashes)
+            del d["vocab"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> RankSlice:
@@ -55,6 +61,7 @@ class RankSlice:
             q_heads=tuple(d["q_heads"]),
             kv_heads=tuple(d["kv_heads"]),
             mlp=tuple(d["mlp"]),
+            vocab=tuple(d["vocab"]) if d.get("vocab") is not None else None,
         )
 
 
@@ -91,9 +98,10 @@ def _ranges(counts: list[int], unit: int = 1) -> list[tuple[int, int]]:
     return out
 
 
-def _mlp_unit(intermediate: int, world: int) -> int:
+def _unit(total: int, world: int) -> int:
+    """The largest aligned block (128 down to 1) that still gives every rank one."""
     for unit in (128, 64, 32, 16, 8, 4, 2, 1):
-        if intermediate % unit == 0 and intermediate // unit >= world:
+        if total % unit == 0 and total // unit >= world:
             return unit
     return 1
 
@@ -110,6 +118,10 @@ class Partition:
             "shares": list(self.shares),
             "slices": [s.to_dict() for s in self.slices],
         }
+
+    @property
+    def vocab_parallel(self) -> bool:
+        return self.slices[0].vocab is not None
 
     @classmethod
     def from_dict(cls, d: dict) -> Partition:
@@ -135,7 +147,10 @@ def parse_shares(text: str | None, world: int) -> list[float]:
     return shares
 
 
-def plan_partition(cfg: ModelConfig, shares: list[float]) -> Partition:
+def plan_partition(
+    cfg: ModelConfig, shares: list[float], vocab_parallel: bool = False
+) -> Partition:
+    """Heads, MLP columns (and, with `vocab_parallel`, vocabulary rows) per rank."""
     world = len(shares)
     g = cfg.group_size
     if world <= cfg.num_kv_heads:
@@ -145,12 +160,26 @@ def plan_partition(cfg: ModelConfig, shares: list[float]) -> Partition:
     else:
         q_ranges = _ranges(apportion(cfg.num_heads, shares, "attention heads"))
         kv_ranges = [(a // g, (b - 1) // g + 1) for a, b in q_ranges]
-    unit = _mlp_unit(cfg.intermediate_size, world)
+    unit = _unit(cfg.intermediate_size, world)
     mlp_ranges = _ranges(
         apportion(cfg.intermediate_size // unit, shares, "MLP column blocks"), unit
     )
+    vocab_ranges: list = [None] * world
+    if vocab_parallel:
+        vunit = _unit(cfg.vocab_size, world)
+        vocab_ranges = _ranges(
+            apportion(cfg.vocab_size // vunit, shares, "vocabulary blocks"), vunit
+        )
+        # A vocabulary that is not a multiple of the block: the last rank takes the rest.
+        vocab_ranges[-1] = (vocab_ranges[-1][0], cfg.vocab_size)
     slices = tuple(
-        RankSlice(rank=r, q_heads=q_ranges[r], kv_heads=kv_ranges[r], mlp=mlp_ranges[r])
+        RankSlice(
+            rank=r,
+            q_heads=q_ranges[r],
+            kv_heads=kv_ranges[r],
+            mlp=mlp_ranges[r],
+            vocab=vocab_ranges[r],
+        )
         for r in range(world)
     )
     return Partition(world=world, shares=tuple(shares), slices=slices)

@@ -47,10 +47,16 @@ class RankShard:
     def load_layer(self, i: int, dtype: torch.dtype) -> LayerWeights:
         return LayerWeights.from_tensors(self._load(layer_file(i), dtype))
 
+    @property
+    def has_head(self) -> bool:
+        return HEAD_FILE in self.manifest.files
+
     def load_head(self, dtype: torch.dtype) -> HeadWeights:
-        if HEAD_FILE not in self.manifest.files:
+        """The embedding/LM head: whole on rank 0, or this rank's vocabulary rows."""
+        if not self.has_head:
             raise ShardError(f"{self.dir} holds no embedding/LM head (only rank 0 does)")
-        return head_from_tensors(self._load(HEAD_FILE, dtype))
+        vocab = self.manifest.rank_slice.vocab
+        return head_from_tensors(self._load(HEAD_FILE, dtype), vocab[0] if vocab else 0)
 
     def verify(self) -> None:
         verify_files(self.dir, self.manifest)

@@ -34,7 +34,7 @@ from tpi.memory import pin_mmap_threshold, release_freed_memory
 from tpi.partition import Partition, plan_partition
 from tpi.quantize import LINEAR_NAMES, QuantSpec, quantize_embedding, quantize_tensors
 from tpi.tensor_file import write_safetensors
-from tpi.weights import EMBED, FINAL_NORM, LM_HEAD, head_tensors, slice_layer
+from tpi.weights import EMBED, FINAL_NORM, LM_HEAD, head_tensors, slice_head, slice_layer
 
 MASTER_FILES = (
     "tokenizer.json",
@@ -68,13 +68,16 @@ def split_model(
     progress: Callable[[int, int, str], None] | None = None,
     overwrite: bool = False,
     quant: QuantSpec | None = None,
+    vocab_parallel: bool = False,
 ) -> Path:
     """Write OUT/rank{r}/ for every rank plus OUT/split.json; returns OUT.
 
-    `quant` stores the matmul weights quantized (see tpi.quantize)."""
+    `quant` stores the matmul weights quantized (see tpi.quantize);
+    `vocab_parallel` gives every rank its vocabulary rows of the embedding and LM
+    head instead of all of them to rank 0."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg = load_config(model_dir)
-    partition = plan_partition(cfg, shares)
+    partition = plan_partition(cfg, shares, vocab_parallel)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ModelError(f"output directory {out_dir} is not empty (use --force to replace it)")
     if dtype != "keep" and dtype not in STORAGE_DTYPES:
@@ -114,8 +117,15 @@ def split_model(
             release_freed_memory()
             if progress:
                 progress(i + 1, total, f"layer {i}")
-        head = quantize_head(head_tensors(lambda n: ckpt.get(n, storage), cfg), quant)
-        files[0][HEAD_FILE] = write_safetensors(tmp / "rank0" / HEAD_FILE, head)
+        head = head_tensors(lambda n: ckpt.get(n, storage), cfg)
+        for rs in partition.slices:
+            if rs.vocab is None and rs.rank != 0:
+                continue
+            part = slice_head(head, *rs.vocab) if rs.vocab else head
+            files[rs.rank][HEAD_FILE] = write_safetensors(
+                tmp / f"rank{rs.rank}" / HEAD_FILE, quantize_head(part, quant)
+            )
+            del part
         del head
         for name in MASTER_FILES + ("config.json",):
             src = model_dir / name
@@ -176,6 +186,7 @@ def _write_manifests(
         "shares": list(partition.shares),
         "dtype": dtype,
         "quant": quant.to_dict(),
+        "vocab_parallel": partition.vocab_parallel,
         "ranks": ranks,
     }
 
@@ -201,6 +212,7 @@ def ensure_split(
     echo: Callable[[str], None],
     progress: Callable[[int, int, str], None] | None = None,
     quant: QuantSpec | None = None,
+    vocab_parallel: bool = False,
 ) -> Path:
     """A split of `model_dir` for these shares in $TPI_HOME/splits, made once."""
     from tpi.file_lock import file_lock
@@ -222,6 +234,12 @@ def ensure_split(
                 f"splitting {model_dir} for {len(shares)} ranks (shares {tag}) into {target} (once)..."
             )
             split_model(
-                Path(model_dir), target, shares, progress=progress, overwrite=True, quant=quant
+                Path(model_dir),
+                target,
+                shares,
+                progress=progress,
+                overwrite=True,
+                quant=quant,
+                vocab_parallel=vocab_parallel,
             )
     return target

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from tpi.config import ModelConfig
-from tpi.linear import Weight, weight_from_tensors, weight_nbytes
+from tpi.linear import Weight, weight_from_tensors, weight_nbytes, weight_rows
 from tpi.partition import RankSlice
 
 # Canonical tensor names inside a per-layer slice file.
@@ -81,9 +81,14 @@ class LayerWeights:
 class HeadWeights:
     """Embedding, final norm and LM head: the master's extra tensors."""
 
-    embed: Weight  # (vocab, hidden); float or int8 rows
+    embed: Weight  # (rows, hidden); float or int8 rows
     final_norm: torch.Tensor
-    lm_head: Weight  # (vocab, hidden); the same object as embed when tied and stored once
+    lm_head: Weight  # (rows, hidden); the same object as embed when tied and stored once
+    start: int = 0  # first vocabulary row held (a vocabulary-parallel rank holds a range)
+
+    @property
+    def rows(self) -> int:
+        return weight_rows(self.embed)
 
     def nbytes(self) -> int:
         n = weight_nbytes(self.embed) + weight_nbytes(self.final_norm)
@@ -162,9 +167,17 @@ def head_tensors(get: Callable[[str], torch.Tensor], cfg: ModelConfig) -> dict[s
     return out
 
 
-def head_from_tensors(t: dict[str, torch.Tensor]) -> HeadWeights:
+def slice_head(t: dict[str, torch.Tensor], start: int, end: int) -> dict[str, torch.Tensor]:
+    """Vocabulary rows [start, end) of the embedding and LM head (final norm whole)."""
+    return {k: v if k == FINAL_NORM else v[start:end].contiguous() for k, v in t.items()}
+
+
+def head_from_tensors(t: dict[str, torch.Tensor], start: int = 0) -> HeadWeights:
     embed = weight_from_tensors(t, EMBED)
     lm_head = weight_from_tensors(t, LM_HEAD)
     return HeadWeights(
-        embed=embed, final_norm=t[FINAL_NORM], lm_head=embed if lm_head is None else lm_head
+        embed=embed,
+        final_norm=t[FINAL_NORM],
+        lm_head=embed if lm_head is None else lm_head,
+        start=start,
     )

@@ -6,9 +6,11 @@ Every message is a ZeroMQ multipart message:
     frame 1: optional raw payload (tensor bytes, file chunk)
 
 Control kinds carry a small JSON object as body, checked against a schema
-before use. Data kinds (STEP, PARTIAL, SUM) carry a fixed binary header
-(session, step, position, layer, phase, dtype, shape) so a receiver can check
-that a tensor belongs exactly where it is about to be summed.
+before use (STEP_TOKENS also carries the token ids as raw int64 bytes). Data
+kinds (STEP, PARTIAL, SUM, HEAD) carry a fixed binary header (session, step,
+position, layer, phase, dtype, shape) so a receiver can check that a tensor
+belongs exactly where it is about to be summed. In a STEP the phase field
+carries the number of prefill chunks the step is cut into.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from tpi.errors import TpiError
 
 MAGIC = b"TP"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: vocabulary-parallel steps (STEP_TOKENS, HEAD), prefill chunks
 MAX_CONTROL_BYTES = 64 * 1024
 MAX_NDIM = 4
 
@@ -53,9 +55,12 @@ class Kind(IntEnum):
     STATS_REQUEST = 17
     CHALLENGE = 18  # worker -> master: my nonce, and proof that I know the secret
     AUTH = 19  # master -> worker: proof that I know the secret
+    STEP_TOKENS = 20  # master -> workers: token ids of a step (+ int64 payload), vocab-parallel
+    HEAD = 21  # worker -> master: its logits slice or its token candidates (data)
+    HEAD_MORE = 22  # master -> workers: more top-p candidates for this step
 
 
-DATA_KINDS = frozenset({Kind.STEP, Kind.PARTIAL, Kind.SUM})
+DATA_KINDS = frozenset({Kind.STEP, Kind.PARTIAL, Kind.SUM, Kind.HEAD})
 # HELLO and REFUSE keep their layout in every protocol version, so peers of
 # different versions can still tell each other why they cannot talk.
 VERSION_FREE_KINDS = frozenset({Kind.HELLO, Kind.REFUSE})
@@ -87,9 +92,17 @@ SCHEMAS: dict[Kind, dict[str, type | tuple[type, ...]]] = {
     Kind.PONG: {"session": int},
     Kind.STATS_REQUEST: {"session": int},
     Kind.STATS: {"session": int, "stats": dict},
+    Kind.STEP_TOKENS: {"session": int, "step": int, "pos": int, "chunks": int, "head": dict},
+    Kind.HEAD_MORE: {"session": int, "step": int, "round": int, "count": int},
 }
+MAX_STEP_TOKENS = 1 << 20
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPE_CODES = {
+    torch.float32: 0,
+    torch.bfloat16: 1,
+    torch.float16: 2,
+    torch.float64: 3,  # token candidates (values and indices, exact)
+}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -151,6 +164,26 @@ def tensor_payload(t: torch.Tensor):
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16; ship the raw 16-bit words
         return t.view(torch.int16).numpy()
     return t.numpy()
+
+
+def ids_payload(ids: list[int]) -> bytes:
+    """Token ids as raw little-endian int64 (the STEP_TOKENS payload)."""
+    return torch.tensor(ids, dtype=torch.int64).numpy().astype("<i8").tobytes()
+
+
+def payload_ids(payload: Any, vocab_size: int) -> torch.Tensor:
+    """The token ids of a STEP_TOKENS payload, checked: whole int64s, 1..MAX of them, in vocab."""
+    buf = payload.bytes if hasattr(payload, "bytes") else bytes(payload or b"")
+    if not buf or len(buf) % 8 or len(buf) // 8 > MAX_STEP_TOKENS:
+        raise ProtocolError(
+            f"STEP_TOKENS payload of {len(buf)} bytes is not 1..{MAX_STEP_TOKENS} ids"
+        )
+    ids = torch.frombuffer(bytearray(buf), dtype=torch.int64)
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise ProtocolError(
+            f"STEP_TOKENS carries a token id outside the vocabulary of {vocab_size}"
+        )
+    return ids
 
 
 def payload_tensor(payload: Any, h: DataHeader) -> torch.Tensor:

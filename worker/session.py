@@ -15,7 +15,7 @@ from tpi.manifest import ShardError
 from tpi.node_report import node_stats
 from tpi.rank_runtime import RankRuntime, build_rank
 from tpi.shard_reader import RankShard
-from tpi.star_allreduce import STEP_LAYER, StarWorker
+from tpi.star_allreduce import STEP_LAYER, StarWorker, pass_order
 from tpi.wire import (
     WIRE_DTYPES,
     DataHeader,
@@ -24,8 +24,10 @@ from tpi.wire import (
     ProtocolError,
     decode,
     encode_control,
+    payload_ids,
     payload_tensor,
 )
+from worker.head_service import HeadService
 from worker.options import WorkerOptions
 from worker.store import ShardStore
 
@@ -82,6 +84,7 @@ class Session:
         self.compute_seconds = 0.0
         self.steps = 0
         self.resident_bytes = 0
+        self.head: HeadService | None = None  # vocabulary-parallel splits only
 
     # --- messaging -------------------------------------------------------------------
 
@@ -148,7 +151,7 @@ class Session:
 
     def wait_sum(self, expected: DataHeader) -> Message:
         """WorkerChannel: the SUM for exactly this step/layer/phase."""
-        want = (expected.step, expected.layer, expected.phase)
+        want = (expected.step, expected.layer, expected.phase, expected.pos)
         while True:
             msg = self.recv(MID_STEP_TIMEOUT_S)
             if msg.kind == Kind.STATS_REQUEST:
@@ -156,8 +159,8 @@ class Session:
                 continue
             if msg.kind != Kind.SUM:
                 raise SessionEnded(f"expected SUM, got {msg.kind.name}")
-            got = (msg.data.step, msg.data.layer, msg.data.phase)
-            if got < want:
+            got = (msg.data.step, msg.data.layer, msg.data.phase, msg.data.pos)
+            if pass_order(got) < pass_order(want):
                 continue  # stale
             if got != want or msg.data.shape != expected.shape:
                 raise SessionEnded(
@@ -176,6 +179,12 @@ class Session:
                 msg = self.recv(None)
                 if msg.kind == Kind.STEP:
                     self._step(msg)
+                elif msg.kind == Kind.STEP_TOKENS:
+                    self._step_tokens(msg)
+                elif msg.kind == Kind.HEAD_MORE:
+                    if self.head is None or msg.body["step"] != self.collective.step:
+                        raise ProtocolError("HEAD_MORE for a step this worker did not sample")
+                    self.head.more(msg.body["round"], msg.body["count"])
                 elif msg.kind == Kind.STATS_REQUEST:
                     self.send_stats()
                 else:
@@ -282,6 +291,11 @@ class Session:
                 f"shard is rank {m.rank}/{m.world}, master asked for {self.rank}/{self.world}"
             )
         self.collective = StarWorker(self, self.id, wire)
+        head_bytes = 0
+        if shard.has_head:  # a vocabulary-parallel split: this rank's rows of the head
+            vocab_head = shard.load_head(dtype)
+            head_bytes = vocab_head.nbytes()
+            self.head = HeadService(shard.config, vocab_head, self.collective)
         # This device's own limits win over what the master asks for.
         opts = self.options
         self.runtime = build_rank(
@@ -291,6 +305,7 @@ class Session:
             window=opts.window or asked_window,
             budget_bytes=opts.budget_bytes,
             max_context=opts.max_context or asked_context,
+            head_bytes=head_bytes,
             echo=log.info,
         )
         self.decoder = self.runtime.decoder
@@ -309,10 +324,27 @@ class Session:
         h = msg.data
         if h.layer != STEP_LAYER or len(h.shape) != 2 or h.shape[1] != self.decoder.cfg.hidden_size:
             raise ProtocolError(f"malformed STEP {h}")
+        if self.head is not None:
+            raise ProtocolError("STEP with hidden states sent to a vocabulary-parallel rank")
         x = payload_tensor(msg.payload, h).to(self.decoder.dtype, copy=True)
         self.collective.step, self.collective.pos = h.step, h.pos
         t0 = time.perf_counter()
-        self.decoder.forward(x, h.pos)
+        self.decoder.forward(x, h.pos, chunks=max(1, h.phase))
+        self.compute_seconds += time.perf_counter() - t0
+        self.steps += 1
+
+    def _step_tokens(self, msg: Message) -> None:
+        b = msg.body
+        if self.head is None:
+            raise ProtocolError("STEP_TOKENS sent to a rank without a vocabulary slice")
+        ids = payload_ids(msg.payload, self.decoder.cfg.vocab_size)
+        if b["pos"] < 0 or b["chunks"] < 1:
+            raise ProtocolError(f"malformed STEP_TOKENS {b}")
+        self.collective.step, self.collective.pos = b["step"], b["pos"]
+        t0 = time.perf_counter()
+        x = self.head.embed(ids, self.decoder.dtype)
+        h = self.decoder.forward(x, b["pos"], chunks=b["chunks"])
+        self.head.answer(h, b["head"])
         self.compute_seconds += time.perf_counter() - t0
         self.steps += 1
 
