@@ -71,6 +71,14 @@ ENGINE_OPTIONS = [
         "wire, at the cost of one more allreduce per token).",
     ),
     click.option(
+        "--prefill-chunks",
+        type=click.IntRange(min=1, max=64),
+        default=None,
+        help="Cut a long prompt into this many chunks so each chunk's allreduces travel while "
+        "the next chunk computes (overlapped prefill). Default: chosen from the measured link "
+        "round trip and compute speed (1 = no overlap).",
+    ),
+    click.option(
         "--threads",
         type=click.IntRange(min=1),
         default=None,
@@ -195,6 +203,7 @@ def open_from_options(opts: dict):
         quant=opts["quant"],
         group_size=int(opts["group_size"]),
         vocab_parallel=opts["vocab_parallel"],
+        prefill_chunks=opts["prefill_chunks"],
         memory=MemoryOptions(
             opts["window"],
             opts["memory_budget"] or parent.get("cluster_memory_budget"),

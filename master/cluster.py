@@ -274,6 +274,17 @@ class ClusterSession:
             return first
         return self._expect({Kind.WELCOME}, CONNECT_TIMEOUT_S, set(first), "after authentication")
 
+    def measure_rtt(self, pings: int = 5) -> float:
+        """Median round trip to the slowest worker (control message, no payload)."""
+        times = []
+        for _ in range(pings):
+            t0 = time.perf_counter()
+            for link in self.links.links:
+                link.send([encode_control(Kind.PING, {"session": self.session})])
+            self._expect({Kind.PONG}, CONNECT_TIMEOUT_S, set(range(1, self.world)), "a ping")
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
     def stats(self) -> dict[int, dict]:
         """Counters from every worker (asks them; between generations only)."""
         for link in self.links.links:

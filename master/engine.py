@@ -9,7 +9,7 @@ shares a prefix (the next chat turn) only runs the new tokens.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from tpi.decoder import Decoder, LocalCollective, ResidentLayers
 from tpi.errors import PromptError
 from tpi.loading import load_head, load_layers, open_checkpoint
 from tpi.partition import plan_partition
+from tpi.prefill_plan import PrefillPlanner
 
 
 class Engine:
@@ -38,7 +39,8 @@ class Engine:
         self.last_reused = 0  # prompt tokens the last prefill did not have to run
         self.forward_seconds = 0.0  # time in the decoder (layers, disk waits, allreduces)
         self.steps = 0
-        self.prefill_chunks: Callable[[int], int] = lambda _tokens: 1
+        # Cuts long prefills into chunks whose allreduces overlap compute (clusters).
+        self.planner: PrefillPlanner | None = None
 
     @property
     def max_positions(self) -> int:
@@ -57,14 +59,27 @@ class Engine:
             )
         # Forget first: if this pass is interrupted the cache holds garbage past pos.
         del self.cached[pos:]
-        chunks = self.prefill_chunks(len(ids)) if len(ids) > 1 else 1
+        chunks = self.planner.chunks(len(ids)) if self.planner and len(ids) > 1 else 1
+        waited = self._waiting_seconds()
         t0 = time.perf_counter()
         h = self.vocab.start(list(ids), pos, chunks, want)
         h = self.decoder.forward(h, pos, chunks)
-        self.forward_seconds += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.forward_seconds += elapsed
+        if self.planner is not None:
+            compute = elapsed - (self._waiting_seconds() - waited)
+            self.planner.observe(len(ids), 2 * self.cfg.num_layers, compute)
         self.steps += 1
         self.cached.extend(ids)
         return h
+
+    def _waiting_seconds(self) -> float:
+        """Time this node has spent waiting for the network and the disk so far."""
+        total = 0.0
+        for source in (self.decoder.collective, self.decoder.layers):
+            stats = getattr(source, "stats", None)
+            total += getattr(stats, "seconds", 0.0) + getattr(stats, "blocked_seconds", 0.0)
+        return total
 
     def forward(self, ids: Sequence[int], pos: int, all_logits: bool = False) -> torch.Tensor:
         """Run tokens at positions [pos, pos+len); float32 logits of the last (or all) rows."""

@@ -25,6 +25,7 @@ from tpi.loading import COMPUTE_DTYPES
 from tpi.memory_budget import parse_size
 from tpi.model_registry import resolve_model
 from tpi.partition import parse_shares
+from tpi.prefill_plan import PrefillPlanner
 from tpi.progress import ProgressReporter
 from tpi.quantize import QuantSpec
 from tpi.rank_runtime import RankRuntime, build_rank
@@ -102,6 +103,22 @@ def load_rank0(
     return Engine(cfg, vocab, runtime.decoder), runtime
 
 
+def plan_prefill(cluster: ClusterSession, engine: Engine, fixed: int | None) -> PrefillPlanner:
+    """Measure the link and this node's compute; chunk prefills to overlap them."""
+    cfg = engine.cfg
+    rs = RankShard(cluster.rank_dir(0)).manifest.rank_slice
+    hd, hidden = cfg.head_dim, cfg.hidden_size
+    attn = hidden * (rs.n_q + 2 * rs.n_kv) * hd + rs.n_q * hd * hidden
+    mlp = 3 * hidden * rs.n_mlp
+    # Two FLOPs per weight and token, spread over the two phases of a layer.
+    planner = PrefillPlanner.estimate(cluster.measure_rtt(), attn + mlp, hidden, fixed)
+    cluster.echo(
+        f"link round trip {1000 * planner.rtt_s:.2f} ms; prefill chunks "
+        + (str(fixed) if fixed else f"automatic (e.g. {planner.chunks(512)} for 512 tokens)")
+    )
+    return planner
+
+
 def open_model(
     model: str | None,
     dtype: str,
@@ -117,6 +134,7 @@ def open_model(
     quant: str | None = None,
     group_size: int = 32,
     vocab_parallel: bool = False,
+    prefill_chunks: int | None = None,
 ) -> LoadedModel:
     """Resolve --model; split it if a cluster or the sliding window needs per-layer
     files; connect and load the workers; load rank 0."""
@@ -167,6 +185,8 @@ def open_model(
         if workers:
             raise ClusterError(f"{split_dir} is split for one rank; it cannot use workers")
         engine, runtime = load_rank0(rank0, torch_dtype, LocalCollective(), None, memory, echo)
+        if prefill_chunks:  # nothing to overlap alone; kept for checking the chunked math
+            engine.planner = PrefillPlanner(0.0, 0.0, fixed=prefill_chunks)
         return LoadedModel(rank0, engine, tokenizer, time.perf_counter() - t0, runtime=runtime)
     secret = require_secret(secret_file, insecure, "the master")
     curve = CurveKeys.load(curve_dir, "master") if curve_dir else None
@@ -189,6 +209,7 @@ def open_model(
         engine, runtime = load_rank0(
             rank0, torch_dtype, cluster.collective, cluster.collective, memory, echo
         )
+        engine.planner = plan_prefill(cluster, engine, prefill_chunks)
     except BaseException:
         cluster.close("master failed to load")
         raise

@@ -224,6 +224,8 @@ def ensure_split(
         tag += f"-{quant.mode}" + (
             f"g{quant.group_size}-{quant.int4_layout}" if quant.mode == "int4" else ""
         )
+    if vocab_parallel:
+        tag += "-vp"
     root = tpi_home() / "splits"
     target = root / f"{model_fingerprint(Path(model_dir))[:16]}-w{len(shares)}-{tag}"
     if is_split_dir(target):

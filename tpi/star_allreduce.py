@@ -26,7 +26,7 @@ from typing import Protocol
 
 import torch
 
-from tpi.links import ClusterError, LinkLost, LinkSet
+from tpi.links import ClusterError, LinkLost, LinkSet, WorkerLink
 from tpi.wire import (
     DataHeader,
     Kind,
@@ -118,6 +118,9 @@ class StarMaster:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._stop = False
+        # Messages the reducer received that are not partials (a worker's HEAD can
+        # arrive before the reducer thread stops): kept for gather_head.
+        self._stash: list[tuple[WorkerLink, Message]] = []
 
     # --- step input ----------------------------------------------------------------------
 
@@ -237,7 +240,10 @@ class StarMaster:
                 f"rank {link.rank} ({link.name}) failed {where}: {msg.body['message']}"
             )
         if msg.kind != Kind.PARTIAL:
-            return  # e.g. a PING probe; nothing to do mid-step
+            if msg.kind == Kind.HEAD:
+                with self._cond:
+                    self._stash.append((link, msg))
+            return  # else e.g. a PING probe; nothing to do mid-step
         h = msg.data
         key = (h.step, h.layer, h.phase, h.pos)
         with self._cond:
@@ -329,7 +335,10 @@ class StarMaster:
         while len(got) < self.world - 1:
             waiting = set(range(1, self.world)) - set(got)
             try:
-                link, msg = self.links.recv(max(0.0, deadline - time.monotonic()), waiting)
+                if self._stash:
+                    link, msg = self._stash.pop(0)
+                else:
+                    link, msg = self.links.recv(max(0.0, deadline - time.monotonic()), waiting)
             except TimeoutError:
                 r = min(waiting)
                 raise LinkLost(

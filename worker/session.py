@@ -145,7 +145,10 @@ class Session:
                 continue  # a late frame of an earlier session
             if msg.kind == Kind.END:
                 raise SessionEnded(f"master ended the session ({body['reason']})")
-            if msg.kind in (Kind.PING, Kind.PONG):
+            if msg.kind == Kind.PING:  # the master measuring the round trip
+                self.control(Kind.PONG)
+                continue
+            if msg.kind == Kind.PONG:
                 continue
             return msg
 

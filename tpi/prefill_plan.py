@@ -1,0 +1,75 @@
+"""How many chunks to cut a prefill into so its allreduces hide behind compute.
+
+With n chunks moving through a layer one after the other, the allreduce of a
+chunk travels while the other n - 1 chunks of the same phase compute; it is
+hidden once (n - 1) / n * T * t >= RTT, where T is the number of tokens and t
+the compute time of one token through one phase on this node. Smaller chunks
+make smaller matmuls (less efficient) and more messages, so: no chunking when
+the link is fast next to compute (RTT under 5% of a phase) or the prompt is
+short; else the fewest chunks that hide the round trip, at most MAX_CHUNKS.
+
+RTT comes from a ping at session start, t from a short matmul timing at load
+and then from the prefills actually run (an exponential average).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+MAX_CHUNKS = 4
+MIN_CHUNK_TOKENS = 16
+NEGLIGIBLE_RTT_SHARE = 0.05
+
+
+def choose_chunks(tokens: int, rtt_s: float, token_phase_s: float) -> int:
+    """Chunks for a prefill of `tokens` (1 = no overlap)."""
+    most = min(MAX_CHUNKS, tokens // MIN_CHUNK_TOKENS)
+    phase_s = tokens * token_phase_s
+    if most < 2 or rtt_s <= NEGLIGIBLE_RTT_SHARE * phase_s:
+        return 1
+    for n in range(2, most + 1):
+        if (n - 1) / n * phase_s >= rtt_s:
+            return n
+    return most
+
+
+def measure_flops_per_second(hidden: int, dtype: torch.dtype = torch.float32) -> float:
+    """This machine's matmul speed on a prefill-shaped product (best of a few runs)."""
+    x = torch.randn(64, hidden, dtype=dtype)
+    w = torch.randn(4 * hidden, hidden, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * x.shape[0] * w.numel() / max(best, 1e-9)
+
+
+@dataclass
+class PrefillPlanner:
+    """Chooses chunk counts for one master: RTT fixed per session, speed learnt."""
+
+    rtt_s: float
+    token_phase_s: float  # compute seconds per token per phase (attention or MLP)
+    fixed: int | None = None  # --prefill-chunks N (None: automatic)
+
+    @classmethod
+    def estimate(
+        cls, rtt_s: float, flops_per_token_phase: float, hidden: int, fixed: int | None = None
+    ) -> PrefillPlanner:
+        speed = measure_flops_per_second(hidden)
+        return cls(rtt_s, flops_per_token_phase / speed, fixed)
+
+    def chunks(self, tokens: int) -> int:
+        if self.fixed is not None:
+            return max(1, min(self.fixed, tokens))
+        return choose_chunks(tokens, self.rtt_s, self.token_phase_s)
+
+    def observe(self, tokens: int, phases: int, compute_s: float) -> None:
+        """Learn from a pass: `compute_s` seconds of this node's own compute."""
+        if tokens < MIN_CHUNK_TOKENS or phases < 1 or compute_s <= 0:
+            return  # decode steps measure latency, not prefill throughput
+        self.token_phase_s = 0.5 * self.token_phase_s + 0.5 * compute_s / (tokens * phases)
