@@ -10,6 +10,8 @@ import click
 import torch
 
 from master.cli_options import ENGINE_OPTIONS, apply, open_from_options
+from master.sampling import Sampler, SamplingParams
+from tpi.linear import weight_nbytes
 from tpi.node_report import node_stats
 
 _CUMULATIVE = (
@@ -46,11 +48,14 @@ def _delta(after: dict, before: dict) -> dict:
 def _master_stats(loaded) -> dict:
     runtime = loaded.runtime
     col = loaded.cluster.collective if loaded.cluster else None
+    engine = loaded.engine
     return node_stats(
         runtime.layers if runtime else None,
         col.stats if col else None,
-        loaded.engine.forward_seconds,
-        loaded.engine.steps,
+        engine.forward_seconds,
+        engine.steps,
+        decoder=engine.decoder,
+        head_bytes=weight_nbytes(engine.vocab.head.lm_head),
     )
 
 
@@ -61,33 +66,47 @@ def _all_stats(loaded) -> dict[int, dict]:
     return stats
 
 
+def _ram_bytes_per_token(stats: dict, loaded, rank: int, context: float) -> int | None:
+    """Weights, LM head and KV cache one decode token reads from RAM on this node."""
+    weights = stats.get("weight_bytes_per_pass")
+    if weights is None and rank == 0:  # a plain in-memory load: no scheduler
+        weights = sum(w.nbytes() for w in loaded.engine.decoder.layers.layers)
+    if weights is None:
+        return None
+    kv = stats.get("kv_bytes_per_position", 0) * context
+    return int(weights + stats.get("head_bytes", 0) + kv)
+
+
 def run_bench(loaded, prompt_tokens: int, new_tokens: int) -> dict:
     engine = loaded.engine
     vocab = engine.cfg.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(min(10, vocab - 1), vocab, (prompt_tokens,), generator=g).tolist()
-    engine.prefill(prompt[:4])  # warm-up (allocations, first reads)
+    greedy = Sampler(SamplingParams(temperature=0.0))
+    engine.prefill_token(prompt[:4], greedy)  # warm-up (allocations, first reads)
     engine.reset()
     before = _all_stats(loaded)
     t0 = time.perf_counter()
-    logits = engine.prefill(prompt)
+    tok = engine.prefill_token(prompt, greedy)
     ttft = time.perf_counter() - t0
-    tok = int(logits.argmax())
     mid = _all_stats(loaded)
     t1 = time.perf_counter()
     for i in range(new_tokens):
-        tok = int(engine.forward([tok], prompt_tokens + i).argmax())
+        tok = engine.forward_token([tok], prompt_tokens + i, greedy)
     decode = time.perf_counter() - t1
     after = _all_stats(loaded)
     nodes = {}
+    mean_context = prompt_tokens + (new_tokens + 1) / 2
     for r in sorted(after):
         d = _delta(after[r], mid[r])
         wire = d.get("bytes_sent", 0) + d.get("bytes_received", 0)
+        ram = _ram_bytes_per_token(after[r], loaded, r, mean_context)
         nodes[str(r)] = {
             "decode": {
                 **d,
                 "per_token": {
                     "ms": round(1000 * decode / new_tokens, 3),
+                    "ram_bytes": ram,
                     "disk_bytes": d.get("bytes_read", 0) // new_tokens,
                     "wire_bytes": wire // new_tokens,
                     "blocked_ms": round(1000 * d.get("blocked_seconds", 0) / new_tokens, 3),

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import torch
+
 from tpi.node_stats import peak_rss_bytes, rss_bytes
 
 
-def node_stats(layers, allreduce_stats, forward_seconds: float, steps: int) -> dict:
+def node_stats(
+    layers,
+    allreduce_stats,
+    forward_seconds: float,
+    steps: int,
+    decoder=None,
+    head_bytes: int = 0,
+) -> dict:
     """`layers` is a SlidingWindowLayers (or None), `allreduce_stats` an AllreduceStats (or None).
 
     compute_seconds = forward time not spent waiting for disk or the network.
+    What one decode token reads from RAM: every weight of this node's layer slices
+    once (weight_bytes_per_pass: quantized weights count as stored), its LM head
+    (head_bytes) and the KV cache up to the current position (kv_bytes_per_position
+    per cached token).
     """
     out: dict = {
         "steps": steps,
@@ -27,4 +40,11 @@ def node_stats(layers, allreduce_stats, forward_seconds: float, steps: int) -> d
         out.update(allreduce_stats.to_dict())
         allreduce = allreduce_stats.seconds
     out["compute_seconds"] = round(max(0.0, forward_seconds - blocked - allreduce), 6)
+    if layers is not None:
+        out["weight_bytes_per_pass"] = layers.layout.pass_bytes
+    out["head_bytes"] = head_bytes
+    if decoder is not None:
+        cache = decoder.cache
+        elem = torch.empty((), dtype=cache.dtype).element_size()
+        out["kv_bytes_per_position"] = 2 * cache.num_layers * cache.n_kv * cache.head_dim * elem
     return out

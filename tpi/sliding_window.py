@@ -97,6 +97,7 @@ class StreamLayout:
     convert: bool  # some stored float dtype differs from the one kept in memory
     slot_bytes: int
     staging_bytes: int
+    pass_bytes: int  # all layers as held in memory: what one forward pass reads from RAM
     dtype: torch.dtype
     quantized: bool
     int4_layout: Int4Layout | None  # how packed int4 weights are stored (None: no int4)
@@ -111,7 +112,7 @@ class StreamLayout:
         layouts = tuple(layer_layout(shard.layer_path(i)) for i in range(shard.config.num_layers))
         quant = shard.manifest.quant
         int4 = Int4Layout.parse(quant.int4_layout) if quant.int4_layout else None
-        probe = cls((), False, 0, 0, dtype, quant.quantized, int4)
+        probe = cls((), False, 0, 0, 0, dtype, quant.quantized, int4)
         # Shards stored in another float dtype are converted into the slot;
         # the raw bytes then need one staging buffer of their own.
         convert = any(
@@ -128,7 +129,8 @@ class StreamLayout:
 
         slot = max(need(lay) for lay in layouts)
         staging = max(lay.data_bytes for lay in layouts) if convert else 0
-        return cls(layouts, convert, slot, staging, dtype, quant.quantized, int4)
+        total = sum(need(lay) for lay in layouts)
+        return cls(layouts, convert, slot, staging, total, dtype, quant.quantized, int4)
 
 
 def _aligned(n: int) -> int:

@@ -9,6 +9,7 @@ import time
 from tpi.auth import check, new_nonce, proof
 from tpi.decoder import Decoder
 from tpi.errors import TpiError
+from tpi.linear import weight_nbytes
 from tpi.links import Inbound, WorkerEndpoint
 from tpi.loading import COMPUTE_DTYPES
 from tpi.manifest import ShardError
@@ -357,5 +358,7 @@ class Session:
             self.collective.stats if self.collective else None,
             self.compute_seconds,
             self.steps,
+            decoder=self.decoder,
+            head_bytes=weight_nbytes(self.head.head.lm_head) if self.head else 0,
         )
         self.control(Kind.STATS, stats=stats)
