@@ -82,9 +82,10 @@ def write_gguf_from_hf(hf_dir, path, quant: str = "F32") -> None:
                 t = llama_cpp_permute(t, cfg["num_key_value_heads"])
         else:
             gname = names[name]
-        if quant == "Q8_0" and t.ndim == 2:
-            q = gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(gname, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        four_bit = quant in ("Q4_0", "Q4_1") and name.startswith("model.layers.")
+        if t.ndim == 2 and (quant == "Q8_0" or four_bit):
+            kind = getattr(gguf.GGMLQuantizationType, quant)
+            w.add_tensor(gname, gguf.quants.quantize(t, kind), raw_dtype=kind)
         else:
             w.add_tensor(gname, np.ascontiguousarray(t))
     w.write_header_to_file()
@@ -217,3 +218,74 @@ def test_smollm_matches_transformers_own_gguf_loader(smollm_dir):
         folder, gguf_file=GGUF_NAME, dtype=torch.float32
     ).eval()
     assert greedy(load_engine(smollm_dir), prompt, 32) == _greedy_hf(ref, prompt, 32)
+
+
+@pytest.mark.parametrize("quant", ["Q4_0", "Q4_1"])
+def test_keep_quant_stores_4bit_weights_that_read_back_identical(synthetic, tmp_path, quant):
+    hf, _ = synthetic
+    path = tmp_path / f"{quant}.gguf"
+    write_gguf_from_hf(hf, path, quant=quant)
+    plain = convert_gguf(path, tmp_path / "plain")
+    kept = convert_gguf(path, tmp_path / "kept", keep_quant=True)
+    a, b = Checkpoint(plain), Checkpoint(kept)
+    stored = [n for n in b.names() if n.endswith(".int4")]
+    assert len(stored) == 7 * 3  # every matmul weight of every layer
+    for name in a.names():
+        assert torch.equal(a.get(name), b.get(name)), name  # dequantized exactly as gguf does
+    size = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
+    assert size(kept) < 0.6 * size(plain)  # fp32 embedding/head/norms stay as they were
+    assert torch.equal(
+        load_engine(kept).forward([5, 6, 7], 0), load_engine(plain).forward([5, 6, 7], 0)
+    )
+
+
+def test_int4_split_takes_the_kept_integers_as_they_are(synthetic, tmp_path):
+    from tpi.int4_pack import Int4Layout, unpack
+    from tpi.manifest import read_manifest
+    from tpi.quantize import QuantSpec
+    from tpi.split import split_model
+    from tpi.tensor_file import SafetensorsFile
+
+    hf, _ = synthetic
+    path = tmp_path / "q41.gguf"
+    write_gguf_from_hf(hf, path, quant="Q4_1")
+    kept = convert_gguf(path, tmp_path / "kept", keep_quant=True)
+    split = split_model(kept, tmp_path / "s", [1.0, 1.0], quant=QuantSpec.for_split("int4", 32))
+    ck = Checkpoint(kept)
+    for rank in (0, 1):
+        m, _ = read_manifest(split / f"rank{rank}")
+        lo, hi = m.rank_slice.mlp
+        packed = SafetensorsFile(split / f"rank{rank}" / "layer_001.safetensors").read("gate_up.q4")
+        got = unpack(packed, Int4Layout.parse(m.quant.int4_layout))
+        gate = ck.get_int4("model.layers.1.mlp.gate_proj.weight").q[lo:hi]
+        up = ck.get_int4("model.layers.1.mlp.up_proj.weight").q[lo:hi]
+        assert torch.equal(got, torch.cat([gate, up]))
+
+
+def test_smollm_kept_int4_split_tracks_fp32(smollm_dir, tmp_path):
+    """The embedded Q4_1 weights, kept and passed into an int4 split: only the bf16
+    rounding of their scales separates them from the fp32 conversion."""
+    import torch.nn.functional as F
+
+    from master.loader import MemoryOptions, load_rank0
+    from tests.stepping import step_logits
+    from tpi.decoder import LocalCollective
+    from tpi.default_model import find_embedded_gguf
+    from tpi.quantize import QuantSpec
+    from tpi.split import split_model
+
+    kept = convert_gguf(find_embedded_gguf(), tmp_path / "kept", keep_quant=True)
+    split = split_model(kept, tmp_path / "s", [1.0], quant=QuantSpec.for_split("int4", 32))
+    tok = TextTokenizer(smollm_dir)
+    prompt = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    ref = load_engine(smollm_dir)
+    follow = greedy(ref, prompt, 32)
+    ref.reset()
+    want = step_logits(ref, prompt, follow[:-1])
+    engine, runtime = load_rank0(
+        split / "rank0", torch.float32, LocalCollective(), None, MemoryOptions(), lambda _m: None
+    )
+    got = step_logits(engine, prompt, follow[:-1])
+    runtime.close()
+    assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) >= 0.9995
+    assert int((got.argmax(-1) == torch.tensor(follow)).sum()) >= 31

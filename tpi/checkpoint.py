@@ -1,7 +1,9 @@
 """Read tensors from a Hugging Face safetensors checkpoint, one at a time.
 
 Tensors are read by name on demand (plain reads, see tensor_file), so callers
-can stream a model layer by layer without ever holding it whole.
+can stream a model layer by layer without ever holding it whole. A weight that
+`tpi convert-gguf --keep-quant` stored as 4-bit (tpi.int4_rows) reads as floats
+like any other; `get_int4` hands out the integers themselves.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 import torch
 
 from tpi.errors import CheckpointError
+from tpi.int4_rows import MIN_SUFFIX, Q_SUFFIX, SCALE_SUFFIX, Int4Rows
 from tpi.tensor_file import SafetensorsFile
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -49,22 +52,35 @@ class Checkpoint:
         return handle
 
     def __contains__(self, name: str) -> bool:
-        return name in self._file_of
+        return name in self._file_of or name + Q_SUFFIX in self._file_of
 
     def names(self) -> list[str]:
         return list(self._file_of)
 
+    def get_int4(self, name: str) -> Int4Rows | None:
+        """Weight `name` as kept 4-bit integers, or None if it is stored as floats."""
+        if name + Q_SUFFIX not in self._file_of:
+            return None
+        return Int4Rows.from_stored(
+            *(self._read(name + s) for s in (Q_SUFFIX, SCALE_SUFFIX, MIN_SUFFIX))
+        )
+
     def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The named tensor, converted to `dtype` if given."""
+        if name not in self._file_of and (kept := self.get_int4(name)) is not None:
+            return kept.dequantize(dtype or torch.float32)
+        t = self._read(name)
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        return t
+
+    def _read(self, name: str) -> torch.Tensor:
         path = self._file_of.get(name)
         if path is None:
             raise CheckpointError(
                 f"tensor {name!r} not found in the checkpoint at {self.model_dir}"
             )
-        t = self._open(path).read(name)
-        if dtype is not None and t.dtype != dtype:
-            t = t.to(dtype)
-        return t
+        return self._open(path).read(name)
 
     def close(self) -> None:
         self._files.clear()

@@ -80,13 +80,23 @@ def echo_err(message: str) -> None:
     show_default=True,
     help="Storage dtype of the dequantized weights (fp32 keeps them exact).",
 )
+@click.option(
+    "--keep-quant",
+    is_flag=True,
+    help="Store Q4_0/Q4_1 matmul weights as 4-bit integers (about 1/7 of fp32's bytes); they "
+    "read back as the same floats and go unchanged into '--quant int4' splits (groups of 32). "
+    "tpi reads such a directory; transformers does not.",
+)
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it already holds files.")
-def convert_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, force: bool) -> None:
+def convert_gguf_cmd(
+    gguf_file: str, out_dir: str, dtype: str, keep_quant: bool, force: bool
+) -> None:
     """Convert a Llama-family GGUF file into a Hugging Face checkpoint directory.
 
     Writes config.json, safetensors weights, tokenizer.json, tokenizer_config.json
     (with the chat template) and generation_config.json. Quantized blocks are
-    dequantized; attention rows are put back into Hugging Face order.
+    dequantized (or, with --keep-quant, 4-bit ones kept); attention rows are put
+    back into Hugging Face order.
     """
     from pathlib import Path
 
@@ -95,7 +105,12 @@ def convert_gguf_cmd(gguf_file: str, out_dir: str, dtype: str, force: bool) -> N
 
     with ProgressReporter("converting") as progress:
         convert_gguf(
-            Path(gguf_file), Path(out_dir), dtype=dtype, overwrite=force, progress=progress
+            Path(gguf_file),
+            Path(out_dir),
+            dtype=dtype,
+            overwrite=force,
+            progress=progress,
+            keep_quant=keep_quant,
         )
     click.echo(f"wrote {out_dir}")
 

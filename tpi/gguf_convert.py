@@ -1,7 +1,12 @@
 """Convert a Llama-family GGUF file to a Hugging Face checkpoint directory.
 
 Weights are dequantized one tensor at a time and streamed to (sharded)
-safetensors, so memory stays bounded by one shard. llama.cpp stores the rows of
+safetensors, so memory stays bounded by one shard. With `keep_quant`, Q4_0 and
+Q4_1 matmul weights are stored as their 4-bit integers and scales instead
+(tpi.int4_rows): about a seventh of the fp32 bytes, read back as
+bit-identical floats, and passed as they are into int4 splits (groups of 32).
+Q8_0 blocks do not map onto tpi's per-channel int8 (one scale per row, not per
+32 weights), so they are widened like every other type. llama.cpp stores the rows of
 attn_q / attn_k in an interleaved rotary order; they are permuted back to the
 Hugging Face "rotate_half" layout the engine (and transformers) expect.
 Output is written to a temporary sibling directory and renamed at the end, so
@@ -22,6 +27,7 @@ import torch
 
 from tpi.errors import ModelError, UnsupportedModelError
 from tpi.gguf_tokenizer import build_tokenizer
+from tpi.int4_rows import Int4Rows, from_gguf_blocks
 from tpi.sharded_writer import DEFAULT_SHARD_BYTES, ShardedWriter
 
 ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
@@ -215,6 +221,24 @@ def _tokenizer_files(
     return tokenizer, tok_config, gen_config
 
 
+def _kept_int4(t: Any, hf_name: str, n_head: int, n_kv: int, permute: bool) -> Int4Rows | None:
+    """A Q4_0/Q4_1 matmul weight as integers (rotary rows put back in HF order), else None."""
+    kind = t.tensor_type.name
+    if kind not in ("Q4_0", "Q4_1") or not hf_name.endswith("_proj.weight"):
+        return None
+    cols, rows = (int(x) for x in t.shape)
+    w = from_gguf_blocks(np.asarray(t.data), rows, cols, kind)
+    heads = n_head if t.name.endswith("attn_q.weight") else n_kv
+    if permute and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+        w = Int4Rows(
+            *(
+                torch.from_numpy(np.ascontiguousarray(unpermute_rotary(x.numpy(), heads)))
+                for x in (w.q, w.scale, w.minimum)
+            )
+        )
+    return w
+
+
 def convert_gguf(
     gguf_path: Path,
     out_dir: Path,
@@ -222,6 +246,7 @@ def convert_gguf(
     progress: Callable[[int, int, str], None] | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    keep_quant: bool = False,
 ) -> Path:
     """Convert `gguf_path` into a Hugging Face checkpoint at `out_dir`.
 
@@ -259,6 +284,13 @@ def convert_gguf(
             if hf_name is None:
                 if t.name != "rope_freqs.weight":
                     raise UnsupportedModelError(f"unexpected GGUF tensor {t.name!r}")
+                continue
+            kept = _kept_int4(t, hf_name, n_head, n_kv, permute) if keep_quant else None
+            if kept is not None:
+                for name, tensor in kept.stored(hf_name).items():
+                    writer.add(name, tensor)
+                if progress:
+                    progress(i + 1, len(tensors), t.name)
                 continue
             w = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
             if permute and t.name.endswith(("attn_q.weight", "attn_q.bias")):

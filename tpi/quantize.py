@@ -24,6 +24,7 @@ import torch
 
 from tpi.errors import TpiError
 from tpi.int4_pack import ROW_MULTIPLE, Int4Layout, disk_layout, pack
+from tpi.int4_rows import Int4Rows
 from tpi.linear import (
     INT4_SCALE_ZERO,
     INT4_SUFFIX,
@@ -163,8 +164,19 @@ def int8_fits(shape: tuple[int, int]) -> bool:
     return shape[1] % INT8_K_MULTIPLE == 0
 
 
-def quantize_weight(name: str, w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
-    """The tensors that store weight `name` under `spec` (see tpi.linear for the names)."""
+def quantize_weight(
+    name: str, w: torch.Tensor | Int4Rows, spec: QuantSpec
+) -> dict[str, torch.Tensor]:
+    """The tensors that store weight `name` under `spec` (see tpi.linear for the names).
+
+    4-bit integers kept from a GGUF file go into an int4 split of their group size
+    as they are; anything else is quantized from floats."""
+    if isinstance(w, Int4Rows):
+        if spec.mode == "int4" and w.group == spec.group_size and int4_fits(w.shape, w.group):
+            q, sz = w.to_tinygemm()
+            layout = Int4Layout.parse(spec.int4_layout or disk_layout().name)
+            return {name + INT4_SUFFIX: pack(q, layout), name + INT4_SCALE_ZERO: sz}
+        w = w.dequantize()
     if spec.mode == "none":
         return {name: w}
     if spec.mode == "bf16":

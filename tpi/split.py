@@ -19,6 +19,7 @@ import torch
 from tpi.checkpoint import Checkpoint
 from tpi.config import ModelConfig, load_config
 from tpi.errors import ModelError
+from tpi.int4_rows import GGUF_GROUP
 from tpi.manifest import (
     FORMAT_VERSION,
     HEAD_FILE,
@@ -83,6 +84,8 @@ def split_model(
     if dtype != "keep" and dtype not in STORAGE_DTYPES:
         raise ModelError(f"unknown storage dtype {dtype!r}")
     quant = quant or QuantSpec()
+    # 4-bit weights kept from a GGUF file pass into an int4 split of their group as is.
+    keep_int4 = quant.mode == "int4" and quant.group_size == GGUF_GROUP
     pin_mmap_threshold()
     ckpt = Checkpoint(model_dir)
     target = STORAGE_DTYPES.get(dtype)
@@ -104,7 +107,8 @@ def split_model(
             def get(name: str, cache: dict[str, torch.Tensor] = layer_cache) -> torch.Tensor:
                 # Each full tensor is read once per layer, then sliced for every rank.
                 if name not in cache:
-                    cache[name] = ckpt.get(name, storage)
+                    kept = ckpt.get_int4(name) if keep_int4 else None
+                    cache[name] = kept if kept is not None else ckpt.get(name, storage)
                 return cache[name]
 
             for rs in partition.slices:

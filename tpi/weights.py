@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from tpi.config import ModelConfig
+from tpi.int4_rows import cat_rows
 from tpi.linear import Weight, weight_from_tensors, weight_nbytes, weight_rows
 from tpi.partition import RankSlice
 
@@ -102,8 +103,9 @@ def slice_layer(
 ) -> dict[str, torch.Tensor]:
     """Cut rank `rs`'s slice of HF layer `layer` out of a checkpoint.
 
-    `get(name)` returns a full HF tensor; only one projection is held at a time
-    beyond the slices being built. Row-sharded biases (o_proj, down_proj) belong
+    `get(name)` returns a full HF tensor (or kept 4-bit integers, tpi.int4_rows,
+    which slice alike); only one projection is held at a time beyond the slices
+    being built. Row-sharded biases (o_proj, down_proj) belong
     to rank 0 only, so the allreduce adds them exactly once.
     """
     hd = cfg.head_dim
@@ -124,7 +126,7 @@ def slice_layer(
     q = rows(get(name("self_attn.q_proj.weight")), q0 * hd, q1 * hd)
     k = rows(get(name("self_attn.k_proj.weight")), k0 * hd, k1 * hd)
     v = rows(get(name("self_attn.v_proj.weight")), k0 * hd, k1 * hd)
-    out[QKV] = torch.cat([q, k, v], 0)
+    out[QKV] = cat_rows([q, k, v])
     del q, k, v
     if cfg.attention_bias:
         out[QKV_BIAS] = torch.cat(
@@ -140,7 +142,7 @@ def slice_layer(
         out[O_BIAS] = get(name("self_attn.o_proj.bias")).contiguous()
     gate = rows(get(name("mlp.gate_proj.weight")), m0, m1)
     up = rows(get(name("mlp.up_proj.weight")), m0, m1)
-    out[GATE_UP] = torch.cat([gate, up], 0)
+    out[GATE_UP] = cat_rows([gate, up])
     del gate, up
     if cfg.mlp_bias:
         out[GATE_UP_BIAS] = torch.cat(
