@@ -27,6 +27,8 @@ window=""
 # The prepare step makes one keyring on the shared volume; every node proves the
 # shared secret, and with TPI_CURVE=1 all links are also CurveZMQ-encrypted.
 keys="${TPI_KEYS:-/models/keys}"
+vocab=""  # TPI_VOCAB_PARALLEL=1: embedding and LM head split by vocabulary rows too
+[ "${TPI_VOCAB_PARALLEL:-0}" = "1" ] && vocab="--vocab-parallel"
 security="--secret-file ${keys}/secret"
 [ "${TPI_CURVE:-0}" = "1" ] && security="${security} --curve ${keys}"
 
@@ -34,7 +36,8 @@ case "$role" in
     prepare)
         [ -f "${keys}/secret" ] || $run tpi keygen "$keys"
         # shellcheck disable=SC2086
-        exec $run tpi split ${TPI_MODEL:-} --world "${TPI_WORLD:?set TPI_WORLD}" --out "$split_dir" --force "$@"
+        exec $run tpi split ${TPI_MODEL:-} --world "${TPI_WORLD:?set TPI_WORLD}" --out "$split_dir" \
+            --quant "${TPI_QUANT:-none}" $vocab --force "$@"
         ;;
     worker)
         # shellcheck disable=SC2086

@@ -42,6 +42,8 @@ services:
     environment:
       TPI_WORLD: "{world}"
       TPI_MODEL: ${{TPI_MODEL:-}}
+      TPI_QUANT: ${{TPI_QUANT:-none}}
+      TPI_VOCAB_PARALLEL: ${{TPI_VOCAB_PARALLEL:-0}}
     volumes:
       - models:/models
     restart: "no"
