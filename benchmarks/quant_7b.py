@@ -104,10 +104,20 @@ def summarize(report: dict, bandwidth: float) -> dict:
     out = {"ms_per_token": report["decode_ms_per_token"], "ttft_ms": report["ttft_ms"]}
     disk = sum(n["disk_gb_per_token"] for n in nodes.values()) * 1e9
     if disk > 0:
-        # All ranks read from this one disk: the floor is their bytes together.
+        # All ranks read from this one disk: the floor is their bytes together, at
+        # the cold-read bandwidth measured at the start of the benchmark...
         floor_ms = 1000 * disk / bandwidth
         out["disk_floor_ms"] = round(floor_ms, 1)
         out["ms_over_disk_floor"] = round(report["decode_ms_per_token"] / floor_ms, 2)
+        # ...which this VM's disk does not hold steady (1.4-2.0 GB/s between runs), so
+        # also against the time the loaders themselves spent reading in this run.
+        new = report["new_tokens"]
+        read_ms = max(
+            1000 * n["decode"].get("read_seconds", 0) / new for n in report["nodes"].values()
+        )
+        out["read_ms_per_token"] = round(read_ms, 1)
+        out["achieved_disk_gb_s"] = round(disk / 1e9 / (read_ms / 1000), 3)
+        out["ms_over_read_time"] = round(report["decode_ms_per_token"] / read_ms, 2)
     out["nodes"] = nodes
     return out
 
@@ -170,7 +180,7 @@ def main(work, prompt_tokens, new_tokens, only, keep_splits, out):
         results["ratios"] = ratios(results["runs"])
         results["targets"] = {
             "int8_resident_speedup_over_bf16": ">= 1.6",
-            "streamed_ms_over_disk_floor": "<= 1.2",
+            "streamed_ms_over_disk_floor": "<= 1.2 (see also ms_over_read_time)",
         }
         write_result("quant_7b", results, str(path))
 

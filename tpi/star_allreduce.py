@@ -92,8 +92,7 @@ class _Reduction:
 
 @dataclass(frozen=True)
 class Pending:
-    key: Key
-    started: float
+    key: Key  # what `wait` will hand back the total of
 
 
 class StarMaster:
@@ -175,7 +174,7 @@ class StarMaster:
             self._complete()
             self._cond.notify_all()
         self.stats.seconds += time.perf_counter() - t0
-        return Pending(key, t0)
+        return Pending(key)
 
     def wait(self, pending: Pending) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -407,7 +406,7 @@ class StarWorker:
         key = (self.step, layer, phase, pos)
         self._started[key] = (header, partial.dtype)
         self.stats.seconds += time.perf_counter() - t0
-        return Pending(key, t0)
+        return Pending(key)
 
     def wait(self, pending: Pending) -> torch.Tensor:
         t0 = time.perf_counter()

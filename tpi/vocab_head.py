@@ -132,36 +132,34 @@ def choose(parts: list[torch.Tensor], sizes: list[int], vocab: int, req: HeadReq
                 best = cand
         return int(best[1])
     rows = torch.cat([p[1:] for p in parts])
-    # Global order: value descending, index ascending on ties.
-    order = sorted(range(rows.shape[0]), key=lambda i: (-float(rows[i, 0]), float(rows[i, 2])))
-    rows = rows[order]
+    # Global order: value descending, index ascending on ties (stable sorts).
+    rows = rows[torch.argsort(rows[:, 2], stable=True)]
+    rows = rows[torch.sort(rows[:, 0], descending=True, stable=True).indices]
     if _uses_top_k(req, vocab):
         rows = rows[: req.top_k]  # every part sent its whole top k: this is exact
-        log_z = float(torch.logsumexp(rows[:, 0], 0))
+        log_z = torch.logsumexp(rows[:, 0], 0)
         complete, safe = True, rows.shape[0]
     else:
-        log_z = float(torch.logsumexp(torch.stack([p[0, 0] for p in parts]), 0))
+        log_z = torch.logsumexp(torch.stack([p[0, 0] for p in parts]), 0)
         partial = [p for p, n in zip(parts, sizes, strict=True) if p.shape[0] - 1 < n]
         complete = not partial
         # A part that did not send all its rows may hold more, none above its last
         # value sent: the merged order is exact only above the largest such value.
         bound = max((float(p[-1, 0]) for p in partial), default=-math.inf)
         safe = int((rows[:, 0] > bound).sum())
-    cut, mass = None, 0.0
-    for i in range(safe + 1):
-        if mass >= req.top_p:
-            cut = i
-            break
-        if i == safe:
-            break
-        mass += math.exp(float(rows[i, 0]) - log_z)
-    if cut is None:
-        if not complete:
-            return None
+    # The nucleus ends at the first row whose predecessors already hold top_p.
+    mass = torch.cumsum(torch.exp(rows[:safe, 0] - log_z), 0)
+    before = torch.cat([mass.new_zeros(1), mass])  # mass before row i, i = 0..safe
+    reached = torch.nonzero(before >= req.top_p)
+    if reached.numel():
+        cut = int(reached[0])
+    elif complete:
         cut = rows.shape[0]
-    cut = max(cut, 1)  # the most likely token always stays
-    best = max(range(cut), key=lambda i: (float(rows[i, 1]), -float(rows[i, 2])))
-    return int(rows[best, 2])
+    else:
+        return None
+    nucleus = rows[: max(cut, 1)]  # the most likely token always stays
+    best = nucleus[nucleus[:, 1] == nucleus[:, 1].max()]
+    return int(best[:, 2].min())
 
 
 def slice_is_smaller(count: int, rows: int) -> bool:
