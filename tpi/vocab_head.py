@@ -132,9 +132,10 @@ def choose(parts: list[torch.Tensor], sizes: list[int], vocab: int, req: HeadReq
                 best = cand
         return int(best[1])
     rows = torch.cat([p[1:] for p in parts])
-    # Global order: value descending, index ascending on ties (stable sorts).
-    rows = rows[torch.argsort(rows[:, 2], stable=True)]
-    rows = rows[torch.sort(rows[:, 0], descending=True, stable=True).indices]
+    if len(parts) > 1:  # one part comes sorted already (see candidates)
+        # Global order: value descending, index ascending on ties (stable sorts).
+        rows = rows[torch.argsort(rows[:, 2], stable=True)]
+        rows = rows[torch.sort(rows[:, 0], descending=True, stable=True).indices]
     if _uses_top_k(req, vocab):
         rows = rows[: req.top_k]  # every part sent its whole top k: this is exact
         log_z = torch.logsumexp(rows[:, 0], 0)
@@ -175,10 +176,10 @@ def more(req: HeadRequest) -> HeadRequest:
 
 
 def choose_local(logits: torch.Tensor, req: HeadRequest) -> int:
-    """Choose from one full logits vector (a single part)."""
+    """Choose from one full logits vector (a single part, never on the wire: all its
+    rows are offered at once, so top-p needs no second round)."""
     vocab = logits.numel()
-    while True:
-        token = choose([candidates(logits, 0, vocab, req)], [vocab], vocab, req)
-        if token is not None:
-            return token
-        req = more(req)
+    whole = replace(req, count=vocab)
+    token = choose([candidates(logits, 0, vocab, whole)], [vocab], vocab, whole)
+    assert token is not None  # a complete part always decides
+    return token
