@@ -55,6 +55,10 @@ def main(model, max_world, prompt_tokens, new_tokens, repeats, wire_dtype, out):
     from master.local_cluster import LocalCluster
     from tpi.model_registry import resolve_model
 
+    from tpi.auth import new_secret
+
+    # The local workers and the master share a fresh secret (workers require one).
+    os.environ.setdefault("TPI_SECRET", new_secret())
     model_dir = resolve_model(model, lambda m: click.echo(m, err=True))
     cores = os.cpu_count() or 1
     ref_engine = load_engine(model_dir)
