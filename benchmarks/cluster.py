@@ -53,9 +53,8 @@ def main(model, max_world, prompt_tokens, new_tokens, repeats, wire_dtype, out):
     from master.engine import load_engine
     from master.loader import open_model
     from master.local_cluster import LocalCluster
-    from tpi.model_registry import resolve_model
-
     from tpi.auth import new_secret
+    from tpi.model_registry import resolve_model
 
     # The local workers and the master share a fresh secret (workers require one).
     os.environ.setdefault("TPI_SECRET", new_secret())
