@@ -70,7 +70,7 @@ def _ram_bytes_per_token(stats: dict, loaded, rank: int, context: float) -> int 
     """Weights, LM head and KV cache one decode token reads from RAM on this node."""
     weights = stats.get("weight_bytes_per_pass")
     if weights is None and rank == 0:  # a plain in-memory load: no scheduler
-        weights = sum(w.nbytes() for w in loaded.engine.decoder.layers.layers)
+        weights = loaded.engine.decoder.layers.nbytes()
     if weights is None:
         return None
     kv = stats.get("kv_bytes_per_position", 0) * context

@@ -80,13 +80,14 @@ class SpreadVocab:
 
     def choose(self, h_last: torch.Tensor, req: HeadRequest) -> int:
         row = logits(h_last, self.head, self.cfg.rms_norm_eps)[0]
+        # Our own rows cost nothing to send: offer them all, once, so only remote
+        # ranks can leave a top-p round undecided.
+        whole = replace(req, count=self.sizes[0])
+        own = candidates(row, self.head.start, self.cfg.vocab_size, whole)
         round_ = 0
         while True:
             got = self.collective.gather_head(round_)
-            # Our own rows cost nothing to send: offer them all, so only remote
-            # ranks can leave a top-p round undecided.
-            whole = replace(req, count=self.sizes[0])
-            parts = [candidates(row, self.head.start, self.cfg.vocab_size, whole)]
+            parts = [own]
             for r in sorted(got):
                 if got[r].dtype == torch.float32:  # the rank sent its logits slice
                     whole = replace(req, count=self.sizes[r])

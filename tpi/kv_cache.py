@@ -54,12 +54,11 @@ class KVCache:
         vc[:, pos:end] = v
         return kc[:, :end], vc[:, :end]
 
+    @property
+    def bytes_per_position(self) -> int:
+        """Keys and values of one token, all layers (what a decode step reads per cached token)."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.n_kv * self.head_dim * elem
+
     def nbytes(self) -> int:
-        return (
-            2
-            * self.num_layers
-            * self.n_kv
-            * self.capacity
-            * self.head_dim
-            * torch.empty((), dtype=self.dtype).element_size()
-        )
+        return self.capacity * self.bytes_per_position

@@ -26,6 +26,10 @@ from tpi.errors import TpiError
 
 QUANT_DTYPE = torch.bfloat16  # activations and scales of the quantized kernels
 DEQUANT_MIN_TOKENS = 192
+# torch's int8 kernel reads the input dimension in blocks of 16: other widths
+# crash it (seen with torch 2.13: K = 8, 24, 40 segfault). Splits keep such
+# matrices bf16; a weight made elsewhere is dequantized instead.
+INT8_K_MULTIPLE = 16
 # Tensor-name suffixes inside a layer/head file.
 INT8_SUFFIX, INT8_SCALE = ".q8", ".scale"
 INT4_SUFFIX, INT4_SCALE_ZERO = ".q4", ".sz"
@@ -91,6 +95,10 @@ def weight_rows(w: Weight) -> int:
     return w.shape[0]
 
 
+def int8_fits(shape: tuple[int, ...]) -> bool:
+    return shape[1] % INT8_K_MULTIPLE == 0
+
+
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (T, K) @ w.T (+ bias) -> (T, N) in x's dtype."""
     if isinstance(w, torch.Tensor):
@@ -99,7 +107,7 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
         y = F.linear(x.to(w.dtype), w)
     elif isinstance(w, Int8Weight):
         xq = x.to(QUANT_DTYPE).contiguous()
-        if x.shape[0] >= DEQUANT_MIN_TOKENS or w.q.shape[1] % 16:
+        if x.shape[0] >= DEQUANT_MIN_TOKENS or not int8_fits(w.shape):
             y = F.linear(xq, w.dequantize())
         else:
             y = torch.ops.aten._weight_int8pack_mm(xq, w.q, w.scale)

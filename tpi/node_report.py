@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from tpi.node_stats import peak_rss_bytes, rss_bytes
 
 
@@ -44,7 +42,5 @@ def node_stats(
         out["weight_bytes_per_pass"] = layers.layout.pass_bytes
     out["head_bytes"] = head_bytes
     if decoder is not None:
-        cache = decoder.cache
-        elem = torch.empty((), dtype=cache.dtype).element_size()
-        out["kv_bytes_per_position"] = 2 * cache.num_layers * cache.n_kv * cache.head_dim * elem
+        out["kv_bytes_per_position"] = decoder.cache.bytes_per_position
     return out

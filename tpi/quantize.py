@@ -11,9 +11,10 @@ int4 table packed for the kernel cannot be indexed by row, and the head decides
 every token (llama.cpp's 4-bit mixes keep it wider too). Measured on SmolLM2
 with an int4 head: greedy tokens left the fp32 ones after 20 steps.
 Scales are rounded to bf16 (what the kernels use) *before* the weights are
-quantized against them, so the integers are chosen for the scale really used. A matrix whose shape the int4
-kernel cannot take (rows not a multiple of 16, or inputs not a multiple of the
-group) falls back to int8, and one the int8 kernel cannot take to bf16.
+quantized against them, so the integers are chosen for the scale really used.
+A matrix whose shape the int4 kernel cannot take (rows not a multiple of 16, or
+inputs not a multiple of the group) falls back to int8, and one the int8
+kernel cannot take to bf16.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from tpi.linear import (
     INT8_SCALE,
     INT8_SUFFIX,
     QUANT_DTYPE,
+    int8_fits,
 )
 
 QUANT_MODES = ("none", "bf16", "int8", "int4")
@@ -70,8 +72,10 @@ class QuantSpec:
         """Linear weights keep their stored form in memory (not widened to the compute dtype)."""
         return self.mode != "none"
 
-    def describe(self) -> str:
-        return f"int4 (groups of {self.group_size})" if self.mode == "int4" else self.mode
+    @property
+    def packing(self) -> Int4Layout:
+        """The int4 layout weights are (or, in a new split, will be) packed in on disk."""
+        return Int4Layout.parse(self.int4_layout or disk_layout().name)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -92,11 +96,17 @@ class QuantSpec:
         return cls(mode, group_size, layout)
 
 
-def keeps_stored_dtype(name: str, quantized: bool) -> bool:
-    """In a quantized shard the matmul weights and tables (and their scales) stay as stored;
-    norms and biases are converted to the compute dtype."""
+def memory_dtype(
+    name: str, stored: torch.dtype, compute: torch.dtype, quantized: bool
+) -> torch.dtype:
+    """The dtype a shard tensor is held in: in a quantized shard the matmul weights and
+    tables (and their scales) stay as stored; other floats take the compute dtype."""
     base = name.split(".")[0]
-    return quantized and (base in LINEAR_NAMES or base in HEAD_TABLES)
+    if not stored.is_floating_point or (
+        quantized and (base in LINEAR_NAMES or base in HEAD_TABLES)
+    ):
+        return stored
+    return compute
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,15 +165,6 @@ def int4_fits(shape: tuple[int, int], group: int) -> bool:
     return n % ROW_MULTIPLE == 0 and k % group == 0
 
 
-# torch's int8 kernel reads the input dimension in blocks of 16: other widths
-# crash it (seen with torch 2.13: K = 8, 24, 40 segfault), so they stay bf16.
-INT8_K_MULTIPLE = 16
-
-
-def int8_fits(shape: tuple[int, int]) -> bool:
-    return shape[1] % INT8_K_MULTIPLE == 0
-
-
 def quantize_weight(
     name: str, w: torch.Tensor | Int4Rows, spec: QuantSpec
 ) -> dict[str, torch.Tensor]:
@@ -174,8 +175,7 @@ def quantize_weight(
     if isinstance(w, Int4Rows):
         if spec.mode == "int4" and w.group == spec.group_size and int4_fits(w.shape, w.group):
             q, sz = w.to_tinygemm()
-            layout = Int4Layout.parse(spec.int4_layout or disk_layout().name)
-            return {name + INT4_SUFFIX: pack(q, layout), name + INT4_SCALE_ZERO: sz}
+            return {name + INT4_SUFFIX: pack(q, spec.packing), name + INT4_SCALE_ZERO: sz}
         w = w.dequantize()
     if spec.mode == "none":
         return {name: w}
@@ -183,10 +183,7 @@ def quantize_weight(
         return {name: w.to(torch.bfloat16).contiguous()}
     if spec.mode == "int4" and int4_fits(tuple(w.shape), spec.group_size):
         q, sz = quantize_int4(w, spec.group_size)
-        return {
-            name + INT4_SUFFIX: pack(q, Int4Layout.parse(spec.int4_layout or disk_layout().name)),
-            name + INT4_SCALE_ZERO: sz,
-        }
+        return {name + INT4_SUFFIX: pack(q, spec.packing), name + INT4_SCALE_ZERO: sz}
     if not int8_fits(tuple(w.shape)):
         return {name: w.to(torch.bfloat16).contiguous()}
     q, scale = quantize_int8(w)

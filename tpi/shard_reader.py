@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 
 from tpi.errors import CheckpointError
-from tpi.int4_pack import Int4Layout, disk_layout, to_native
+from tpi.int4_pack import to_native
 from tpi.linear import INT4_SUFFIX
 from tpi.manifest import HEAD_FILE, ShardError, layer_file, read_manifest, verify_files
-from tpi.quantize import keeps_stored_dtype
+from tpi.quantize import memory_dtype
 from tpi.tensor_file import SafetensorsFile
 from tpi.weights import HeadWeights, LayerWeights, head_from_tensors
 
@@ -38,9 +38,9 @@ class RankShard:
         out = {}
         for k, v in tensors.items():
             if k.endswith(INT4_SUFFIX):
-                v = to_native(v, Int4Layout.parse(quant.int4_layout or disk_layout().name))
-            elif v.is_floating_point() and not keeps_stored_dtype(k, quant.quantized):
-                v = v.to(dtype)
+                v = to_native(v, quant.packing)
+            else:
+                v = v.to(memory_dtype(k, v.dtype, dtype, quant.quantized))
             out[k] = v
         return out
 

@@ -26,7 +26,7 @@ from tpi.errors import TpiError
 from tpi.int4_pack import Int4Layout, native_layout, to_native
 from tpi.linear import INT4_SUFFIX
 from tpi.memory import pin_mmap_threshold
-from tpi.quantize import keeps_stored_dtype
+from tpi.quantize import memory_dtype
 from tpi.shard_reader import RankShard
 from tpi.tensor_file import SafetensorsFile, read_span
 from tpi.weights import LayerWeights
@@ -103,28 +103,26 @@ class StreamLayout:
     int4_layout: Int4Layout | None  # how packed int4 weights are stored (None: no int4)
 
     def target_dtype(self, name: str, stored: torch.dtype) -> torch.dtype:
-        if not stored.is_floating_point or keeps_stored_dtype(name, self.quantized):
-            return stored
-        return self.dtype
+        return memory_dtype(name, stored, self.dtype, self.quantized)
 
     @classmethod
     def of(cls, shard: RankShard, dtype: torch.dtype) -> StreamLayout:
         layouts = tuple(layer_layout(shard.layer_path(i)) for i in range(shard.config.num_layers))
         quant = shard.manifest.quant
         int4 = Int4Layout.parse(quant.int4_layout) if quant.int4_layout else None
-        probe = cls((), False, 0, 0, 0, dtype, quant.quantized, int4)
+
+        def held(name: str, dt: torch.dtype) -> torch.dtype:
+            return memory_dtype(name, dt, dtype, quant.quantized)
+
         # Shards stored in another float dtype are converted into the slot;
         # the raw bytes then need one staging buffer of their own.
-        convert = any(
-            probe.target_dtype(name, dt) != dt for lay in layouts for name, dt, *_ in lay.tensors
-        )
+        convert = any(held(name, dt) != dt for lay in layouts for name, dt, *_ in lay.tensors)
 
         def need(lay: LayerLayout) -> int:
             if not convert:
                 return lay.data_bytes
             return sum(
-                (b - a) // _elem(dt) * _elem(probe.target_dtype(name, dt))
-                for name, dt, _, a, b in lay.tensors
+                (b - a) // _elem(dt) * _elem(held(name, dt)) for name, dt, _, a, b in lay.tensors
             )
 
         slot = max(need(lay) for lay in layouts)
