@@ -287,3 +287,39 @@ def test_loader_overlaps_reads_with_compute(split1):
         assert threading.active_count() >= 2
     finally:
         layers.close()
+
+
+def test_slots_hold_converted_tensors_of_any_length(tmp_path):
+    """Converted tensors are laid out on 8-byte boundaries in a slot; the slot must be
+    sized with that padding (odd lengths here: 3 and 5 floats)."""
+    from types import SimpleNamespace
+
+    from tpi.quantize import QuantSpec
+    from tpi.tensor_file import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        name: torch.randn(shape, generator=g).to(torch.bfloat16)
+        for name, shape in {
+            "attn_norm": (3,),
+            "mlp_norm": (5,),
+            "qkv": (3, 3),
+            "o": (3, 3),
+            "gate_up": (6, 3),
+            "down": (3, 3),
+        }.items()
+    }
+    path = tmp_path / "layer_000.safetensors"
+    write_safetensors(path, tensors)
+    shard = SimpleNamespace(
+        config=SimpleNamespace(num_layers=1),
+        layer_path=lambda _i: path,
+        manifest=SimpleNamespace(quant=QuantSpec()),
+    )
+    layers = SlidingWindowLayers(StreamLayout.of(shard, torch.float32), 1, torch.float32)
+    try:
+        got = layers.acquire(0)
+        for name, t in tensors.items():
+            assert torch.equal(getattr(got, name), t.float()), name
+    finally:
+        layers.close()

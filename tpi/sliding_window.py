@@ -122,7 +122,8 @@ class StreamLayout:
             if not convert:
                 return lay.data_bytes
             return sum(
-                (b - a) // _elem(dt) * _elem(held(name, dt)) for name, dt, _, a, b in lay.tensors
+                _aligned((b - a) // _elem(dt) * _elem(held(name, dt)))
+                for name, dt, _, a, b in lay.tensors
             )
 
         slot = max(need(lay) for lay in layouts)
