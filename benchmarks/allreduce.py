@@ -41,7 +41,7 @@ def _iters(latency_ms: float, world: int, quick: bool) -> int:
 
 class Shaper:
     def __init__(self, targets: list[str], latency_ms: float, workdir: Path) -> None:
-        from tpi.link_shaper import LinkSpec, start_process
+        from tpi.emulation.link_shaper import LinkSpec, start_process
 
         self.proc = None
         self.map = {t: t for t in targets}
@@ -63,9 +63,9 @@ def _star_worker(conn, iters_by_size: dict[int, int]) -> None:
     import torch
     import zmq
 
-    from tpi.links import WorkerEndpoint
-    from tpi.star_allreduce import StarWorker
-    from tpi.wire import Kind, decode
+    from tpi.comm.links import WorkerEndpoint
+    from tpi.comm.star_worker import StarWorker
+    from tpi.comm.wire import Kind, decode
 
     torch.set_num_threads(1)  # one core per emulated device, as `tpi cluster` does
     ctx = zmq.Context()
@@ -109,9 +109,11 @@ def run_star(
     import torch
     import zmq
 
-    from tpi.links import LinkSet
-    from tpi.star_allreduce import StarMaster
-    from tpi.wire import Kind, encode_control
+    from tpi.comm.inbox import Inbox
+    from tpi.comm.links import LinkSet
+    from tpi.comm.star_master import StarMaster
+    from tpi.comm.step_broadcast import StepClock
+    from tpi.comm.wire import Kind, encode_control
 
     # spawn, not fork: a child forked after the parent ran torch's thread pool
     # can deadlock in its first parallel op (OpenMP is not fork-safe).
@@ -130,7 +132,8 @@ def run_star(
     for r, addr in enumerate(addrs, start=1):
         link = links.connect(r, f"tcp://{shaper.map[addr]}")
         link.send([encode_control(Kind.PING, {"session": SESSION})])
-    master = StarMaster(links, SESSION, torch.float32, timeout_s=60)
+    clock = StepClock()
+    master = StarMaster(Inbox(links, SESSION), clock, torch.float32, timeout_s=60)
     out = {}
     step = 0
     try:
@@ -141,7 +144,7 @@ def run_star(
                 if i == warm:
                     t0 = time.perf_counter()
                 step += 1
-                master.step = step
+                clock.step = step
                 master.allreduce(x, 0, 0)
             out[size] = (time.perf_counter() - t0) / (iters - warm)
     finally:

@@ -50,11 +50,11 @@ def _measure(engine, prompt: list[int], new: int, repeats: int) -> dict:
 @click.option("--wire-dtype", type=click.Choice(["fp32", "bf16"]), default="fp32")
 @click.option("--out", default=None)
 def main(model, max_world, prompt_tokens, new_tokens, repeats, wire_dtype, out):
-    from master.engine import load_engine
-    from master.loader import open_model
-    from master.local_cluster import LocalCluster
-    from tpi.auth import new_secret
-    from tpi.model_registry import resolve_model
+    from tpi.comm.auth import new_secret
+    from tpi.master.engine import load_engine
+    from tpi.master.loader import open_model
+    from tpi.master.local_cluster import LocalCluster
+    from tpi.sources.model_registry import resolve_model
 
     # The local workers and the master share a fresh secret (workers require one).
     os.environ.setdefault("TPI_SECRET", new_secret())

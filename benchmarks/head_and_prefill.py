@@ -34,7 +34,7 @@ def _ttft(lm, prompt: list[int]) -> float:
 
 
 def _decode(lm, prompt: list[int], params, steps: int) -> dict:
-    from master.generation import generate_tokens
+    from tpi.master.generation import generate_tokens
 
     engine = lm.engine
     engine.reset()
@@ -68,12 +68,12 @@ def main(latency_ms, prompt_tokens, decode_steps, repeats, out):
     import os
 
     os.environ.setdefault("TPI_HOME", tempfile.mkdtemp(prefix="tpi-hp-"))
-    from master.loader import open_model
-    from master.local_cluster import LocalCluster
-    from master.sampling import SamplingParams
-    from tpi.auth import new_secret
-    from tpi.default_model import ensure_default_model
-    from tpi.link_shaper import LinkSpec
+    from tpi.comm.auth import new_secret
+    from tpi.emulation.link_shaper import LinkSpec
+    from tpi.master.loader import open_model
+    from tpi.master.local_cluster import LocalCluster
+    from tpi.master.sampling import SamplingParams
+    from tpi.sources.default_model import ensure_default_model
 
     os.environ.setdefault("TPI_SECRET", new_secret())
     model = ensure_default_model(lambda m: click.echo(m, err=True))

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main(model_dir, mode, max_memory, prompt_tokens, new_tokens, dtype):
     from transformers import AutoModelForCausalLM
 
-    from tpi.node_stats import peak_rss_bytes
+    from tpi.system.process_memory import peak_rss_bytes
 
     warnings.filterwarnings("ignore")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]

@@ -19,7 +19,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import write_result  # noqa: E402
-from tpi.link_shaper import LinkSpec, serve  # noqa: E402
+from tpi.emulation.link_shaper import LinkSpec, serve  # noqa: E402
 
 SETTINGS = [
     (0.0, None),

@@ -37,7 +37,7 @@ LLAMA2_7B = {
 def make_synthetic(out: Path, cfg: dict = LLAMA2_7B, seed: int = 0) -> Path:
     from tests.factories import make_tokenizer
     from tpi.progress import ProgressReporter
-    from tpi.sharded_writer import ShardedWriter
+    from tpi.storage.sharded_writer import ShardedWriter
 
     out = Path(out)
     if (out / "config.json").is_file() and (out / ".complete").is_file():

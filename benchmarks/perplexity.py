@@ -24,9 +24,9 @@ def main() -> None:
     import os
 
     os.environ.setdefault("TPI_HOME", tempfile.mkdtemp(prefix="tpi-ppl-"))
-    from master.loader import open_model
-    from master.perplexity import perplexity
-    from tpi.default_model import ensure_default_model
+    from tpi.master.loader import open_model
+    from tpi.master.perplexity import perplexity
+    from tpi.sources.default_model import ensure_default_model
 
     model = ensure_default_model(print)
     rows = {}

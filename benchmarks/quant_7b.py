@@ -51,7 +51,7 @@ def disk_bandwidth(model: Path) -> float:
     reads a layer (plain reads into a reused buffer, pages dropped behind)."""
     import torch
 
-    from tpi.tensor_file import read_span
+    from tpi.storage.tensor_file import read_span
 
     path = sorted(model.glob("*.safetensors"))[0]
     piece = 200 * 1024**2
@@ -156,8 +156,8 @@ def ttft_runs(model: Path, env: dict, work: Path, results: dict, want, save) -> 
 @click.option("--keep-splits", is_flag=True, help="Keep each split after its runs (disk space).")
 @click.option("--out", default=None)
 def main(work, prompt_tokens, new_tokens, only, keep_splits, out):
-    from tpi.quantize import QuantSpec
-    from tpi.split import ensure_split
+    from tpi.quant.quantize import QuantSpec
+    from tpi.storage.split import ensure_split
 
     model = make_synthetic(work / "llama2-7b-synthetic")
     env = dict(os.environ, TPI_HOME=str(work / "home"))

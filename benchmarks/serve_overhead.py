@@ -38,9 +38,9 @@ def _prompt(r: int) -> str:
 
 def _direct(loaded, prompt: str, new_tokens: int) -> tuple[float, float, int]:
     """(ttft_s, decode_tokens_per_s, tokens) from the engine itself."""
-    from master.generation import generate_tokens
-    from master.sampling import SamplingParams
-    from tpi.tokenizer import StreamDecoder
+    from tpi.master.generation import generate_tokens
+    from tpi.master.sampling import SamplingParams
+    from tpi.text.tokenizer import StreamDecoder
 
     loaded.engine.reset()
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
@@ -99,8 +99,8 @@ def main(model, new_tokens, repeats, threads, out):
     import httpx
     import torch
 
-    from master.loader import open_model
     from tests.serve_helpers import free_port
+    from tpi.master.loader import open_model
 
     if threads:
         torch.set_num_threads(threads)

@@ -61,9 +61,9 @@ def main(model, dtype, prompt_tokens, new_tokens, repeats, out):
 
     from transformers import AutoModelForCausalLM
 
-    from master.engine import load_engine
-    from tpi.loading import COMPUTE_DTYPES
-    from tpi.model_registry import resolve_model
+    from tpi.dtypes import COMPUTE_DTYPES
+    from tpi.master.engine import load_engine
+    from tpi.sources.model_registry import resolve_model
 
     warnings.filterwarnings("ignore")
     model_dir = resolve_model(model, lambda m: click.echo(m, err=True))

@@ -38,7 +38,7 @@ def run_capped(cmd: list[str], env: dict | None, cap_bytes: int | None, timeout:
     cache, so page cache counts against the same limit as RSS (equal-memory runs)."""
     if cap_bytes is None:
         return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    from tpi.cgroups import CgroupFactory
+    from tpi.emulation.cgroups import CgroupFactory
 
     factory = CgroupFactory()
     if not factory.available:
@@ -212,8 +212,8 @@ def _ratios(runs: dict) -> dict:
 )
 @click.option("--out", default=None)
 def main(work, prompt_tokens, new_tokens, tmpfs, skip_hf, only, cap_gb, out):
-    from tpi.manifest import HEAD_FILE, layer_file
-    from tpi.split import ensure_split
+    from tpi.storage.manifest import HEAD_FILE, layer_file
+    from tpi.storage.split import ensure_split
 
     model = make_synthetic(work / "llama2-7b-synthetic")
     env = dict(os.environ, TPI_HOME=str(work / "home"))

@@ -42,13 +42,15 @@ def peak_rss_of(cmd: list[str], interval: float = 0.02) -> tuple[int, float, int
 @click.option("--world", default=3, show_default=True)
 @click.option("--out", default=None)
 def main(model, world, out):
-    from tpi.model_registry import resolve_model
+    from tpi.sources.model_registry import resolve_model
 
     model_dir = resolve_model(model, lambda m: click.echo(m, err=True))
     model_bytes = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
     tpi = str(Path(sys.executable).parent / "tpi")
     with tempfile.TemporaryDirectory() as tmp:
-        baseline, _, _ = peak_rss_of([sys.executable, "-c", "import torch, safetensors, tpi.split"])
+        baseline, _, _ = peak_rss_of(
+            [sys.executable, "-c", "import torch, safetensors, tpi.storage.split"]
+        )
         peak, seconds, rc = peak_rss_of(
             [tpi, "split", str(model_dir), "--world", str(world), "--out", f"{tmp}/s"]
         )

@@ -9,10 +9,11 @@ from pathlib import Path
 import click
 import torch
 
-from master.cli_options import ENGINE_OPTIONS, apply, open_from_options
-from master.sampling import Sampler, SamplingParams
-from tpi.linear import weight_nbytes
-from tpi.node_report import node_stats
+from tpi.cli_options import apply
+from tpi.master.cli_options import ENGINE_OPTIONS, open_from_options
+from tpi.master.sampling import Sampler, SamplingParams
+from tpi.quant.formats import weight_nbytes
+from tpi.runtime.node_stats import node_stats
 
 _CUMULATIVE = (
     "steps",

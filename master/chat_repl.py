@@ -9,10 +9,10 @@ from contextlib import contextmanager
 
 import click
 
-from master.chat_session import ChatSession
-from master.generation import GenerationStats
+from tpi.comm.links import ClusterError
 from tpi.errors import PromptError, TpiError
-from tpi.links import ClusterError
+from tpi.master.chat_session import ChatSession
+from tpi.master.generation import GenerationStats
 
 HELP = (
     "commands: /reset (forget the conversation), /retry (reconnect and answer the last message "

@@ -6,11 +6,12 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from master.engine import Engine
-from master.generation import GenerationStats, generate_tokens
-from master.sampling import SamplingParams
 from tpi.errors import PromptError
-from tpi.tokenizer import StreamDecoder, TextTokenizer
+from tpi.master.engine import Engine
+from tpi.master.generation import GenerationStats, generate_tokens
+from tpi.master.sampling import SamplingParams
+from tpi.text.prompts import conversation_ids, with_system
+from tpi.text.tokenizer import StreamDecoder, TextTokenizer
 
 
 @dataclass
@@ -27,19 +28,8 @@ class ChatSession:
         self.history.clear()
         self.engine.reset()
 
-    def _messages(self, turns: list[dict[str, str]]) -> list[dict[str, str]]:
-        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return system + turns
-
     def _prompt_ids(self, turns: list[dict[str, str]]) -> list[int]:
-        if self.tokenizer.chat_template is None:
-            # No template: a plain transcript is the best a base model can do.
-            text = (
-                "".join(f"{m['role']}: {m['content']}\n" for m in self._messages(turns))
-                + "assistant:"
-            )
-            return self.tokenizer.encode(text)
-        return self.tokenizer.encode_chat(self._messages(turns))
+        return conversation_ids(self.tokenizer, with_system(self.system_prompt, turns))
 
     def _fit(self, turns: list[dict[str, str]]) -> list[int]:
         """Prompt ids, forgetting the oldest exchanges until an answer still fits."""

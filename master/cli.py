@@ -9,9 +9,10 @@ from pathlib import Path
 
 import click
 
-from master.cli_options import (
+from tpi import cli_options as opt
+from tpi.cli_options import apply
+from tpi.master.cli_options import (
     ENGINE_OPTIONS,
-    apply,
     open_from_options,
     sampling_from_options,
     sampling_options,
@@ -35,9 +36,10 @@ def generate(prompt, raw, system, stats, **opts):
     plain text completion. With --workers the model runs tensor-parallel across
     this machine and the worker daemons.
     """
-    from master.generation import GenerationStats, generate_tokens
     from tpi.errors import PromptError
-    from tpi.tokenizer import StreamDecoder
+    from tpi.master.generation import GenerationStats, generate_tokens
+    from tpi.text.prompts import conversation_ids, with_system
+    from tpi.text.tokenizer import StreamDecoder
 
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -46,11 +48,10 @@ def generate(prompt, raw, system, stats, **opts):
     loaded = open_from_options(opts)
     params = sampling_from_options(loaded, opts)
     tok = loaded.tokenizer
-    if raw or tok.chat_template is None:
+    if raw or tok.chat_template is None:  # nothing to wrap it in: plain completion
         ids = tok.encode(prompt)
     else:
-        system_msg = [{"role": "system", "content": system}] if system else []
-        ids = tok.encode_chat([*system_msg, {"role": "user", "content": prompt}])
+        ids = conversation_ids(tok, with_system(system, [{"role": "user", "content": prompt}]))
     st = GenerationStats()
     decoder = StreamDecoder(tok)
     for token in generate_tokens(loaded.engine, ids, params, tok.eos_ids, st, threading.Event()):
@@ -74,8 +75,8 @@ def chat(system, **opts):
     Ctrl-D quits, Ctrl-C stops the current answer. Tokens/s are shown after each
     answer; the KV cache of earlier turns is reused, so only new text is processed.
     """
-    from master.chat_repl import run_repl
-    from master.chat_session import ChatSession
+    from tpi.master.chat_repl import run_repl
+    from tpi.master.chat_session import ChatSession
 
     loaded = open_from_options(opts)
     params = sampling_from_options(loaded, opts)
@@ -104,9 +105,7 @@ def chat(system, **opts):
     show_default=True,
     help="Number of local worker processes (the master is one more rank).",
 )
-@click.option(
-    "--shares", default=None, metavar="A,B,...", help="Relative share of each rank, master first."
-)
+@opt.shares()
 @click.option(
     "--dir",
     "base_dir",
@@ -115,11 +114,8 @@ def chat(system, **opts):
     help="Where the workers keep their stores and logs (default $TPI_HOME/cluster); "
     "shards pushed once are reused by later runs.",
 )
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Torch threads per process (default: the machine's cores divided among master and workers).",
+@opt.threads(
+    "Torch threads per process (default: the machine's cores divided among master and workers)."
 )
 @click.option(
     "--mem-limit",
@@ -155,25 +151,19 @@ def cluster(ctx, count, shares, base_dir, threads, mem_limit, cpus, link_latency
     Without a command, the workers run until Ctrl-C and their addresses are printed
     (for a master started elsewhere). Every process started is stopped on exit.
     """
-    from master.local_cluster import DeviceLimits, LocalCluster
-    from tpi.link_shaper import LinkSpec, parse_duration, parse_rate
-    from tpi.memory_budget import parse_size
+    from tpi.master.local_cluster import DeviceLimits, LocalCluster, link_from_flags
     from tpi.paths import tpi_home
+    from tpi.runtime.memory_budget import parse_size
 
     threads = threads or max(1, (os.cpu_count() or 1) // (count + 1))
     if not os.environ.get("TPI_SECRET"):
         # A fresh secret for this run's local workers (inherited through the
         # environment, never on a command line where `ps` would show it).
-        from tpi.auth import new_secret
+        from tpi.comm.auth import new_secret
 
         os.environ["TPI_SECRET"] = new_secret()
     limits = DeviceLimits(parse_size(mem_limit) if mem_limit else None, cpus)
-    link = None
-    if link_latency or link_bandwidth:
-        link = LinkSpec(
-            parse_duration(link_latency or "0ms"),
-            parse_rate(link_bandwidth) if link_bandwidth else None,
-        )
+    link = link_from_flags(link_latency, link_bandwidth)
     local = LocalCluster(
         count, base_dir or tpi_home() / "cluster", threads, limits=limits, link=link
     )
@@ -201,8 +191,8 @@ cluster.add_command(chat)
 
 
 def _add_late_commands() -> None:
-    from master.bench import bench
-    from master.serve_cmd import serve
+    from tpi.master.bench import bench
+    from tpi.master.serve.command import serve
 
     cluster.add_command(bench)
     cluster.add_command(serve)

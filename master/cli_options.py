@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from tpi import cli_options as opt
+
 MODEL_HELP = (
     "Model: a Hugging Face checkpoint directory, a directory made by 'tpi split', a .gguf file "
     "(converted once), or the name of a cached model (see 'tpi models'). "
@@ -19,13 +21,7 @@ ENGINE_OPTIONS = [
         metavar="HOST:PORT,...",
         help="Worker daemons to run the model with (rank 1, 2, ... in this order). None: this machine alone.",
     ),
-    click.option(
-        "--shares",
-        default=None,
-        metavar="A,B,...",
-        help="Relative share of each rank, master first (e.g. 2,1,1 gives the master half the heads "
-        "and MLP columns). Default: even.",
-    ),
+    opt.shares(),
     click.option(
         "--wire-dtype",
         type=click.Choice(["fp32", "bf16", "fp16"]),
@@ -48,27 +44,17 @@ ENGINE_OPTIONS = [
         show_default=True,
         help="Compute dtype (bf16 halves memory, at some accuracy cost).",
     ),
-    click.option(
-        "--quant",
-        type=click.Choice(["none", "bf16", "int8", "int4"]),
-        default=None,
-        help="Weight-only quantization of the matmul weights (made once by an automatic split): "
+    opt.quant(
+        None,
+        "Weight-only quantization of the matmul weights (made once by an automatic split): "
         "int8 and int4 read and move a half and a quarter of bf16's bytes per token. "
         "Default: none, or whatever a pre-split --model was made with.",
     ),
-    click.option(
-        "--group-size",
-        type=click.Choice(["32", "64", "128"]),
-        default="32",
-        show_default=True,
-        help="With --quant int4: weights per scale/zero group.",
-    ),
-    click.option(
-        "--vocab-parallel",
-        is_flag=True,
-        help="Split the embedding and LM head by vocabulary rows across all ranks (less memory and "
+    opt.group_size(),
+    opt.vocab_parallel(
+        "Split the embedding and LM head by vocabulary rows across all ranks (less memory and "
         "head compute on the master; only token ids and a few candidates per token cross the "
-        "wire, at the cost of one more allreduce per token).",
+        "wire, at the cost of one more allreduce per token)."
     ),
     click.option(
         "--prefill-chunks",
@@ -78,50 +64,25 @@ ENGINE_OPTIONS = [
         "the next chunk computes (overlapped prefill). Default: chosen from the measured link "
         "round trip and compute speed (1 = no overlap).",
     ),
-    click.option(
-        "--threads",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Torch compute threads on this machine (default: all cores).",
+    opt.threads("Torch compute threads on this machine (default: all cores)."),
+    opt.window(
+        "Sliding window: layers of each rank's slice kept in memory; the rest stream from disk "
+        "while earlier layers compute. Default: all layers resident."
     ),
-    click.option(
-        "--window",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Sliding window: layers of each rank's slice kept in memory; the rest stream from disk "
-        "while earlier layers compute. Default: all layers resident.",
+    opt.memory_budget(
+        "Memory this machine may use, e.g. 2GB: picks the largest window that fits next to the "
+        "KV cache, activations and (on the master) embedding/LM head, and says what it picked."
     ),
-    click.option(
-        "--memory-budget",
-        default=None,
-        metavar="SIZE",
-        help="Memory this machine may use, e.g. 2GB: picks the largest window that fits next to the "
-        "KV cache, activations and (on the master) embedding/LM head, and says what it picked.",
+    opt.secret_file(
+        "File holding the cluster's shared secret (else $TPI_SECRET); workers require it."
     ),
-    click.option(
-        "--secret-file",
-        default=None,
-        metavar="FILE",
-        help="File holding the cluster's shared secret (else $TPI_SECRET); workers require it.",
+    opt.insecure("Talk to workers without a shared secret (they must allow it)."),
+    opt.curve(
+        "Encrypt all traffic with CurveZMQ, using keys from 'tpi keygen DIR' (workers need --curve too)."
     ),
-    click.option(
-        "--insecure",
-        is_flag=True,
-        help="Talk to workers without a shared secret (they must allow it).",
-    ),
-    click.option(
-        "--curve",
-        "curve_dir",
-        default=None,
-        metavar="DIR",
-        help="Encrypt all traffic with CurveZMQ, using keys from 'tpi keygen DIR' (workers need --curve too).",
-    ),
-    click.option(
-        "--max-context",
-        type=click.IntRange(min=16),
-        default=None,
-        help="Tokens of context the KV cache is sized for and capped at (default: the model's, at most "
-        "4096 when streaming).",
+    opt.max_context(
+        "Tokens of context the KV cache is sized for and capped at (default: the model's, at most "
+        "4096 when memory is planned: a window, a budget or a cgroup limit)."
     ),
 ]
 
@@ -164,18 +125,9 @@ def sampling_options(max_new_default: int) -> list:
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed", "max_new_tokens")
 
 
-def apply(options: list):
-    def decorate(f):
-        for opt in reversed(options):
-            f = opt(f)
-        return f
-
-    return decorate
-
-
 def open_from_options(opts: dict):
     """Load the model (and cluster) the engine options describe; closed with the command."""
-    from master.loader import MemoryOptions, open_model
+    from tpi.master.loader import MemoryOptions, open_model
 
     ctx = click.get_current_context()
     parent = ctx.obj or {}  # set by an enclosing `tpi cluster`
@@ -215,7 +167,7 @@ def open_from_options(opts: dict):
 
 
 def sampling_from_options(loaded, opts: dict):
-    from master.loader import sampling_params
+    from tpi.master.loader import sampling_params
 
     return sampling_params(
         loaded.model_dir,

@@ -1,8 +1,14 @@
 """The master's side of a cluster session.
 
 connect -> HELLO to every worker -> push missing shards (resumable, verified by
-the worker) -> LOAD -> steps (through StarMaster) -> END. Any worker that
-refuses, does not answer or disappears is reported by rank and address.
+the worker) -> LOAD -> steps -> END. Any worker that refuses, does not answer or
+disappears is reported by rank and address.
+
+Every message from the workers goes through one Inbox, filed by kind. Once
+loaded, the session offers the three parts of rank 0's collective, sharing one
+step clock and one set of traffic counters: `broadcast` (starts each step on
+every worker), `collective` (the star allreduce of partial sums) and `heads`
+(gathers a vocabulary-parallel head's outputs).
 """
 
 from __future__ import annotations
@@ -17,13 +23,25 @@ from pathlib import Path
 import zmq
 
 from tpi import __version__
-from tpi.auth import check, new_nonce, proof
-from tpi.curve import CurveKeys
-from tpi.links import ClusterError, LinkLost, LinkSet, WorkerLink, normalize_address
-from tpi.manifest import MANIFEST_NAME, read_manifest
-from tpi.split import read_split_index
-from tpi.star_allreduce import StarMaster
-from tpi.wire import WIRE_DTYPES, Kind, Message, encode_control
+from tpi.comm.auth import check, new_nonce, proof
+from tpi.comm.curve import CurveKeys
+from tpi.comm.head_gather import HeadGatherer
+from tpi.comm.inbox import Inbox
+from tpi.comm.links import (
+    ClusterError,
+    LinkLost,
+    LinkSet,
+    WorkerFailed,
+    WorkerLink,
+    normalize_address,
+)
+from tpi.comm.star_master import StarMaster
+from tpi.comm.step_broadcast import StepBroadcaster, StepClock
+from tpi.comm.traffic import AllreduceStats
+from tpi.comm.wire import Kind, Message, encode_control
+from tpi.dtypes import DTYPES
+from tpi.storage.manifest import MANIFEST_NAME, read_manifest
+from tpi.storage.split import read_split_index
 
 CHUNK_BYTES = 1 << 20
 PUSH_WINDOW = 8  # chunks in flight per worker
@@ -75,7 +93,10 @@ class ClusterSession:
             )
         self.ctx = zmq.Context()
         self.links = LinkSet(self.ctx)
+        self.inbox = Inbox(self.links, self.session)
+        self.broadcast: StepBroadcaster | None = None
         self.collective: StarMaster | None = None
+        self.heads: HeadGatherer | None = None
 
     def rank_dir(self, rank: int) -> Path:
         return self.split_dir / self.index["ranks"][rank]["dir"]
@@ -102,22 +123,15 @@ class ClusterSession:
             )
             deadline = start + (connected_timeout_s if patient else timeout_s)
             try:
-                link, msg = self.links.recv(
-                    min(1.0, max(0.01, deadline - time.monotonic())), waiting
+                link, msg = self.inbox.take(
+                    kinds, min(1.0, max(0.01, deadline - time.monotonic())), waiting, what
                 )
             except TimeoutError:
                 if time.monotonic() < deadline:
                     continue
                 r = min(waiting)
                 raise LinkLost(r, self.links.links[r - 1].name, f"no answer {what}") from None
-            if msg.kind == Kind.REFUSE:
-                raise ClusterError(f"rank {link.rank} ({link.name}) refused: {msg.body['reason']}")
-            if msg.kind == Kind.ERROR:
-                raise ClusterError(
-                    f"rank {link.rank} ({link.name}) failed {what}: {msg.body['message']}"
-                )
-            if msg.kind in kinds and msg.body.get("session") == self.session:
-                got[link.rank] = msg
+            got[link.rank] = msg
         return got
 
     def start(self) -> None:
@@ -174,9 +188,12 @@ class ClusterSession:
             link.send([encode_control(Kind.LOAD, body)])
         ready = self._expect({Kind.READY}, VERIFY_TIMEOUT_S, ranks, "while loading its shard")
         self.worker_info = {r: m.body for r, m in ready.items()}
+        clock, stats = StepClock(), AllreduceStats()
+        self.broadcast = StepBroadcaster(self.links, self.session, clock, stats)
         self.collective = StarMaster(
-            self.links, self.session, WIRE_DTYPES[self.wire_dtype], self.timeout_s
+            self.inbox, clock, DTYPES[self.wire_dtype], self.timeout_s, stats
         )
+        self.heads = HeadGatherer(self.inbox, clock, self.world, stats, self.timeout_s)
 
     def _push_plan(self, rank: int, partial: dict) -> PushState:
         rank_dir = self.rank_dir(rank)
@@ -225,16 +242,14 @@ class ClusterSession:
         while len(finished) < len(states):
             waiting = set(states) - finished
             try:
-                link, msg = self.links.recv(VERIFY_TIMEOUT_S, waiting)
+                link, msg = self.inbox.take({Kind.PUSH_ACK, Kind.READY}, VERIFY_TIMEOUT_S, waiting)
             except TimeoutError:
                 raise ClusterError(f"shard push stalled for rank(s) {sorted(waiting)}") from None
-            if msg.kind == Kind.ERROR:
+            except WorkerFailed as e:
                 raise ClusterError(
-                    f"rank {link.rank} ({link.name}) rejected its shard: {msg.body['message']}"
-                )
-            st = states.get(link.rank)
-            if st is None or msg.body.get("session") != self.session:
-                continue
+                    f"rank {e.rank} ({e.address}) rejected its shard: {e.message}"
+                ) from None
+            st = states[link.rank]
             if msg.kind == Kind.PUSH_ACK:
                 st.in_flight -= 1
                 self._pump(st)
@@ -247,7 +262,7 @@ class ClusterSession:
     def _authenticate(
         self, first: dict[int, Message], nonces: dict[int, str]
     ) -> dict[int, Message]:
-        """Check each worker's proof of the secret and prove ours (tpi.auth)."""
+        """Check each worker's proof of the secret and prove ours (tpi.comm.auth)."""
         for r, msg in first.items():
             link = self.links.links[r - 1]
             if self.secret is None:

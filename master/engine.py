@@ -14,14 +14,15 @@ from pathlib import Path
 
 import torch
 
-from master.sampling import Sampler
-from master.vocab import SpreadVocab, WholeVocab
-from tpi.config import ModelConfig, load_config
-from tpi.decoder import Decoder, LocalCollective, ResidentLayers
 from tpi.errors import PromptError
-from tpi.loading import load_head, load_layers, open_checkpoint
-from tpi.partition import plan_partition
-from tpi.prefill_plan import PrefillPlanner
+from tpi.master.sampling import Sampler
+from tpi.master.vocab import WholeVocab
+from tpi.model.config import ModelConfig
+from tpi.model.decoder import Decoder, LocalCollective
+from tpi.runtime.prefill_plan import PrefillPlanner
+from tpi.runtime.rank_runtime import build_rank
+from tpi.runtime.vocab_parallel import SpreadVocab
+from tpi.storage.checkpoint_rank import CheckpointRank
 
 
 class Engine:
@@ -122,14 +123,8 @@ class Engine:
 
 
 def load_engine(model_dir: Path, dtype: torch.dtype = torch.float32) -> Engine:
-    """Single-node engine from a Hugging Face checkpoint directory."""
-    cfg = load_config(model_dir)
-    part = plan_partition(cfg, [1.0])
-    ckpt = open_checkpoint(model_dir)
-    try:
-        head = load_head(ckpt, cfg, dtype)
-        layers = load_layers(ckpt, cfg, part.slices[0], dtype)
-    finally:
-        ckpt.close()
-    decoder = Decoder(cfg, part.slices[0], ResidentLayers(layers), LocalCollective(), dtype)
-    return Engine(cfg, WholeVocab(cfg, head, dtype, None), decoder)
+    """Single-node engine from a Hugging Face checkpoint directory (held resident)."""
+    source = CheckpointRank(model_dir)
+    head = source.load_head(dtype)
+    runtime = build_rank(source, dtype, LocalCollective(), head_bytes=head.nbytes())
+    return Engine(source.config, WholeVocab(source.config, head, dtype, None), runtime.decoder)

@@ -7,9 +7,9 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from master.engine import Engine
-from master.sampling import Sampler, SamplingParams
 from tpi.errors import PromptError
+from tpi.master.engine import Engine
+from tpi.master.sampling import Sampler, SamplingParams
 
 
 @dataclass
@@ -25,10 +25,6 @@ class GenerationStats:
     @property
     def decode_tokens_per_second(self) -> float:
         return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
-
-    @property
-    def ms_per_token(self) -> float:
-        return 1000 * self.decode_seconds / self.decode_steps if self.decode_steps else 0.0
 
 
 def check_prompt(engine: Engine, prompt: Sequence[int]) -> None:

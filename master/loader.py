@@ -11,29 +11,29 @@ from pathlib import Path
 import click
 import torch
 
-from master.cluster import ClusterSession
-from master.engine import Engine, load_engine
-from master.sampling import SamplingParams, defaults_from_generation_config
-from master.vocab import SpreadVocab, WholeVocab
-from tpi.auth import require_secret
-from tpi.config import load_config
-from tpi.curve import CurveKeys
-from tpi.decoder import Collective, LocalCollective
+from tpi.comm.auth import require_secret
+from tpi.comm.curve import CurveKeys
+from tpi.comm.links import ClusterError
+from tpi.dtypes import COMPUTE_DTYPES
 from tpi.errors import ModelError
-from tpi.links import ClusterError
-from tpi.loading import COMPUTE_DTYPES
-from tpi.memory_budget import parse_size
-from tpi.model_registry import resolve_model
-from tpi.partition import parse_shares
-from tpi.prefill_plan import PrefillPlanner
+from tpi.master.cluster import ClusterSession
+from tpi.master.engine import Engine, load_engine
+from tpi.master.sampling import SamplingParams, defaults_from_generation_config
+from tpi.master.vocab import WholeVocab
+from tpi.model.config import load_config
+from tpi.model.decoder import LocalCollective
+from tpi.model.partition import parse_shares
 from tpi.progress import ProgressReporter
-from tpi.quantize import QuantSpec
-from tpi.rank_runtime import RankRuntime, build_rank
-from tpi.shard_reader import RankShard
-from tpi.shard_verify import verify_once
-from tpi.split import ensure_split, is_split_dir, read_split_index
-from tpi.star_allreduce import StarMaster
-from tpi.tokenizer import TextTokenizer
+from tpi.quant.quantize import QuantSpec
+from tpi.runtime.memory_budget import parse_size
+from tpi.runtime.prefill_plan import PrefillPlanner
+from tpi.runtime.rank_runtime import RankRuntime, build_rank
+from tpi.runtime.vocab_parallel import SpreadVocab
+from tpi.sources.model_registry import resolve_model
+from tpi.storage.shard_reader import RankShard
+from tpi.storage.shard_verify import verify_once
+from tpi.storage.split import ensure_split, is_split_dir, read_split_index
+from tpi.text.tokenizer import TextTokenizer
 
 
 def _err(msg: str) -> None:
@@ -72,8 +72,7 @@ class LoadedModel:
 def load_rank0(
     rank_dir: Path,
     dtype: torch.dtype,
-    collective: Collective,
-    cluster: StarMaster | None,
+    cluster: ClusterSession | None,
     memory: MemoryOptions,
     echo,
 ) -> tuple[Engine, RankRuntime]:
@@ -84,6 +83,7 @@ def load_rank0(
     # add its whole size in disk reads per token. They count in the master's
     # budget (head_bytes).
     head = shard.load_head(dtype)
+    collective = cluster.collective if cluster is not None else LocalCollective()
     runtime = build_rank(
         shard,
         dtype,
@@ -97,9 +97,11 @@ def load_rank0(
     cfg, partition = shard.config, shard.manifest.partition
     if partition.vocab_parallel and cluster is not None:
         sizes = [b - a for a, b in (rs.vocab for rs in partition.slices)]
-        vocab = SpreadVocab(cfg, head, dtype, cluster, sizes)
+        vocab = SpreadVocab(
+            cfg, head, dtype, cluster.broadcast, cluster.collective, cluster.heads, sizes
+        )
     else:
-        vocab = WholeVocab(cfg, head, dtype, cluster)
+        vocab = WholeVocab(cfg, head, dtype, cluster.broadcast if cluster is not None else None)
     return Engine(cfg, vocab, runtime.decoder), runtime
 
 
@@ -184,7 +186,7 @@ def open_model(
     if index["world"] == 1:
         if workers:
             raise ClusterError(f"{split_dir} is split for one rank; it cannot use workers")
-        engine, runtime = load_rank0(rank0, torch_dtype, LocalCollective(), None, memory, echo)
+        engine, runtime = load_rank0(rank0, torch_dtype, None, memory, echo)
         if prefill_chunks:  # nothing to overlap alone; kept for checking the chunked math
             engine.planner = PrefillPlanner(0.0, 0.0, fixed=prefill_chunks)
         return LoadedModel(rank0, engine, tokenizer, time.perf_counter() - t0, runtime=runtime)
@@ -206,9 +208,7 @@ def open_model(
         )
         cluster.start()
     try:
-        engine, runtime = load_rank0(
-            rank0, torch_dtype, cluster.collective, cluster.collective, memory, echo
-        )
+        engine, runtime = load_rank0(rank0, torch_dtype, cluster, memory, echo)
         engine.planner = plan_prefill(cluster, engine, prefill_chunks)
     except BaseException:
         cluster.close("master failed to load")

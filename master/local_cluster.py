@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tpi.cgroups import Cgroup, CgroupFactory
+from tpi.comm.links import ClusterError, display_address
+from tpi.emulation.cgroups import Cgroup, CgroupFactory
+from tpi.emulation.link_shaper import LinkSpec, parse_duration, parse_rate, start_process
 from tpi.errors import TpiError
-from tpi.link_shaper import LinkSpec, start_process
-from tpi.links import ClusterError, display_address
 
 START_TIMEOUT_S = 60.0
 
@@ -29,6 +29,13 @@ class DeviceLimits:
     @property
     def any(self) -> bool:
         return self.memory_bytes is not None or self.cpus is not None
+
+
+def link_from_flags(latency: str | None, bandwidth: str | None) -> LinkSpec | None:
+    """--link-latency / --link-bandwidth as a shaper setting (None: unshaped)."""
+    if not (latency or bandwidth):
+        return None
+    return LinkSpec(parse_duration(latency or "0ms"), parse_rate(bandwidth) if bandwidth else None)
 
 
 @dataclass
@@ -63,7 +70,7 @@ class LocalCluster:
         cmd = [
             sys.executable,
             "-m",
-            "worker",
+            "tpi.worker",
             "--listen",
             listen,
             "--store",

@@ -14,7 +14,8 @@ from pathlib import Path
 import click
 import torch
 
-from master.cli_options import ENGINE_OPTIONS, apply, open_from_options
+from tpi.cli_options import apply
+from tpi.master.cli_options import ENGINE_OPTIONS, open_from_options
 
 
 def negative_log_likelihoods(engine, ids: list[int], window: int) -> torch.Tensor:

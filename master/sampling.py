@@ -1,9 +1,9 @@
 """Next-token choice: greedy, temperature, top-k, top-p, seeded.
 
-The choice itself is tpi.vocab_head's (Gumbel-max over candidates), shared
+The choice itself is tpi.model.vocab_head's (Gumbel-max over candidates), shared
 with the vocabulary-parallel head, so a seed gives the same tokens whether the
-logits sit on one node or are spread over ranks. `probabilities` spells out
-the distribution that is sampled, for tests and for reading.
+logits sit on one node or are spread over ranks (tpi.model.vocab_head.distribution
+spells out the distribution that is sampled).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tpi.vocab_head import HeadRequest, choose_local
+from tpi.model.vocab_head import HeadRequest, choose_local
 
 
 @dataclass(frozen=True)
@@ -59,23 +59,6 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> int:
         """Choose one token id from float32 logits of shape (vocab,)."""
         return choose_local(logits.float(), self.request())
-
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """The distribution sampled from, after temperature, top-k and top-p."""
-        p = self.params
-        scores = logits.float() / p.temperature
-        if p.top_k and p.top_k < scores.numel():
-            kth = torch.topk(scores, p.top_k).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if p.top_p < 1.0:
-            # Keep the smallest set of most likely tokens whose mass reaches top_p.
-            sorted_scores, order = torch.sort(scores, descending=True)
-            cum = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
-            drop_sorted = cum - torch.softmax(sorted_scores, dim=-1) >= p.top_p
-            drop_sorted[0] = False
-            drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-            scores = scores.masked_fill(drop, float("-inf"))
-        return torch.softmax(scores, dim=-1)
 
 
 def defaults_from_generation_config(config: dict) -> dict:

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from master.loader import LoadedModel, open_model
-from master.local_cluster import LocalCluster
+from tpi.master.loader import LoadedModel, open_model
+from tpi.master.local_cluster import LocalCluster
 
 
 @contextmanager

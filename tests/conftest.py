@@ -50,6 +50,6 @@ def llama3_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct, converted once per test session."""
-    from tpi.default_model import ensure_default_model
+    from tpi.sources.default_model import ensure_default_model
 
     return ensure_default_model(lambda _m: None)

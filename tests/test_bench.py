@@ -7,8 +7,8 @@ import json
 from click.testing import CliRunner
 
 from tpi.cli import cli
-from tpi.manifest import read_manifest
-from tpi.split import split_model
+from tpi.storage.manifest import read_manifest
+from tpi.storage.split import split_model
 
 
 def _bench(args: list[str]) -> dict:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from master.engine import load_engine
 from tests.cluster_helpers import addresses, cluster_model, local_workers
 from tests.factories import load_reference
 from tests.stepping import greedy, hf_step_logits, step_logits
-from tpi.links import ClusterError
+from tpi.comm.links import ClusterError
+from tpi.master.engine import load_engine
 
 PROMPT = list(range(5, 25))
 FOLLOW = list(range(40, 56))
@@ -77,9 +77,9 @@ def test_shard_is_pushed_once_then_reused(llama_dir, tmp_path):
 
 
 def test_protocol_version_mismatch_is_refused_and_names_the_rank(llama_dir, workers, monkeypatch):
-    import tpi.wire
+    import tpi.comm.wire
 
-    monkeypatch.setattr(tpi.wire, "PROTOCOL_VERSION", 99)
+    monkeypatch.setattr(tpi.comm.wire, "PROTOCOL_VERSION", 99)
     with (
         pytest.raises(
             ClusterError, match=r"rank 1 \(127\.0\.0\.1:\d+\) refused: protocol version 99"
@@ -99,7 +99,7 @@ def test_worker_without_the_shard_and_no_push_refuses(llama_dir, tmp_path):
 
 
 def test_tampered_shard_is_rejected_by_the_worker(llama_dir, tmp_path, monkeypatch):
-    from tpi.split import split_model
+    from tpi.storage.split import split_model
 
     split = split_model(llama_dir, tmp_path / "split", [1, 1])
     layer = split / "rank1" / "layer_001.safetensors"
@@ -136,9 +136,9 @@ def test_worker_returns_to_waiting_when_the_master_vanishes(llama_dir, workers):
 def test_unreachable_worker_is_reported(llama_dir, monkeypatch):
     import socket
 
-    import master.cluster
+    import tpi.master.cluster
 
-    monkeypatch.setattr(master.cluster, "CONNECT_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(tpi.master.cluster, "CONNECT_TIMEOUT_S", 2.0)
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -151,7 +151,7 @@ def test_unreachable_worker_is_reported(llama_dir, monkeypatch):
 
 
 def test_wrong_number_of_workers_for_a_split(llama_dir, tmp_path, workers):
-    from tpi.split import split_model
+    from tpi.storage.split import split_model
 
     split = split_model(llama_dir, tmp_path / "split", [1, 1, 1])
     with (

@@ -24,7 +24,7 @@ def _tpi_workers() -> set[int]:
     out = set()
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if "-m" in cmd and "worker" in cmd and "--port-file" in cmd:
+        if "-m" in cmd and "tpi.worker" in cmd and "--port-file" in cmd:
             out.add(p.pid)
     return out
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from master.engine import load_engine
 from tests.cluster_helpers import addresses, cluster_model, local_workers
 from tests.stepping import greedy
-from tpi.config import load_config
-from tpi.partition import plan_partition
-from tpi.tokenizer import TextTokenizer
+from tpi.master.engine import load_engine
+from tpi.model.config import load_config
+from tpi.model.partition import plan_partition
+from tpi.text.tokenizer import TextTokenizer
 
 CHAT = [{"role": "user", "content": "Write a long story about a dragon who learns to code."}]
 

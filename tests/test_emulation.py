@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from master.engine import load_engine
-from master.loader import open_model
-from master.local_cluster import DeviceLimits, LocalCluster
 from tests.stepping import greedy
-from tpi.cgroups import CgroupFactory
 from tpi.cli import cli
-from tpi.link_shaper import LinkSpec, parse_duration, parse_rate, serve
-from tpi.links import ClusterError
+from tpi.comm.links import ClusterError
+from tpi.emulation.cgroups import CgroupFactory
+from tpi.emulation.link_shaper import LinkSpec, parse_duration, parse_rate, serve
+from tpi.master.engine import load_engine
+from tpi.master.loader import open_model
+from tpi.master.local_cluster import DeviceLimits, LocalCluster
 
 PROMPT = list(range(5, 25))
 
@@ -143,7 +143,7 @@ def test_cgroup_limit_is_applied_and_detected(tmp_path):
     limit = 300 * 1024 * 1024
     cg = cgroups.create(f"tpi-test-{os.getpid()}", limit, None)
     try:
-        code = "from tpi.memory_budget import cgroup_memory_limit; print(cgroup_memory_limit())"
+        code = "from tpi.system.cgroup_limits import memory_limit; print(memory_limit())"
         proc = subprocess.Popen(
             [sys.executable, "-c", f"import time; time.sleep(0.3); {code}"],
             stdout=subprocess.PIPE,

@@ -7,13 +7,13 @@ import threading
 import pytest
 import torch
 
-from master.chat_session import ChatSession
-from master.engine import load_engine
-from master.generation import GenerationStats, generate_tokens
-from master.sampling import SamplingParams
 from tests.factories import load_reference
 from tpi.errors import PromptError
-from tpi.tokenizer import TextTokenizer
+from tpi.master.chat_session import ChatSession
+from tpi.master.engine import load_engine
+from tpi.master.generation import GenerationStats, generate_tokens
+from tpi.master.sampling import SamplingParams
+from tpi.text.tokenizer import TextTokenizer
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=8)
 

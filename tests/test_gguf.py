@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from master.engine import load_engine
 from tests.factories import load_reference, make_model
 from tests.stepping import greedy
-from tpi.checkpoint import Checkpoint
 from tpi.errors import ModelError, UnsupportedModelError
-from tpi.gguf_convert import convert_gguf
-from tpi.tokenizer import TextTokenizer
+from tpi.master.engine import load_engine
+from tpi.sources.gguf_convert import convert_gguf
+from tpi.storage.checkpoint import Checkpoint
+from tpi.text.tokenizer import TextTokenizer
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -152,7 +152,7 @@ def test_refuses_existing_output_and_bad_files(synthetic, tmp_path):
 
 
 def test_sentencepiece_vocab_is_refused_clearly():
-    from tpi.gguf_tokenizer import build_tokenizer
+    from tpi.sources.gguf_tokenizer import build_tokenizer
 
     with pytest.raises(UnsupportedModelError, match="only byte-level BPE"):
         build_tokenizer({"model": "llama", "tokens": ["a"]})
@@ -197,7 +197,7 @@ def test_smollm_greedy_matches_transformers_on_our_checkpoint(smollm_dir):
 def test_smollm_matches_transformers_own_gguf_loader(smollm_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tpi.default_model import GGUF_NAME, find_embedded_gguf
+    from tpi.sources.default_model import GGUF_NAME, find_embedded_gguf
 
     folder = str(find_embedded_gguf().parent)
     ref_tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
@@ -240,11 +240,11 @@ def test_keep_quant_stores_4bit_weights_that_read_back_identical(synthetic, tmp_
 
 
 def test_int4_split_takes_the_kept_integers_as_they_are(synthetic, tmp_path):
-    from tpi.int4_pack import Int4Layout, unpack
-    from tpi.manifest import read_manifest
-    from tpi.quantize import QuantSpec
-    from tpi.split import split_model
-    from tpi.tensor_file import SafetensorsFile
+    from tpi.quant.int4_pack import Int4Layout, unpack
+    from tpi.quant.quantize import QuantSpec
+    from tpi.storage.manifest import read_manifest
+    from tpi.storage.split import split_model
+    from tpi.storage.tensor_file import SafetensorsFile
 
     hf, _ = synthetic
     path = tmp_path / "q41.gguf"
@@ -267,12 +267,11 @@ def test_smollm_kept_int4_split_tracks_fp32(smollm_dir, tmp_path):
     rounding of their scales separates them from the fp32 conversion."""
     import torch.nn.functional as F
 
-    from master.loader import MemoryOptions, load_rank0
     from tests.stepping import step_logits
-    from tpi.decoder import LocalCollective
-    from tpi.default_model import find_embedded_gguf
-    from tpi.quantize import QuantSpec
-    from tpi.split import split_model
+    from tpi.master.loader import MemoryOptions, load_rank0
+    from tpi.quant.quantize import QuantSpec
+    from tpi.sources.default_model import find_embedded_gguf
+    from tpi.storage.split import split_model
 
     kept = convert_gguf(find_embedded_gguf(), tmp_path / "kept", keep_quant=True)
     split = split_model(kept, tmp_path / "s", [1.0], quant=QuantSpec.for_split("int4", 32))
@@ -283,7 +282,7 @@ def test_smollm_kept_int4_split_tracks_fp32(smollm_dir, tmp_path):
     ref.reset()
     want = step_logits(ref, prompt, follow[:-1])
     engine, runtime = load_rank0(
-        split / "rank0", torch.float32, LocalCollective(), None, MemoryOptions(), lambda _m: None
+        split / "rank0", torch.float32, None, MemoryOptions(), lambda _m: None
     )
     got = step_logits(engine, prompt, follow[:-1])
     runtime.close()

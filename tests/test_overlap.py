@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
 import pytest
 import torch
 
-import tpi.decoder
-from master.engine import load_engine
-from master.loader import open_model
+import tpi.model.decoder
 from tests.cluster_helpers import addresses, cluster_model, local_workers
 from tests.factories import make_model
 from tests.stepping import step_logits
-from tpi.decoder import LocalCollective
-from tpi.prefill_plan import PrefillPlanner, choose_chunks
-from tpi.split import split_model
-from tpi.wire import Kind, decode
+from tpi.comm.wire import Kind, decode
+from tpi.master.engine import load_engine
+from tpi.master.loader import open_model
+from tpi.model.decoder import LocalCollective
+from tpi.runtime.prefill_plan import PrefillPlanner, choose_chunks
+from tpi.storage.split import split_model
 
 PROMPT = list(range(5, 69))  # 64 tokens: four chunks of 16
 FOLLOW = [40, 41, 42]
@@ -130,7 +131,7 @@ def test_the_master_sends_a_chunks_sum_while_it_computes_the_next_chunk(
     not after the master is done computing."""
     sent_at: dict[tuple, float] = {}
     slow_done_at: list[float] = []
-    real = tpi.decoder.attention_partial
+    real = tpi.model.decoder.attention_partial
 
     def slow_attention(h, w, layout, cache, layer, step, eps, window):
         out = real(h, w, layout, cache, layer, step, eps, window)
@@ -153,8 +154,60 @@ def test_the_master_sends_a_chunks_sum_while_it_computes_the_next_chunk(
                 return _orig(frames, *a, **kw)
 
             monkeypatch.setattr(link.sock, "send_multipart", spy)
-        monkeypatch.setattr(tpi.decoder, "attention_partial", slow_attention)
+        monkeypatch.setattr(tpi.model.decoder, "attention_partial", slow_attention)
         lm.engine.forward(PROMPT, 0)
     assert slow_done_at, "the slowed chunk never ran"
     # Chunk 0 of layer 0's attention sum left before the master finished chunk 1.
     assert sent_at[(0, 0, 0)] < slow_done_at[0] - 0.2
+
+
+STRESS_RUNS = 200
+
+
+def test_overlapped_prefill_stress_one_thread_per_socket(llama_dir, workers, monkeypatch):
+    """Hundreds of overlapped prefills over real sockets, with random delays
+    injected into the master's compute of each chunk: every run gives the plain
+    logits, and while a prefill overlaps, every link socket is used by the
+    reducer thread alone (ZeroMQ sockets are not thread-safe)."""
+    plain = load_engine(llama_dir).forward(PROMPT, 0)
+    rng = torch.Generator().manual_seed(5)
+    real = tpi.model.decoder.attention_partial
+
+    def jittered(*args):
+        time.sleep(float(torch.rand((), generator=rng)) * 0.002)
+        return real(*args)
+
+    monkeypatch.setattr(tpi.model.decoder, "attention_partial", jittered)
+    misuse: list[str] = []
+    with cluster_model(llama_dir, workers, prefill_chunks=4) as lm:
+        collective = lm.cluster.collective
+        overlapping = threading.Event()
+        for link in lm.cluster.links.links:
+            for method in ("send_multipart", "recv_multipart"):
+                original = getattr(link.sock, method)
+
+                def watched(*a, _orig=original, _m=method, **kw):
+                    who = threading.current_thread().name
+                    if overlapping.is_set() and who != "tpi-star-reducer":
+                        misuse.append(f"{_m} from {who}")
+                    return _orig(*a, **kw)
+
+                monkeypatch.setattr(link.sock, method, watched)
+        real_pipelined = collective.pipelined
+
+        @contextlib.contextmanager
+        def marked():
+            with real_pipelined():
+                overlapping.set()  # the reducer thread runs from here ...
+                try:
+                    yield
+                finally:
+                    overlapping.clear()  # ... until it is joined, after this
+
+        monkeypatch.setattr(collective, "pipelined", marked)
+        worst = 0.0
+        for _ in range(STRESS_RUNS):
+            got = lm.engine.forward(PROMPT, 0)
+            worst = max(worst, float((got - plain).abs().max()))
+    assert misuse == []
+    assert worst <= 1e-4

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from master.engine import load_engine
 from tests.factories import load_reference, make_model
 from tests.stepping import greedy, hf_step_logits, step_logits
+from tpi.master.engine import load_engine
 
 PREFILL = 20
 DECODE = 16

@@ -7,10 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tpi.config import load_config
-from tpi.decoder import Decoder, LocalCollective, ResidentLayers
-from tpi.loading import load_layers, open_checkpoint
-from tpi.partition import PartitionError, apportion, parse_shares, plan_partition
+from tpi.model.config import load_config
+from tpi.model.decoder import Decoder, LocalCollective
+from tpi.model.partition import PartitionError, apportion, parse_shares, plan_partition
+from tpi.runtime.resident_layers import ResidentLayers
+from tpi.storage.checkpoint_rank import CheckpointRank
 
 
 @given(
@@ -76,25 +77,18 @@ def test_sum_of_rank_slices_equals_single_node(llama_dir, shares):
     gives the single-node hidden states: the decomposition is exact."""
     cfg = load_config(llama_dir)
     part = plan_partition(cfg, [float(s) for s in shares])
-    ckpt = open_checkpoint(llama_dir)
     full_rs = plan_partition(cfg, [1.0]).slices[0]
-    full = Decoder(
-        cfg,
-        full_rs,
-        ResidentLayers(load_layers(ckpt, cfg, full_rs, torch.float32)),
-        LocalCollective(),
-    )
-    ranks = [
-        Decoder(
-            cfg, rs, ResidentLayers(load_layers(ckpt, cfg, rs, torch.float32)), LocalCollective()
-        )
-        for rs in part.slices
-    ]
+
+    def resident(rs):
+        return ResidentLayers(CheckpointRank(llama_dir, rs).load_layers(torch.float32))
+
+    full = Decoder(cfg, full_rs, resident(full_rs), LocalCollective())
+    ranks = [Decoder(cfg, rs, resident(rs), LocalCollective()) for rs in part.slices]
     h = torch.randn(6, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     expected = full.forward(h, 0)
 
     # Lock-step emulation of the allreduce: run layer by layer, summing partials.
-    from tpi.layers import StepContext, attention_block, mlp_block, rms_norm
+    from tpi.model.layers import StepContext, attention_block, mlp_block, rms_norm
 
     x = h
     for i in range(cfg.num_layers):

@@ -13,18 +13,18 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from master.engine import load_engine
-from master.loader import MemoryOptions, load_rank0, open_model
 from tests.cluster_helpers import addresses, cluster_model, local_workers
 from tests.stepping import greedy, step_logits
 from tpi.cli import cli
-from tpi.decoder import LocalCollective
 from tpi.errors import TpiError
-from tpi.int4_pack import CANDIDATES, Int4Layout, native_layout, pack, torch_pack, unpack
-from tpi.linear import Int4Weight, Int8Weight, linear
-from tpi.manifest import read_manifest
-from tpi.quantize import QuantError, QuantSpec, quantize_int4, quantize_int8
-from tpi.split import split_model
+from tpi.master.engine import load_engine
+from tpi.master.loader import MemoryOptions, load_rank0, open_model
+from tpi.model.linear import linear
+from tpi.quant.formats import Int4Weight, Int8Weight
+from tpi.quant.int4_pack import CANDIDATES, Int4Layout, native_layout, pack, torch_pack, unpack
+from tpi.quant.quantize import QuantError, QuantSpec, quantize_int4, quantize_int8
+from tpi.storage.manifest import read_manifest
+from tpi.storage.split import split_model
 
 PROMPT = list(range(5, 25))
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +34,6 @@ def _load(split_dir: Path, window: int | None = None):
     engine, runtime = load_rank0(
         split_dir / "rank0",
         torch.float32,
-        LocalCollective(),
         None,
         MemoryOptions(window=window),
         lambda _m: None,
@@ -203,7 +202,7 @@ def test_int4_split_loads_right_on_a_cpu_with_another_layout(quant_splits, capab
 import sys, torch
 sys.path.insert(0, {str(REPO)!r})
 from tests.test_quant import _load
-from tpi.int4_pack import native_layout
+from tpi.quant.int4_pack import native_layout
 print("layout", native_layout().name)
 engine, runtime = _load(__import__("pathlib").Path({str(quant_splits["int4"])!r}))
 got = engine.forward({PROMPT!r}, 0, all_logits=True)
@@ -249,7 +248,7 @@ def test_cluster_runs_a_quantized_split(llama_dir, quant_splits, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm_reference(smollm_dir):
-    from tpi.tokenizer import TextTokenizer
+    from tpi.text.tokenizer import TextTokenizer
 
     tok = TextTokenizer(smollm_dir)
     prompt = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
@@ -287,9 +286,9 @@ def test_perplexity_matches_transformers_and_quantization_costs_little(smollm_di
     """Our fp32 perplexity on a public-domain text equals transformers' (the oracle);
     bf16/int8/int4 stay within 5% of it (measured: +0.5%, -1.4%, +0.9%; a broken
     format would multiply it)."""
-    from master.perplexity import perplexity
     from tests.factories import load_reference
-    from tpi.tokenizer import TextTokenizer
+    from tpi.master.perplexity import perplexity
+    from tpi.text.tokenizer import TextTokenizer
 
     text = (Path(__file__).parent / "data" / "gettysburg.txt").read_text()
     ids = TextTokenizer(smollm_dir).encode(text)

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from master.chat_repl import run_repl
-from master.chat_session import ChatSession
-from master.engine import load_engine
-from master.loader import open_model
-from master.local_cluster import LocalCluster
-from master.sampling import SamplingParams
 from tests.cluster_helpers import addresses, cluster_model, local_workers
 from tests.stepping import greedy
-from tpi.links import ClusterError
-from tpi.manifest import ShardError, layer_file
-from tpi.split import split_model
+from tpi.comm.links import ClusterError
+from tpi.master.chat_repl import run_repl
+from tpi.master.chat_session import ChatSession
+from tpi.master.engine import load_engine
+from tpi.master.loader import open_model
+from tpi.master.local_cluster import LocalCluster
+from tpi.master.sampling import SamplingParams
+from tpi.storage.manifest import ShardError, layer_file
+from tpi.storage.split import split_model
 
 PROMPT = list(range(5, 25))
 LOST = re.compile(r"rank 2 \(127\.0\.0\.1:\d+\) stopped answering during layer \d+ \(")
@@ -151,7 +151,7 @@ def test_chat_keeps_the_conversation_and_retries_when_the_worker_is_back(
         opened = [lm]
         session = ChatSession(
             lm.engine,
-            __import__("tpi.tokenizer", fromlist=["x"]).TextTokenizer(lm.model_dir),
+            __import__("tpi.text.tokenizer", fromlist=["x"]).TextTokenizer(lm.model_dir),
             SamplingParams(max_new_tokens=6),
         )
 

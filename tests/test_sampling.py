@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from master.sampling import Sampler, SamplingParams, defaults_from_generation_config
+from tpi.master.sampling import Sampler, SamplingParams, defaults_from_generation_config
+from tpi.model.vocab_head import distribution
 
 
 def _hf_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -30,9 +31,10 @@ def _hf_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float
 )
 def test_distribution_matches_transformers(temperature, top_k, top_p):
     logits = torch.randn(100, generator=torch.Generator().manual_seed(1)) * 3
-    ours = Sampler(
+    request = Sampler(
         SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=0)
-    ).probabilities(logits)
+    ).request()
+    ours = distribution(logits, request).float()
     ref = _hf_probs(logits, temperature, top_k, top_p)
     assert torch.allclose(ours, ref, atol=1e-6)
 

@@ -14,14 +14,14 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from master.engine import load_engine
-from master.loader import open_model
 from tests.cluster_helpers import addresses, cluster_model, local_workers
 from tests.stepping import greedy
-from tpi.auth import AuthError
 from tpi.cli import cli
-from tpi.links import ClusterError
-from tpi.wire import PROTOCOL_VERSION, Kind, decode, encode_control
+from tpi.comm.auth import AuthError
+from tpi.comm.links import ClusterError
+from tpi.comm.wire import PROTOCOL_VERSION, Kind, decode, encode_control
+from tpi.master.engine import load_engine
+from tpi.master.loader import open_model
 
 PROMPT = list(range(5, 25))
 
@@ -164,10 +164,10 @@ def test_curve_worker_refuses_a_master_without_its_keys(llama_dir, tmp_path):
     other = tmp_path / "other"
     CliRunner().invoke(cli, ["keygen", str(other)])
     with local_workers(1, tmp_path / "w", extra_args=["--curve", str(keys)]) as lc:
-        import master.cluster
+        import tpi.master.cluster
 
-        old = master.cluster.HANDSHAKE_TIMEOUT_S, master.cluster.CONNECT_TIMEOUT_S
-        master.cluster.HANDSHAKE_TIMEOUT_S = master.cluster.CONNECT_TIMEOUT_S = 3.0
+        old = tpi.master.cluster.HANDSHAKE_TIMEOUT_S, tpi.master.cluster.CONNECT_TIMEOUT_S
+        tpi.master.cluster.HANDSHAKE_TIMEOUT_S = tpi.master.cluster.CONNECT_TIMEOUT_S = 3.0
         try:
             with pytest.raises(ClusterError, match="does not answer"):
                 open_model(
@@ -176,7 +176,7 @@ def test_curve_worker_refuses_a_master_without_its_keys(llama_dir, tmp_path):
             with pytest.raises(ClusterError, match="does not answer"):  # plaintext master
                 open_model(str(llama_dir), "fp32", quiet=True, workers=addresses(lc))
         finally:
-            master.cluster.HANDSHAKE_TIMEOUT_S, master.cluster.CONNECT_TIMEOUT_S = old
+            tpi.master.cluster.HANDSHAKE_TIMEOUT_S, tpi.master.cluster.CONNECT_TIMEOUT_S = old
 
 
 def test_keygen_files_and_permissions(tmp_path):

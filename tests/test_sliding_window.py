@@ -11,17 +11,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from master.engine import load_engine
-from master.loader import MemoryOptions, open_model
 from tests.cluster_helpers import addresses, local_workers
 from tests.factories import make_model
 from tests.stepping import step_logits
 from tpi.cli import cli
 from tpi.errors import TpiError
-from tpi.memory_budget import MemoryBudgetError, parse_size, plan_window
-from tpi.shard_reader import RankShard
-from tpi.sliding_window import SlidingWindowLayers, StreamLayout
-from tpi.split import split_model
+from tpi.master.engine import load_engine
+from tpi.master.loader import MemoryOptions, open_model
+from tpi.runtime.memory_budget import MemoryBudgetError, parse_size, plan_window
+from tpi.runtime.sliding_window import SlidingWindowLayers, StreamLayout
+from tpi.storage.shard_reader import RankShard
+from tpi.storage.split import split_model
 
 PROMPT = list(range(5, 25))
 FOLLOW = list(range(40, 52))
@@ -294,8 +294,8 @@ def test_slots_hold_converted_tensors_of_any_length(tmp_path):
     sized with that padding (odd lengths here: 3 and 5 floats)."""
     from types import SimpleNamespace
 
-    from tpi.quantize import QuantSpec
-    from tpi.tensor_file import write_safetensors
+    from tpi.quant.quantize import QuantSpec
+    from tpi.storage.tensor_file import write_safetensors
 
     g = torch.Generator().manual_seed(0)
     tensors = {

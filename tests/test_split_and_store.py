@@ -8,10 +8,17 @@ import pytest
 from click.testing import CliRunner
 
 from tpi.cli import cli
-from tpi.config import load_config
-from tpi.manifest import HEAD_FILE, ShardError, layer_file, read_manifest, sha256_file, verify_files
-from tpi.split import read_split_index, split_model
-from worker.store import ShardStore
+from tpi.model.config import load_config
+from tpi.storage.manifest import (
+    HEAD_FILE,
+    ShardError,
+    layer_file,
+    read_manifest,
+    sha256_file,
+    verify_files,
+)
+from tpi.storage.split import read_split_index, split_model
+from tpi.worker.store import ShardStore
 
 
 def test_split_layout_and_manifests(llama_dir, tmp_path):
@@ -133,7 +140,7 @@ def test_store_uses_a_precopied_rank_dir_and_detects_damage(llama_dir, tmp_path)
 
 
 def test_manifest_rejects_path_traversal():
-    from tpi.manifest import Manifest
+    from tpi.storage.manifest import Manifest
 
     bad = {
         "format": "tpi-shard",
@@ -149,7 +156,7 @@ def test_tensor_files_are_standard_safetensors(tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from tpi.tensor_file import SafetensorsFile, write_safetensors
+    from tpi.storage.tensor_file import SafetensorsFile, write_safetensors
 
     tensors = {
         "a": torch.randn(3, 5),

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.factories import make_tokenizer
-from tpi.tokenizer import StreamDecoder, TextTokenizer
+from tpi.text.tokenizer import StreamDecoder, TextTokenizer
 
 STRINGS = [
     "Hello world",
@@ -83,7 +83,7 @@ def test_chat_template_matches_transformers(tok_dir, tmp_path, template):
 
 
 def test_template_exception_is_a_clear_error(tok_dir, tmp_path):
-    from tpi.chat_template import ChatTemplateError
+    from tpi.text.chat_template import ChatTemplateError
 
     d = tmp_path / "tpl"
     d.mkdir()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tpi.vocab_head import HeadRequest, candidates, choose, choose_local, more
+from tpi.model.vocab_head import HeadRequest, candidates, choose, choose_local, more
 
 
 def _spread(logits: torch.Tensor, cuts: list[int], req: HeadRequest) -> tuple[int, int]:

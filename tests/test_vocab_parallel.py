@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from master.engine import load_engine
-from master.generation import generate_tokens
-from master.sampling import SamplingParams
 from tests.cluster_helpers import addresses, cluster_model, local_workers
 from tests.factories import make_model
 from tests.stepping import greedy, step_logits
+from tpi.comm.wire import ProtocolError, ids_payload, payload_ids
 from tpi.errors import TpiError
-from tpi.manifest import read_manifest
-from tpi.split import split_model
-from tpi.wire import ProtocolError, ids_payload, payload_ids
+from tpi.master.engine import load_engine
+from tpi.master.generation import generate_tokens
+from tpi.master.sampling import SamplingParams
+from tpi.storage.manifest import read_manifest
+from tpi.storage.split import split_model
 
 PROMPT = list(range(5, 25))
 FOLLOW = list(range(40, 52))
@@ -77,7 +77,7 @@ def test_same_logits_and_tokens_as_the_whole_head(big_vocab_dir, workers, shares
 
 
 def test_world_one_with_a_vocab_parallel_split_is_the_plain_engine(big_vocab_dir, tmp_path):
-    from master.loader import open_model
+    from tpi.master.loader import open_model
 
     split = split_model(big_vocab_dir, tmp_path / "s1", [1.0], vocab_parallel=True)
     lm = open_model(str(split), "fp32", quiet=True)
@@ -140,7 +140,7 @@ def test_workers_check_the_token_ids_they_are_sent():
 
 
 def test_vocab_parallel_flag_on_a_plain_split_is_refused(llama_dir, tmp_path):
-    from master.loader import open_model
+    from tpi.master.loader import open_model
 
     split = split_model(llama_dir, tmp_path / "plain", [1.0, 1.0])
     with pytest.raises(TpiError, match="without --vocab-parallel"):
@@ -148,8 +148,8 @@ def test_vocab_parallel_flag_on_a_plain_split_is_refused(llama_dir, tmp_path):
 
 
 def test_embedding_rows_outside_a_rank_are_zero():
-    from tpi.layers import embed
-    from tpi.weights import HeadWeights
+    from tpi.model.layers import embed
+    from tpi.model.weights import HeadWeights
 
     table = torch.arange(12.0).view(6, 2)
     head = HeadWeights(embed=table[2:4], final_norm=torch.ones(2), lm_head=table[2:4], start=2)

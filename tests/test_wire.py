@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tpi.wire import (
+from tpi.comm.wire import (
     PROTOCOL_VERSION,
     DataHeader,
     Kind,

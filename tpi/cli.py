@@ -14,6 +14,7 @@ from importlib.metadata import entry_points
 import click
 
 from tpi import __version__
+from tpi import cli_options as opt
 from tpi.errors import TpiError
 
 
@@ -100,8 +101,8 @@ def convert_gguf_cmd(
     """
     from pathlib import Path
 
-    from tpi.gguf_convert import convert_gguf
     from tpi.progress import ProgressReporter
+    from tpi.sources.gguf_convert import convert_gguf
 
     with ProgressReporter("converting") as progress:
         convert_gguf(
@@ -124,12 +125,7 @@ def convert_gguf_cmd(
     required=True,
     help="Number of ranks (master + workers).",
 )
-@click.option(
-    "--shares",
-    default=None,
-    metavar="A,B,...",
-    help="Relative share of each rank, master first (e.g. 2,1,1 for a stronger master). Default: even.",
-)
+@opt.shares()
 @click.option(
     "--out",
     "-o",
@@ -144,26 +140,15 @@ def convert_gguf_cmd(
     show_default=True,
     help="Storage dtype of the shards (keep = as in the checkpoint).",
 )
-@click.option(
-    "--quant",
-    type=click.Choice(["none", "bf16", "int8", "int4"]),
-    default="none",
-    show_default=True,
-    help="Weight-only quantization of the matmul weights: int8 per output channel, int4 in groups "
+@opt.quant(
+    "none",
+    "Weight-only quantization of the matmul weights: int8 per output channel, int4 in groups "
     "(see --group-size); bf16 halves them. Norms, biases and the KV cache stay float.",
 )
-@click.option(
-    "--group-size",
-    type=click.Choice(["32", "64", "128"]),
-    default="32",
-    show_default=True,
-    help="int4 only: weights per scale/zero group (smaller = more accurate, slightly bigger).",
-)
-@click.option(
-    "--vocab-parallel",
-    is_flag=True,
-    help="Give every rank its vocabulary rows of the embedding and LM head (by the same shares) "
-    "instead of all of them to rank 0.",
+@opt.group_size()
+@opt.vocab_parallel(
+    "Give every rank its vocabulary rows of the embedding and LM head (by the same shares) "
+    "instead of all of them to rank 0."
 )
 @click.option("--force", is_flag=True, help="Replace --out if it already holds files.")
 def split_cmd(
@@ -189,11 +174,11 @@ def split_cmd(
     """
     from pathlib import Path
 
-    from tpi.model_registry import resolve_model
-    from tpi.partition import parse_shares
+    from tpi.model.partition import parse_shares
     from tpi.progress import ProgressReporter
-    from tpi.quantize import QuantSpec
-    from tpi.split import split_model
+    from tpi.quant.quantize import QuantSpec
+    from tpi.sources.model_registry import resolve_model
+    from tpi.storage.split import split_model
 
     spec = QuantSpec.for_split(quant, int(group_size))
     with ProgressReporter("converting") as progress:
@@ -222,7 +207,7 @@ def keygen_cmd(directory: str, force: bool) -> None:
     workers with '--secret-file DIRECTORY/secret --curve DIRECTORY' and the master
     with the same two flags.
     """
-    from tpi.curve import keygen
+    from tpi.comm.curve import keygen
 
     d = keygen(directory, force)
     click.echo(f"wrote {d}: secret, master/worker CURVE keys, authorized/ (master public key)")
@@ -232,9 +217,9 @@ def keygen_cmd(directory: str, force: bool) -> None:
 @cli.command("models")
 def models_cmd() -> None:
     """List models converted into the cache ($TPI_HOME/models)."""
-    from tpi.default_model import DEFAULT_MODEL_NAME, find_embedded_gguf
-    from tpi.model_registry import cached_models
     from tpi.paths import models_dir
+    from tpi.sources.default_model import DEFAULT_MODEL_NAME, find_embedded_gguf
+    from tpi.sources.model_registry import cached_models
 
     found = cached_models()
     click.echo(f"cache: {models_dir()}")

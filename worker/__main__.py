@@ -1,4 +1,4 @@
-"""`python -m worker ...` == `tpi worker ...` (used to spawn local workers)."""
+"""`python -m tpi.worker ...` == `tpi worker ...` (used to spawn local workers)."""
 
 import sys
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 from pathlib import Path
 
 import click
+
+from tpi import cli_options as opt
 
 
 @click.command()
@@ -39,12 +40,7 @@ import click
     show_default=True,
     help="Accept shards pushed by a master (off: only use shards already in --store).",
 )
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Torch compute threads (default: all cores).",
-)
+@opt.threads()
 @click.option(
     "--max-sessions",
     type=int,
@@ -52,44 +48,23 @@ import click
     hidden=True,
     help="Exit after this many sessions (tests).",
 )
-@click.option(
-    "--window",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Layers of this device's slice kept in memory (the rest stream from --store). "
-    "Default: what the master asks, else all.",
+@opt.window(
+    "Layers of this device's slice kept in memory (the rest stream from --store). "
+    "Default: what the master asks, else all."
 )
-@click.option(
-    "--memory-budget",
-    default=None,
-    metavar="SIZE",
-    help="Memory this device may use, e.g. 2GB: picks the largest window that fits "
-    "(a cgroup memory limit counts too).",
+@opt.memory_budget(
+    "Memory this device may use, e.g. 2GB: picks the largest window that fits "
+    "(a cgroup memory limit counts too)."
 )
-@click.option(
-    "--max-context",
-    type=click.IntRange(min=16),
-    default=None,
-    help="Tokens of context the KV cache is sized for (default: as the master asks, at most 4096).",
+@opt.max_context(
+    "Tokens of context the KV cache is sized for (default: as the master asks; this "
+    "device's own limit wins)."
 )
-@click.option(
-    "--secret-file",
-    default=None,
-    metavar="FILE",
-    help="File holding the cluster's shared secret (else $TPI_SECRET); masters must prove it.",
+@opt.secret_file(
+    "File holding the cluster's shared secret (else $TPI_SECRET); masters must prove it."
 )
-@click.option(
-    "--insecure",
-    is_flag=True,
-    help="Accept any master without a shared secret (only on a network you trust).",
-)
-@click.option(
-    "--curve",
-    "curve_dir",
-    default=None,
-    metavar="DIR",
-    help="Encrypt and authenticate all traffic with CurveZMQ, using keys from 'tpi keygen DIR'.",
-)
+@opt.insecure("Accept any master without a shared secret (only on a network you trust).")
+@opt.curve("Encrypt and authenticate all traffic with CurveZMQ, using keys from 'tpi keygen DIR'.")
 @click.option("--quiet", "-q", is_flag=True, help="Log only warnings and errors.")
 def worker(
     listen,
@@ -113,13 +88,14 @@ def worker(
     the master the first time (resumable, sha256-verified, reused afterwards) and
     returns to waiting when the master leaves or disappears.
     """
-    from tpi.auth import require_secret
-    from tpi.curve import CurveKeys
-    from tpi.links import normalize_address
-    from tpi.memory_budget import parse_size
+    from tpi.comm.auth import require_secret
+    from tpi.comm.curve import CurveKeys
+    from tpi.comm.links import normalize_address
     from tpi.paths import tpi_home
-    from worker.daemon import WorkerDaemon
-    from worker.options import WorkerOptions
+    from tpi.runtime.memory_budget import parse_size
+    from tpi.storage.atomic import atomic_write_text
+    from tpi.worker.daemon import WorkerDaemon
+    from tpi.worker.options import WorkerOptions
 
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
@@ -146,9 +122,7 @@ def worker(
     )
     daemon = WorkerDaemon(address, store or tpi_home() / "store", curve=curve, options=options)
     if port_file:
-        tmp = port_file.with_name(port_file.name + ".tmp")
-        tmp.write_text(daemon.address + "\n")
-        os.replace(tmp, port_file)
+        atomic_write_text(port_file, daemon.address + "\n")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

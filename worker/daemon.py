@@ -8,12 +8,13 @@ from pathlib import Path
 
 import zmq
 
-from tpi.curve import CurveKeys
-from tpi.links import WorkerEndpoint, display_address
-from tpi.wire import DATA_KINDS, PROTOCOL_VERSION, Kind, ProtocolError, decode, encode_control
-from worker.options import WorkerOptions
-from worker.session import Session, peer_address
-from worker.store import ShardStore
+from tpi.comm.curve import CurveKeys
+from tpi.comm.links import WorkerEndpoint, display_address
+from tpi.comm.wire import DATA_KINDS, PROTOCOL_VERSION, Kind, ProtocolError, decode, encode_control
+from tpi.worker.master_channel import peer_address
+from tpi.worker.options import WorkerOptions
+from tpi.worker.session import Session
+from tpi.worker.store import ShardStore
 
 log = logging.getLogger("tpi.worker")
 

@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from tpi.manifest import (
+from tpi.storage.manifest import (
     MANIFEST_NAME,
     Manifest,
     ShardError,
@@ -23,7 +23,7 @@ from tpi.manifest import (
     sha256_file,
     verify_files,
 )
-from tpi.shard_verify import remember, verify_once
+from tpi.storage.shard_verify import remember, verify_once
 
 MAX_FILE_BYTES = 1 << 40
 

@@ -1,0 +1,74 @@
+"""`tpi serve`: the OpenAI-compatible server and chat page."""
+
+from __future__ import annotations
+
+import click
+
+from tpi.cli_options import apply
+from tpi.master.cli_options import (
+    ENGINE_OPTIONS,
+    open_from_options,
+    sampling_from_options,
+    sampling_options,
+)
+
+
+@click.command()
+@apply(ENGINE_OPTIONS + sampling_options(max_new_default=512))
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (0.0.0.0 makes the server reachable from the LAN).",
+)
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port."
+)
+@click.option(
+    "--api-key",
+    default=None,
+    metavar="KEY|@FILE",
+    help="Require 'Authorization: Bearer KEY' on every route but /health and the page "
+    "(or set TPI_API_KEY; @FILE reads the key from a file).",
+)
+@click.option(
+    "--queue-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Requests that may wait for the model; more get HTTP 429.",
+)
+@click.option(
+    "--model-name",
+    default=None,
+    help="Model id reported by /v1/models (default: the directory name).",
+)
+def serve(host, port, api_key, queue_size, model_name, **opts):
+    """Serve the model over HTTP: OpenAI API (/v1/chat/completions, /v1/completions,
+    /v1/models), /health, and a chat page at /.
+
+    One generation runs at a time (the cluster's KV caches are never shared
+    between requests); others wait in order. Works with the official openai
+    client: base_url=http://HOST:PORT/v1.
+    """
+    import uvicorn
+
+    from tpi.master.serve.app import api_key_from, create_app
+    from tpi.master.serve.model_holder import ModelHolder
+
+    loaded = open_from_options(opts)
+    defaults = sampling_from_options(loaded, opts)
+    name = model_name or loaded.model_dir.name
+    if name.startswith("rank"):  # a split's rank0 directory: name it after the split
+        name = loaded.model_dir.parent.name
+    ctx = click.get_current_context()
+
+    def reopen():
+        # Runs in a worker thread: click's current context is thread-local.
+        with ctx.scope(cleanup=False):
+            return open_from_options(opts)
+
+    reopen = reopen if loaded.cluster is not None else None
+    app = create_app(ModelHolder(loaded, reopen), name, defaults, api_key_from(api_key), queue_size)
+    click.echo(f"serving {name} on http://{host}:{port} (chat page at /, API at /v1)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)

@@ -1,0 +1,160 @@
+"""The routes: /v1/chat/completions, /v1/completions, /v1/models, /health and
+the chat page. Each reads the server's state from `request.app.state.tpi`."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from importlib import resources
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from tpi.errors import TpiError
+from tpi.master.sampling import SamplingParams
+from tpi.master.serve.errors import ApiError, cluster_down
+from tpi.master.serve.jobs import GenerationQueue, Job, QueueFull
+from tpi.master.serve.model_holder import ModelDown, ModelHolder
+from tpi.master.serve.protocol import ChatRequest, CompletionRequest, SamplingFields, now
+from tpi.master.serve.responses import CHAT, TEXT, Answer, Endpoint
+from tpi.text.prompts import conversation_ids
+
+DEFAULT_MAX_TOKENS = 512
+
+router = APIRouter()
+
+
+@dataclass
+class ServerState:
+    holder: ModelHolder  # the LoadedModel, reconnected after a failure
+    model_name: str
+    defaults: SamplingParams  # the command line's sampling
+    generation: GenerationQueue
+    created: int = field(default_factory=now)
+
+    @property
+    def tokenizer(self):
+        return self.holder.loaded.tokenizer
+
+    def sampling(self, req: SamplingFields) -> SamplingParams:
+        d = self.defaults
+        return SamplingParams(
+            temperature=d.temperature if req.temperature is None else req.temperature,
+            top_k=d.top_k if req.top_k is None else req.top_k,
+            top_p=d.top_p if req.top_p is None else req.top_p,
+            seed=req.seed,
+            max_new_tokens=req.max_completion_tokens
+            or req.max_tokens
+            or d.max_new_tokens
+            or DEFAULT_MAX_TOKENS,
+        )
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.tpi
+
+
+def _check_fits(state: ServerState, ids: list[int]) -> None:
+    limit = state.holder.loaded.engine.max_positions
+    if not ids:
+        raise ApiError(400, "the prompt is empty", param="messages")
+    if len(ids) >= limit:
+        raise ApiError(
+            400,
+            f"the prompt has {len(ids)} tokens; the context window is {limit}",
+            code="context_length_exceeded",
+        )
+
+
+async def _submit(state: ServerState, ids: list[int], req: SamplingFields) -> Job:
+    holder = state.holder
+    if holder.error is not None:
+        try:  # a worker failed earlier: reconnect (off the event loop; rate-limited)
+            current = await asyncio.to_thread(holder.ensure)
+        except ModelDown as e:
+            raise cluster_down(e) from None
+        state.generation.engine = current.engine
+    try:
+        stops = req.stops()
+    except ValueError as e:
+        raise ApiError(400, str(e), param="stop") from None
+    job = Job(ids, state.sampling(req), stops, asyncio.get_running_loop())
+    try:
+        state.generation.submit(job)
+    except QueueFull:
+        raise ApiError(
+            429, "too many requests waiting; try again shortly", "rate_limit_error", "queue_full"
+        ) from None
+    return job
+
+
+async def _respond(ids: list[int], req: SamplingFields, request: Request, endpoint: Endpoint):
+    """Queue one generation and answer it in `endpoint`'s shape, streamed or whole."""
+    state = _state(request)
+    _check_fits(state, ids)
+    answer = Answer(await _submit(state, ids, req), endpoint, state.model_name)
+    if req.stream:
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return answer.stream(request, include)
+    return await answer.whole()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatRequest, request: Request):
+    messages = [
+        {"role": m.role if m.role != "developer" else "system", "content": m.content}
+        for m in req.messages
+    ]
+    try:
+        ids = conversation_ids(_state(request).tokenizer, messages)
+    except TpiError as e:
+        raise ApiError(400, str(e), param="messages") from None
+    return await _respond(ids, req, request, CHAT)
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    if isinstance(req.prompt, list) and len(req.prompt) != 1:
+        raise ApiError(400, "prompt lists must hold exactly one prompt", param="prompt")
+    prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+    return await _respond(_state(request).tokenizer.encode(prompt), req, request, TEXT)
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    state = _state(request)
+    return {
+        "object": "list",
+        "data": [
+            {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "tpi"}
+        ],
+    }
+
+
+@router.get("/health")
+async def health(request: Request):
+    state = _state(request)
+    holder, gen = state.holder, state.generation
+    ranks = [{"rank": 0, "address": "local", "state": "ok"}]
+    cluster = holder.loaded.cluster
+    if cluster is not None:
+        for link in cluster.links.links:
+            link_state = "lost" if link.lost else ("ok" if link.connected else "connecting")
+            ranks.append({"rank": link.rank, "address": link.name, "state": link_state})
+    down = holder.error is not None or any(r["state"] == "lost" for r in ranks)
+    body = {
+        "status": "down" if down else "ok",
+        "model": state.model_name,
+        "ranks": ranks,
+        "busy": gen.busy,
+        "waiting": gen.waiting,
+        "recent": list(gen.recent),
+    }
+    if holder.error is not None:
+        body["error"] = holder.error
+    return JSONResponse(body, status_code=503 if down else 200)
+
+
+@router.get("/", response_class=HTMLResponse)
+async def page():
+    return resources.files("tpi.master").joinpath("static/chat.html").read_text()

@@ -1,0 +1,1 @@
+"""Master <-> worker communication: wire format, links, auth, the star allreduce."""

@@ -1,0 +1,301 @@
+"""ZeroMQ connections between master and workers, with liveness.
+
+One connection per worker carries everything (control, shard push, tensors):
+the worker binds a ROUTER on its --listen address, the master connects one
+DEALER per worker. ZeroMQ keeps per-connection order, so control and data can
+never overtake each other, and a device needs one open port.
+
+Liveness comes from ZMTP heartbeats, handled by libzmq's I/O thread (so they
+keep flowing while Python computes): a killed peer drops the TCP connection at
+once, a frozen or unreachable one misses heartbeats and is disconnected after
+HEARTBEAT_TIMEOUT_MS. Socket monitors turn those disconnects into errors that
+name the rank, instead of a receive that waits forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from tpi.comm.wire import Message, decode
+from tpi.errors import TpiError
+
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 3000  # a frozen peer is declared lost within ~3-4 s
+SRCFD = 2  # ZMQ_SRCFD: which connection a message arrived on
+# Zero-copy sends cost pyzmq extra bookkeeping (~10 us here); they only pay off
+# for large frames (prefill blocks, shard chunks), so small ones are copied.
+ZERO_COPY_MIN_BYTES = 64 * 1024
+
+
+def _frame_bytes(frames: list) -> int:
+    return sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
+
+
+class ClusterError(TpiError):
+    """A worker failed, refused, or stopped answering."""
+
+
+class LinkLost(ClusterError):
+    """A worker stopped answering: "rank 2 (host:port) stopped answering during layer 17 (why)"."""
+
+    def __init__(self, rank: int, address: str, reason: str, where: str = "") -> None:
+        super().__init__(
+            f"rank {rank} ({address}) stopped answering{' ' + where if where else ''} ({reason})"
+        )
+        self.rank = rank
+        self.address = address
+        self.reason = reason
+
+
+class WorkerFailed(ClusterError):
+    """A worker reported an error: "rank 2 (host:port) failed during layer 17: why"."""
+
+    def __init__(self, rank: int, address: str, message: str, where: str = "") -> None:
+        super().__init__(f"rank {rank} ({address}) failed{' ' + where if where else ''}: {message}")
+        self.rank = rank
+        self.address = address
+        self.message = message
+
+
+def normalize_address(
+    text: str, default_host: str | None = None, allow_any_port: bool = False
+) -> str:
+    """'host:port', '[v6]:port' or 'tcp://host:port' -> 'tcp://host:port'.
+
+    `allow_any_port` admits port 0 (bind: let the OS pick)."""
+    text = text.strip()
+    rest = text[len("tcp://") :] if text.startswith("tcp://") else text
+    host, sep, port = rest.rpartition(":")
+    if not sep and default_host:
+        host, port = default_host, rest
+    if not host or not port.isdigit() or not (0 if allow_any_port else 1) <= int(port) < 65536:
+        raise TpiError(f"bad address {text!r}: expected host:port (e.g. 192.168.1.20:5555)")
+    return f"tcp://{host}:{port}"
+
+
+def display_address(address: str) -> str:
+    return address[len("tcp://") :] if address.startswith("tcp://") else address
+
+
+def configure_socket(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.RECONNECT_IVL, 200)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+
+
+@dataclass
+class WorkerLink:
+    """The master's connection to one worker."""
+
+    rank: int
+    address: str
+    sock: zmq.Socket
+    monitor: zmq.Socket
+    connected: bool = False
+    lost: str | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+
+    @property
+    def name(self) -> str:
+        return display_address(self.address)
+
+    def send(self, frames: list) -> None:
+        size = _frame_bytes(frames)
+        self.sock.send_multipart(frames, copy=size < ZERO_COPY_MIN_BYTES)
+        self.messages_sent += 1
+        self.bytes_sent += size
+
+    def close(self, linger_ms: int = 0) -> None:
+        for s, linger in ((self.sock, linger_ms), (self.monitor, 0)):
+            with contextlib.suppress(zmq.ZMQError):
+                s.close(linger=linger)
+
+
+@dataclass
+class LinkSet:
+    """All worker links of one master session, polled together."""
+
+    ctx: zmq.Context
+    links: list[WorkerLink] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.poller = zmq.Poller()
+        self._by_socket: dict[zmq.Socket, tuple[WorkerLink, bool]] = {}
+        self._extra_pollers: dict[tuple, zmq.Poller] = {}
+
+    def connect(self, rank: int, address: str, secure=None) -> WorkerLink:
+        sock = self.ctx.socket(zmq.DEALER)
+        configure_socket(sock)
+        if secure is not None:
+            secure(sock)
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        sock.connect(address)
+        link = WorkerLink(rank, address, sock, monitor)
+        self.links.append(link)
+        self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(monitor, zmq.POLLIN)
+        self._by_socket[sock] = (link, False)
+        self._by_socket[monitor] = (link, True)
+        self._extra_pollers.clear()
+        return link
+
+    def _handle_monitor(self, link: WorkerLink) -> None:
+        while link.monitor.poll(0):
+            event = parse_monitor_message(link.monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_CONNECTED:
+                link.connected = True
+            elif event == zmq.EVENT_DISCONNECTED and link.lost is None:
+                link.lost = "connection lost: process stopped, crashed, or link down"
+
+    def _drain(self) -> list[tuple[WorkerLink, Message]]:
+        """Every message already waiting on a live link, in arrival order per link."""
+        out = []
+        for link in self.links:
+            while link.lost is None:
+                try:
+                    frames = link.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                link.messages_received += 1
+                link.bytes_received += sum(len(f.buffer) for f in frames)
+                out.append((link, decode(frames)))
+        return out
+
+    def _poller(self, extra: tuple[zmq.Socket, ...]) -> zmq.Poller:
+        if not extra:
+            return self.poller
+        poller = self._extra_pollers.get(extra)
+        if poller is None:
+            poller = zmq.Poller()
+            for sock in self._by_socket:
+                poller.register(sock, zmq.POLLIN)
+            for sock in extra:
+                poller.register(sock, zmq.POLLIN)
+            self._extra_pollers[extra] = poller
+        return poller
+
+    def receive(
+        self, timeout_s: float, ranks: set[int] | None = None, extra=()
+    ) -> tuple[list[tuple[WorkerLink, Message]], set[zmq.Socket]]:
+        """Messages that arrived (waiting up to `timeout_s` for the first), and
+        which `extra` sockets became readable (left unread).
+
+        Raises LinkLost for a link of `ranks` (default: all) that disconnected.
+        Returns empty-handed on timeout."""
+        # Fast path: messages already waiting need no poll (the common case
+        # mid-step, when partials arrive while rank 0 computes its own).
+        arrived = self._drain()
+        if arrived:
+            return arrived, set()
+        extra = tuple(extra)
+        poller = self._poller(extra)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for link in self.links:
+                if link.lost and (ranks is None or link.rank in ranks):
+                    raise LinkLost(link.rank, link.name, link.lost)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return [], set()
+            events = dict(poller.poll(max(1, int(remaining * 1000))))
+            for sock in events:
+                owner = self._by_socket.get(sock)
+                if owner is not None and owner[1]:
+                    self._handle_monitor(owner[0])
+            ready = {s for s in extra if s in events}
+            arrived = self._drain()
+            if arrived or ready:
+                return arrived, ready
+
+    def close(self, linger_ms: int = 0) -> None:
+        for link in self.links:
+            link.close(linger_ms)
+        self.links.clear()
+
+
+@dataclass
+class Inbound:
+    """A message the worker received: who sent it, on which connection."""
+
+    peer: bytes
+    fd: int
+    frames: list
+
+
+class WorkerEndpoint:
+    """The worker's bound ROUTER socket."""
+
+    def __init__(self, ctx: zmq.Context, address: str, secure=None) -> None:
+        self.sock = ctx.socket(zmq.ROUTER)
+        configure_socket(self.sock)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a gone peer raises, not drops
+        if secure is not None:
+            secure(self.sock)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            self.sock.bind(address)
+        except zmq.ZMQError as e:
+            self.close()
+            if e.errno == zmq.EADDRINUSE:
+                raise TpiError(
+                    f"cannot listen on {display_address(address)}: the port is in use"
+                ) from None
+            raise TpiError(f"cannot listen on {display_address(address)}: {e}") from None
+        self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+        self.closed_fds: set[int] = set()
+
+    def _take(self) -> Inbound | None:
+        try:
+            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        fd = frames[-1].get(SRCFD)
+        self.closed_fds.discard(fd)  # a live message on it: the fd is (re)used
+        return Inbound(frames[0].bytes, fd, frames[1:])
+
+    def recv(self, timeout_s: float) -> Inbound | None:
+        """The next message, or None on timeout; disconnects are collected in closed_fds."""
+        if (inb := self._take()) is not None:
+            return inb
+        events = dict(self.poller.poll(max(0, int(timeout_s * 1000))))
+        if self.monitor in events:
+            while self.monitor.poll(0):
+                msg = parse_monitor_message(self.monitor.recv_multipart())
+                if msg["event"] == zmq.EVENT_DISCONNECTED:
+                    self.closed_fds.add(int(msg["value"]))
+        if self.sock in events:
+            return self._take()
+        return None
+
+    def send(self, peer: bytes, frames: list) -> bool:
+        """Send to `peer`; False if it is no longer connected."""
+        try:
+            self.sock.send_multipart(
+                [peer, *frames], copy=_frame_bytes(frames) < ZERO_COPY_MIN_BYTES
+            )
+            return True
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                return False
+            raise
+
+    def close(self) -> None:
+        for s in (getattr(self, "sock", None), getattr(self, "monitor", None)):
+            if s is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    s.close(linger=0)

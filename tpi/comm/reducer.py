@@ -1,0 +1,144 @@
+"""The arithmetic of the star allreduce, without sockets or threads.
+
+Rank 0 collects one partial per rank for every key (step, layer, phase, pos),
+adds them in fixed rank order whatever the arrival order (so sums are
+deterministic), and hands out each total once every partial is in, oldest
+first in the order a forward pass starts them (so workers receive totals in
+the order they wait for them).
+
+Partials are rounded to the wire dtype on every rank, rank 0's own included,
+and rank 0 uses exactly the total it sends, so every rank holds a bit-identical
+residual stream whatever the wire dtype. (The embedding sum of a
+vocabulary-parallel step always travels in fp32: it is a gather, not a sum of
+approximations, and must arrive exact.)
+
+A frame for a key already summed is late or a duplicate and is ignored; a
+partial of another step than the current one, or of the wrong shape or dtype,
+is a protocol error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tpi.comm.wire import Phase, ProtocolError
+
+Key = tuple[int, int, int, int]  # (step, layer, phase, pos): pos tells prefill chunks apart
+POOLED_PER_SHAPE = 4  # slot buffers kept for reuse per (shape, dtype)
+
+
+def pass_order(key: Key) -> Key:
+    """Keys in the order a forward pass starts them: the embedding sum before layer 0."""
+    step, layer, phase, pos = key
+    return (step, -1 if phase == Phase.EMBED else layer, phase, pos)
+
+
+def wire_dtype_for(phase: int, wire: torch.dtype) -> torch.dtype:
+    return torch.float32 if phase == Phase.EMBED else wire
+
+
+@dataclass
+class _Reduction:
+    slots: torch.Tensor  # (world, *shape) float32, one row per rank
+    wire: torch.dtype
+    have: set[int] = field(default_factory=set)
+    own_dtype: torch.dtype | None = None
+    total: torch.Tensor | None = None  # the wire-dtype sum, once everyone is in
+    received: int = 0  # bytes of remote partials
+
+
+@dataclass(frozen=True)
+class Pending:
+    key: Key  # what a collective's `wait` hands back the total of
+
+
+@dataclass(frozen=True)
+class Total:
+    key: Key
+    wire: torch.Tensor  # the sum as sent (wire dtype)
+    own_dtype: torch.dtype  # what rank 0 computes in
+    received: int  # bytes of remote partials summed into it
+
+
+class Reducer:
+    def __init__(self, world: int, wire_dtype: torch.dtype) -> None:
+        self.world = world
+        self.wire_dtype = wire_dtype
+        self.step = 0  # the step partials may belong to
+        self._open: dict[Key, _Reduction] = {}
+        self._done: Key = (0, 0, 0, 0)  # pass_order of the last key summed
+        self._pool: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
+
+    def _reduction(self, key: Key, shape: tuple[int, ...]) -> _Reduction:
+        red = self._open.get(key)
+        if red is None:
+            wire = wire_dtype_for(key[2], self.wire_dtype)
+            pool = self._pool.get((shape, wire), [])
+            slots = pool.pop() if pool else torch.empty((self.world, *shape), dtype=torch.float32)
+            red = self._open[key] = _Reduction(slots, wire)
+        elif tuple(red.slots.shape[1:]) != shape:
+            raise ProtocolError(
+                f"partials of shapes {tuple(red.slots.shape[1:])} and {shape} for {key}"
+            )
+        return red
+
+    def own(self, key: Key, partial: torch.Tensor) -> None:
+        """Rank 0's partial, rounded exactly as a worker's is by the wire."""
+        red = self._reduction(key, tuple(partial.shape))
+        red.slots[0].copy_(partial.to(red.wire))
+        red.have.add(0)
+        red.own_dtype = partial.dtype
+
+    def add(self, rank: int, key: Key, dtype: torch.dtype, tensor: torch.Tensor) -> bool:
+        """A worker's partial; False if it was late or a duplicate (ignored)."""
+        if pass_order(key) <= self._done:
+            return False
+        if key[0] != self.step:
+            raise ProtocolError(
+                f"rank {rank} sent a partial of step {key[0]} during step {self.step}"
+            )
+        red = self._reduction(key, tuple(tensor.shape))
+        if rank in red.have:
+            return False
+        if dtype != red.wire:
+            raise ProtocolError(f"rank {rank} sent {dtype} for {key}, expected {red.wire}")
+        red.slots[rank].copy_(tensor)
+        red.have.add(rank)
+        red.received += tensor.numel() * tensor.element_size()
+        return True
+
+    def ready(self) -> list[Total]:
+        """Totals that just became complete, oldest first; stops at the first
+        incomplete key so totals leave in pass order."""
+        out = []
+        for key in sorted(self._open, key=pass_order):
+            red = self._open[key]
+            if red.total is not None:
+                continue
+            if len(red.have) < self.world:
+                break
+            total = red.slots[0].clone()
+            for r in range(1, self.world):  # fixed rank order: deterministic sums
+                total.add_(red.slots[r])
+            red.total = total.to(red.wire)
+            self._done = max(self._done, pass_order(key))
+            out.append(Total(key, red.total, red.own_dtype or red.wire, red.received))
+        return out
+
+    def release(self, key: Key) -> None:
+        """Forget a handed-out total; its slot buffer is reused."""
+        red = self._open.pop(key)
+        pool = self._pool.setdefault((tuple(red.slots.shape[1:]), red.wire), [])
+        if len(pool) < POOLED_PER_SHAPE:
+            pool.append(red.slots)
+
+    def missing(self, key: Key) -> list[int]:
+        """Ranks whose partial for `key` has not arrived."""
+        red = self._open.get(key)
+        return [r for r in range(self.world) if red is None or r not in red.have]
+
+    def oldest_open(self) -> Key | None:
+        waiting = [k for k, red in self._open.items() if red.total is None]
+        return min(waiting, key=pass_order, default=None)

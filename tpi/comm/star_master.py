@@ -1,0 +1,222 @@
+"""Star allreduce, rank 0's side: workers send partial sums here, rank 0 adds
+them (tpi.comm.reducer) and sends each total back. One round trip per
+allreduce, 2(N-1) messages, no ring hops: the right shape when link latency
+dominates.
+
+Allreduces can overlap computation: `start` hands over this rank's partial and
+returns at once, `wait` delivers the total. Outside an overlapped prefill the
+thread that waits drives the sockets itself. Inside one (`pipelined()`), a
+reducer thread owns every link socket for the duration: the compute thread
+hands its partials over a queue and wakes the reducer through an inproc socket
+of its own, and never touches a link socket, because ZeroMQ sockets must not
+be used by two threads. The reducer receives partials and sends each total the
+moment its last partial is in, while the compute thread works on the next chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import torch
+import zmq
+
+from tpi.comm.inbox import Inbox
+from tpi.comm.links import LinkLost, WorkerLink
+from tpi.comm.reducer import Key, Pending, Reducer, Total
+from tpi.comm.step_broadcast import StepClock
+from tpi.comm.traffic import AllreduceStats
+from tpi.comm.wire import (
+    DataHeader,
+    Kind,
+    Message,
+    Phase,
+    encode_data,
+    payload_tensor,
+    tensor_payload,
+)
+
+REDUCER_POLL_S = 0.05  # the reducer thread re-checks for a stop request this often
+_wake_ids = itertools.count()
+
+
+def _where(key: Key) -> str:
+    return "in the embedding" if key[2] == Phase.EMBED else f"during layer {key[1]}"
+
+
+class StarMaster:
+    """The Collective of rank 0 (see tpi.model.decoder)."""
+
+    def __init__(
+        self,
+        inbox: Inbox,
+        clock: StepClock,
+        wire_dtype: torch.dtype,
+        timeout_s: float,
+        stats: AllreduceStats | None = None,
+    ) -> None:
+        self.inbox = inbox
+        self.links = inbox.links
+        self.session = inbox.session
+        self.clock = clock
+        self.wire_dtype = wire_dtype
+        self.timeout_s = timeout_s
+        self.world = len(self.links.links) + 1
+        self.stats = stats or AllreduceStats()
+        self.reducer = Reducer(self.world, wire_dtype)
+        self._totals: dict[Key, Total] = {}
+        # Set while a reducer thread owns the sockets (an overlapped prefill).
+        self._cond = threading.Condition()
+        self._handoff: queue.SimpleQueue | None = None
+        self._wake: zmq.Socket | None = None
+        self._error: BaseException | None = None
+
+    # --- Collective ------------------------------------------------------------------
+
+    def allreduce(self, partial: torch.Tensor, layer: int, phase: int) -> torch.Tensor:
+        return self.wait(self.start(partial, layer, phase, self.clock.pos))
+
+    def start(self, partial: torch.Tensor, layer: int, phase: int, pos: int) -> Pending:
+        t0 = time.perf_counter()
+        key = (self.clock.step, layer, phase, pos)
+        if self._handoff is not None:
+            if self._error is not None:
+                raise self._error
+            self._handoff.put((key, partial))
+            self._wake_reducer()
+        else:
+            self.reducer.step = self.clock.step
+            self.reducer.own(key, partial)
+            self._totals.update(self._send_sums(self.reducer.ready()))
+        self.stats.seconds += time.perf_counter() - t0
+        return Pending(key)
+
+    def wait(self, pending: Pending) -> torch.Tensor:
+        t0 = time.perf_counter()
+        key = pending.key
+        total = self._wait_threaded(key) if self._handoff is not None else self._wait_here(key)
+        out = total.wire.to(total.own_dtype)
+        sent = (self.world - 1) * total.wire.numel() * total.wire.element_size()
+        self.stats.record(time.perf_counter() - t0, sent, total.received)
+        return out
+
+    # --- the thread that waits drives the sockets ------------------------------------------
+
+    def _wait_here(self, key: Key) -> Total:
+        deadline = time.monotonic() + self.timeout_s
+        while key not in self._totals:
+            try:
+                link, msg = self.inbox.take(
+                    {Kind.PARTIAL}, max(0.0, deadline - time.monotonic()), where=_where(key)
+                )
+            except TimeoutError:
+                self._timeout(key)
+            self._add(link, msg)
+            self._totals.update(self._send_sums(self.reducer.ready()))
+        self.reducer.release(key)
+        return self._totals.pop(key)
+
+    def _add(self, link: WorkerLink, msg: Message) -> None:
+        h = msg.data
+        key = (h.step, h.layer, h.phase, h.pos)
+        self.reducer.add(link.rank, key, h.dtype, payload_tensor(msg.payload, h))
+
+    def _send_sums(self, totals: list[Total]) -> dict[Key, Total]:
+        """Send each total to every worker (by the thread that owns the sockets)."""
+        for t in totals:
+            step, layer, phase, pos = t.key
+            shape = tuple(t.wire.shape)
+            header = DataHeader(self.session, step, pos, layer, phase, t.wire.dtype, shape)
+            frames = [encode_data(Kind.SUM, header), tensor_payload(t.wire)]
+            for link in self.links.links:
+                link.send(frames)
+        return {t.key: t for t in totals}
+
+    def _timeout(self, key: Key) -> None:
+        missing = [r for r in self.reducer.missing(key) if r != 0] or [1]
+        r = missing[0]
+        raise LinkLost(
+            r, self.links.links[r - 1].name, f"no reply in {self.timeout_s:g} s", _where(key)
+        )
+
+    # --- overlap: a reducer thread owns the sockets ----------------------------------------
+
+    @contextlib.contextmanager
+    def pipelined(self) -> Iterator[None]:
+        ctx = self.links.ctx
+        address = f"inproc://tpi-reducer-{next(_wake_ids)}"
+        wake_rx = ctx.socket(zmq.PAIR)
+        wake_rx.bind(address)
+        self._wake = ctx.socket(zmq.PAIR)
+        self._wake.connect(address)
+        self.reducer.step = self.clock.step
+        self._error = None
+        self._stop = False
+        self._handoff = queue.SimpleQueue()
+        thread = threading.Thread(
+            target=self._drive, args=(wake_rx,), name="tpi-star-reducer", daemon=True
+        )
+        thread.start()  # from here until join, only that thread touches the link sockets
+        try:
+            yield
+        finally:
+            self._stop = True
+            self._wake_reducer()
+            thread.join()
+            self._wake.close(linger=0)
+            self._wake = None
+            self._handoff = None
+            if self._error is not None:
+                err, self._error = self._error, None
+                raise err
+
+    def _wake_reducer(self) -> None:
+        # A wake-up already queued is enough, and a reducer that stopped on an
+        # error reads no more: neither may block the compute thread.
+        with contextlib.suppress(zmq.Again):
+            self._wake.send(b"", zmq.NOBLOCK)
+
+    def _wait_threaded(self, key: Key) -> Total:
+        deadline = time.monotonic() + self.timeout_s
+        with self._cond:
+            while key not in self._totals:
+                if self._error is not None:
+                    raise self._error
+                if not self._cond.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    self._timeout(key)
+            self.reducer.release(key)
+            return self._totals.pop(key)
+
+    def _drive(self, wake: zmq.Socket) -> None:
+        try:
+            while True:
+                ready = self.inbox.receive(
+                    REDUCER_POLL_S, where="during an overlapped prefill", extra=[wake]
+                )
+                if wake in ready:
+                    while wake.poll(0):
+                        wake.recv()
+                with self._cond:
+                    while not self._handoff.empty():
+                        key, partial = self._handoff.get_nowait()
+                        self.reducer.own(key, partial)
+                    while (got := self.inbox.pop({Kind.PARTIAL})) is not None:
+                        self._add(*got)
+                    totals = self.reducer.ready()
+                if totals:
+                    sent = self._send_sums(totals)  # outside the lock: the sockets are ours
+                    with self._cond:
+                        self._totals.update(sent)
+                        self._cond.notify_all()
+                if self._stop and self._handoff.empty():
+                    return
+        except BaseException as e:  # handed to the compute thread in wait()
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+        finally:
+            wake.close(linger=0)

@@ -1,0 +1,79 @@
+"""Star allreduce, a worker's side: send my partial to rank 0, receive the total."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+
+from tpi.comm.reducer import Key, Pending, wire_dtype_for
+from tpi.comm.traffic import AllreduceStats
+from tpi.comm.wire import (
+    DataHeader,
+    HeadMode,
+    Kind,
+    Message,
+    encode_data,
+    payload_tensor,
+    tensor_payload,
+)
+
+
+class MasterChannel(Protocol):
+    """The worker's connection to its master, as the collective needs it."""
+
+    def send(self, frames: list) -> None: ...
+
+    def wait_sum(self, expected: DataHeader) -> Message: ...
+
+
+class StarWorker:
+    """The Collective of a worker (see tpi.model.decoder)."""
+
+    def __init__(self, channel: MasterChannel, session: int, wire_dtype: torch.dtype) -> None:
+        self.channel = channel
+        self.session = session
+        self.wire_dtype = wire_dtype
+        self.step = 0
+        self.pos = 0
+        self.stats = AllreduceStats()
+        self._started: dict[Key, tuple[DataHeader, torch.dtype]] = {}
+
+    def allreduce(self, partial: torch.Tensor, layer: int, phase: int) -> torch.Tensor:
+        return self.wait(self.start(partial, layer, phase, self.pos))
+
+    def start(self, partial: torch.Tensor, layer: int, phase: int, pos: int) -> Pending:
+        t0 = time.perf_counter()
+        wire = partial.to(wire_dtype_for(phase, self.wire_dtype)).contiguous()
+        header = DataHeader(
+            self.session, self.step, pos, layer, phase, wire.dtype, tuple(wire.shape)
+        )
+        self.channel.send([encode_data(Kind.PARTIAL, header), tensor_payload(wire)])
+        key = (self.step, layer, phase, pos)
+        self._started[key] = (header, partial.dtype)
+        self.stats.seconds += time.perf_counter() - t0
+        return Pending(key)
+
+    def wait(self, pending: Pending) -> torch.Tensor:
+        t0 = time.perf_counter()
+        header, dtype = self._started.pop(pending.key)
+        msg = self.channel.wait_sum(header)
+        total = payload_tensor(msg.payload, msg.data).to(dtype, copy=True)
+        self.stats.record(time.perf_counter() - t0, header.nbytes(), msg.data.nbytes())
+        return total
+
+    @contextlib.contextmanager
+    def pipelined(self) -> Iterator[None]:
+        yield  # a worker's sends never block and it only waits for totals: nothing to run
+
+    def send_head(self, out: torch.Tensor, round_: int, mode: HeadMode) -> None:
+        """This rank's HEAD output for the current step: its logits slice or candidates."""
+        out = out.contiguous()
+        header = DataHeader(
+            self.session, self.step, 0, 0, 0, out.dtype, tuple(out.shape), round=round_, mode=mode
+        )
+        self.channel.send([encode_data(Kind.HEAD, header), tensor_payload(out)])
+        self.stats.bytes_sent += header.nbytes()

@@ -1,0 +1,61 @@
+"""The master's messages that start a step on every worker, and the step count
+they advance (which every other part of the master's collective reads)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tpi.comm.links import LinkSet
+from tpi.comm.traffic import AllreduceStats
+from tpi.comm.wire import DataHeader, Kind, encode_control, encode_data, ids_payload, tensor_payload
+
+
+@dataclass
+class StepClock:
+    """The forward pass in progress: its number and first position."""
+
+    step: int = 0
+    pos: int = 0
+
+
+class StepBroadcaster:
+    def __init__(
+        self, links: LinkSet, session: int, clock: StepClock, stats: AllreduceStats
+    ) -> None:
+        self.links = links
+        self.session = session
+        self.clock = clock
+        self.stats = stats
+
+    def _send_all(self, frames: list, nbytes: int) -> None:
+        for link in self.links.links:
+            link.send(frames)
+        self.stats.bytes_sent += len(self.links.links) * nbytes
+
+    def _advance(self, pos: int) -> int:
+        self.clock.step += 1
+        self.clock.pos = pos
+        return self.clock.step
+
+    def hidden(self, h: torch.Tensor, pos: int, chunks: int = 1) -> None:
+        """A step whose input is rank 0's embedded hidden states (STEP)."""
+        step = self._advance(pos)
+        header = DataHeader(self.session, step, pos, 0, 0, h.dtype, tuple(h.shape), chunks=chunks)
+        self._send_all(
+            [encode_data(Kind.STEP, header), tensor_payload(h)], h.numel() * h.element_size()
+        )
+
+    def tokens(self, ids: list[int], pos: int, chunks: int, head: dict) -> None:
+        """A vocabulary-parallel step: only the token ids and what the head should return."""
+        step = self._advance(pos)
+        body = {"session": self.session, "step": step, "pos": pos, "chunks": chunks, "head": head}
+        frames = [encode_control(Kind.STEP_TOKENS, body), ids_payload(ids)]
+        self._send_all(frames, 8 * len(ids) + len(frames[0]))
+
+    def more(self, round_: int, count: int) -> None:
+        """Ask every rank for more top-p candidates of the current step (HEAD_MORE)."""
+        body = {"session": self.session, "step": self.clock.step, "round": round_, "count": count}
+        frames = [encode_control(Kind.HEAD_MORE, body)]
+        self._send_all(frames, len(frames[0]))

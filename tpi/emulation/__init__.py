@@ -1,0 +1,1 @@
+"""Emulated small devices (link shaper, cgroup caps): for tpi cluster and benchmarks only."""

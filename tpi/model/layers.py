@@ -1,0 +1,179 @@
+"""The model math, in one place, for any rank's slice of a layer.
+
+Every node (single machine, master, worker) runs these functions on its own
+slice of heads and MLP columns. The attention and MLP blocks return *partial*
+outputs; the caller's `allreduce` turns them into the full sum (the identity on
+a single node), so the residual stream is identical on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from tpi.model.kv_cache import KVCache
+from tpi.model.linear import embedding_rows, linear
+from tpi.model.partition import RankSlice
+from tpi.model.rope import apply_rotary
+from tpi.model.weights import HeadWeights, LayerWeights
+
+PHASE_ATTENTION = 0
+PHASE_MLP = 1
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in float32 whatever the compute dtype, as the reference does.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """How this rank's query heads map onto its KV heads."""
+
+    n_q: int
+    n_kv: int
+    head_dim: int
+    # None when every local KV head serves the same number of query heads
+    # (one batched kernel); otherwise (kv, q_start, q_end) runs.
+    segments: tuple[tuple[int, int, int], ...] | None
+
+    @classmethod
+    def for_slice(cls, rs: RankSlice, group_size: int, head_dim: int) -> AttentionLayout:
+        kv_of_q = rs.kv_of_local_q(group_size)
+        uniform = rs.n_q % rs.n_kv == 0 and kv_of_q == [
+            i // (rs.n_q // rs.n_kv) for i in range(rs.n_q)
+        ]
+        segments = None
+        if not uniform:
+            runs: list[tuple[int, int, int]] = []
+            for i, kv in enumerate(kv_of_q):
+                if runs and runs[-1][0] == kv:
+                    runs[-1] = (kv, runs[-1][1], i + 1)
+                else:
+                    runs.append((kv, i, i + 1))
+            segments = tuple(runs)
+        return cls(n_q=rs.n_q, n_kv=rs.n_kv, head_dim=head_dim, segments=segments)
+
+
+@dataclass
+class StepContext:
+    """What every layer of one forward pass shares: positions, rotary rows, masks."""
+
+    pos: int
+    length: int
+    cos: torch.Tensor
+    sin: torch.Tensor
+    dtype: torch.dtype
+    _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
+
+    def mask(self, window: int | None) -> torch.Tensor | None:
+        """Boolean (T, S) mask, True = may attend; None when nothing is masked."""
+        if window not in self._masks:
+            self._masks[window] = _build_mask(self.pos, self.length, window)
+        return self._masks[window]
+
+
+def _build_mask(pos: int, length: int, window: int | None) -> torch.Tensor | None:
+    total = pos + length
+    if length == 1 and (window is None or total <= window):
+        return None
+    q_pos = torch.arange(pos, total).unsqueeze(1)
+    k_pos = torch.arange(total).unsqueeze(0)
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    return allowed
+
+
+def _grouped_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """q (G*r, T, hd) against k/v (G, S, hd): r query heads share each KV head."""
+    groups, t, hd = k.shape[0], q.shape[1], q.shape[2]
+    r = q.shape[0] // groups
+    # Fold the r heads of a group into the query-length axis: no copy of K/V.
+    qg = q.reshape(groups, r * t, hd)
+    m = mask.repeat(r, 1) if mask is not None and r > 1 else mask
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=m, scale=scale)
+    return out.reshape(groups * r, t, hd)
+
+
+def attention_block(
+    x: torch.Tensor,
+    w: LayerWeights,
+    layout: AttentionLayout,
+    cache: KVCache,
+    layer: int,
+    step: StepContext,
+    window: int | None,
+) -> torch.Tensor:
+    """Partial attention output (T, hidden) of this rank's heads."""
+    t, hd = x.shape[0], layout.head_dim
+    nq, nkv = layout.n_q, layout.n_kv
+    qkv = linear(x, w.qkv, w.qkv_bias)
+    q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+    q = apply_rotary(q.view(t, nq, hd).transpose(0, 1), step.cos, step.sin)
+    k = apply_rotary(k.view(t, nkv, hd).transpose(0, 1), step.cos, step.sin)
+    v = v.view(t, nkv, hd).transpose(0, 1)
+    keys, values = cache.update(layer, step.pos, k, v)
+    mask = step.mask(window)
+    scale = 1.0 / math.sqrt(hd)
+    if layout.segments is None:
+        out = _grouped_sdpa(q, keys, values, mask, scale)
+    else:
+        out = torch.cat(
+            [
+                _grouped_sdpa(q[a:b], keys[kv : kv + 1], values[kv : kv + 1], mask, scale)
+                for kv, a, b in layout.segments
+            ],
+            dim=0,
+        )
+    out = out.transpose(0, 1).reshape(t, nq * hd)
+    return linear(out, w.o, w.o_bias)
+
+
+def mlp_block(x: torch.Tensor, w: LayerWeights) -> torch.Tensor:
+    """Partial SwiGLU output (T, hidden) of this rank's MLP columns."""
+    gate, up = linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, w.down, w.down_bias)
+
+
+def attention_partial(
+    h: torch.Tensor,
+    w: LayerWeights,
+    layout: AttentionLayout,
+    cache: KVCache,
+    layer: int,
+    step: StepContext,
+    eps: float,
+    window: int | None,
+) -> torch.Tensor:
+    """First half of a decoder layer: this rank's attention output, to be allreduced
+    and added to the residual h."""
+    return attention_block(rms_norm(h, w.attn_norm, eps), w, layout, cache, layer, step, window)
+
+
+def mlp_partial(h: torch.Tensor, w: LayerWeights, eps: float) -> torch.Tensor:
+    """Second half: this rank's MLP output, to be allreduced and added to h."""
+    return mlp_block(rms_norm(h, w.mlp_norm, eps), w)
+
+
+def embed(ids: torch.Tensor, head: HeadWeights, dtype: torch.dtype) -> torch.Tensor:
+    """Embeddings of `ids`; rows outside this head's vocabulary range are zero (the
+    vocabulary-parallel embedding: an allreduce then adds every rank's rows)."""
+    local = ids - head.start
+    inside = (local >= 0) & (local < head.rows)
+    if bool(inside.all()):
+        return embedding_rows(local, head.embed, dtype)
+    rows = embedding_rows(local.clamp(0, head.rows - 1), head.embed, dtype)
+    return rows.masked_fill(~inside[:, None], 0)
+
+
+def logits(h: torch.Tensor, head: HeadWeights, eps: float) -> torch.Tensor:
+    """Float32 logits (T, vocab) from final hidden states."""
+    return linear(rms_norm(h, head.final_norm, eps), head.lm_head).float()

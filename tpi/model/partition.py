@@ -1,0 +1,185 @@
+"""How a model's layers are cut into tensor-parallel slices, one per rank.
+
+Attention is split by query heads. While there are at least as many KV heads as
+ranks, whole KV groups go to each rank (every rank keeps plain GQA). With more
+ranks than KV heads, query heads are split individually and each rank holds the
+KV heads its query heads read, so some KV heads are replicated: peers cap the
+world size at the number of KV heads, we do not.
+
+MLP intermediate columns are split by shares in aligned units, so later
+group-wise quantization (groups of 32..128) never straddles two ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from tpi.errors import TpiError
+from tpi.model.config import ModelConfig
+
+
+class PartitionError(TpiError):
+    """Shares that cannot be mapped onto the model's heads/columns."""
+
+
+@dataclass(frozen=True)
+class RankSlice:
+    rank: int
+    q_heads: tuple[int, int]  # [start, end) global query heads
+    kv_heads: tuple[int, int]  # [start, end) global KV heads read by those query heads
+    mlp: tuple[int, int]  # [start, end) intermediate columns
+    # [start, end) vocabulary rows of the embedding and LM head, when they are
+    # split by vocabulary (None: the master holds them whole).
+    vocab: tuple[int, int] | None = None
+
+    @property
+    def n_q(self) -> int:
+        return self.q_heads[1] - self.q_heads[0]
+
+    @property
+    def n_kv(self) -> int:
+        return self.kv_heads[1] - self.kv_heads[0]
+
+    @property
+    def n_mlp(self) -> int:
+        return self.mlp[1] - self.mlp[0]
+
+    def kv_of_local_q(self, group_size: int) -> list[int]:
+        """For each local query head, the index of its KV head among local KV heads."""
+        return [q // group_size - self.kv_heads[0] for q in range(*self.q_heads)]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.vocab is None:  # splits without it keep their manifests (and hashes)
+            del d["vocab"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RankSlice:
+        return cls(
+            rank=int(d["rank"]),
+            q_heads=tuple(d["q_heads"]),
+            kv_heads=tuple(d["kv_heads"]),
+            mlp=tuple(d["mlp"]),
+            vocab=tuple(d["vocab"]) if d.get("vocab") is not None else None,
+        )
+
+
+def apportion(total: int, shares: list[float], what: str) -> list[int]:
+    """Split `total` units proportionally to `shares`, each rank getting >= 1.
+
+    Largest-remainder method: deterministic, and every count is within one
+    unit of its exact proportion unless it had to be raised to the minimum.
+    """
+    n = len(shares)
+    if n == 0 or any(s <= 0 for s in shares):
+        raise PartitionError("shares must be positive numbers, one per rank")
+    if total < n:
+        raise PartitionError(
+            f"cannot split {total} {what} across {n} ranks (each needs at least one)"
+        )
+    s = float(sum(shares))
+    exact = [total * x / s for x in shares]
+    counts = [max(1, int(e)) for e in exact]
+    while sum(counts) < total:  # give to the rank furthest below its share
+        i = max(range(n), key=lambda k: (exact[k] - counts[k], -k))
+        counts[i] += 1
+    while sum(counts) > total:  # minimums overshot: take from the furthest above
+        i = max((k for k in range(n) if counts[k] > 1), key=lambda k: (counts[k] - exact[k], -k))
+        counts[i] -= 1
+    return counts
+
+
+def _ranges(counts: list[int], unit: int = 1) -> list[tuple[int, int]]:
+    out, start = [], 0
+    for c in counts:
+        out.append((start * unit, (start + c) * unit))
+        start += c
+    return out
+
+
+def _unit(total: int, world: int) -> int:
+    """The largest aligned block (128 down to 1) that still gives every rank one."""
+    for unit in (128, 64, 32, 16, 8, 4, 2, 1):
+        if total % unit == 0 and total // unit >= world:
+            return unit
+    return 1
+
+
+@dataclass(frozen=True)
+class Partition:
+    world: int
+    shares: tuple[float, ...]
+    slices: tuple[RankSlice, ...]
+
+    def to_dict(self) -> dict:
+        return {
+            "world": self.world,
+            "shares": list(self.shares),
+            "slices": [s.to_dict() for s in self.slices],
+        }
+
+    @property
+    def vocab_parallel(self) -> bool:
+        return self.slices[0].vocab is not None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Partition:
+        return cls(
+            world=int(d["world"]),
+            shares=tuple(float(x) for x in d["shares"]),
+            slices=tuple(RankSlice.from_dict(s) for s in d["slices"]),
+        )
+
+
+def parse_shares(text: str | None, world: int) -> list[float]:
+    """'2,1,1' -> [2.0, 1.0, 1.0]; None -> even shares."""
+    if not text:
+        return [1.0] * world
+    try:
+        shares = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PartitionError(f"--shares must be comma-separated numbers, got {text!r}") from None
+    if len(shares) != world:
+        raise PartitionError(f"--shares lists {len(shares)} values but the world has {world} ranks")
+    if any(s <= 0 for s in shares):
+        raise PartitionError("--shares values must be positive")
+    return shares
+
+
+def plan_partition(
+    cfg: ModelConfig, shares: list[float], vocab_parallel: bool = False
+) -> Partition:
+    """Heads, MLP columns (and, with `vocab_parallel`, vocabulary rows) per rank."""
+    world = len(shares)
+    g = cfg.group_size
+    if world <= cfg.num_kv_heads:
+        kv_counts = apportion(cfg.num_kv_heads, shares, "KV heads")
+        kv_ranges = _ranges(kv_counts)
+        q_ranges = [(a * g, b * g) for a, b in kv_ranges]
+    else:
+        q_ranges = _ranges(apportion(cfg.num_heads, shares, "attention heads"))
+        kv_ranges = [(a // g, (b - 1) // g + 1) for a, b in q_ranges]
+    unit = _unit(cfg.intermediate_size, world)
+    mlp_ranges = _ranges(
+        apportion(cfg.intermediate_size // unit, shares, "MLP column blocks"), unit
+    )
+    vocab_ranges: list = [None] * world
+    if vocab_parallel:
+        vunit = _unit(cfg.vocab_size, world)
+        vocab_ranges = _ranges(
+            apportion(cfg.vocab_size // vunit, shares, "vocabulary blocks"), vunit
+        )
+        # A vocabulary that is not a multiple of the block: the last rank takes the rest.
+        vocab_ranges[-1] = (vocab_ranges[-1][0], cfg.vocab_size)
+    slices = tuple(
+        RankSlice(
+            rank=r,
+            q_heads=q_ranges[r],
+            kv_heads=kv_ranges[r],
+            mlp=mlp_ranges[r],
+            vocab=vocab_ranges[r],
+        )
+        for r in range(world)
+    )
+    return Partition(world=world, shares=tuple(shares), slices=slices)

@@ -1,0 +1,1 @@
+"""One rank at run time: memory planning, the sliding window, stats."""

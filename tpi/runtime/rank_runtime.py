@@ -1,0 +1,101 @@
+"""Build one rank's decoder: plan memory, then hold or stream its layers.
+
+The one load path of every node: the master (rank 0) and every worker build
+their rank here from a shard directory, and a single machine running an
+unsplit checkpoint does too, so a node's memory behaviour and context limit
+do not depend on its role or on how the model was stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from tpi.model.config import ModelConfig
+from tpi.model.decoder import Collective, Decoder
+from tpi.runtime.memory_budget import (
+    MemoryBudgetError,
+    WindowPlan,
+    activation_bytes,
+    kv_cache_bytes,
+    plan_window,
+)
+from tpi.runtime.resident_layers import ResidentLayers
+from tpi.runtime.sliding_window import SlidingWindowLayers, StreamLayout
+from tpi.storage.checkpoint_rank import CheckpointRank
+from tpi.storage.shard_reader import RankShard
+from tpi.system.cgroup_limits import memory_limit
+from tpi.system.process_memory import rss_bytes
+
+DEFAULT_MAX_CONTEXT = 4096  # when memory is planned: the KV cache is reserved for this
+
+
+@dataclass
+class RankRuntime:
+    decoder: Decoder
+    layers: SlidingWindowLayers | ResidentLayers
+    plan: WindowPlan
+
+    def close(self) -> None:
+        self.layers.close()
+
+
+def context_limit(cfg: ModelConfig, max_context: int | None, planned: bool) -> int:
+    """Tokens the KV cache is sized for and capped at: as asked; else the model's
+    own limit, at most DEFAULT_MAX_CONTEXT when memory is planned (a window, a
+    budget or a cgroup limit), since the plan reserves the KV cache in full."""
+    if max_context:
+        return min(cfg.max_position_embeddings, max_context)
+    if planned:
+        return min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+    return cfg.max_position_embeddings
+
+
+def build_rank(
+    source: RankShard | CheckpointRank,
+    dtype: torch.dtype,
+    collective: Collective,
+    *,
+    window: int | None = None,
+    budget_bytes: int | None = None,
+    max_context: int | None = None,
+    head_bytes: int = 0,
+    echo: Callable[[str], None] | None = None,
+) -> RankRuntime:
+    """This rank's decoder over a shard directory (layers streamed through a
+    window, or all resident) or an unsplit checkpoint (all resident)."""
+    cfg = source.config
+    rs = source.rank_slice
+    planned = window is not None or budget_bytes is not None or memory_limit() is not None
+    context = context_limit(cfg, max_context, planned)
+    elem = torch.empty((), dtype=dtype).element_size()
+    if isinstance(source, RankShard):
+        layout = StreamLayout.of(source, dtype)
+        slot, staging, resident = layout.slot_bytes, layout.staging_bytes, None
+    else:
+        if window is not None and window < cfg.num_layers:
+            raise MemoryBudgetError(
+                "an unsplit checkpoint is held whole; split it ('tpi split') to stream layers"
+            )
+        resident = ResidentLayers(source.load_layers(dtype))
+        slot, staging, window = resident.resident_bytes // cfg.num_layers, 0, cfg.num_layers
+    plan = plan_window(
+        num_layers=cfg.num_layers,
+        layer_bytes=slot,
+        staging_bytes=staging,
+        kv_bytes=kv_cache_bytes(cfg, rs, context, elem),
+        head_bytes=head_bytes,
+        activation_bytes=activation_bytes(cfg, rs, context),
+        baseline_bytes=max(
+            0, rss_bytes() - head_bytes - (resident.resident_bytes if resident else 0)
+        ),
+        window=window,
+        budget_bytes=budget_bytes,
+    )
+    if echo is not None:
+        echo(f"rank {rs.rank}: {plan.describe()}")
+    layers = resident or SlidingWindowLayers(layout, plan.window, dtype)
+    decoder = Decoder(cfg, rs, layers, collective, dtype, max_positions=context)
+    return RankRuntime(decoder, layers, plan)

@@ -1,0 +1,294 @@
+"""The sliding-window memory scheduler: a rank keeps only `window` layers of its
+slice in memory and streams the rest from its local shard directory.
+
+A loader thread walks the layers cyclically (0..L-1, 0..L-1, ...): while layer
+i computes and talks, layers up to i+window-1 are loaded, and as soon as a
+layer is released its slot receives the next one, so the first layers of the
+next token are read while the last layers of this one still compute.
+
+Memory is a ring of `window` preallocated slot buffers, reused for the life of
+the process: a layer file's data section is read with one readinto() straight
+into a slot and its tensors are views into it, so RSS stays flat however many
+layers stream through. After each read the file's pages are dropped from the
+page cache (POSIX_FADV_DONTNEED): the memory a node uses is the memory it holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tpi.errors import TpiError
+from tpi.model.weights import LayerWeights
+from tpi.quant.formats import INT4_SUFFIX
+from tpi.quant.int4_pack import Int4Layout, native_layout, to_native
+from tpi.quant.quantize import memory_dtype
+from tpi.storage.shard_reader import RankShard
+from tpi.storage.tensor_file import SafetensorsFile, read_span
+from tpi.system.malloc import pin_mmap_threshold
+
+log = logging.getLogger("tpi.runtime.sliding_window")
+
+
+@dataclass
+class StreamStats:
+    bytes_read: int = 0
+    read_seconds: float = 0.0  # loader thread time spent reading (and converting)
+    blocked_seconds: float = 0.0  # compute thread time spent waiting for a layer
+    layers_loaded: int = 0
+
+    def to_dict(self) -> dict:
+        hidden = 1.0 - self.blocked_seconds / self.read_seconds if self.read_seconds > 0 else 1.0
+        return {
+            "bytes_read": self.bytes_read,
+            "read_seconds": round(self.read_seconds, 6),
+            "blocked_seconds": round(self.blocked_seconds, 6),
+            "layers_loaded": self.layers_loaded,
+            "disk_time_hidden": round(max(0.0, hidden), 4),
+        }
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """Where a layer file's tensors sit within its data section."""
+
+    path: str
+    data_begin: int
+    data_bytes: int
+    tensors: tuple[
+        tuple[str, torch.dtype, tuple[int, ...], int, int], ...
+    ]  # name, dtype, shape, rel begin, end
+
+
+def layer_layout(path) -> LayerLayout:
+    f = SafetensorsFile(path)
+    infos = sorted(f.tensors.values(), key=lambda t: t.begin)
+    begin = infos[0].begin if infos else 0
+    end = max((t.end for t in infos), default=begin)
+    return LayerLayout(
+        str(path),
+        begin,
+        end - begin,
+        tuple((t.name, t.dtype, t.shape, t.begin - begin, t.end - begin) for t in infos),
+    )
+
+
+def _views(layout: LayerLayout, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Tensors of a layer as views into its raw bytes (a copy only if misaligned)."""
+    out = {}
+    for name, dtype, shape, a, b in layout.tensors:
+        chunk = raw[a:b]
+        size = torch.empty((), dtype=dtype).element_size()
+        if a % size:
+            chunk = chunk.clone()
+        out[name] = chunk.view(dtype).view(shape)
+    return out
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """Per-layer file layouts and the slot sizes they need, before any allocation."""
+
+    layouts: tuple[LayerLayout, ...]
+    convert: bool  # some stored float dtype differs from the one kept in memory
+    slot_bytes: int
+    staging_bytes: int
+    pass_bytes: int  # all layers as held in memory: what one forward pass reads from RAM
+    dtype: torch.dtype
+    quantized: bool
+    int4_layout: Int4Layout | None  # how packed int4 weights are stored (None: no int4)
+
+    def target_dtype(self, name: str, stored: torch.dtype) -> torch.dtype:
+        return memory_dtype(name, stored, self.dtype, self.quantized)
+
+    @classmethod
+    def of(cls, shard: RankShard, dtype: torch.dtype) -> StreamLayout:
+        layouts = tuple(layer_layout(shard.layer_path(i)) for i in range(shard.config.num_layers))
+        quant = shard.manifest.quant
+        int4 = Int4Layout.parse(quant.int4_layout) if quant.int4_layout else None
+
+        def held(name: str, dt: torch.dtype) -> torch.dtype:
+            return memory_dtype(name, dt, dtype, quant.quantized)
+
+        # Shards stored in another float dtype are converted into the slot;
+        # the raw bytes then need one staging buffer of their own.
+        convert = any(held(name, dt) != dt for lay in layouts for name, dt, *_ in lay.tensors)
+
+        def need(lay: LayerLayout) -> int:
+            if not convert:
+                return lay.data_bytes
+            return sum(
+                _aligned((b - a) // _elem(dt) * _elem(held(name, dt)))
+                for name, dt, _, a, b in lay.tensors
+            )
+
+        slot = max(need(lay) for lay in layouts)
+        staging = max(lay.data_bytes for lay in layouts) if convert else 0
+        total = sum(need(lay) for lay in layouts)
+        return cls(layouts, convert, slot, staging, total, dtype, quant.quantized, int4)
+
+
+def _aligned(n: int) -> int:
+    """Converted tensors start on 8-byte boundaries (a dtype view needs its alignment)."""
+    return (n + 7) // 8 * 8
+
+
+def _elem(dt: torch.dtype) -> int:
+    return torch.empty((), dtype=dt).element_size()
+
+
+class SlidingWindowLayers:
+    """LayerSource that streams layers from a rank directory through `window` slots."""
+
+    def __init__(self, layout: StreamLayout, window: int, dtype: torch.dtype) -> None:
+        pin_mmap_threshold()
+        self.dtype = dtype
+        self.layout = layout
+        self.layouts = layout.layouts
+        native = native_layout()
+        # Packed int4 made on a CPU with another layout is repacked as it loads.
+        self.repack_int4 = layout.int4_layout is not None and layout.int4_layout != native
+        if self.repack_int4:
+            log.warning(
+                "int4 weights were packed as %s, this CPU's torch reads %s: repacking each layer "
+                "as it loads (slower; split on a machine like this one to avoid it)",
+                layout.int4_layout.name,
+                native.name if native else "its own layout",
+            )
+        self.convert = layout.convert
+        self.num_layers = len(self.layouts)
+        self.window = max(1, min(window, self.num_layers))
+        self.stats = StreamStats()
+        self.slot_bytes = layout.slot_bytes
+        self.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8) for _ in range(self.window)]
+        self.staging = (
+            torch.empty(layout.staging_bytes, dtype=torch.uint8) if self.convert else None
+        )
+        self.resident = self.window >= self.num_layers
+        self._cond = threading.Condition()
+        self._loaded: dict[int, LayerWeights] = {}  # sequence number -> weights
+        self._next_load = 0  # sequence number the loader reads next
+        self._released = 0  # sequence numbers below this are free again
+        self._consume = 0  # sequence number the compute thread wants next
+        self._error: BaseException | None = None
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        if self.resident:
+            for i in range(self.num_layers):
+                self._loaded[i] = self._read(i, self.slots[i])
+        else:
+            self._thread = threading.Thread(
+                target=self._loader, name="tpi-layer-loader", daemon=True
+            )
+            self._thread.start()
+
+    @property
+    def pass_bytes(self) -> int:
+        """What one forward pass reads from RAM: every layer's weights as held."""
+        return self.layout.pass_bytes
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(s.numel() for s in self.slots) + (
+            self.staging.numel() if self.staging is not None else 0
+        )
+
+    # --- loading -----------------------------------------------------------------
+
+    def _read(self, layer: int, slot: torch.Tensor) -> LayerWeights:
+        lay = self.layouts[layer]
+        t0 = time.perf_counter()
+        target = self.staging if self.convert else slot
+        raw = target[: lay.data_bytes]
+        read_span(lay.path, lay.data_begin, raw, drop_cache=True)
+        tensors = _views(lay, raw)
+        if self.convert:
+            offset = 0
+            converted = {}
+            for name, t in tensors.items():
+                dt = self.layout.target_dtype(name, t.dtype)
+                n = t.numel() * torch.empty((), dtype=dt).element_size()
+                dst = slot[offset : offset + n].view(dt).view(t.shape)
+                dst.copy_(t)
+                converted[name] = dst
+                offset += _aligned(n)
+            tensors = converted
+        if self.repack_int4:
+            for name, t in tensors.items():
+                if name.endswith(INT4_SUFFIX):
+                    t.copy_(to_native(t, self.layout.int4_layout))
+        self.stats.read_seconds += time.perf_counter() - t0
+        self.stats.bytes_read += lay.data_bytes
+        self.stats.layers_loaded += 1
+        return LayerWeights.from_tensors(tensors)
+
+    def _loader(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stop and self._next_load - self._released >= self.window:
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                    seq = self._next_load
+                weights = self._read(seq % self.num_layers, self.slots[seq % self.window])
+                with self._cond:
+                    if seq == self._next_load:  # not reset meanwhile
+                        self._loaded[seq] = weights
+                        self._next_load += 1
+                    self._cond.notify_all()
+        except BaseException as e:  # surfaced to the compute thread at acquire()
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+
+    # --- LayerSource ---------------------------------------------------------------
+
+    def start_pass(self) -> None:
+        if self.resident or self._consume % self.num_layers == 0:
+            return
+        # The previous pass was abandoned mid-way: restart the ring at layer 0.
+        with self._cond:
+            aligned = (self._consume // self.num_layers + 1) * self.num_layers
+            self._loaded.clear()
+            self._consume = self._released = self._next_load = aligned
+            self._cond.notify_all()
+
+    def acquire(self, layer: int) -> LayerWeights:
+        if self.resident:
+            return self._loaded[layer]
+        seq = self._consume
+        if seq % self.num_layers != layer:
+            raise RuntimeError(
+                f"layers must be acquired in order: wanted {seq % self.num_layers}, got {layer}"
+            )
+        with self._cond:
+            if seq not in self._loaded:
+                t0 = time.perf_counter()
+                while seq not in self._loaded and self._error is None:
+                    self._cond.wait()
+                self.stats.blocked_seconds += time.perf_counter() - t0
+            if self._error is not None:
+                raise TpiError(f"loading layer {layer} failed: {self._error}") from self._error
+            return self._loaded[seq]
+
+    def release(self, layer: int) -> None:
+        if self.resident:
+            return
+        with self._cond:
+            self._loaded.pop(self._consume, None)
+            self._consume += 1
+            self._released = self._consume
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._loaded.clear()

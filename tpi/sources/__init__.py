@@ -1,0 +1,1 @@
+"""Where models come from: GGUF conversion, the model cache, the embedded default."""

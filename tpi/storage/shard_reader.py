@@ -1,0 +1,66 @@
+"""Load one rank's weights from its shard directory (the output of `tpi split`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tpi.errors import CheckpointError
+from tpi.model.weights import HeadWeights, LayerWeights, head_from_tensors
+from tpi.quant.formats import INT4_SUFFIX
+from tpi.quant.int4_pack import to_native
+from tpi.quant.quantize import memory_dtype
+from tpi.storage.manifest import HEAD_FILE, ShardError, layer_file, read_manifest, verify_files
+from tpi.storage.tensor_file import SafetensorsFile
+
+
+class RankShard:
+    def __init__(self, rank_dir: Path) -> None:
+        self.dir = Path(rank_dir)
+        self.manifest, self.manifest_sha256 = read_manifest(self.dir)
+
+    @property
+    def config(self):
+        return self.manifest.config
+
+    @property
+    def rank_slice(self):
+        return self.manifest.rank_slice
+
+    def layer_path(self, i: int) -> Path:
+        return self.dir / layer_file(i)
+
+    def _load(self, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        path = self.dir / name
+        try:
+            f = SafetensorsFile(path)
+            tensors = {k: f.read(k) for k in f.keys()}
+        except CheckpointError as e:
+            raise ShardError(f"cannot read shard file {path}: {e}") from None
+        quant = self.manifest.quant
+        out = {}
+        for k, v in tensors.items():
+            if k.endswith(INT4_SUFFIX):
+                v = to_native(v, quant.packing)
+            else:
+                v = v.to(memory_dtype(k, v.dtype, dtype, quant.quantized))
+            out[k] = v
+        return out
+
+    def load_layer(self, i: int, dtype: torch.dtype) -> LayerWeights:
+        return LayerWeights.from_tensors(self._load(layer_file(i), dtype))
+
+    @property
+    def has_head(self) -> bool:
+        return HEAD_FILE in self.manifest.files
+
+    def load_head(self, dtype: torch.dtype) -> HeadWeights:
+        """The embedding/LM head: whole on rank 0, or this rank's vocabulary rows."""
+        if not self.has_head:
+            raise ShardError(f"{self.dir} holds no embedding/LM head (only rank 0 does)")
+        vocab = self.manifest.rank_slice.vocab
+        return head_from_tensors(self._load(HEAD_FILE, dtype), vocab[0] if vocab else 0)
+
+    def verify(self) -> None:
+        verify_files(self.dir, self.manifest)

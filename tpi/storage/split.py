@@ -1,0 +1,244 @@
+"""`tpi split`: cut a Hugging Face checkpoint into one directory per rank.
+
+Streams layer by layer: the full tensors of one layer are read once, sliced for
+every rank, written, and dropped, so peak memory is about two layers, never the
+model. Output goes to a temporary directory renamed at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tpi.dtypes import DTYPES, STORED_NAMES
+from tpi.errors import ModelError
+from tpi.model.config import ModelConfig, load_config
+from tpi.model.partition import Partition, plan_partition
+from tpi.model.weights import EMBED, FINAL_NORM, LM_HEAD, head_tensors, slice_head, slice_layer
+from tpi.quant.int4_rows import GGUF_GROUP
+from tpi.quant.quantize import LINEAR_NAMES, QuantSpec, quantize_embedding, quantize_tensors
+from tpi.storage.atomic import atomic_directory
+from tpi.storage.checkpoint import Checkpoint
+from tpi.storage.manifest import (
+    FORMAT_VERSION,
+    HEAD_FILE,
+    MANIFEST_NAME,
+    SPLIT_FORMAT,
+    SPLIT_INDEX_NAME,
+    Manifest,
+    layer_file,
+    sha256_bytes,
+    sha256_file,
+)
+from tpi.storage.tensor_file import write_safetensors
+from tpi.system.malloc import pin_mmap_threshold, release_freed_memory
+
+MASTER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+)
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Identity of a checkpoint: config plus each weights file's name, size and header."""
+    h = hashlib.sha256()
+    h.update((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, 100_000_000)))
+    return h.hexdigest()
+
+
+def split_model(
+    model_dir: Path,
+    out_dir: Path,
+    shares: list[float],
+    dtype: str = "keep",
+    progress: Callable[[int, int, str], None] | None = None,
+    overwrite: bool = False,
+    quant: QuantSpec | None = None,
+    vocab_parallel: bool = False,
+) -> Path:
+    """Write OUT/rank{r}/ for every rank plus OUT/split.json; returns OUT.
+
+    `quant` stores the matmul weights quantized (see tpi.quant.quantize);
+    `vocab_parallel` gives every rank its vocabulary rows of the embedding and LM
+    head instead of all of them to rank 0."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    cfg = load_config(model_dir)
+    partition = plan_partition(cfg, shares, vocab_parallel)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ModelError(f"output directory {out_dir} is not empty (use --force to replace it)")
+    if dtype != "keep" and dtype not in DTYPES:
+        raise ModelError(f"unknown storage dtype {dtype!r}")
+    quant = quant or QuantSpec()
+    # 4-bit weights kept from a GGUF file pass into an int4 split of their group as is.
+    keep_int4 = quant.mode == "int4" and quant.group_size == GGUF_GROUP
+    pin_mmap_threshold()
+    ckpt = Checkpoint(model_dir)
+    target = DTYPES.get(dtype)
+    source_dtype = ckpt.get("model.norm.weight").dtype
+    storage = target or source_dtype
+    model_id = model_fingerprint(model_dir)
+
+    files: list[dict[str, dict]] = [{} for _ in partition.slices]
+    total = cfg.num_layers + 1
+    try:
+        with atomic_directory(out_dir) as tmp:
+            for r in range(partition.world):
+                (tmp / f"rank{r}").mkdir(parents=True)
+            for i in range(cfg.num_layers):
+                layer_cache: dict[str, torch.Tensor] = {}
+
+                def get(name: str, cache: dict[str, torch.Tensor] = layer_cache) -> torch.Tensor:
+                    # Each full tensor is read once per layer, then sliced for every rank.
+                    if name not in cache:
+                        kept = ckpt.get_int4(name) if keep_int4 else None
+                        cache[name] = kept if kept is not None else ckpt.get(name, storage)
+                    return cache[name]
+
+                for rs in partition.slices:
+                    tensors = quantize_tensors(slice_layer(get, cfg, i, rs), LINEAR_NAMES, quant)
+                    files[rs.rank][layer_file(i)] = write_safetensors(
+                        tmp / f"rank{rs.rank}" / layer_file(i), tensors
+                    )
+                    del tensors
+                layer_cache.clear()
+                release_freed_memory()
+                if progress:
+                    progress(i + 1, total, f"layer {i}")
+            head = head_tensors(lambda n: ckpt.get(n, storage), cfg)
+            for rs in partition.slices:
+                if rs.vocab is None and rs.rank != 0:
+                    continue
+                part = slice_head(head, *rs.vocab) if rs.vocab else head
+                files[rs.rank][HEAD_FILE] = write_safetensors(
+                    tmp / f"rank{rs.rank}" / HEAD_FILE, quantize_head(part, quant)
+                )
+                del part
+            del head
+            for name in MASTER_FILES + ("config.json",):
+                src = model_dir / name
+                if src.is_file():
+                    shutil.copyfile(src, tmp / "rank0" / name)
+                    files[0][name] = {"sha256": sha256_file(src), "bytes": src.stat().st_size}
+            if progress:
+                progress(total, total, "head")
+            index = _write_manifests(
+                tmp, cfg, partition, model_id, STORED_NAMES[storage], files, quant
+            )
+            (tmp / SPLIT_INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
+    finally:
+        ckpt.close()
+    return out_dir
+
+
+def quantize_head(head: dict[str, torch.Tensor], quant: QuantSpec) -> dict[str, torch.Tensor]:
+    """Embedding and LM head in the split's format; tied, they stay one table."""
+    out = {FINAL_NORM: head[FINAL_NORM], **quantize_embedding(EMBED, head[EMBED], quant)}
+    if LM_HEAD in head:
+        out.update(quantize_embedding(LM_HEAD, head[LM_HEAD], quant))
+    return out
+
+
+def _write_manifests(
+    tmp: Path,
+    cfg: ModelConfig,
+    partition: Partition,
+    model_id: str,
+    dtype: str,
+    files: list[dict],
+    quant: QuantSpec,
+) -> dict:
+    ranks = []
+    for r in range(partition.world):
+        m = Manifest(
+            model_id=model_id,
+            config=cfg,
+            partition=partition,
+            rank=r,
+            dtype=dtype,
+            files=files[r],
+            quant=quant,
+        )
+        raw = m.to_bytes()
+        (tmp / f"rank{r}" / MANIFEST_NAME).write_bytes(raw)
+        ranks.append({"rank": r, "dir": f"rank{r}", "manifest_sha256": sha256_bytes(raw)})
+    return {
+        "format": SPLIT_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_id": model_id,
+        "world": partition.world,
+        "shares": list(partition.shares),
+        "dtype": dtype,
+        "quant": quant.to_dict(),
+        "vocab_parallel": partition.vocab_parallel,
+        "ranks": ranks,
+    }
+
+
+def read_split_index(split_dir: Path) -> dict:
+    path = Path(split_dir) / SPLIT_INDEX_NAME
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {path}: {e}") from None
+    if d.get("format") != SPLIT_FORMAT or d.get("format_version") != FORMAT_VERSION:
+        raise ModelError(f"{path} is not a split index this tpi can read; re-run 'tpi split'")
+    return d
+
+
+def is_split_dir(path: Path) -> bool:
+    return (Path(path) / SPLIT_INDEX_NAME).is_file()
+
+
+def ensure_split(
+    model_dir: Path,
+    shares: list[float],
+    echo: Callable[[str], None],
+    progress: Callable[[int, int, str], None] | None = None,
+    quant: QuantSpec | None = None,
+    vocab_parallel: bool = False,
+) -> Path:
+    """A split of `model_dir` for these shares in $TPI_HOME/splits, made once."""
+    from tpi.paths import tpi_home
+    from tpi.storage.file_lock import file_lock
+
+    quant = quant or QuantSpec()
+    tag = "-".join(f"{s:g}" for s in shares)
+    if quant.quantized:
+        tag += f"-{quant.mode}" + (
+            f"g{quant.group_size}-{quant.int4_layout}" if quant.mode == "int4" else ""
+        )
+    if vocab_parallel:
+        tag += "-vp"
+    root = tpi_home() / "splits"
+    target = root / f"{model_fingerprint(Path(model_dir))[:16]}-w{len(shares)}-{tag}"
+    if is_split_dir(target):
+        return target
+    with file_lock(root / ".lock"):
+        if not is_split_dir(target):
+            echo(
+                f"splitting {model_dir} for {len(shares)} ranks (shares {tag}) into {target} (once)..."
+            )
+            split_model(
+                Path(model_dir),
+                target,
+                shares,
+                progress=progress,
+                overwrite=True,
+                quant=quant,
+                vocab_parallel=vocab_parallel,
+            )
+    return target

@@ -1,0 +1,1 @@
+"""Facts about this process and machine: memory held, allocator behaviour."""

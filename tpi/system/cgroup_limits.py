@@ -1,0 +1,86 @@
+"""Linux control groups: where this process's groups are, and its memory limit.
+
+Both cgroup v1 (one hierarchy per controller, limits inherited from every
+ancestor) and v2 (unified) are handled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+UNLIMITED = 1 << 60
+
+
+def own_paths() -> dict[str, str]:
+    """controller -> cgroup path of this process ("" key: the v2 unified path)."""
+    out: dict[str, str] = {}
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            out[""] = path
+        for c in controllers.split(","):
+            if c:
+                out[c] = path
+    return out
+
+
+def v1_dir(controller: str) -> Path | None:
+    for name in (controller, f"{controller},cpuacct", f"cpuacct,{controller}"):
+        d = ROOT / name
+        if (d / "cgroup.procs").exists():
+            return d
+    return None
+
+
+def v2_dir() -> Path | None:
+    for d in (ROOT, ROOT / "unified"):
+        if (d / "cgroup.controllers").exists():
+            return d
+    return None
+
+
+def read_int(path: Path) -> int | None:
+    try:
+        raw = path.read_text().strip()
+    except OSError:
+        return None
+    if raw == "max":
+        return UNLIMITED
+    try:
+        return int(raw)
+    except ValueError:
+        return None
+
+
+def memory_limit() -> int | None:
+    """The tightest memory limit on this process's cgroup and its ancestors."""
+    own = own_paths()
+    limits = []
+    v1 = v1_dir("memory")
+    if v1 is not None and "memory" in own:
+        d = v1 / own["memory"].lstrip("/")
+        while True:
+            v = read_int(d / "memory.limit_in_bytes")
+            if v is not None:
+                limits.append(v)
+            if d == v1 or v1 not in d.parents:
+                break
+            d = d.parent
+    v2 = v2_dir()
+    if v2 is not None and "" in own:
+        d = v2 / own[""].lstrip("/")
+        while d != v2 and v2 in d.parents:
+            v = read_int(d / "memory.max")
+            if v is not None:
+                limits.append(v)
+            d = d.parent
+    real = [v for v in limits if v < UNLIMITED]
+    return min(real) if real else None

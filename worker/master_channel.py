@@ -1,0 +1,142 @@
+"""A worker's connection to the one master it serves in a session.
+
+Everything the worker receives passes here first: strangers are answered
+"busy", the master's PINGs are answered at once (they measure the round trip),
+frames of earlier sessions are dropped, END and a vanished master end the
+session. What remains is handed out by kind: the star allreduce takes only
+SUMs (`wait_sum`), the session loop takes everything else (`next`); a request
+that arrives while an allreduce waits (e.g. STATS_REQUEST) is kept for the loop
+and served between steps, never in the middle of one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from tpi.comm.links import Inbound, WorkerEndpoint
+from tpi.comm.reducer import pass_order
+from tpi.comm.wire import DataHeader, Kind, Message, ProtocolError, decode, encode_control
+
+MID_STEP_TIMEOUT_S = 300.0  # backstop only: disconnects are noticed within seconds
+POLL_S = 0.5
+
+
+class SessionEnded(Exception):
+    """The master ended the session, vanished, or broke the protocol."""
+
+    def __init__(self, why: str, handover: Inbound | None = None) -> None:
+        super().__init__(why)
+        self.handover = handover  # a new master's HELLO that arrived as this one vanished
+
+
+def peer_address(inb: Inbound) -> str:
+    try:
+        return inb.frames[0].get("Peer-Address")
+    except Exception:
+        return "?"
+
+
+class MasterChannel:
+    def __init__(self, endpoint: WorkerEndpoint, hello: Inbound, session: int, rank: int) -> None:
+        self.endpoint = endpoint
+        self.peer = hello.peer
+        self.fd = hello.fd
+        self.addr = peer_address(hello)
+        self.session = session
+        self.rank = rank
+        self._kept: deque[Message] = deque()
+
+    # --- sending ---------------------------------------------------------------------
+
+    def send(self, frames: list) -> None:
+        if not self.endpoint.send(self.peer, frames):
+            raise SessionEnded("master disconnected")
+
+    def control(self, kind: Kind, **body) -> None:
+        self.send([encode_control(kind, {"session": self.session, **body})])
+
+    # --- receiving -------------------------------------------------------------------
+
+    def next(self, timeout_s: float | None) -> Message:
+        """The next message for the session loop (kept ones first)."""
+        if self._kept:
+            return self._kept.popleft()
+        return self._receive(timeout_s)
+
+    def wait_sum(self, expected: DataHeader) -> Message:
+        """The SUM for exactly this step/layer/phase/pos (the star allreduce's channel)."""
+        want = (expected.step, expected.layer, expected.phase, expected.pos)
+        while True:
+            msg = self._receive(MID_STEP_TIMEOUT_S)
+            if msg.kind == Kind.STATS_REQUEST:
+                self._kept.append(msg)  # answered between steps
+                continue
+            if msg.kind != Kind.SUM:
+                raise SessionEnded(f"expected SUM, got {msg.kind.name}")
+            got = (msg.data.step, msg.data.layer, msg.data.phase, msg.data.pos)
+            if pass_order(got) < pass_order(want):
+                continue  # stale
+            if got != want or msg.data.shape != expected.shape:
+                raise SessionEnded(
+                    f"SUM for {got} {msg.data.shape}, expected {want} {expected.shape}"
+                )
+            return msg
+
+    def _receive(self, timeout_s: float | None) -> Message:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            if self._master_gone():
+                raise SessionEnded("master disconnected")
+            if deadline is not None and time.monotonic() > deadline:
+                raise SessionEnded(f"master silent for {timeout_s:g} s")
+            inb = self.endpoint.recv(POLL_S)
+            if inb is None:
+                continue
+            if inb.peer != self.peer:
+                self._refuse_stranger(inb)
+                continue
+            self.fd = inb.fd
+            try:
+                msg = decode(inb.frames)
+            except ProtocolError as e:
+                raise SessionEnded(f"protocol error from master: {e}") from None
+            body = msg.body
+            sid = body.session if isinstance(body, DataHeader) else body.get("session")
+            if sid != self.session:
+                continue  # a late frame of an earlier session
+            if msg.kind == Kind.END:
+                raise SessionEnded(f"master ended the session ({body['reason']})")
+            if msg.kind == Kind.PING:  # the master measuring the round trip
+                self.control(Kind.PONG)
+                continue
+            if msg.kind == Kind.PONG:
+                continue
+            return msg
+
+    # --- is the master still there? --------------------------------------------------
+
+    def _probe(self) -> bool:
+        """True if our master is still connected (ROUTER_MANDATORY fails a send to a gone peer)."""
+        return self.endpoint.send(self.peer, [encode_control(Kind.PING, {"session": self.session})])
+
+    def _master_gone(self) -> bool:
+        if self.fd not in self.endpoint.closed_fds:
+            return False
+        # A disconnect was reported on our master's fd; the event may be stale
+        # (fds are reused), so confirm with a probe.
+        self.endpoint.closed_fds.discard(self.fd)
+        return not self._probe()
+
+    def _refuse_stranger(self, inb: Inbound) -> None:
+        try:
+            msg = decode(inb.frames)
+        except ProtocolError as e:
+            self.endpoint.send(inb.peer, [encode_control(Kind.REFUSE, {"reason": str(e)})])
+            return
+        if msg.kind == Kind.HELLO:
+            if not self._probe():
+                # Our master is gone (its disconnect not yet reported): serve the newcomer.
+                raise SessionEnded("master disconnected", handover=inb)
+            reason = f"busy: serving another master ({self.addr}) as rank {self.rank}"
+            self.endpoint.send(inb.peer, [encode_control(Kind.REFUSE, {"reason": reason})])

@@ -1,0 +1,88 @@
+"""LOAD: verify the shard, then build this rank's runtime as the master asks,
+within this device's own limits (which win)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tpi.comm.star_worker import StarWorker
+from tpi.comm.wire import Message, ProtocolError
+from tpi.dtypes import COMPUTE_DTYPES, DTYPES
+from tpi.runtime.rank_runtime import RankRuntime, build_rank
+from tpi.runtime.vocab_parallel import HeadService
+from tpi.storage.manifest import ShardError
+from tpi.storage.shard_reader import RankShard
+from tpi.worker.handshake import Hello
+from tpi.worker.master_channel import MasterChannel
+from tpi.worker.options import WorkerOptions
+from tpi.worker.store import ShardStore
+
+log = logging.getLogger("tpi.worker")
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    dtype: torch.dtype
+    wire_dtype: torch.dtype
+    window: int | None
+    max_context: int | None
+
+    @classmethod
+    def from_message(cls, msg: Message) -> LoadRequest:
+        b = msg.body
+        dtype, wire = COMPUTE_DTYPES.get(b["dtype"]), DTYPES.get(b["wire_dtype"])
+        if dtype is None or wire is None:
+            raise ProtocolError("LOAD names an unknown dtype")
+        window, context = b.get("window"), b.get("max_context")
+        for name, v in (("window", window), ("max_context", context)):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ProtocolError(f"LOAD {name} must be a positive integer")
+        return cls(dtype, wire, window, context)
+
+
+@dataclass
+class LoadedRank:
+    runtime: RankRuntime
+    collective: StarWorker
+    head: HeadService | None  # vocabulary-parallel splits only
+    load_seconds: float
+
+
+def load_rank(
+    channel: MasterChannel,
+    hello: Hello,
+    request: LoadRequest,
+    shard_dir: Path,
+    store: ShardStore,
+    options: WorkerOptions,
+) -> LoadedRank:
+    t0 = time.perf_counter()
+    store.verify(shard_dir, hello.manifest_hash)  # sha256, once per unchanged shard
+    shard = RankShard(shard_dir)
+    m = shard.manifest
+    if m.rank != hello.rank or m.world != hello.world:
+        raise ShardError(
+            f"shard is rank {m.rank}/{m.world}, master asked for {hello.rank}/{hello.world}"
+        )
+    collective = StarWorker(channel, hello.session, request.wire_dtype)
+    head = None
+    if shard.has_head:  # a vocabulary-parallel split: this rank's rows of the head
+        head = HeadService(shard.config, shard.load_head(request.dtype), collective)
+    runtime = build_rank(
+        shard,
+        request.dtype,
+        collective,
+        window=options.window or request.window,
+        budget_bytes=options.budget_bytes,
+        max_context=options.max_context or request.max_context,
+        head_bytes=head.head.nbytes() if head else 0,
+        echo=log.info,
+    )
+    load_s = time.perf_counter() - t0
+    log.info("loaded rank %d/%d in %.2f s", hello.rank, hello.world, load_s)
+    return LoadedRank(runtime, collective, head, load_s)
