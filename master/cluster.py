@@ -289,6 +289,11 @@ class ClusterSession:
             return first
         return self._expect({Kind.WELCOME}, CONNECT_TIMEOUT_S, set(first), "after authentication")
 
+    def check_links(self) -> None:
+        """Between generations: file whatever arrived and raise LinkLost for a link
+        that dropped (a worker that died or was frozen while nothing ran)."""
+        self.inbox.receive(0.0, where="between requests")
+
     def measure_rtt(self, pings: int = 5) -> float:
         """Median round trip to the slowest worker (control message, no payload)."""
         times = []

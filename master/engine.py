@@ -42,10 +42,19 @@ class Engine:
         self.steps = 0
         # Cuts long prefills into chunks whose allreduces overlap compute (clusters).
         self.planner: PrefillPlanner | None = None
+        self.context_cap: int | None = None
+        # Tokens per forward pass on a cluster (None: any): see _pieces.
+        self.max_pass_tokens: int | None = None
 
     @property
     def max_positions(self) -> int:
-        return self.decoder.max_positions
+        """Context limit: this rank's, or the smallest of any rank's (see cap_context)."""
+        cap = self.context_cap or self.decoder.max_positions
+        return min(self.decoder.max_positions, cap)
+
+    def cap_context(self, positions: int) -> None:
+        """Another rank holds a smaller KV cache: never ask it for more."""
+        self.context_cap = min(self.context_cap or positions, positions)
 
     def _run(self, ids: Sequence[int], pos: int, want: dict) -> torch.Tensor:
         """Final hidden states of tokens at positions [pos, pos+len)."""
@@ -82,17 +91,35 @@ class Engine:
             total += getattr(stats, "seconds", 0.0) + getattr(stats, "blocked_seconds", 0.0)
         return total
 
+    def _pieces(self, ids: Sequence[int], pos: int) -> list[tuple[Sequence[int], int]]:
+        """A pass longer than max_pass_tokens runs as consecutive passes (each
+        attends to the cache the previous ones wrote): no frame on the wire is
+        larger than tpi.comm.wire.MAX_FRAME_BYTES."""
+        n = self.max_pass_tokens or len(ids)
+        return [(ids[i : i + n], pos + i) for i in range(0, len(ids), n)]
+
     def forward(self, ids: Sequence[int], pos: int, all_logits: bool = False) -> torch.Tensor:
         """Run tokens at positions [pos, pos+len); float32 logits of the last (or all) rows."""
-        h = self._run(ids, pos, {"mode": "logits", "rows": "all" if all_logits else "last"})
+        *early, (last, last_pos) = self._pieces(ids, pos)
         if all_logits:
-            return self.vocab.logits(h)
+            outs = []
+            for piece, p in [*early, (last, last_pos)]:
+                outs.append(
+                    self.vocab.logits(self._run(piece, p, {"mode": "logits", "rows": "all"}))
+                )
+            return torch.cat(outs)
+        for piece, p in early:
+            self._run(piece, p, {"mode": "none"})
+        h = self._run(last, last_pos, {"mode": "logits", "rows": "last"})
         return self.vocab.logits(h[-1:])[0]
 
     def forward_token(self, ids: Sequence[int], pos: int, sampler: Sampler) -> int:
         """Run tokens at positions [pos, pos+len) and choose the next token."""
+        *early, (last, last_pos) = self._pieces(ids, pos)
+        for piece, p in early:
+            self._run(piece, p, {"mode": "none"})
         req = sampler.request()
-        h = self._run(ids, pos, {"mode": "choose", **req.to_dict()})
+        h = self._run(last, last_pos, {"mode": "choose", **req.to_dict()})
         return self.vocab.choose(h[-1:], req)
 
     def _reuse(self, prompt: Sequence[int]) -> int:

@@ -14,6 +14,7 @@ import torch
 from tpi.comm.auth import require_secret
 from tpi.comm.curve import CurveKeys
 from tpi.comm.links import ClusterError
+from tpi.comm.wire import MAX_FRAME_BYTES
 from tpi.dtypes import COMPUTE_DTYPES
 from tpi.errors import ModelError
 from tpi.master.cluster import ClusterSession
@@ -209,6 +210,10 @@ def open_model(
         cluster.start()
     try:
         engine, runtime = load_rank0(rank0, torch_dtype, cluster, memory, echo)
+        engine.max_pass_tokens = max(1, MAX_FRAME_BYTES // (4 * engine.cfg.hidden_size))
+        for info in cluster.worker_info.values():
+            if isinstance(info.get("max_context"), int) and info["max_context"] > 0:
+                engine.cap_context(info["max_context"])
         engine.planner = plan_prefill(cluster, engine, prefill_chunks)
     except BaseException:
         cluster.close("master failed to load")

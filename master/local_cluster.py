@@ -17,6 +17,7 @@ from tpi.comm.links import ClusterError, display_address
 from tpi.emulation.cgroups import Cgroup, CgroupFactory
 from tpi.emulation.link_shaper import LinkSpec, parse_duration, parse_rate, start_process
 from tpi.errors import TpiError
+from tpi.system.lifeline import lifeline
 
 START_TIMEOUT_S = 60.0
 
@@ -60,6 +61,13 @@ class LocalCluster:
     notes: list[str] = field(default_factory=list)  # what is (and is not) emulated
     shaper: subprocess.Popen | None = None
     _cgroups: CgroupFactory | None = None
+    _lifelines: list[int] = field(default_factory=list)  # write ends: closed when we exit
+
+    def _lifeline(self) -> int:
+        """A new lifeline: returns the read end to pass to a child (closed here after)."""
+        read_end, write_end = lifeline()
+        self._lifelines.append(write_end)
+        return read_end
 
     def _spawn(self, i: int, listen: str = "tcp://127.0.0.1:0") -> LocalWorker:
         wdir = self.base_dir / f"worker{i}"
@@ -77,6 +85,8 @@ class LocalCluster:
             str(wdir / "store"),
             "--port-file",
             str(port_file),
+            "--parent-fd",
+            str(parent_fd := self._lifeline()),
             *self.extra_args,
         ]
         env = dict(os.environ)
@@ -90,14 +100,18 @@ class LocalCluster:
         # Own process group: Ctrl-C in the terminal reaches only the master,
         # which then stops the workers itself.
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=log,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env=env,
-            )
+            try:
+                proc = subprocess.Popen(
+                    cmd,
+                    stdout=log,
+                    stderr=log,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    env=env,
+                    pass_fds=(parent_fd,),
+                )
+            finally:
+                os.close(parent_fd)
         w = LocalWorker(i, proc, port_file, log_path)
         if self._cgroups is not None:
             # Python takes ~0.1 s to start; the worker allocates nothing big before that.
@@ -133,6 +147,7 @@ class LocalCluster:
                     self.base_dir / "shaper.json",
                     log,
                     START_TIMEOUT_S,
+                    parent_fd=self._lifeline(),
                 )
             except TpiError as e:
                 raise ClusterError(f"{e} (see shaper.log)") from None
@@ -213,3 +228,7 @@ class LocalCluster:
                 w.cgroup.remove()
         self.workers.clear()
         self.shaper = None
+        for fd in self._lifelines:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._lifelines.clear()

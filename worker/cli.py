@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import click
 
 from tpi import cli_options as opt
+
+PARENT_GONE_EXIT_S = 5.0
 
 
 @click.command()
@@ -65,6 +68,13 @@ from tpi import cli_options as opt
 )
 @opt.insecure("Accept any master without a shared secret (only on a network you trust).")
 @opt.curve("Encrypt and authenticate all traffic with CurveZMQ, using keys from 'tpi keygen DIR'.")
+@click.option(
+    "--parent-fd",
+    type=int,
+    default=None,
+    hidden=True,
+    help="Stop when this pipe closes (tpi cluster: workers die with their master).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="Log only warnings and errors.")
 def worker(
     listen,
@@ -79,6 +89,7 @@ def worker(
     secret_file,
     insecure,
     curve_dir,
+    parent_fd,
     quiet,
 ):
     """Run the worker daemon: wait for a master, serve its session, wait again.
@@ -94,8 +105,10 @@ def worker(
     from tpi.paths import tpi_home
     from tpi.runtime.memory_budget import parse_size
     from tpi.storage.atomic import atomic_write_text
+    from tpi.system.lifeline import watch_parent
     from tpi.worker.daemon import WorkerDaemon
     from tpi.worker.options import WorkerOptions
+    from tpi.worker.watchdog import Watchdog
 
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
@@ -125,7 +138,17 @@ def worker(
         atomic_write_text(port_file, daemon.address + "\n")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if parent_fd is not None:
+
+        def parent_gone() -> None:
+            logging.getLogger("tpi.worker").warning("the process that started me is gone: stopping")
+            stop.set()
+            # A session in progress ends when its master's link drops; never linger.
+            threading.Timer(PARENT_GONE_EXIT_S, os._exit, (0,)).start()
+
+        watch_parent(parent_fd, parent_gone)
     try:
-        daemon.serve(stop, max_sessions)
+        with Watchdog():
+            daemon.serve(stop, max_sessions)
     except KeyboardInterrupt:
         click.echo("worker stopped", err=True)

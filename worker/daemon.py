@@ -11,12 +11,16 @@ import zmq
 from tpi.comm.curve import CurveKeys
 from tpi.comm.links import WorkerEndpoint, display_address
 from tpi.comm.wire import DATA_KINDS, PROTOCOL_VERSION, Kind, ProtocolError, decode, encode_control
+from tpi.worker.admission import Admission
 from tpi.worker.master_channel import peer_address
 from tpi.worker.options import WorkerOptions
 from tpi.worker.session import Session
 from tpi.worker.store import ShardStore
+from tpi.worker.watchdog import beat
 
 log = logging.getLogger("tpi.worker")
+
+IDLE_POLL_S = 0.5
 
 
 class WorkerDaemon:
@@ -32,6 +36,7 @@ class WorkerDaemon:
         self.ctx = zmq.Context()
         self.store = ShardStore(store)
         self.endpoint = WorkerEndpoint(self.ctx, listen, curve.secure_server if curve else None)
+        self.admission = Admission(self.endpoint, self.options.secret)
         self.sessions_served = 0
         self.pending = None  # a HELLO handed over by a session whose master vanished
 
@@ -46,29 +51,37 @@ class WorkerDaemon:
             while not stop.is_set():
                 if max_sessions is not None and self.sessions_served >= max_sessions:
                     return
-                inb = self.pending or self.endpoint.recv(0.5)
+                inb = self.pending or self.endpoint.recv(IDLE_POLL_S)
+                beat()
                 self.pending = None
                 if inb is None:
+                    self.admission.expire()
                     continue
-                try:
-                    msg = decode(inb.frames)
-                except ProtocolError as e:
-                    self.endpoint.send(inb.peer, [encode_control(Kind.REFUSE, {"reason": str(e)})])
-                    continue
-                if msg.kind == Kind.HELLO and msg.version != PROTOCOL_VERSION:
-                    reason = f"protocol version {msg.version}, this worker speaks {PROTOCOL_VERSION} (upgrade one side)"
-                    self.endpoint.send(inb.peer, [encode_control(Kind.REFUSE, {"reason": reason})])
-                    continue
-                if msg.kind != Kind.HELLO:
-                    if msg.kind not in DATA_KINDS and msg.kind != Kind.END:
-                        reason = f"no session: send HELLO first (got {msg.kind.name})"
-                        self.endpoint.send(
-                            inb.peer, [encode_control(Kind.REFUSE, {"reason": reason})]
-                        )
-                    continue  # late frames of a finished session are dropped quietly
-                self._serve_one(inb, msg.body)
+                start = self._idle_message(inb)
+                if start is not None:
+                    self._serve_one(*start)
         finally:
             self.close()
+
+    def _idle_message(self, inb) -> tuple | None:
+        """Handle one message while no session runs; returns a session to start."""
+        try:
+            msg = decode(inb.frames)
+        except ProtocolError as e:
+            self.endpoint.send(inb.peer, [encode_control(Kind.REFUSE, {"reason": str(e)})])
+            return None
+        if msg.kind == Kind.HELLO and msg.version != PROTOCOL_VERSION:
+            reason = f"protocol version {msg.version}, this worker speaks {PROTOCOL_VERSION} (upgrade one side)"
+            self.endpoint.send(inb.peer, [encode_control(Kind.REFUSE, {"reason": reason})])
+            return None
+        if msg.kind == Kind.HELLO:
+            return self.admission.hello(inb, msg)
+        if msg.kind == Kind.AUTH:
+            return self.admission.auth(inb, msg)
+        if msg.kind not in DATA_KINDS and msg.kind != Kind.END:
+            reason = f"no session: send HELLO first (got {msg.kind.name})"
+            self.endpoint.send(inb.peer, [encode_control(Kind.REFUSE, {"reason": reason})])
+        return None  # late frames of a finished session are dropped quietly
 
     def _serve_one(self, inb, body: dict) -> None:
         session = Session(self.endpoint, self.store, inb, body, self.options)

@@ -17,6 +17,7 @@ from collections import deque
 from tpi.comm.links import Inbound, WorkerEndpoint
 from tpi.comm.reducer import pass_order
 from tpi.comm.wire import DataHeader, Kind, Message, ProtocolError, decode, encode_control
+from tpi.worker.watchdog import beat
 
 MID_STEP_TIMEOUT_S = 300.0  # backstop only: disconnects are noticed within seconds
 POLL_S = 0.5
@@ -91,6 +92,7 @@ class MasterChannel:
             if deadline is not None and time.monotonic() > deadline:
                 raise SessionEnded(f"master silent for {timeout_s:g} s")
             inb = self.endpoint.recv(POLL_S)
+            beat()
             if inb is None:
                 continue
             if inb.peer != self.peer:

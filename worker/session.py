@@ -12,6 +12,7 @@ from tpi.comm.wire import Kind, Message, ProtocolError, encode_control, payload_
 from tpi.errors import TpiError
 from tpi.quant.formats import weight_nbytes
 from tpi.runtime.node_stats import node_stats
+from tpi.storage.read_check import CorruptShard
 from tpi.worker.handshake import Hello, Refused, admit
 from tpi.worker.master_channel import MasterChannel, SessionEnded
 from tpi.worker.options import WorkerOptions
@@ -44,6 +45,7 @@ class Session:
     def run(self) -> str:
         """Serve until the session ends; returns why it ended."""
         channel = self.channel
+        shard_dir = None
         try:
             shard_dir = admit(channel, self.hello, self.options, self.store)
             msg = channel.next(None)
@@ -62,6 +64,7 @@ class Session:
                 Kind.READY,
                 load_seconds=self.loaded.load_seconds,
                 resident_bytes=self.loaded.runtime.layers.resident_bytes,
+                max_context=self.loaded.runtime.decoder.max_positions,
                 plan=plan.to_dict(),
                 plan_text=plan.describe(),
             )
@@ -74,16 +77,26 @@ class Session:
             body = {"session": self.hello.session, "reason": str(e)}
             channel.endpoint.send(channel.peer, [encode_control(Kind.REFUSE, body)])
             return f"refused: {e}"
-        except (TpiError, RuntimeError, MemoryError, OSError) as e:
-            # Tell the master what broke here, then go back to waiting.
-            with contextlib.suppress(SessionEnded):
-                channel.control(Kind.ERROR, message=f"{type(e).__name__}: {e}")
-            return f"error: {e}"
+        except CorruptShard as e:
+            why = str(e)
+            if shard_dir is not None and self.store.discard_pushed(shard_dir):
+                why += "; it was removed and will be pushed again next session"
+            return self._report(f"CorruptShard: {why}")
+        except Exception as e:  # whatever broke, the master hears why (never a silent wait)
+            if not isinstance(e, TpiError | RuntimeError | MemoryError | OSError):
+                log.exception("session failed")
+            return self._report(f"{type(e).__name__}: {e}")
         finally:
             # Free weights, KV cache and the loader thread before the next master.
             if self.loaded is not None:
                 self.loaded.runtime.close()
             self.loaded = None
+
+    def _report(self, message: str) -> str:
+        """Tell the master what broke here; the daemon then goes back to waiting."""
+        with contextlib.suppress(SessionEnded):
+            self.channel.control(Kind.ERROR, message=message)
+        return f"error: {message}"
 
     def _serve(self, msg: Message) -> None:
         loaded = self.loaded

@@ -84,6 +84,14 @@ class ShardStore:
                 ) from None
             raise
 
+    def discard_pushed(self, shard_dir: Path) -> bool:
+        """Remove a pushed shard found corrupt, so the next session pushes it again
+        (a rank directory the user copied in is left for the user to replace)."""
+        if Path(shard_dir).parent != self.root / "shards":
+            return False
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        return True
+
     def _incoming(self, manifest_hash: str) -> Path:
         if not _valid_hash(manifest_hash):
             raise ShardError("invalid shard name")

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import secrets
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
-from tpi.comm.links import ClusterError
 from tpi.master.sampling import SamplingParams
+from tpi.master.serve.api_key import ApiKeyCheck
 from tpi.master.serve.endpoints import ServerState, router
 from tpi.master.serve.errors import install_handlers
 from tpi.master.serve.jobs import GenerationQueue
+from tpi.master.serve.limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
 from tpi.master.serve.model_holder import ModelHolder
-from tpi.master.serve.protocol import error_body
-
-OPEN_PATHS = ("/health", "/", "/favicon.ico")  # no API key needed
 
 
 def create_app(
@@ -26,16 +21,11 @@ def create_app(
     defaults: SamplingParams,
     api_key: str | None = None,
     capacity: int = 8,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
     """`holder` holds the LoadedModel (and reconnects it after a failure);
     `defaults` is the command line's sampling; `capacity` bounds running + waiting."""
-    loaded = holder.loaded
-
-    def on_error(e: BaseException) -> None:
-        if isinstance(e, ClusterError):
-            holder.failed(e)
-
-    gen = GenerationQueue(loaded.engine, loaded.tokenizer, capacity, on_error)
+    gen = GenerationQueue(holder, capacity)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -47,28 +37,8 @@ def create_app(
     app.state.generation = gen
     install_handlers(app)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path not in OPEN_PATHS:
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(given.encode(), api_key.encode()):
-                return JSONResponse(
-                    error_body(
-                        "invalid or missing API key", "authentication_error", "invalid_api_key"
-                    ),
-                    status_code=401,
-                )
-        return await call_next(request)
-
     app.include_router(router)
+    if api_key:
+        app.add_middleware(ApiKeyCheck, api_key=api_key)
+    app.add_middleware(BodyLimit, limit=max_request_bytes)  # outermost: before anything reads
     return app
-
-
-def api_key_from(value: str | None) -> str | None:
-    """--api-key, or $TPI_API_KEY; a value starting with @ names a file holding it."""
-    key = value or os.environ.get("TPI_API_KEY")
-    if key and key.startswith("@"):
-        with open(key[1:]) as f:
-            key = f.read().strip()
-    return key or None

@@ -39,11 +39,18 @@ from tpi.master.cli_options import (
     help="Requests that may wait for the model; more get HTTP 429.",
 )
 @click.option(
+    "--max-request-size",
+    default="2MB",
+    show_default=True,
+    metavar="SIZE",
+    help="Largest request body accepted (413 above it, before it is read whole).",
+)
+@click.option(
     "--model-name",
     default=None,
     help="Model id reported by /v1/models (default: the directory name).",
 )
-def serve(host, port, api_key, queue_size, model_name, **opts):
+def serve(host, port, api_key, queue_size, max_request_size, model_name, **opts):
     """Serve the model over HTTP: OpenAI API (/v1/chat/completions, /v1/completions,
     /v1/models), /health, and a chat page at /.
 
@@ -53,9 +60,15 @@ def serve(host, port, api_key, queue_size, model_name, **opts):
     """
     import uvicorn
 
-    from tpi.master.serve.app import api_key_from, create_app
+    from tpi.master.serve.api_key import api_key_from
+    from tpi.master.serve.app import create_app
+    from tpi.master.serve.listen import bind_listener
     from tpi.master.serve.model_holder import ModelHolder
+    from tpi.runtime.memory_budget import parse_size
 
+    max_request_size = parse_size(max_request_size)  # a bad size fails before binding
+    listener = bind_listener(host, port)  # before loading: a busy port fails at once
+    port = listener.getsockname()[1]
     loaded = open_from_options(opts)
     defaults = sampling_from_options(loaded, opts)
     name = model_name or loaded.model_dir.name
@@ -64,11 +77,19 @@ def serve(host, port, api_key, queue_size, model_name, **opts):
     ctx = click.get_current_context()
 
     def reopen():
-        # Runs in a worker thread: click's current context is thread-local.
+        # Runs in the generation thread: click's current context is thread-local.
         with ctx.scope(cleanup=False):
             return open_from_options(opts)
 
     reopen = reopen if loaded.cluster is not None else None
-    app = create_app(ModelHolder(loaded, reopen), name, defaults, api_key_from(api_key), queue_size)
+    app = create_app(
+        ModelHolder(loaded, reopen),
+        name,
+        defaults,
+        api_key_from(api_key),
+        queue_size,
+        max_request_size,
+    )
     click.echo(f"serving {name} on http://{host}:{port} (chat page at /, API at /v1)", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3)
+    uvicorn.Server(config).run(sockets=[listener])

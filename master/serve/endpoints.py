@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from tpi.errors import TpiError
 from tpi.master.sampling import SamplingParams
 from tpi.master.serve.errors import ApiError, cluster_down
 from tpi.master.serve.jobs import GenerationQueue, Job, QueueFull
-from tpi.master.serve.model_holder import ModelDown, ModelHolder
+from tpi.master.serve.limits import check_prompt_chars
+from tpi.master.serve.model_holder import ModelHolder
 from tpi.master.serve.protocol import ChatRequest, CompletionRequest, SamplingFields, now
 from tpi.master.serve.responses import CHAT, TEXT, Answer, Endpoint
 from tpi.text.prompts import conversation_ids
@@ -67,13 +68,8 @@ def _check_fits(state: ServerState, ids: list[int]) -> None:
 
 
 async def _submit(state: ServerState, ids: list[int], req: SamplingFields) -> Job:
-    holder = state.holder
-    if holder.error is not None:
-        try:  # a worker failed earlier: reconnect (off the event loop; rate-limited)
-            current = await asyncio.to_thread(holder.ensure)
-        except ModelDown as e:
-            raise cluster_down(e) from None
-        state.generation.engine = current.engine
+    if state.holder.error is not None and not state.holder.may_retry():
+        raise cluster_down(state.holder.error)
     try:
         stops = req.stops()
     except ValueError as e:
@@ -95,29 +91,48 @@ async def _respond(ids: list[int], req: SamplingFields, request: Request, endpoi
     answer = Answer(await _submit(state, ids, req), endpoint, state.model_name)
     if req.stream:
         include = bool(req.stream_options and req.stream_options.include_usage)
-        return answer.stream(request, include)
-    return await answer.whole()
+        response = await answer.stream(request, include)
+    else:
+        response = await answer.whole(request)
+    return response if response is not None else Response(status_code=499)  # client gone
+
+
+async def _tokenize(state: ServerState, chars: int, encode, param: str) -> list[int]:
+    """Token ids, computed off the event loop, after a length check that needs none."""
+    tok = state.tokenizer
+    check_prompt_chars(chars, state.holder.loaded.engine.max_positions, tok.max_token_chars)
+    try:
+        return await asyncio.to_thread(encode)
+    except UnicodeEncodeError:
+        raise ApiError(
+            400, "the text is not valid Unicode (a lone surrogate?)", param=param
+        ) from None
+    except TpiError as e:
+        raise ApiError(400, str(e), param=param) from None
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatRequest, request: Request):
+    state = _state(request)
     messages = [
         {"role": m.role if m.role != "developer" else "system", "content": m.content}
         for m in req.messages
     ]
-    try:
-        ids = conversation_ids(_state(request).tokenizer, messages)
-    except TpiError as e:
-        raise ApiError(400, str(e), param="messages") from None
+    chars = sum(len(m["content"]) for m in messages)
+    ids = await _tokenize(
+        state, chars, lambda: conversation_ids(state.tokenizer, messages), "messages"
+    )
     return await _respond(ids, req, request, CHAT)
 
 
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
+    state = _state(request)
     if isinstance(req.prompt, list) and len(req.prompt) != 1:
         raise ApiError(400, "prompt lists must hold exactly one prompt", param="prompt")
     prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-    return await _respond(_state(request).tokenizer.encode(prompt), req, request, TEXT)
+    ids = await _tokenize(state, len(prompt), lambda: state.tokenizer.encode(prompt), "prompt")
+    return await _respond(ids, req, request, TEXT)
 
 
 @router.get("/v1/models")

@@ -3,6 +3,8 @@ full 429, cluster down 503, anything else 500 (never a traceback)."""
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -10,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tpi.comm.links import ClusterError
 from tpi.errors import PromptError, TpiError
+from tpi.master.serve.model_holder import ModelDown
 from tpi.master.serve.protocol import error_body
 
 
@@ -35,13 +38,22 @@ def cluster_down(e: BaseException) -> ApiError:
 
 def generation_error(e: BaseException) -> ApiError:
     """What a failed generation means for the client."""
-    if isinstance(e, ClusterError):
+    if isinstance(e, ClusterError | ModelDown):
         return cluster_down(e)
     if isinstance(e, PromptError):
         return ApiError(400, str(e), code="context_length_exceeded")
     if isinstance(e, TpiError):
         return ApiError(500, str(e), "server_error")
     return ApiError(500, f"internal error: {type(e).__name__}", "server_error")
+
+
+# Validation error locations name the union member or validator tried ("str",
+# "function-after[_unicode(), str]"): not something a client can act on.
+_NOT_A_FIELD = re.compile(r"body|(function-\w+|list|dict)\[.*\]|str|int|float|bool")
+
+
+def _is_field(part: object) -> bool:
+    return isinstance(part, int) or not _NOT_A_FIELD.fullmatch(str(part))
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -52,7 +64,7 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        where = ".".join(str(x) for x in first.get("loc", ()) if _is_field(x))
         msg = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
             msg, where = "request body is not valid JSON", None

@@ -1,5 +1,11 @@
 """One cluster, one generation at a time: requests wait in order in a bounded
-queue; a dedicated thread owns the engine so the web server stays responsive."""
+queue; a dedicated thread owns the model (engine, cluster session and its
+sockets) so the web server stays responsive.
+
+That thread also reconnects a failed cluster before the next job (a job queued
+before a failure gets 503 cluster_down, not a run on a closed session) and,
+while idle, checks the links every IDLE_CHECK_S so /health notices a worker
+that died between requests."""
 
 from __future__ import annotations
 
@@ -9,15 +15,18 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tpi.comm.links import ClusterError
 from tpi.master.engine import Engine
 from tpi.master.generation import GenerationStats, generate_tokens
 from tpi.master.sampling import SamplingParams
+from tpi.master.serve.model_holder import ModelHolder
 from tpi.master.serve.stop_strings import StopMatcher
-from tpi.text.tokenizer import StreamDecoder, TextTokenizer
+from tpi.text.tokenizer import StreamDecoder
+
+IDLE_CHECK_S = 1.0
 
 
 class QueueFull(Exception):
@@ -44,16 +53,9 @@ class GenerationQueue:
     """Events a job receives, in order: ("text", str)*, then ("done", finish_reason)
     or ("error", exception)."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        tokenizer: TextTokenizer,
-        capacity: int,
-        on_error: Callable[[BaseException], None] | None = None,
-    ) -> None:
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self.on_error = on_error
+    def __init__(self, holder: ModelHolder, capacity: int) -> None:
+        self.holder = holder
+        self.tokenizer = holder.loaded.tokenizer
         self.capacity = capacity  # requests admitted at once: running + waiting
         self._admitted = 0
         self._lock = threading.Lock()
@@ -83,8 +85,15 @@ class GenerationQueue:
         with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=1)
 
+    def _next(self) -> Job | None:
+        while True:
+            try:
+                return self._queue.get(timeout=IDLE_CHECK_S)
+            except queue.Empty:
+                self.holder.check()
+
     def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while (job := self._next()) is not None:
             if job.cancel.is_set():  # the client left while waiting
                 self._finished(job, "cancelled")
                 continue
@@ -92,21 +101,22 @@ class GenerationQueue:
             job.started = time.perf_counter()
             reason = "error"
             try:
-                reason = self._generate(job)
+                engine = self.holder.ensure().engine  # reconnects a failed cluster
+                reason = self._generate(engine, job)
             except BaseException as e:  # reported to the request, never kills the thread
                 job.emit("error", e)
-                if self.on_error:
-                    self.on_error(e)
+                if isinstance(e, ClusterError):
+                    self.holder.failed(e)
             finally:
                 self.busy = False
                 self._finished(job, reason)
 
-    def _generate(self, job: Job) -> str:
+    def _generate(self, engine: Engine, job: Job) -> str:
         decoder = StreamDecoder(self.tokenizer)
         stop = StopMatcher(job.stops)
         reason = "length"
         for token in generate_tokens(
-            self.engine, job.prompt_ids, job.params, self.tokenizer.eos_ids, job.stats, job.cancel
+            engine, job.prompt_ids, job.params, self.tokenizer.eos_ids, job.stats, job.cancel
         ):
             text = stop.push(decoder.push(token))
             if text:

@@ -30,10 +30,26 @@ class ModelHolder:
         self._last_attempt = 0.0
         self._lock = threading.Lock()
 
+    def check(self) -> None:
+        """Between requests: notice a worker that died meanwhile (its link drops)."""
+        cluster = self.loaded.cluster
+        if self.error is not None or cluster is None:
+            return
+        try:
+            cluster.check_links()
+        except TpiError as e:
+            self.failed(e)
+
     def failed(self, e: BaseException) -> None:
         with self._lock:
             self.error = str(e)
             self.loaded.close("a rank failed")
+
+    def may_retry(self) -> bool:
+        """Whether a reconnect would be attempted now (they are rate-limited)."""
+        return (
+            self.reopen is not None and time.monotonic() - self._last_attempt >= self.retry_interval
+        )
 
     def ensure(self):
         """The working model, reconnecting if it failed; raises ModelDown while it cannot."""

@@ -4,7 +4,9 @@ as server-sent events (one chunk per piece of text)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,6 +70,7 @@ class Answer:
         self.endpoint = endpoint
         self.model_name = model_name
         self.id, self.created = new_id(endpoint.id_prefix), now()
+        self._checked = time.monotonic()  # when the client was last seen connected
 
     def _envelope(self, object_: str, delta: dict, reason: str | None, streamed: bool) -> dict:
         return {
@@ -82,11 +85,27 @@ class Answer:
         envelope = self._envelope(self.endpoint.chunk_object, delta, reason, True)
         return f"data: {json.dumps(envelope)}\n\n"
 
-    async def whole(self) -> dict:
+    async def _next_event(self, request: Request) -> tuple[str, object] | None:
+        """The job's next event, or None once the client has gone (the job is then
+        cancelled: the engine stops at the next token, streamed or not). The client
+        is checked at least every DISCONNECT_CHECK_S, also while tokens flow."""
+        while True:
+            if time.monotonic() - self._checked >= DISCONNECT_CHECK_S:
+                self._checked = time.monotonic()
+                if await request.is_disconnected():
+                    self.job.cancel.set()
+                    return None
+            with contextlib.suppress(asyncio.TimeoutError):
+                return await asyncio.wait_for(self.job.events.get(), DISCONNECT_CHECK_S)
+
+    async def whole(self, request: Request) -> dict | None:
         parts = []
         try:
             while True:
-                kind, value = await self.job.events.get()
+                event = await self._next_event(request)
+                if event is None:
+                    return None
+                kind, value = event
                 if kind == "text":
                     parts.append(value)
                 elif kind == "done":
@@ -98,25 +117,29 @@ class Answer:
         body = self._envelope(self.endpoint.object, {"content": "".join(parts)}, value, False)
         return {**body, "usage": usage(self.job)}
 
-    def stream(self, request: Request, include_usage: bool) -> StreamingResponse:
+    async def stream(self, request: Request, include_usage: bool) -> StreamingResponse | None:
+        """The streamed answer, once its first event is in: a failure before any text
+        (cluster down, prompt too long) is still an HTTP error status, not a 200."""
+        first = await self._next_event(request)
+        if first is None:
+            return None
+        if first[0] == "error":
+            self.job.cancel.set()
+            raise generation_error(first[1])
         return StreamingResponse(
-            self._events(request, include_usage),
+            self._events(request, include_usage, first),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    async def _events(self, request: Request, include_usage: bool):
+    async def _events(self, request: Request, include_usage: bool, first: tuple):
         job = self.job
         try:
             if self.endpoint.opening is not None:
                 yield self._chunk(self.endpoint.opening, None)
-            while True:
-                try:
-                    kind, value = await asyncio.wait_for(job.events.get(), DISCONNECT_CHECK_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+            event = first
+            while event is not None:
+                kind, value = event
                 if kind == "text":
                     yield self._chunk({"content": value}, None)
                 elif kind == "done":
@@ -132,5 +155,6 @@ class Answer:
                     e: ApiError = generation_error(value)
                     yield f"data: {json.dumps(error_body(str(e), e.type, e.code))}\n\n"
                     return
+                event = await self._next_event(request)
         finally:
             job.cancel.set()  # client gone or stream over: free the cluster

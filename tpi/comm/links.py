@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from tpi.comm.wire import Message, decode
+from tpi.comm.wire import MAX_INBOUND_BYTES, Message, decode
 from tpi.errors import TpiError
 
 HEARTBEAT_IVL_MS = 1000
@@ -203,21 +203,22 @@ class LinkSet:
         poller = self._poller(extra)
         deadline = time.monotonic() + timeout_s
         while True:
-            for link in self.links:
-                if link.lost and (ranks is None or link.rank in ranks):
-                    raise LinkLost(link.rank, link.name, link.lost)
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return [], set()
-            events = dict(poller.poll(max(1, int(remaining * 1000))))
+            # At least one poll, even with no time left: it also collects link events.
+            events = dict(poller.poll(max(0, int(remaining * 1000))))
             for sock in events:
                 owner = self._by_socket.get(sock)
                 if owner is not None and owner[1]:
                     self._handle_monitor(owner[0])
+            for link in self.links:
+                if link.lost and (ranks is None or link.rank in ranks):
+                    raise LinkLost(link.rank, link.name, link.lost)
             ready = {s for s in extra if s in events}
             arrived = self._drain()
             if arrived or ready:
                 return arrived, ready
+            if remaining <= 0:
+                return [], set()
 
     def close(self, linger_ms: int = 0) -> None:
         for link in self.links:
@@ -241,6 +242,8 @@ class WorkerEndpoint:
         self.sock = ctx.socket(zmq.ROUTER)
         configure_socket(self.sock)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a gone peer raises, not drops
+        # A peer sending a bigger frame is disconnected before it is buffered.
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_INBOUND_BYTES)
         if secure is not None:
             secure(self.sock)
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)

@@ -32,6 +32,11 @@ from tpi.errors import TpiError
 MAGIC = b"TP"
 PROTOCOL_VERSION = 3  # 3: one header layout per data kind (named chunks, head round and mode)
 MAX_CONTROL_BYTES = 64 * 1024
+# No tensor frame is larger: the master cuts longer passes into pieces
+# (tpi.master.engine), so a worker can refuse anything bigger before it is
+# buffered, authenticated or not (ZMQ_MAXMSGSIZE on its socket).
+MAX_FRAME_BYTES = 16 << 20
+MAX_INBOUND_BYTES = MAX_FRAME_BYTES + MAX_CONTROL_BYTES
 MAX_NDIM = 4
 
 

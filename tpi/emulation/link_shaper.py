@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tpi.errors import TpiError
+from tpi.system.lifeline import watch_parent
 
 READ_CHUNK = 64 * 1024
 
@@ -160,10 +161,18 @@ async def serve(
 
 
 def start_process(
-    routes: list[str], spec: LinkSpec, ready_file: Path, log=subprocess.DEVNULL, timeout_s=30.0
+    routes: list[str],
+    spec: LinkSpec,
+    ready_file: Path,
+    log=subprocess.DEVNULL,
+    timeout_s=30.0,
+    parent_fd: int | None = None,
 ) -> tuple[subprocess.Popen, dict[str, str]]:
     """Run the relay as its own process (`python -m tpi.emulation.link_shaper`), so its event
-    loop never competes with the caller's; returns it and {route: shaped address}."""
+    loop never competes with the caller's; returns it and {route: shaped address}.
+
+    `parent_fd`: the read end of a lifeline (tpi.system.lifeline); the relay stops
+    when it closes, and it is closed here once passed on."""
     ready_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "tpi.emulation.link_shaper", "--ready-file", str(ready_file)]
     cmd += ["--latency", f"{spec.latency_s * 1000}ms"]
@@ -171,9 +180,20 @@ def start_process(
         cmd += ["--bandwidth", f"{spec.rate_bps}bit"]
     for route in routes:
         cmd += ["--route", route]
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
-    )
+    if parent_fd is not None:
+        cmd += ["--parent-fd", str(parent_fd)]
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            pass_fds=(parent_fd,) if parent_fd is not None else (),
+        )
+    finally:
+        if parent_fd is not None:
+            os.close(parent_fd)
     deadline = time.monotonic() + timeout_s
     while not ready_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -201,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latency", default="0ms")
     p.add_argument("--bandwidth", default=None)
     p.add_argument("--ready-file", required=True)
+    p.add_argument("--parent-fd", type=int, default=None, help="stop when this pipe closes")
     a = p.parse_args(argv)
     spec = LinkSpec(parse_duration(a.latency), parse_rate(a.bandwidth) if a.bandwidth else None)
 
@@ -214,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if a.parent_fd is not None:
+            watch_parent(a.parent_fd, lambda: loop.call_soon_threadsafe(stop.set))
         await stop.wait()
 
     asyncio.run(run())

@@ -27,8 +27,10 @@ from tpi.model.weights import LayerWeights
 from tpi.quant.formats import INT4_SUFFIX
 from tpi.quant.int4_pack import Int4Layout, native_layout, to_native
 from tpi.quant.quantize import memory_dtype
+from tpi.storage.manifest import ShardError, layer_file
+from tpi.storage.read_check import FileCheck, file_check
 from tpi.storage.shard_reader import RankShard
-from tpi.storage.tensor_file import SafetensorsFile, read_span
+from tpi.storage.tensor_file import ALIGN, SafetensorsFile, read_span, tensor_views
 from tpi.system.malloc import pin_mmap_threshold
 
 log = logging.getLogger("tpi.runtime.sliding_window")
@@ -62,31 +64,19 @@ class LayerLayout:
     tensors: tuple[
         tuple[str, torch.dtype, tuple[int, ...], int, int], ...
     ]  # name, dtype, shape, rel begin, end
+    check: FileCheck | None = None  # how every read of the data section is verified
 
 
-def layer_layout(path) -> LayerLayout:
+def layer_layout(path, expected_crc: int | None = None, manifest_hash: str = "") -> LayerLayout:
     f = SafetensorsFile(path)
-    infos = sorted(f.tensors.values(), key=lambda t: t.begin)
-    begin = infos[0].begin if infos else 0
-    end = max((t.end for t in infos), default=begin)
+    begin, end = f.data_span
     return LayerLayout(
         str(path),
         begin,
         end - begin,
-        tuple((t.name, t.dtype, t.shape, t.begin - begin, t.end - begin) for t in infos),
+        tuple(f.entries()),
+        file_check(path, expected_crc, begin, end, manifest_hash),
     )
-
-
-def _views(layout: LayerLayout, raw: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Tensors of a layer as views into its raw bytes (a copy only if misaligned)."""
-    out = {}
-    for name, dtype, shape, a, b in layout.tensors:
-        chunk = raw[a:b]
-        size = torch.empty((), dtype=dtype).element_size()
-        if a % size:
-            chunk = chunk.clone()
-        out[name] = chunk.view(dtype).view(shape)
-    return out
 
 
 @dataclass(frozen=True)
@@ -107,16 +97,29 @@ class StreamLayout:
 
     @classmethod
     def of(cls, shard: RankShard, dtype: torch.dtype) -> StreamLayout:
-        layouts = tuple(layer_layout(shard.layer_path(i)) for i in range(shard.config.num_layers))
+        files = shard.manifest.files
+        layouts = tuple(
+            layer_layout(
+                shard.layer_path(i),
+                files.get(layer_file(i), {}).get("crc32"),
+                shard.manifest_sha256,
+            )
+            for i in range(shard.config.num_layers)
+        )
         quant = shard.manifest.quant
         int4 = Int4Layout.parse(quant.int4_layout) if quant.int4_layout else None
 
         def held(name: str, dt: torch.dtype) -> torch.dtype:
             return memory_dtype(name, dt, dtype, quant.quantized)
 
-        # Shards stored in another float dtype are converted into the slot;
+        # Shards stored in another float dtype are converted into the slot, and
+        # tensors not ALIGN-aligned in the file are copied to aligned places in it;
         # the raw bytes then need one staging buffer of their own.
-        convert = any(held(name, dt) != dt for lay in layouts for name, dt, *_ in lay.tensors)
+        convert = any(
+            held(name, dt) != dt or a % ALIGN
+            for lay in layouts
+            for name, dt, _, a, _ in lay.tensors
+        )
 
         def need(lay: LayerLayout) -> int:
             if not convert:
@@ -133,8 +136,8 @@ class StreamLayout:
 
 
 def _aligned(n: int) -> int:
-    """Converted tensors start on 8-byte boundaries (a dtype view needs its alignment)."""
-    return (n + 7) // 8 * 8
+    """Converted tensors start on ALIGN-byte boundaries (see tpi.storage.tensor_file)."""
+    return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
 def _elem(dt: torch.dtype) -> int:
@@ -205,7 +208,9 @@ class SlidingWindowLayers:
         target = self.staging if self.convert else slot
         raw = target[: lay.data_bytes]
         read_span(lay.path, lay.data_begin, raw, drop_cache=True)
-        tensors = _views(lay, raw)
+        if lay.check is not None:
+            lay.check.verify(raw)
+        tensors = tensor_views(raw, list(lay.tensors))
         if self.convert:
             offset = 0
             converted = {}
@@ -272,6 +277,8 @@ class SlidingWindowLayers:
                 while seq not in self._loaded and self._error is None:
                     self._cond.wait()
                 self.stats.blocked_seconds += time.perf_counter() - t0
+            if isinstance(self._error, ShardError):
+                raise self._error  # it names the file already
             if self._error is not None:
                 raise TpiError(f"loading layer {layer} failed: {self._error}") from self._error
             return self._loaded[seq]

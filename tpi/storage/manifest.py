@@ -100,6 +100,7 @@ class Manifest:
                 isinstance(v, dict)
                 and isinstance(v.get("sha256"), str)
                 and isinstance(v.get("bytes"), int)
+                and isinstance(v.get("crc32", 0), int)
                 for v in files.values()
             ):
                 raise ShardError(f"{where} has a malformed file list")

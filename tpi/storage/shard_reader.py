@@ -12,7 +12,8 @@ from tpi.quant.formats import INT4_SUFFIX
 from tpi.quant.int4_pack import to_native
 from tpi.quant.quantize import memory_dtype
 from tpi.storage.manifest import HEAD_FILE, ShardError, layer_file, read_manifest, verify_files
-from tpi.storage.tensor_file import SafetensorsFile
+from tpi.storage.read_check import file_check
+from tpi.storage.tensor_file import SafetensorsFile, read_span, tensor_views
 
 
 class RankShard:
@@ -35,7 +36,13 @@ class RankShard:
         path = self.dir / name
         try:
             f = SafetensorsFile(path)
-            tensors = {k: f.read(k) for k in f.keys()}
+            begin, end = f.data_span
+            data = torch.empty(end - begin, dtype=torch.uint8)
+            read_span(path, begin, data)
+            crc = self.manifest.files[name].get("crc32")
+            if (check := file_check(path, crc, begin, end, self.manifest_sha256)) is not None:
+                check.verify(data)
+            tensors = tensor_views(data, f.entries())
         except CheckpointError as e:
             raise ShardError(f"cannot read shard file {path}: {e}") from None
         quant = self.manifest.quant

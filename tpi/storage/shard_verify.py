@@ -8,6 +8,7 @@ always checked again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -63,3 +64,10 @@ def verify_once(rank_dir: Path, manifest: Manifest, manifest_hash: str) -> None:
         return
     verify_files(rank_dir, manifest)
     remember(rank_dir, manifest, manifest_hash)
+
+
+def forget(manifest_hash: str) -> None:
+    """Drop what is remembered of a shard: its next load hashes every file again."""
+    _memory.pop(manifest_hash, None)
+    with contextlib.suppress(OSError):
+        _marker(manifest_hash).unlink()

@@ -38,6 +38,7 @@ from tpi.storage.manifest import (
 from tpi.storage.tensor_file import write_safetensors
 from tpi.system.malloc import pin_mmap_threshold, release_freed_memory
 
+SPLIT_LAYOUT = "c1"  # c1: every shard file's crc32 in its manifest
 MASTER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -224,7 +225,9 @@ def ensure_split(
     if vocab_parallel:
         tag += "-vp"
     root = tpi_home() / "splits"
-    target = root / f"{model_fingerprint(Path(model_dir))[:16]}-w{len(shares)}-{tag}"
+    # SPLIT_LAYOUT names what a cached split holds, so a newer tpi makes a fresh
+    # one instead of reusing a split without, e.g., per-read checksums.
+    target = root / f"{model_fingerprint(Path(model_dir))[:16]}-w{len(shares)}-{tag}-{SPLIT_LAYOUT}"
     if is_split_dir(target):
         return target
     with file_lock(root / ".lock"):

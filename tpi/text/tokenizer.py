@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,6 +61,12 @@ class TextTokenizer:
         source = _chat_template_source(model_dir, config)
         self.chat_template = ChatTemplate(source, self.special_tokens) if source else None
         self.eos_ids = self._eos_ids(model_dir)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The longest vocabulary entry in characters (a byte-level entry spells one
+        character per byte): no token covers more of a text than this."""
+        return max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
 
     def _eos_ids(self, model_dir: Path) -> frozenset[int]:
         """Every id that ends an answer: generation_config, config and tokenizer eos."""

@@ -1,0 +1,36 @@
+"""Child processes that die with their parent, however the parent ends.
+
+The parent keeps the write end of a pipe and hands the read end to the child;
+the kernel closes the write end when the parent exits for any reason (a
+signal, SIGKILL, a crash), so the child's read returns end-of-file and it stops
+itself. Used for the local workers and the link shaper of `tpi cluster`, which
+must never be left running, re-parented to init, after their master is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+
+def lifeline() -> tuple[int, int]:
+    """(read end for the child, write end the parent keeps; neither inherited by
+    other children: pass the read end with Popen(pass_fds=...))."""
+    return os.pipe()
+
+
+def watch_parent(fd: int, on_parent_gone: Callable[[], None]) -> threading.Thread:
+    """In the child: call `on_parent_gone` once the parent's end of the lifeline closes."""
+
+    def watch() -> None:
+        try:
+            while os.read(fd, 1):
+                pass  # the parent never writes; anything read is ignored
+        except OSError:
+            pass
+        on_parent_gone()
+
+    thread = threading.Thread(target=watch, name="tpi-lifeline", daemon=True)
+    thread.start()
+    return thread
