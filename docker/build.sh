@@ -45,7 +45,8 @@ fi
 
 say "building $tag on $base"
 start=$(date +%s)
-docker build -f "$TPI_ROOT/docker/Dockerfile" --build-arg "BASE_IMAGE=$base" -t "$tag" "$TPI_ROOT" >&2 ||
+# --force-rm: a failed step leaves no stopped container behind.
+docker build --force-rm -f "$TPI_ROOT/docker/Dockerfile" --build-arg "BASE_IMAGE=$base" -t "$tag" "$TPI_ROOT" >&2 ||
     die "the build failed (above). Certificate errors from pip mean this network intercepts TLS: pass the CA bundle to trust with --ca-bundle FILE"
 took=$(($(date +%s) - start))
 size=$(docker image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.0f MB", $1/1e6}')

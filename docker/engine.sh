@@ -33,8 +33,8 @@ command -v debootstrap >/dev/null 2>&1 || missing="$missing debootstrap"
 if [ -n "$missing" ]; then
     command -v apt-get >/dev/null 2>&1 || die "install$missing (no apt-get here)"
     say "installing$missing"
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing; } >/dev/null ||
-        die "apt-get install$missing failed"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing; } >"$LOG.apt" 2>&1 ||
+        die "apt-get install$missing failed (see $LOG.apt)"
 fi
 
 # overlay2 where the file system allows it (fast, small); vfs always works.
