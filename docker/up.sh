@@ -44,7 +44,7 @@ say "starting project $project: master + $workers workers (memory ${TPI_MEM_LIMI
 # Waits for the prepare step (keyring, model split) before starting the nodes.
 if ! dc up -d --no-build >&2; then
     dc logs --no-color --tail 20 prepare >&2 || true
-    die "compose up failed (above: the prepare step's last lines)"
+    die "compose up failed (its output and the prepare step's last lines are above); docker/down.sh --project $project cleans up"
 fi
 
 master=$(dc ps -q master)
