@@ -10,7 +10,7 @@ set -eu
 role="${1:-worker}"
 [ $# -gt 0 ] && shift
 # The user-space link shaper's module: the one place the docker files name it.
-shaper_module=tpi.link_shaper
+shaper_module=tpi.emulation.link_shaper
 
 # tc needs root (and NET_ADMIN); the node itself then runs as the unprivileged user.
 # shape-link.sh (beside this script) says which link method is active: netem,
