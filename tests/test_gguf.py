@@ -287,4 +287,7 @@ def test_smollm_kept_int4_split_tracks_fp32(smollm_dir, tmp_path):
     got = step_logits(engine, prompt, follow[:-1])
     runtime.close()
     assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) >= 0.9995
-    assert int((got.argmax(-1) == torch.tensor(follow)).sum()) >= 31
+    # The int8 head gives bf16-precision logits: exact ties between two tokens
+    # happen, and either is the int4 model's choice (argmax takes the lower id).
+    chosen = got.gather(1, torch.tensor(follow)[:, None])[:, 0]
+    assert int((chosen == got.max(-1).values).sum()) >= 31

@@ -22,6 +22,7 @@ from tpi.comm.links import ClusterError
 from tpi.comm.wire import PROTOCOL_VERSION, Kind, decode, encode_control
 from tpi.master.engine import load_engine
 from tpi.master.loader import open_model
+from tpi.model.linear import embedding_rows
 
 PROMPT = list(range(5, 25))
 
@@ -146,11 +147,9 @@ def test_eavesdropper_reads_activations_only_without_curve(llama_dir, tmp_path, 
             ids = PROMPT
             lm.engine.prefill(ids)
             # The hidden states the master ships to the worker for this prompt:
-            secret_bytes = (
-                torch.nn.functional.embedding(torch.tensor(ids), lm.engine.vocab.head.embed)
-                .numpy()
-                .tobytes()
-            )
+            head = lm.engine.vocab.head
+            secret_bytes = embedding_rows(torch.tensor(ids), head.embed, torch.float32)
+            secret_bytes = secret_bytes.numpy().tobytes()
         time.sleep(0.2)
         captured = bytes(tap.captured)
         assert len(captured) > 100_000  # the shard push and the step went through the tap

@@ -19,12 +19,16 @@ from tpi.model.linear import embedding_rows, linear
 from tpi.model.partition import RankSlice
 from tpi.model.rope import apply_rotary
 from tpi.model.weights import HeadWeights, LayerWeights
+from tpi.quant.formats import FloatT
 
 PHASE_ATTENTION = 0
 PHASE_MLP = 1
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        # torch's fused kernel: one op instead of seven, bit-identical in fp32.
+        return F.rms_norm(x, weight.shape, weight, eps)
     # Normalise in float32 whatever the compute dtype, as the reference does.
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -98,9 +102,21 @@ def _grouped_sdpa(
     r = q.shape[0] // groups
     # Fold the r heads of a group into the query-length axis: no copy of K/V.
     qg = q.reshape(groups, r * t, hd)
+    if t == 1 and mask is None:
+        # One new token (a decode step): three ops, where SDPA's generic path
+        # takes a dozen (measured 27 vs 49 us per layer for SmolLM2's shapes).
+        empty = _EMPTY.get(qg.dtype) or _EMPTY.setdefault(qg.dtype, qg.new_empty(()))
+        scores = torch.baddbmm(empty, qg, k.transpose(1, 2), beta=0.0, alpha=scale)
+        probs = scores.softmax(-1, dtype=torch.float32).to(v.dtype)
+        return torch.bmm(probs, v).reshape(groups * r, t, hd)
     m = mask.repeat(r, 1) if mask is not None and r > 1 else mask
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=m, scale=scale)
-    return out.reshape(groups * r, t, hd)
+    out = F.scaled_dot_product_attention(
+        qg[None], k[None], v[None], attn_mask=m, scale=scale
+    )  # 4-D: torch's fused CPU kernel, not the generic one
+    return out[0].reshape(groups * r, t, hd)
+
+
+_EMPTY: dict[torch.dtype, torch.Tensor] = {}  # baddbmm's input, ignored with beta=0
 
 
 def attention_block(
@@ -115,11 +131,11 @@ def attention_block(
     """Partial attention output (T, hidden) of this rank's heads."""
     t, hd = x.shape[0], layout.head_dim
     nq, nkv = layout.n_q, layout.n_kv
-    qkv = linear(x, w.qkv, w.qkv_bias)
-    q, k, v = qkv.split([nq * hd, nkv * hd, nkv * hd], dim=-1)
-    q = apply_rotary(q.view(t, nq, hd).transpose(0, 1), step.cos, step.sin)
-    k = apply_rotary(k.view(t, nkv, hd).transpose(0, 1), step.cos, step.sin)
-    v = v.view(t, nkv, hd).transpose(0, 1)
+    qkv = linear(x, w.qkv, w.qkv_bias).view(t, nq + 2 * nkv, hd)
+    qk = apply_rotary(qkv[:, : nq + nkv], step.cos, step.sin)  # queries and keys at once
+    q = qk[:, :nq].transpose(0, 1)  # (heads, T, hd)
+    k = qk[:, nq:].transpose(0, 1)
+    v = qkv[:, nq + nkv :].transpose(0, 1)
     keys, values = cache.update(layer, step.pos, k, v)
     mask = step.mask(window)
     scale = 1.0 / math.sqrt(hd)
@@ -139,7 +155,11 @@ def attention_block(
 
 def mlp_block(x: torch.Tensor, w: LayerWeights) -> torch.Tensor:
     """Partial SwiGLU output (T, hidden) of this rank's MLP columns."""
-    gate, up = linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+    g = w.gate_up
+    if isinstance(g, FloatT) and g.halves and g.dtype == x.dtype and w.gate_up_bias is None:
+        gate, up = g.block_products(x)  # the two row blocks are gate and up: no copy
+    else:
+        gate, up = linear(x, g, w.gate_up_bias).chunk(2, dim=-1)
     return linear(F.silu(gate) * up, w.down, w.down_bias)
 
 

@@ -20,25 +20,31 @@ import torch
 import torch.nn.functional as F
 
 from tpi.errors import TpiError
-from tpi.quant.formats import QUANT_DTYPE, Int8Weight, Weight, int8_fits
+from tpi.quant.formats import QUANT_DTYPE, FloatT, Int8Weight, Weight, int8_fits
 
 DEQUANT_MIN_TOKENS = 192
 
 
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (T, K) @ w.T (+ bias) -> (T, N) in x's dtype."""
-    if isinstance(w, torch.Tensor):
+    if isinstance(w, FloatT):
+        if w.dtype == x.dtype:
+            y = w.matmul(x)
+            return y if bias is None else y + bias
+        y = w.matmul(x.to(w.dtype))
+    elif isinstance(w, torch.Tensor):
         if w.dtype == x.dtype:
             return F.linear(x, w, bias)
         y = F.linear(x.to(w.dtype), w)
     elif isinstance(w, Int8Weight):
-        xq = x.to(QUANT_DTYPE).contiguous()
+        xq = x.to(QUANT_DTYPE)
         if x.shape[0] >= DEQUANT_MIN_TOKENS or not int8_fits(w.shape):
             y = F.linear(xq, w.dequantize())
         else:
-            y = torch.ops.aten._weight_int8pack_mm(xq, w.q, w.scale)
+            # The torch.* binding, not torch.ops: it releases the GIL and dispatches faster.
+            y = torch._weight_int8pack_mm(xq.contiguous(), w.q, w.scale)
     else:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        y = torch._weight_int4pack_mm_for_cpu(
             x.to(QUANT_DTYPE).contiguous(), w.packed, w.group_size, w.scale_zero
         )
     y = y.to(x.dtype)
@@ -49,6 +55,8 @@ def embedding_rows(ids: torch.Tensor, w: Weight, dtype: torch.dtype) -> torch.Te
     """Rows `ids` of an embedding table, in `dtype`."""
     if isinstance(w, torch.Tensor):
         return F.embedding(ids, w).to(dtype)
+    if isinstance(w, FloatT):
+        return w.rows(ids).to(dtype)
     if isinstance(w, Int8Weight):
         return w.rows(ids, dtype)
     raise TpiError("an int4 embedding table cannot be looked up (it is stored as int8)")

@@ -3,6 +3,10 @@
 cos/sin are computed in float32 for all positions up to a capacity that grows
 on demand, then cast to the compute dtype; every rank builds its own table, so
 nothing rotary ever crosses the wire.
+
+rotate_half(x) = cat(-x2, x1) is applied as roll(x, half) * [-sin1, sin2]: the
+sign lives in the table, so a rotation costs three ops (mul, roll, addcmul),
+and queries and keys are rotated together.
 """
 
 from __future__ import annotations
@@ -40,25 +44,23 @@ class RotaryTables:
         self.inv_freq = inverse_frequencies(rope, head_dim)
         self.dtype = dtype
         self._cos = torch.empty(0, head_dim, dtype=dtype)
-        self._sin = torch.empty(0, head_dim, dtype=dtype)
+        self._sin = torch.empty(0, head_dim, dtype=dtype)  # signed: [-sin, +sin] halves
 
     def _grow(self, n: int) -> None:
         cap = max(n, 2 * self._cos.shape[0], 256)
         freqs = torch.outer(torch.arange(cap, dtype=torch.float32), self.inv_freq)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self._cos = emb.cos().to(self.dtype)
-        self._sin = emb.sin().to(self.dtype)
+        self._cos = torch.cat([freqs, freqs], dim=-1).cos().to(self.dtype)
+        self._sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1).to(self.dtype)
 
     def get(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for positions [start, start + length), each (length, head_dim)."""
+        """cos and signed sin for positions [start, start + length), each
+        (length, 1, head_dim): they broadcast over (T, heads, head_dim)."""
         end = start + length
         if end > self._cos.shape[0]:
             self._grow(end)
-        return self._cos[start:end], self._sin[start:end]
+        return self._cos[start:end, None], self._sin[start:end, None]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (heads, T, head_dim) by position; cos/sin are (T, head_dim)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (T, heads, head_dim) by position (tables from RotaryTables.get)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)

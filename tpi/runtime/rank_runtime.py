@@ -96,6 +96,9 @@ def build_rank(
     )
     if echo is not None:
         echo(f"rank {rs.rank}: {plan.describe()}")
+    if resident is None and plan.window >= cfg.num_layers:
+        # Every layer is read once: hold float weights transposed for decoding.
+        layout = StreamLayout.of(source, dtype, transpose=True)
     layers = resident or SlidingWindowLayers(layout, plan.window, dtype)
     decoder = Decoder(cfg, rs, layers, collective, dtype, max_positions=context)
     return RankRuntime(decoder, layers, plan)

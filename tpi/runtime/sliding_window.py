@@ -24,9 +24,9 @@ import torch
 
 from tpi.errors import TpiError
 from tpi.model.weights import LayerWeights
-from tpi.quant.formats import INT4_SUFFIX
+from tpi.quant.formats import INT4_SUFFIX, TRANSPOSED_SUFFIX, FloatT, transposable
 from tpi.quant.int4_pack import Int4Layout, native_layout, to_native
-from tpi.quant.quantize import memory_dtype
+from tpi.quant.quantize import LINEAR_NAMES, memory_dtype
 from tpi.storage.manifest import ShardError, layer_file
 from tpi.storage.read_check import FileCheck, file_check
 from tpi.storage.shard_reader import RankShard
@@ -91,12 +91,15 @@ class StreamLayout:
     dtype: torch.dtype
     quantized: bool
     int4_layout: Int4Layout | None  # how packed int4 weights are stored (None: no int4)
+    transpose: bool = False  # float matmul weights held transposed (resident only: FloatT)
 
     def target_dtype(self, name: str, stored: torch.dtype) -> torch.dtype:
         return memory_dtype(name, stored, self.dtype, self.quantized)
 
     @classmethod
-    def of(cls, shard: RankShard, dtype: torch.dtype) -> StreamLayout:
+    def of(cls, shard: RankShard, dtype: torch.dtype, transpose: bool = False) -> StreamLayout:
+        """`transpose`: hold float matmul weights as FloatT (a copy per read, so
+        only for layers read once, i.e. all resident)."""
         files = shard.manifest.files
         layouts = tuple(
             layer_layout(
@@ -116,7 +119,9 @@ class StreamLayout:
         # tensors not ALIGN-aligned in the file are copied to aligned places in it;
         # the raw bytes then need one staging buffer of their own.
         convert = any(
-            held(name, dt) != dt or a % ALIGN
+            held(name, dt) != dt
+            or a % ALIGN
+            or (transpose and name in LINEAR_NAMES and dt.is_floating_point)
             for lay in layouts
             for name, dt, _, a, _ in lay.tensors
         )
@@ -132,7 +137,7 @@ class StreamLayout:
         slot = max(need(lay) for lay in layouts)
         staging = max(lay.data_bytes for lay in layouts) if convert else 0
         total = sum(need(lay) for lay in layouts)
-        return cls(layouts, convert, slot, staging, total, dtype, quant.quantized, int4)
+        return cls(layouts, convert, slot, staging, total, dtype, quant.quantized, int4, transpose)
 
 
 def _aligned(n: int) -> int:
@@ -163,6 +168,7 @@ class SlidingWindowLayers:
                 native.name if native else "its own layout",
             )
         self.convert = layout.convert
+        self.threads = torch.get_num_threads()  # FloatT blocks, one per thread
         self.num_layers = len(self.layouts)
         self.window = max(1, min(window, self.num_layers))
         self.stats = StreamStats()
@@ -183,6 +189,7 @@ class SlidingWindowLayers:
         if self.resident:
             for i in range(self.num_layers):
                 self._loaded[i] = self._read(i, self.slots[i])
+            self.staging = None  # read once: never needed again
         else:
             self._thread = threading.Thread(
                 target=self._loader, name="tpi-layer-loader", daemon=True
@@ -217,9 +224,13 @@ class SlidingWindowLayers:
             for name, t in tensors.items():
                 dt = self.layout.target_dtype(name, t.dtype)
                 n = t.numel() * torch.empty((), dtype=dt).element_size()
-                dst = slot[offset : offset + n].view(dt).view(t.shape)
-                dst.copy_(t)
-                converted[name] = dst
+                if self.layout.transpose and transposable(name, t, LINEAR_NAMES):
+                    dst = slot[offset : offset + n].view(dt)
+                    converted[name + TRANSPOSED_SUFFIX] = FloatT.of(t.to(dt), self.threads, dst)
+                else:
+                    dst = slot[offset : offset + n].view(dt).view(t.shape)
+                    dst.copy_(t)
+                    converted[name] = dst
                 offset += _aligned(n)
             tensors = converted
         if self.repack_int4:

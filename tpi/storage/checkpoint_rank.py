@@ -22,6 +22,8 @@ from tpi.model.weights import (
     head_tensors,
     slice_layer,
 )
+from tpi.quant.formats import hold_transposed
+from tpi.quant.quantize import HEAD_TABLES, LINEAR_NAMES
 from tpi.storage.checkpoint import Checkpoint
 
 
@@ -36,7 +38,8 @@ class CheckpointRank:
         # itself runs in float32 (see tpi.model.layers.rms_norm).
         ckpt = Checkpoint(self.dir)
         try:
-            return head_from_tensors(head_tensors(lambda n: ckpt.get(n, dtype), self.config))
+            head = head_tensors(lambda n: ckpt.get(n, dtype), self.config)
+            return head_from_tensors(hold_transposed(head, HEAD_TABLES))
         finally:
             ckpt.close()
 
@@ -45,7 +48,10 @@ class CheckpointRank:
         try:
             return [
                 LayerWeights.from_tensors(
-                    slice_layer(lambda n: ckpt.get(n, dtype), self.config, i, self.rank_slice)
+                    hold_transposed(
+                        slice_layer(lambda n: ckpt.get(n, dtype), self.config, i, self.rank_slice),
+                        LINEAR_NAMES,
+                    )
                 )
                 for i in range(self.config.num_layers)
             ]

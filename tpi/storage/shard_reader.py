@@ -8,9 +8,9 @@ import torch
 
 from tpi.errors import CheckpointError
 from tpi.model.weights import HeadWeights, LayerWeights, head_from_tensors
-from tpi.quant.formats import INT4_SUFFIX
+from tpi.quant.formats import INT4_SUFFIX, hold_transposed
 from tpi.quant.int4_pack import to_native
-from tpi.quant.quantize import memory_dtype
+from tpi.quant.quantize import HEAD_TABLES, memory_dtype
 from tpi.storage.manifest import HEAD_FILE, ShardError, layer_file, read_manifest, verify_files
 from tpi.storage.read_check import file_check
 from tpi.storage.tensor_file import SafetensorsFile, read_span, tensor_views
@@ -67,7 +67,9 @@ class RankShard:
         if not self.has_head:
             raise ShardError(f"{self.dir} holds no embedding/LM head (only rank 0 does)")
         vocab = self.manifest.rank_slice.vocab
-        return head_from_tensors(self._load(HEAD_FILE, dtype), vocab[0] if vocab else 0)
+        # Always resident: float tables are held transposed (tpi.quant.formats.FloatT).
+        tensors = hold_transposed(self._load(HEAD_FILE, dtype), HEAD_TABLES)
+        return head_from_tensors(tensors, vocab[0] if vocab else 0)
 
     def verify(self) -> None:
         verify_files(self.dir, self.manifest)
