@@ -170,6 +170,7 @@ def read_span(path: Path, offset: int, buf: torch.Tensor, drop_cache: bool = Fal
         with open(path, "rb", buffering=0) as f:
             f.seek(offset)
             got = 0
+            drop = drop_cache and hasattr(os, "posix_fadvise")
             while got < n:
                 # Bounded pieces: a slow disk shows progress between them (the
                 # worker's watchdog counts bytes read), at no cost in speed.
@@ -178,9 +179,12 @@ def read_span(path: Path, offset: int, buf: torch.Tensor, drop_cache: bool = Fal
                     raise CheckpointError(
                         f"truncated file {path}: wanted {n} bytes at {offset}, got {got}"
                     )
+                if drop:
+                    # Behind every piece, not after the span: a 0.5 GB layer would
+                    # otherwise sit in the page cache twice (there and in its slot),
+                    # and a memory cgroup counts the page cache too.
+                    os.posix_fadvise(f.fileno(), offset + got, r, os.POSIX_FADV_DONTNEED)
                 got += r
-            if drop_cache and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(f.fileno(), offset, n, os.POSIX_FADV_DONTNEED)
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
 
