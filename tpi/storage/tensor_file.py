@@ -203,7 +203,8 @@ def write_safetensors(
     computed on the way. Returns {"sha256": ..., "bytes": ..., "crc32": ...}.
     """
     import hashlib
-    import zlib
+
+    from tpi.storage.checksum import crc32
 
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
@@ -225,7 +226,7 @@ def write_safetensors(
         for chunk in (len(raw).to_bytes(8, "little"), raw):
             f.write(chunk)
             h.update(chunk)
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32(chunk, crc)
             total += len(chunk)
         for name in order:
             t = tensors[name].contiguous()
@@ -234,6 +235,6 @@ def write_safetensors(
             data = memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")
             f.write(data)
             h.update(data)
-            crc = zlib.crc32(data, crc)
+            crc = crc32(data, crc)
             total += len(data)
     return {"sha256": h.hexdigest(), "bytes": total, "crc32": crc}
