@@ -183,7 +183,13 @@ class LocalCluster:
         self.master_cgroup = self._cgroups.create(
             f"tpi-{os.getpid()}-master", self.limits.memory_bytes, None, move_charges=True
         )
-        self.master_cgroup.add(os.getpid())
+        try:
+            self.master_cgroup.add(os.getpid())
+        except OSError as e:  # e.g. it already holds more than the cap
+            self.master_cgroup.remove()
+            self.master_cgroup = None
+            self.notes.append(f"the master is NOT capped ({e.strerror or e})")
+            return False
         self.notes.append(
             f"the master is capped too: memory {self.limits.memory_bytes / 2**30:.2f} GiB"
         )
