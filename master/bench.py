@@ -91,9 +91,11 @@ def run_bench(loaded, prompt_tokens: int, new_tokens: int) -> dict:
     tok = engine.prefill_token(prompt, greedy)
     ttft = time.perf_counter() - t0
     mid = _all_stats(loaded)
+    tokens = [tok]
     t1 = time.perf_counter()
     for i in range(new_tokens):
         tok = engine.forward_token([tok], prompt_tokens + i, greedy)
+        tokens.append(tok)
     decode = time.perf_counter() - t1
     after = _all_stats(loaded)
     nodes = {}
@@ -126,6 +128,8 @@ def run_bench(loaded, prompt_tokens: int, new_tokens: int) -> dict:
         "ttft_ms": round(1000 * ttft, 3),
         "decode_ms_per_token": round(1000 * decode / new_tokens, 3),
         "tokens_per_second": round(new_tokens / decode, 3),
+        # Greedy: the same model must give the same tokens at any world size.
+        "tokens": tokens,
         "load_seconds": round(loaded.load_seconds, 3),
         "nodes": nodes,
     }

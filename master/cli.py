@@ -169,6 +169,8 @@ def cluster(ctx, count, shares, base_dir, threads, mem_limit, cpus, link_latency
     )
     addresses = local.start()
     ctx.call_on_close(local.stop)
+    if ctx.invoked_subcommand is not None:
+        local.cap_master()  # --mem-limit is per rank, the master's included
     for note in local.notes:
         click.echo(f"emulation: {note}", err=True)
     ctx.obj = {

@@ -60,6 +60,7 @@ class LocalCluster:
     workers: list[LocalWorker] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what is (and is not) emulated
     shaper: subprocess.Popen | None = None
+    master_cgroup: Cgroup | None = None
     _cgroups: CgroupFactory | None = None
     _lifelines: list[int] = field(default_factory=list)  # write ends: closed when we exit
 
@@ -173,6 +174,27 @@ class LocalCluster:
             raise
         return [w.address for w in self.workers]
 
+    def cap_master(self) -> bool:
+        """Put this process (the master, a rank like the others) under the same memory
+        cap as the workers. Done after they started, so their groups are not nested in
+        the master's; what the master already holds moves along (cgroup v1)."""
+        if self._cgroups is None or self.limits.memory_bytes is None:
+            return False
+        self.master_cgroup = self._cgroups.create(
+            f"tpi-{os.getpid()}-master", self.limits.memory_bytes, None, move_charges=True
+        )
+        try:
+            self.master_cgroup.add(os.getpid())
+        except OSError as e:  # e.g. it already holds more than the cap
+            self.master_cgroup.remove()
+            self.master_cgroup = None
+            self.notes.append(f"the master is NOT capped ({e.strerror or e})")
+            return False
+        self.notes.append(
+            f"the master is capped too: memory {self.limits.memory_bytes / 2**30:.2f} GiB"
+        )
+        return True
+
     def _wait_address(self, w: LocalWorker, deadline: float) -> None:
         while not w.port_file.exists():
             if w.proc.poll() is not None:
@@ -226,6 +248,10 @@ class LocalCluster:
         for w in self.workers:
             if w.cgroup is not None:
                 w.cgroup.remove()
+        if self.master_cgroup is not None:
+            self.master_cgroup.leave(os.getpid())
+            self.master_cgroup.remove()
+            self.master_cgroup = None
         self.workers.clear()
         self.shaper = None
         for fd in self._lifelines:

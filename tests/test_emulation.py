@@ -22,6 +22,7 @@ from tpi.emulation.link_shaper import LinkSpec, parse_duration, parse_rate, serv
 from tpi.master.engine import load_engine
 from tpi.master.loader import open_model
 from tpi.master.local_cluster import DeviceLimits, LocalCluster
+from tpi.system.cgroup_limits import memory_limit
 
 PROMPT = list(range(5, 25))
 
@@ -185,6 +186,7 @@ def test_worker_under_a_too_small_cap_says_so(tmp_path):
 
 
 def test_cluster_cli_reports_the_emulation(llama_dir, tmp_path):
+    limit_before = memory_limit()
     res = CliRunner().invoke(
         cli,
         [
@@ -213,3 +215,7 @@ def test_cluster_cli_reports_the_emulation(llama_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert "emulation: links: latency 2 ms each way, bandwidth 100 Mbit/s" in res.stderr
     assert "emulation: device caps" in res.stderr
+    if cgroups.available:
+        # --mem-limit is per rank: the master (here this process) ran capped, then left.
+        assert "emulation: the master is capped too: memory 3.73 GiB" in res.stderr
+        assert memory_limit() == limit_before

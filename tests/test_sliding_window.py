@@ -18,7 +18,13 @@ from tpi.cli import cli
 from tpi.errors import TpiError
 from tpi.master.engine import load_engine
 from tpi.master.loader import MemoryOptions, open_model
-from tpi.runtime.memory_budget import MemoryBudgetError, parse_size, plan_window
+from tpi.runtime.memory_budget import (
+    MIN_FITTED_CONTEXT,
+    MemoryBudgetError,
+    fit_context,
+    parse_size,
+    plan_window,
+)
 from tpi.runtime.sliding_window import SlidingWindowLayers, StreamLayout
 from tpi.storage.shard_reader import RankShard
 from tpi.storage.split import split_model
@@ -237,6 +243,22 @@ def test_budget_picks_the_largest_window_that_fits():
         plan_window(**common, budget_bytes=1100)
     with pytest.raises(MemoryBudgetError, match="for window 5"):
         plan_window(**{**common, "window": 5}, budget_bytes=1300)
+
+
+def test_a_context_too_big_for_the_budget_shrinks_to_leave_a_window():
+    # Llama-2-70B on one 2 GB node: 0.64 MB of fp32 keys and values per token.
+    common = dict(per_position_bytes=655_360, fixed_bytes=900 * 10**6, layer_bytes=535 * 10**6)
+    # 30 MB of room: 256 tokens (0.17 GB) do not fit, so the context stays and the
+    # plan names what is short; a roomy budget or no budget changes nothing.
+    assert fit_context(context=4096, num_layers=80, budget_bytes=2 * 10**9, **common) == 4096
+    roomy = fit_context(context=4096, num_layers=80, budget_bytes=6 * 10**9, **common)
+    assert roomy == 4096
+    assert fit_context(context=4096, num_layers=80, budget_bytes=None, **common) == 4096
+    tight = fit_context(context=4096, num_layers=80, budget_bytes=3 * 10**9, **common)
+    assert (
+        tight == 1536 and tight % MIN_FITTED_CONTEXT == 0
+    )  # (3e9 - 0.9e9 - 1.07e9) / 655,360 = 1571 -> 1536
+    assert fit_context(context=1000, num_layers=80, budget_bytes=3 * 10**9, **common) == 1000
 
 
 def test_parse_size():

@@ -25,6 +25,12 @@ class Cgroup:
         for f in self.procs_files:
             f.write_text(str(pid))
 
+    def leave(self, pid: int) -> None:
+        """Move `pid` back to the parent groups (a group still holding it cannot be removed)."""
+        for f in self.procs_files:
+            with contextlib.suppress(OSError):
+                (f.parent.parent / "cgroup.procs").write_text(str(pid))
+
     def remove(self) -> None:
         for d in self.dirs:
             with contextlib.suppress(OSError):
@@ -60,13 +66,21 @@ class CgroupFactory:
     def available(self) -> bool:
         return bool(self.mode)
 
-    def create(self, name: str, memory_bytes: int | None, cpus: float | None) -> Cgroup:
+    def create(
+        self, name: str, memory_bytes: int | None, cpus: float | None, move_charges: bool = False
+    ) -> Cgroup:
+        """A new group with these caps. `move_charges`: memory a process already holds
+        moves with it when added (cgroup v1 only; v2 charges stay where they were made),
+        for a process capped after it started, such as a master capping itself."""
         cg = Cgroup()
         if self.mode == "v1":
             if memory_bytes is not None:
                 d = v1_dir("memory") / self.own["memory"].lstrip("/") / name
                 d.mkdir(exist_ok=True)
                 (d / "memory.limit_in_bytes").write_text(str(memory_bytes))
+                if move_charges:
+                    with contextlib.suppress(OSError):  # 3: anonymous and page-cache pages
+                        (d / "memory.move_charge_at_immigrate").write_text("3")
                 cg.dirs.append(d)
                 cg.procs_files.append(d / "cgroup.procs")
             cpu_root = v1_dir("cpu")

@@ -59,10 +59,49 @@ def kv_cache_bytes(cfg: ModelConfig, rs: RankSlice, context: int, elem: int) -> 
     return context * kv_bytes_per_position(cfg.num_layers, rs.n_kv, cfg.head_dim, elem)
 
 
+ACTIVATION_BASE = 32 * 1024**2
+MIN_FITTED_CONTEXT = 256  # a context shrunk to fit a budget is a multiple of this
+
+
 def activation_bytes(cfg: ModelConfig, rs: RankSlice, context: int) -> int:
     """Rough peak of temporaries during a prefill of `context` tokens (fp32)."""
+    return context * activation_bytes_per_position(cfg, rs) + ACTIVATION_BASE
+
+
+def activation_bytes_per_position(cfg: ModelConfig, rs: RankSlice) -> int:
     width = max(cfg.hidden_size, (rs.n_q + 2 * rs.n_kv) * cfg.head_dim, 2 * rs.n_mlp)
-    return 6 * context * width * 4 + 32 * 1024**2
+    return 6 * width * 4
+
+
+def effective_budget(budget_bytes: int | None) -> tuple[int | None, str]:
+    """The smaller of the budget given and the cgroup limit, and where it comes from."""
+    limit = memory_limit()
+    if limit is not None and (budget_bytes is None or limit < budget_bytes):
+        return limit, "cgroup memory limit"
+    return budget_bytes, "--memory-budget"
+
+
+def fit_context(
+    *,
+    context: int,
+    per_position_bytes: int,
+    fixed_bytes: int,
+    layer_bytes: int,
+    num_layers: int,
+    budget_bytes: int | None,
+) -> int:
+    """`context`, or fewer tokens (a multiple of MIN_FITTED_CONTEXT) when the KV cache
+    and activations reserved for it would leave the budget no room for a window of
+    two layers (one, for a single-layer model). A 70B-shaped model keeps 0.64 MB of
+    fp32 keys and values per token on one node: 4096 tokens alone are 2.7 GB. If not
+    even MIN_FITTED_CONTEXT fits, `context` is returned and the plan names what is short."""
+    if budget_bytes is None or per_position_bytes <= 0:
+        return context
+    room = budget_bytes - fixed_bytes - min(2, num_layers) * layer_bytes
+    fits = room // per_position_bytes // MIN_FITTED_CONTEXT * MIN_FITTED_CONTEXT
+    if fits >= context or fits < MIN_FITTED_CONTEXT:
+        return context
+    return int(fits)
 
 
 @dataclass(frozen=True)
@@ -133,10 +172,7 @@ def plan_window(
 
     The effective budget is the smaller of the one given and the cgroup limit.
     """
-    source = "--memory-budget"
-    limit = memory_limit()
-    if limit is not None and (budget_bytes is None or limit < budget_bytes):
-        budget_bytes, source = limit, "cgroup memory limit"
+    budget_bytes, source = effective_budget(budget_bytes)
     fixed = baseline_bytes + staging_bytes + kv_bytes + head_bytes + activation_bytes
 
     def plan(w: int) -> WindowPlan:

@@ -36,10 +36,18 @@ def choose_chunks(tokens: int, rtt_s: float, token_phase_s: float) -> int:
     return most
 
 
+PROBE_MAX_WIDTH = 1024  # 4 x 1024 x 1024 fp32 = 16 MB
+
+
 def measure_flops_per_second(hidden: int, dtype: torch.dtype = torch.float32) -> float:
-    """This machine's matmul speed on a prefill-shaped product (best of a few runs)."""
-    x = torch.randn(64, hidden, dtype=dtype)
-    w = torch.randn(4 * hidden, hidden, dtype=dtype)
+    """This machine's matmul speed on a prefill-shaped product (best of a few runs).
+
+    The probe matrix is capped at 16 MB: one of the model's own width would be
+    4 x hidden^2 floats, 1 GB for a 70B-shaped model (hidden 8192), more than a
+    2 GB device has left next to its window and head (it was OOM-killed there)."""
+    k = min(hidden, PROBE_MAX_WIDTH)
+    x = torch.randn(64, k, dtype=dtype)
+    w = torch.randn(4 * k, k, dtype=dtype)
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()

@@ -16,9 +16,13 @@ import torch
 from tpi.model.config import ModelConfig
 from tpi.model.decoder import Collective, Decoder
 from tpi.runtime.memory_budget import (
+    ACTIVATION_BASE,
     MemoryBudgetError,
     WindowPlan,
     activation_bytes,
+    activation_bytes_per_position,
+    effective_budget,
+    fit_context,
     kv_cache_bytes,
     plan_window,
 )
@@ -81,6 +85,25 @@ def build_rank(
             )
         resident = ResidentLayers(source.load_layers(dtype))
         slot, staging, window = resident.resident_bytes // cfg.num_layers, 0, cfg.num_layers
+    baseline = max(0, rss_bytes() - head_bytes - (resident.resident_bytes if resident else 0))
+    if max_context is None and planned:
+        # A big model's KV cache for the default context may not fit a small device:
+        # then the context shrinks to what leaves room for a window, and says so.
+        fitted = fit_context(
+            context=context,
+            per_position_bytes=kv_cache_bytes(cfg, rs, 1, elem)
+            + activation_bytes_per_position(cfg, rs),
+            fixed_bytes=baseline + staging + head_bytes + ACTIVATION_BASE,
+            layer_bytes=slot,
+            num_layers=cfg.num_layers,
+            budget_bytes=effective_budget(budget_bytes)[0],
+        )
+        if fitted < context and echo is not None:
+            echo(
+                f"rank {rs.rank}: context limited to {fitted} tokens so the KV cache fits the "
+                f"memory budget with a window (--max-context sets it)"
+            )
+        context = fitted
     plan = plan_window(
         num_layers=cfg.num_layers,
         layer_bytes=slot,
@@ -88,9 +111,7 @@ def build_rank(
         kv_bytes=kv_cache_bytes(cfg, rs, context, elem),
         head_bytes=head_bytes,
         activation_bytes=activation_bytes(cfg, rs, context),
-        baseline_bytes=max(
-            0, rss_bytes() - head_bytes - (resident.resident_bytes if resident else 0)
-        ),
+        baseline_bytes=baseline,
         window=window,
         budget_bytes=budget_bytes,
     )

@@ -5,9 +5,9 @@ later starts trust an unchanged fingerprint (size and mtime), which a flipped
 bit on a failing disk does not change. So each shard file also carries the
 crc32 of its bytes in the manifest, and every complete read of it (a layer
 loaded or streamed by the sliding window, the head at load) is checked against
-it: zlib's crc32 runs at several GB/s and releases the GIL, on the loader
-thread, so the check costs little next to the read itself (benchmarks/
-read_checks.py measures it). A mismatch names the file and makes the next
+it: crc32 (tpi.storage.checksum: ISA-L's where installed, ~8 GB/s, else zlib's)
+releases the GIL, on the loader thread, so the check costs little next to the
+read itself (benchmarks/read_checks.py measures it). A mismatch names the file and makes the next
 start hash the shard in full again.
 
 TPI_VERIFY_READS=0 turns the per-read check off (the first-load sha256 stays).
@@ -16,12 +16,12 @@ TPI_VERIFY_READS=0 turns the per-read check off (the first-load sha256 stays).
 from __future__ import annotations
 
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from tpi.storage.checksum import crc32
 from tpi.storage.manifest import ShardError
 from tpi.storage.shard_verify import forget
 
@@ -53,8 +53,8 @@ class FileCheck:
 
     def verify(self, data: torch.Tensor) -> None:
         """`data`: the data section as read (uint8)."""
-        crc = zlib.crc32(memoryview(data.numpy()).cast("B"), self.header_crc)
-        if zlib.crc32(self.tail, crc) != self.crc32:
+        crc = crc32(memoryview(data.numpy()).cast("B"), self.header_crc)
+        if crc32(self.tail, crc) != self.crc32:
             forget(self.manifest_hash)  # the next start hashes every file again
             raise CorruptShard(self.path)
 
@@ -70,4 +70,4 @@ def file_check(
         header = f.read(data_begin)
         f.seek(data_end)
         tail = f.read()
-    return FileCheck(str(path), int(expected), zlib.crc32(header), tail, manifest_hash)
+    return FileCheck(str(path), int(expected), crc32(header), tail, manifest_hash)

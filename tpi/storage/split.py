@@ -129,17 +129,10 @@ def split_model(
                 )
                 del part
             del head
-            for name in MASTER_FILES + ("config.json",):
-                src = model_dir / name
-                if src.is_file():
-                    shutil.copyfile(src, tmp / "rank0" / name)
-                    files[0][name] = {"sha256": sha256_file(src), "bytes": src.stat().st_size}
+            copy_master_files(model_dir, tmp / "rank0", files[0])
             if progress:
                 progress(total, total, "head")
-            index = _write_manifests(
-                tmp, cfg, partition, model_id, STORED_NAMES[storage], files, quant
-            )
-            (tmp / SPLIT_INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
+            write_split_metadata(tmp, cfg, partition, model_id, STORED_NAMES[storage], files, quant)
     finally:
         ckpt.close()
     return out_dir
@@ -153,7 +146,17 @@ def quantize_head(head: dict[str, torch.Tensor], quant: QuantSpec) -> dict[str, 
     return out
 
 
-def _write_manifests(
+def copy_master_files(src_dir: Path, rank0_dir: Path, files0: dict[str, dict]) -> None:
+    """Copy the tokenizer, chat template, generation and model config that exist in
+    `src_dir` to rank 0 (the master reads them there), listing each in `files0`."""
+    for name in MASTER_FILES + ("config.json",):
+        src = Path(src_dir) / name
+        if src.is_file():
+            shutil.copyfile(src, rank0_dir / name)
+            files0[name] = {"sha256": sha256_file(src), "bytes": src.stat().st_size}
+
+
+def write_split_metadata(
     tmp: Path,
     cfg: ModelConfig,
     partition: Partition,
@@ -161,7 +164,9 @@ def _write_manifests(
     dtype: str,
     files: list[dict],
     quant: QuantSpec,
-) -> dict:
+) -> None:
+    """Every rank's manifest (listing `files[rank]`) and the split index above them:
+    the one place a split's metadata is written, whoever wrote its shard files."""
     ranks = []
     for r in range(partition.world):
         m = Manifest(
@@ -176,7 +181,7 @@ def _write_manifests(
         raw = m.to_bytes()
         (tmp / f"rank{r}" / MANIFEST_NAME).write_bytes(raw)
         ranks.append({"rank": r, "dir": f"rank{r}", "manifest_sha256": sha256_bytes(raw)})
-    return {
+    index = {
         "format": SPLIT_FORMAT,
         "format_version": FORMAT_VERSION,
         "model_id": model_id,
@@ -187,6 +192,7 @@ def _write_manifests(
         "vocab_parallel": partition.vocab_parallel,
         "ranks": ranks,
     }
+    (tmp / SPLIT_INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
 
 
 def read_split_index(split_dir: Path) -> dict:

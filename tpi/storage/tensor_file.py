@@ -170,6 +170,7 @@ def read_span(path: Path, offset: int, buf: torch.Tensor, drop_cache: bool = Fal
         with open(path, "rb", buffering=0) as f:
             f.seek(offset)
             got = 0
+            drop = drop_cache and hasattr(os, "posix_fadvise")
             while got < n:
                 # Bounded pieces: a slow disk shows progress between them (the
                 # worker's watchdog counts bytes read), at no cost in speed.
@@ -178,9 +179,12 @@ def read_span(path: Path, offset: int, buf: torch.Tensor, drop_cache: bool = Fal
                     raise CheckpointError(
                         f"truncated file {path}: wanted {n} bytes at {offset}, got {got}"
                     )
+                if drop:
+                    # Behind every piece, not after the span: a 0.5 GB layer would
+                    # otherwise sit in the page cache twice (there and in its slot),
+                    # and a memory cgroup counts the page cache too.
+                    os.posix_fadvise(f.fileno(), offset + got, r, os.POSIX_FADV_DONTNEED)
                 got += r
-            if drop_cache and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(f.fileno(), offset, n, os.POSIX_FADV_DONTNEED)
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
 
@@ -199,7 +203,8 @@ def write_safetensors(
     computed on the way. Returns {"sha256": ..., "bytes": ..., "crc32": ...}.
     """
     import hashlib
-    import zlib
+
+    from tpi.storage.checksum import crc32
 
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
@@ -221,7 +226,7 @@ def write_safetensors(
         for chunk in (len(raw).to_bytes(8, "little"), raw):
             f.write(chunk)
             h.update(chunk)
-            crc = zlib.crc32(chunk, crc)
+            crc = crc32(chunk, crc)
             total += len(chunk)
         for name in order:
             t = tensors[name].contiguous()
@@ -230,6 +235,6 @@ def write_safetensors(
             data = memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")
             f.write(data)
             h.update(data)
-            crc = zlib.crc32(data, crc)
+            crc = crc32(data, crc)
             total += len(data)
     return {"sha256": h.hexdigest(), "bytes": total, "crc32": crc}

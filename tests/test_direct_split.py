@@ -1,0 +1,187 @@
+"""The direct-to-split writer (tpi.storage.direct_split) against `tpi split`.
+
+A synthetic int4 model (tpi.sources.synthetic) is written twice: directly, slice
+by slice, and as a Hugging Face checkpoint (4-bit weights kept as integers, as
+`tpi convert-gguf --keep-quant` stores them; vocabulary tables as the floats the
+int8 rows stand for) that `tpi split --quant int4` then cuts. Both must give the
+same files, byte for byte, listed alike, verifying and loading alike, at every
+world size: so the direct splits of different world sizes hold one model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from tests.factories import make_tokenizer
+from tpi.errors import ModelError
+from tpi.model.config import parse_config
+from tpi.model.partition import plan_partition
+from tpi.model.weights import EMBED, LM_HEAD, hf_layer_name
+from tpi.quant.quantize import QuantSpec
+from tpi.sources.synthetic import LAYOUT, SyntheticInt4Model
+from tpi.storage.direct_split import remove_split, write_split
+from tpi.storage.manifest import HEAD_FILE, read_manifest, verify_files
+from tpi.storage.shard_reader import RankShard
+from tpi.storage.split import read_split_index, split_model
+from tpi.storage.tensor_file import write_safetensors
+
+HF_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 320,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+QUANT = QuantSpec("int4", 32, LAYOUT.name)
+PROJECTIONS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+
+
+def write_checkpoint(model: SyntheticInt4Model, out) -> None:
+    """The same weights as a Hugging Face checkpoint (fp32 floats, kept 4-bit integers)."""
+    cfg = model.cfg
+    tensors: dict[str, torch.Tensor] = {}
+    for i in range(cfg.num_layers):
+        for short, hf in PROJECTIONS.items():
+            tensors.update(model.full_int4(i, short).stored(hf_layer_name(i, hf + ".weight")))
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[hf_layer_name(i, norm + ".weight")] = torch.ones(cfg.hidden_size)
+    for table, hf in ((EMBED, "model.embed_tokens.weight"), (LM_HEAD, "lm_head.weight")):
+        q, scale = model.table_int8(table, 0, cfg.vocab_size)
+        tensors[hf] = q.float() * scale.float()[:, None]  # exact in fp32
+    tensors["model.norm.weight"] = torch.ones(cfg.hidden_size)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / "model.safetensors", tensors)
+    (out / "config.json").write_text(json.dumps(HF_CONFIG))
+    make_tokenizer(out, HF_CONFIG["vocab_size"])
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    model = SyntheticInt4Model(parse_config(HF_CONFIG), seed=7)
+    ckpt = tmp_path_factory.mktemp("synthetic") / "hf"
+    write_checkpoint(model, ckpt)
+    return model, ckpt
+
+
+def _direct(model, ckpt, out, shares, vocab_parallel=False, progress=None):
+    partition = plan_partition(model.cfg, shares, vocab_parallel)
+    return write_split(
+        out,
+        model.cfg,
+        partition,
+        model.layer,
+        model.head,
+        model_id="synthetic-7",
+        dtype=torch.float32,
+        quant=QUANT,
+        master_dir=ckpt,
+        progress=progress,
+    )
+
+
+@pytest.mark.parametrize(
+    "shares,vocab_parallel",
+    [([1.0], False), ([1.0, 1.0], False), ([1.0] * 4, False), ([1.0, 1.0], True)],
+    ids=["world1", "world2", "world4", "world2-vocab-parallel"],
+)
+def test_direct_split_equals_tpi_split_of_the_same_weights(
+    synthetic, tmp_path, shares, vocab_parallel
+):
+    model, ckpt = synthetic
+    ours = _direct(model, ckpt, tmp_path / "direct", shares, vocab_parallel)
+    theirs = split_model(
+        ckpt, tmp_path / "split", shares, quant=QUANT, vocab_parallel=vocab_parallel
+    )
+    a, b = read_split_index(ours), read_split_index(theirs)
+    for key in ("format", "format_version", "world", "shares", "dtype", "quant", "vocab_parallel"):
+        assert a[key] == b[key], key
+    for r in range(len(shares)):
+        m_ours, _ = read_manifest(ours / f"rank{r}")
+        m_theirs, _ = read_manifest(theirs / f"rank{r}")
+        # The same files with the same sha256, size and crc32; only the model's id differs.
+        assert m_ours.files == m_theirs.files
+        assert dataclasses.replace(m_theirs, model_id=m_ours.model_id) == m_ours
+        verify_files(ours / f"rank{r}", m_ours)
+        s_ours, s_theirs = RankShard(ours / f"rank{r}"), RankShard(theirs / f"rank{r}")
+        for i in range(model.cfg.num_layers):
+            x, y = s_ours.load_layer(i, torch.float32), s_theirs.load_layer(i, torch.float32)
+            for field in dataclasses.fields(x):
+                _assert_same(getattr(x, field.name), getattr(y, field.name))
+        assert s_ours.has_head == s_theirs.has_head == (r == 0 or vocab_parallel)
+        if s_ours.has_head:
+            x, y = s_ours.load_head(torch.float32), s_theirs.load_head(torch.float32)
+            _assert_same(x.embed, y.embed)
+            _assert_same(x.lm_head, y.lm_head)
+            assert x.start == y.start
+    assert (ours / "rank0" / "tokenizer.json").is_file()
+    assert HEAD_FILE in read_manifest(ours / "rank0")[0].files
+
+
+def _assert_same(x, y) -> None:
+    if x is None or isinstance(x, torch.Tensor):
+        assert (x is None and y is None) or (x.dtype == y.dtype and torch.equal(x, y))
+        return
+    for f in dataclasses.fields(x):
+        _assert_same(getattr(x, f.name), getattr(y, f.name))
+
+
+def test_an_interrupted_direct_split_resumes_where_it_stopped(synthetic, tmp_path):
+    model, ckpt = synthetic
+    whole = _direct(model, ckpt, tmp_path / "whole", [1.0, 1.0])
+    seen = []
+
+    def stop_after_first_layer(done, total, item):
+        seen.append(item)
+        if done == 1:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        _direct(model, ckpt, out, [1.0, 1.0], progress=stop_after_first_layer)
+    assert not out.exists() and seen == ["layer 0"]
+    seen.clear()
+    _direct(model, ckpt, out, [1.0, 1.0], progress=lambda d, t, item: seen.append(item))
+    assert seen == ["layer 1", "head"]  # layer 0 was not written again
+    for r in range(2):
+        assert (
+            read_manifest(out / f"rank{r}")[0].files == read_manifest(whole / f"rank{r}")[0].files
+        )
+    # Done once: asking again returns the split untouched.
+    assert _direct(model, ckpt, out, [1.0, 1.0], progress=lambda *a: seen.append(a)) == out
+    assert seen == ["layer 1", "head"]
+    remove_split(out)
+    assert not out.exists()
+
+
+def test_cuts_off_the_weight_blocks_are_refused(tmp_path):
+    # 192 MLP columns across 4 ranks are cut in blocks of 32: not whole 64-column blocks.
+    model = SyntheticInt4Model(parse_config({**HF_CONFIG, "intermediate_size": 192}))
+    with pytest.raises(ModelError, match="blocks of 64"):
+        write_split(
+            tmp_path / "odd",
+            model.cfg,
+            plan_partition(model.cfg, [1.0] * 4),
+            model.layer,
+            model.head,
+            model_id="odd",
+            dtype=torch.float32,
+            quant=QUANT,
+        )

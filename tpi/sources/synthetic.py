@@ -1,0 +1,250 @@
+"""A synthetic int4 Llama model, made slice by slice: big shapes with no checkpoint.
+
+Llama-2-70B's shapes in bf16 are 140 GB, more than a small machine's disk; as an
+int4 split (groups of 32) they are ~40 GB. This source hands out each rank's
+stored tensors of a layer directly (packed int4 nibbles plus bf16 scale and zero
+per group, int8 vocabulary tables), so no float matrix of a layer is ever held.
+
+Weights are random but depend only on (seed, layer, tensor, block): every 64-row
+block of a row-split matrix (q, k, v, gate, up, the vocabulary tables) and every
+64-column block of a column-split one (o, down) is drawn from its own generator,
+straight in the packed layout of `LAYOUT`. A partition whose cuts fall on
+multiples of 64 takes whole blocks, so the world-1, world-4 and world-8 splits
+hold the same model, only sliced differently, and greedy tokens can be compared
+across world sizes. The logical nibble of weight (n, k) is what unpacking the
+stored bytes gives (tpi.quant.int4_pack.unpack); `full_int4` returns a whole
+matrix that way, e.g. to write the same model as a checkpoint.
+
+Scales keep the residual stream well conditioned, so the greedy token does not
+hinge on rounding (world sizes round partial sums differently): q, k, v, gate
+and up give unit-RMS outputs for unit-RMS inputs, and o and down are scaled so
+all layers together add about half the embedding's RMS to the residual stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tpi.errors import ModelError
+from tpi.model.config import ModelConfig
+from tpi.model.partition import RankSlice
+from tpi.model.weights import (
+    ATTN_NORM,
+    DOWN,
+    EMBED,
+    FINAL_NORM,
+    GATE_UP,
+    LM_HEAD,
+    MLP_NORM,
+    O_PROJ,
+    QKV,
+)
+from tpi.quant.formats import INT4_SCALE_ZERO, INT4_SUFFIX, INT8_SCALE, INT8_SUFFIX, QUANT_DTYPE
+from tpi.quant.int4_pack import Int4Layout, unpack
+from tpi.quant.int4_rows import Int4Rows
+
+LAYOUT = Int4Layout(64, True)  # the packing the model is defined in (torch's AVX512 one)
+BLOCK = 64  # rows (or columns) drawn from one generator: the layout's row block
+GROUP = 32
+NIBBLE_RMS = math.sqrt((16**2 - 1) / 12)  # of q - 7.5 for q uniform in 0..15
+INT8_RMS = math.sqrt((255**2 - 1) / 12)  # of q uniform in -127..127
+SILU_GLU_RMS = 0.6  # RMS of silu(g) * u for unit-normal g and u, roughly
+LAYERS_SHARE = 0.5  # RMS all layers add to the residual, relative to the embedding's
+LOGIT_RMS = 4.0
+SCALE_SPREAD = 0.25  # group scales vary by +-25% around their tensor's base
+# Stable ids of the tensors (part of every generator's seed).
+TENSOR_IDS = {"q": 0, "k": 1, "v": 2, "o": 3, "gate": 4, "up": 5, "down": 6, EMBED: 7, LM_HEAD: 8}
+
+
+def _generator(seed: int, layer: int, tensor: str, block: int) -> torch.Generator:
+    key = hashlib.blake2b(
+        f"{seed}/{layer}/{TENSOR_IDS[tensor]}/{block}".encode(), digest_size=8
+    ).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+
+
+def _random_bytes(n: int, g: torch.Generator) -> torch.Tensor:
+    """n uniform bytes (n % 8 == 0); int64 draws are ~4x faster than uint8 ones."""
+    return (
+        torch.empty(n // 8, dtype=torch.int64)
+        .random_(-(2**63), 2**63 - 1, generator=g)
+        .view(torch.uint8)
+    )
+
+
+def _scales(shape: tuple[int, ...], base: float, g: torch.Generator) -> torch.Tensor:
+    u = torch.rand(shape, generator=g) * 2 - 1
+    return (base * (1 + SCALE_SPREAD * u)).to(QUANT_DTYPE)
+
+
+def _scale_zero(scale: torch.Tensor) -> torch.Tensor:
+    """torch's kernel computes (q - 8) * scale + zero: zero = scale / 2 centres q on 7.5
+    (exact in bf16: halving changes only the exponent)."""
+    return torch.stack([scale, scale / 2], dim=-1).contiguous()
+
+
+def _check_cut(a: int, b: int, total: int, what: str) -> None:
+    if a % BLOCK or (b % BLOCK and b != total):
+        raise ModelError(
+            f"synthetic weights are cut in blocks of {BLOCK}: {what} [{a}, {b}) does not "
+            "fall on them (choose shares whose slices are multiples of 64)"
+        )
+
+
+@dataclass(frozen=True)
+class SyntheticInt4Model:
+    """Every tensor of an int4 (groups of 32) split of a random `cfg` model."""
+
+    cfg: ModelConfig
+    seed: int = 0
+    float_dtype: torch.dtype = torch.float32  # norms (what `dtype` a split records)
+
+    def __post_init__(self) -> None:
+        c = self.cfg
+        if c.attention_bias or c.o_proj_bias or c.mlp_bias:
+            raise ModelError("synthetic int4 models have no biases")
+        for name, k in (("hidden", c.hidden_size), ("intermediate", c.intermediate_size)):
+            if k % BLOCK:
+                raise ModelError(f"synthetic int4 models need a {name} size divisible by {BLOCK}")
+        if (c.head_dim * c.num_kv_heads) % BLOCK:
+            raise ModelError(f"synthetic int4 models need KV widths divisible by {BLOCK}")
+
+    # --- shapes and scales -------------------------------------------------------
+
+    def _shape(self, tensor: str) -> tuple[int, int]:
+        """(outputs, inputs) of a whole matrix."""
+        c = self.cfg
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        return {
+            "q": (q, c.hidden_size),
+            "k": (kv, c.hidden_size),
+            "v": (kv, c.hidden_size),
+            "o": (c.hidden_size, q),
+            "gate": (c.intermediate_size, c.hidden_size),
+            "up": (c.intermediate_size, c.hidden_size),
+            "down": (c.hidden_size, c.intermediate_size),
+            EMBED: (c.vocab_size, c.hidden_size),
+            LM_HEAD: (c.vocab_size, c.hidden_size),
+        }[tensor]
+
+    def _base_scale(self, tensor: str) -> float:
+        k = self._shape(tensor)[1]
+        per_block = LAYERS_SHARE / math.sqrt(2 * self.cfg.num_layers)
+        if tensor == EMBED:
+            return 1 / INT8_RMS
+        if tensor == LM_HEAD:
+            return LOGIT_RMS / (INT8_RMS * math.sqrt(k))
+        if tensor == "o":  # its input, a mix of unit-RMS values, has RMS <= 1
+            return per_block / (NIBBLE_RMS * math.sqrt(k))
+        if tensor == "down":
+            return per_block / (NIBBLE_RMS * math.sqrt(k) * SILU_GLU_RMS)
+        return 1 / (NIBBLE_RMS * math.sqrt(k))
+
+    # --- int4 matrices -----------------------------------------------------------
+
+    def rows_int4(
+        self, layer: int, tensor: str, a: int, b: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output rows [a, b) of a row-split matrix: (packed (b-a, K/2), scale_zero (K/g, b-a, 2))."""
+        n, k = self._shape(tensor)
+        _check_cut(a, b, n, f"{tensor} rows")
+        base = self._base_scale(tensor)
+        packed, sz = [], []
+        for blk in range(a // BLOCK, b // BLOCK):
+            g = _generator(self.seed, layer, tensor, blk)
+            # A row block's packed bytes are K-major (K, BLOCK/2): its own, whatever the cut.
+            packed.append(_random_bytes(BLOCK * k // 2, g).view(BLOCK, k // 2))
+            sz.append(_scale_zero(_scales((k // GROUP, BLOCK), base, g)))
+        return torch.cat(packed), torch.cat(sz, dim=1)
+
+    def cols_int4(
+        self, layer: int, tensor: str, a: int, b: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input columns [a, b) of a column-split matrix: (packed (N, (b-a)/2),
+        scale_zero ((b-a)/g, N, 2))."""
+        n, k = self._shape(tensor)
+        _check_cut(a, b, k, f"{tensor} columns")
+        base = self._base_scale(tensor)
+        packed, sz = [], []
+        for blk in range(a // BLOCK, b // BLOCK):
+            g = _generator(self.seed, layer, tensor, blk)
+            # In each row block, column k's BLOCK nibbles are BLOCK/2 consecutive bytes.
+            packed.append(_random_bytes(n * BLOCK // 2, g).view(n // LAYOUT.block_n, BLOCK, -1))
+            sz.append(_scale_zero(_scales((BLOCK // GROUP, n), base, g)))
+        return torch.cat(packed, dim=1).reshape(n, (b - a) // 2), torch.cat(sz)
+
+    def full_int4(self, layer: int, tensor: str) -> Int4Rows:
+        """A whole matrix as 4-bit integers with scale and minimum (checkpoint form)."""
+        n, k = self._shape(tensor)
+        packed, sz = (
+            self.rows_int4(layer, tensor, 0, n)
+            if tensor in ("q", "k", "v", "gate", "up")
+            else self.cols_int4(layer, tensor, 0, k)
+        )
+        scale = sz[..., 0].float().t().contiguous()
+        zero = sz[..., 1].float().t().contiguous()
+        return Int4Rows(unpack(packed, LAYOUT), scale, zero - 8 * scale)
+
+    # --- what a split stores -----------------------------------------------------
+
+    def layer(self, layer: int, rs: RankSlice) -> dict[str, torch.Tensor]:
+        """Rank `rs`'s stored tensors of `layer`, named as in a `tpi split --quant int4` file."""
+        hd = self.cfg.head_dim
+        parts = [
+            self.rows_int4(layer, "q", rs.q_heads[0] * hd, rs.q_heads[1] * hd),
+            self.rows_int4(layer, "k", rs.kv_heads[0] * hd, rs.kv_heads[1] * hd),
+            self.rows_int4(layer, "v", rs.kv_heads[0] * hd, rs.kv_heads[1] * hd),
+        ]
+        out = _fused(QKV, parts)
+        out.update(
+            _stored(O_PROJ, self.cols_int4(layer, "o", rs.q_heads[0] * hd, rs.q_heads[1] * hd))
+        )
+        parts = [self.rows_int4(layer, t, *rs.mlp) for t in ("gate", "up")]
+        out.update(_fused(GATE_UP, parts))
+        out.update(_stored(DOWN, self.cols_int4(layer, "down", *rs.mlp)))
+        ones = torch.ones(self.cfg.hidden_size, dtype=self.float_dtype)
+        out[ATTN_NORM], out[MLP_NORM] = ones, ones.clone()
+        return out
+
+    def table_int8(self, tensor: str, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [a, b) of a vocabulary table: (int8 (b-a, hidden), bf16 scale (b-a,))."""
+        n, k = self._shape(tensor)
+        _check_cut(a, b, n, f"{tensor} rows")
+        base = self._base_scale(tensor)
+        qs, scales = [], []
+        for blk in range(a // BLOCK, (b + BLOCK - 1) // BLOCK):
+            g = _generator(self.seed, -1, tensor, blk)
+            rows = min(BLOCK, n - blk * BLOCK)
+            q = torch.empty(rows, k, dtype=torch.int8).random_(-127, 128, generator=g)
+            # Each row reaches 127, so requantizing the dequantized row (absmax / 127)
+            # finds the same scale and integers again: `tpi split` reproduces it exactly.
+            q[:, 0] = 127
+            qs.append(q)
+            scales.append(_scales((rows,), base, g))
+        return torch.cat(qs), torch.cat(scales)
+
+    def head(self, rs: RankSlice | None = None) -> dict[str, torch.Tensor]:
+        """The final norm and int8 vocabulary tables: all rows, or `rs.vocab`'s."""
+        a, b = rs.vocab if rs is not None and rs.vocab else (0, self.cfg.vocab_size)
+        out = {FINAL_NORM: torch.ones(self.cfg.hidden_size, dtype=self.float_dtype)}
+        tables = (EMBED,) if self.cfg.tie_word_embeddings else (EMBED, LM_HEAD)
+        for t in tables:
+            q, scale = self.table_int8(t, a, b)
+            out[t + INT8_SUFFIX], out[t + INT8_SCALE] = q, scale
+        return out
+
+
+def _stored(name: str, packed_sz: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    packed, sz = packed_sz
+    return {name + INT4_SUFFIX: packed, name + INT4_SCALE_ZERO: sz}
+
+
+def _fused(name: str, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Matrices stacked by rows (q/k/v, gate/up), as a split fuses them."""
+    return _stored(
+        name, (torch.cat([p for p, _ in parts]), torch.cat([s for _, s in parts], dim=1))
+    )
