@@ -65,32 +65,18 @@ def _star_worker(conn, iters_by_size: dict[int, int]) -> None:
 
     from tpi.comm.links import WorkerEndpoint
     from tpi.comm.star_worker import StarWorker
-    from tpi.comm.wire import Kind, decode
+    from tpi.worker.master_channel import MasterChannel
 
     torch.set_num_threads(1)  # one core per emulated device, as `tpi cluster` does
     ctx = zmq.Context()
     ep = WorkerEndpoint(ctx, "tcp://127.0.0.1:0")
     conn.send(ep.address.replace("tcp://", ""))
-    peer = None
-    while peer is None:  # the master's first PING tells us who it is
-        inb = ep.recv(1.0)
-        if inb is not None:
-            peer = inb.peer
-
-    class Channel:
-        def send(self, frames):
-            ep.send(peer, frames)
-
-        def wait_sum(self, expected):
-            while True:
-                inb = ep.recv(30.0)
-                if inb is None:
-                    raise TimeoutError
-                msg = decode(inb.frames)
-                if msg.kind == Kind.SUM and msg.data.step == expected.step:
-                    return msg
-
-    w = StarWorker(Channel(), SESSION, torch.float32)
+    hello = None
+    while hello is None:  # the master's first PING tells us who it is
+        hello = ep.recv(1.0)
+    # The worker's production receive path (session checks, PINGs answered).
+    channel = MasterChannel(ep, hello, SESSION, rank=1)
+    w = StarWorker(channel, SESSION, torch.float32)
     step = 0
     for size, iters in iters_by_size.items():
         x = torch.ones(size // 4)
@@ -104,8 +90,13 @@ def _star_worker(conn, iters_by_size: dict[int, int]) -> None:
 
 
 def run_star(
-    world: int, latency_ms: float, iters_by_size: dict[int, int], workdir: Path
-) -> dict[int, float]:
+    world: int,
+    latency_ms: float,
+    iters_by_size: dict[int, int],
+    workdir: Path,
+    per_call: bool = False,
+) -> dict:
+    """Mean seconds per allreduce by size (or, with `per_call`, every call's time)."""
     import torch
     import zmq
 
@@ -140,13 +131,15 @@ def run_star(
         for size, iters in iters_by_size.items():
             x = torch.ones(size // 4)
             warm = min(2, iters - 1)
+            calls = []
             for i in range(iters):
-                if i == warm:
-                    t0 = time.perf_counter()
                 step += 1
                 clock.step = step
+                t0 = time.perf_counter()
                 master.allreduce(x, 0, 0)
-            out[size] = (time.perf_counter() - t0) / (iters - warm)
+                if i >= warm:
+                    calls.append(time.perf_counter() - t0)
+            out[size] = calls if per_call else sum(calls) / len(calls)
     finally:
         for a in pipes:
             a.send("done")
@@ -280,14 +273,56 @@ def run_gloo(world: int, iters_by_size: dict[int, int]) -> dict[int, float]:
     return {size: max(r[size] for r in results) for size in iters_by_size}
 
 
+def per_call_overhead(world: int, floats: int, calls: int, out: str | None) -> None:
+    """One size, no emulated latency: the median cost of one star allreduce call,
+    what a decode step pays 2 x layers times (issue target: <= 0.3 ms at world 3
+    for SmolLM2's 576 floats)."""
+    import statistics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        times = run_star(world, 0, {4 * floats: calls}, Path(tmp), per_call=True)[4 * floats]
+    ms = sorted(1000 * t for t in times)
+    q = statistics.quantiles(ms, n=10)
+    data = {
+        "world": world,
+        "floats": floats,
+        "calls": len(ms),
+        "median_ms": round(statistics.median(ms), 4),
+        "p10_ms": round(q[0], 4),
+        "p90_ms": round(q[-1], 4),
+        "note": "loopback, every rank its own process, all on this 2-core machine",
+    }
+    click.echo(data, err=True)
+    click.echo(f"wrote {write_result('allreduce_call', data, out)}")
+
+
 @click.command()
 @click.option("--max-world", default=8, show_default=True)
 @click.option("--quick", is_flag=True, help="Fewer iterations (a smoke run).")
+@click.option(
+    "--per-call",
+    "per_call_world",
+    type=int,
+    default=None,
+    metavar="WORLD",
+    help="Only the median cost of one call at this world size (576 floats, no latency).",
+)
+@click.option("--floats", default=576, show_default=True, help="With --per-call: vector length.")
+@click.option("--calls", default=3000, show_default=True, help="With --per-call: calls timed.")
 @click.option("--out", default=None)
-def main(max_world: int, quick: bool, out: str | None) -> None:
+def main(
+    max_world: int,
+    quick: bool,
+    per_call_world: int | None,
+    floats: int,
+    calls: int,
+    out: str | None,
+) -> None:
     import torch
 
     torch.set_num_threads(1)  # the star master, like every rank, gets one core
+    if per_call_world:
+        return per_call_overhead(per_call_world, floats, calls, out)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

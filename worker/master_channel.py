@@ -125,9 +125,11 @@ class MasterChannel:
     def _master_gone(self) -> bool:
         if self.fd not in self.endpoint.closed_fds:
             return False
-        # A disconnect was reported on our master's fd; the event may be stale
-        # (fds are reused), so confirm with a probe.
-        self.endpoint.closed_fds.discard(self.fd)
+        # A disconnect was reported on our master's fd. The event may be stale
+        # (fds are reused), so confirm with a probe, and keep probing (every poll)
+        # while it succeeds: libzmq reports the disconnect before the ROUTER has
+        # dropped the peer, so a probe right after it can still be accepted. The
+        # mark goes only when a message from the master arrives on that fd.
         return not self._probe()
 
     def _refuse_stranger(self, inb: Inbound) -> None:
