@@ -48,8 +48,10 @@ def _measure(engine, prompt: list[int], new: int, repeats: int) -> dict:
 @click.option("--new-tokens", default=32, show_default=True)
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--wire-dtype", type=click.Choice(["fp32", "bf16"]), default="fp32")
+@click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none")
+@click.option("--min-world", default=1, show_default=True)
 @click.option("--out", default=None)
-def main(model, max_world, prompt_tokens, new_tokens, repeats, wire_dtype, out):
+def main(model, max_world, prompt_tokens, new_tokens, repeats, wire_dtype, quant, min_world, out):
     from tpi.comm.auth import new_secret
     from tpi.master.engine import load_engine
     from tpi.master.loader import open_model
@@ -68,7 +70,7 @@ def main(model, max_world, prompt_tokens, new_tokens, repeats, wire_dtype, out):
     click.echo(f"single process ({torch.get_num_threads()} threads): {reference}", err=True)
     del ref_engine
     rows = []
-    for world in range(1, max_world + 1):
+    for world in range(min_world, max_world + 1):
         threads = max(1, cores // world)
         torch.set_num_threads(threads)
         with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +78,12 @@ def main(model, max_world, prompt_tokens, new_tokens, repeats, wire_dtype, out):
             workers = lc.start() if world > 1 else []
             try:
                 lm = open_model(
-                    str(model_dir), "fp32", quiet=True, workers=workers, wire_dtype=wire_dtype
+                    str(model_dir),
+                    "fp32",
+                    quiet=True,
+                    workers=workers,
+                    wire_dtype=wire_dtype,
+                    quant=None if quant == "none" else quant,
                 )
                 try:
                     _measure(lm.engine, prompt[:8], 2, 1)
@@ -117,14 +124,15 @@ def main(model, max_world, prompt_tokens, new_tokens, repeats, wire_dtype, out):
         click.echo(r, err=True)
         rows.append(r)
     path = write_result(
-        f"cluster_{wire_dtype}",
+        f"cluster_{wire_dtype}" + ("" if quant == "none" else f"_{quant}"),
         {
             "model": str(model_dir),
             "prompt_tokens": prompt_tokens,
             "new_tokens": new_tokens,
             "repeats": repeats,
             "wire_dtype": wire_dtype,
-            "reference_single_process": reference,
+            "quant": quant,
+            "reference_single_process (fp32)": reference,
             "worlds": rows,
             "note": "all ranks on one machine; fewer cores than ranks means shared cores",
         },

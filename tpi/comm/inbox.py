@@ -44,7 +44,7 @@ class Inbox:
 
         Raises TimeoutError when none arrives in time, LinkLost when a link we
         wait on is gone, ClusterError when a worker reports an error."""
-        kinds = frozenset(kinds)
+        kinds = kinds if isinstance(kinds, frozenset) else frozenset(kinds)
         deadline = time.monotonic() + timeout_s
         while True:
             got = self._take_filed(kinds, ranks)
@@ -56,7 +56,7 @@ class Inbox:
 
     def pop(self, kinds: Iterable[Kind]) -> tuple[WorkerLink, Message] | None:
         """The oldest filed message of `kinds`, without receiving anything."""
-        return self._take_filed(frozenset(kinds), None)
+        return self._take_filed(kinds if isinstance(kinds, frozenset) else frozenset(kinds), None)
 
     def _take_filed(
         self, kinds: frozenset[Kind], ranks: set[int] | None

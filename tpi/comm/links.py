@@ -32,6 +32,12 @@ SRCFD = 2  # ZMQ_SRCFD: which connection a message arrived on
 ZERO_COPY_MIN_BYTES = 64 * 1024
 
 
+def readable(sock: zmq.Socket) -> bool:
+    """A whole message is waiting (asking costs far less than a failed receive,
+    which raises and builds an exception: measured ~7 us per link per call)."""
+    return bool(sock.get(zmq.EVENTS) & zmq.POLLIN)
+
+
 def _frame_bytes(frames: list) -> int:
     return sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
 
@@ -163,11 +169,8 @@ class LinkSet:
         """Every message already waiting on a live link, in arrival order per link."""
         out = []
         for link in self.links:
-            while link.lost is None:
-                try:
-                    frames = link.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
+            while link.lost is None and readable(link.sock):
+                frames = link.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 link.messages_received += 1
                 link.bytes_received += sum(len(f.buffer) for f in frames)
                 out.append((link, decode(frames)))
@@ -257,33 +260,46 @@ class WorkerEndpoint:
                 ) from None
             raise TpiError(f"cannot listen on {display_address(address)}: {e}") from None
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.poller = zmq.Poller()
-        self.poller.register(self.sock, zmq.POLLIN)
-        self.poller.register(self.monitor, zmq.POLLIN)
         self.closed_fds: set[int] = set()
+        self._rcvtimeo = -1
 
     def _take(self) -> Inbound | None:
-        try:
-            frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-        except zmq.Again:
+        if not readable(self.sock):
             return None
+        return self._inbound(self.sock.recv_multipart(zmq.NOBLOCK, copy=False))
+
+    def _inbound(self, frames: list) -> Inbound:
         fd = frames[-1].get(SRCFD)
         self.closed_fds.discard(fd)  # a live message on it: the fd is (re)used
         return Inbound(frames[0].bytes, fd, frames[1:])
 
     def recv(self, timeout_s: float) -> Inbound | None:
-        """The next message, or None on timeout; disconnects are collected in closed_fds."""
+        """The next message, or None on timeout; disconnects are collected in closed_fds.
+
+        Waits in a blocking receive (with a receive timeout) rather than a poll
+        and a receive (fewer calls; on an idle machine a raw pyzmq round trip is
+        0.08 ms that way against 0.14-0.18). Disconnects reported meanwhile are
+        collected before and after each wait (the worker polls at least twice a
+        second, so a master that vanished is noticed within that)."""
         if (inb := self._take()) is not None:
             return inb
-        events = dict(self.poller.poll(max(0, int(timeout_s * 1000))))
-        if self.monitor in events:
-            while self.monitor.poll(0):
-                msg = parse_monitor_message(self.monitor.recv_multipart())
-                if msg["event"] == zmq.EVENT_DISCONNECTED:
-                    self.closed_fds.add(int(msg["value"]))
-        if self.sock in events:
-            return self._take()
-        return None
+        self._collect_disconnects()
+        wait_ms = max(0, int(timeout_s * 1000))
+        if wait_ms != self._rcvtimeo:
+            self.sock.setsockopt(zmq.RCVTIMEO, wait_ms)
+            self._rcvtimeo = wait_ms
+        try:
+            frames = self.sock.recv_multipart(copy=False)
+        except zmq.Again:
+            self._collect_disconnects()
+            return None
+        return self._inbound(frames)
+
+    def _collect_disconnects(self) -> None:
+        while self.monitor.poll(0):
+            msg = parse_monitor_message(self.monitor.recv_multipart())
+            if msg["event"] == zmq.EVENT_DISCONNECTED:
+                self.closed_fds.add(int(msg["value"]))
 
     def send(self, peer: bytes, frames: list) -> bool:
         """Send to `peer`; False if it is no longer connected."""

@@ -1,8 +1,8 @@
 """The arithmetic of the star allreduce, without sockets or threads.
 
 Rank 0 collects one partial per rank for every key (step, layer, phase, pos),
-adds them in fixed rank order whatever the arrival order (so sums are
-deterministic), and hands out each total once every partial is in, oldest
+adds them in one reduction over the rank rows whatever the arrival order (so
+sums are deterministic), and hands out each total once every partial is in, oldest
 first in the order a forward pass starts them (so workers receive totals in
 the order they wait for them).
 
@@ -19,6 +19,7 @@ is a protocol error.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -40,8 +41,23 @@ def wire_dtype_for(phase: int, wire: torch.dtype) -> torch.dtype:
 
 
 @dataclass
+class _Slots:
+    """One row per rank, flat float32, with the row views made once (an indexing
+    op per partial costs as much as the copy for a decode-sized vector)."""
+
+    buf: torch.Tensor  # (world, numel)
+    rows: list[torch.Tensor]
+
+    @classmethod
+    def new(cls, world: int, numel: int) -> _Slots:
+        buf = torch.empty((world, numel), dtype=torch.float32)
+        return cls(buf, list(buf.unbind(0)))
+
+
+@dataclass
 class _Reduction:
-    slots: torch.Tensor  # (world, *shape) float32, one row per rank
+    slots: _Slots
+    shape: tuple[int, ...]
     wire: torch.dtype
     have: set[int] = field(default_factory=set)
     own_dtype: torch.dtype | None = None
@@ -69,30 +85,31 @@ class Reducer:
         self.step = 0  # the step partials may belong to
         self._open: dict[Key, _Reduction] = {}
         self._done: Key = (0, 0, 0, 0)  # pass_order of the last key summed
-        self._pool: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
+        self._pool: dict[tuple[int, torch.dtype], list[_Slots]] = {}
 
     def _reduction(self, key: Key, shape: tuple[int, ...]) -> _Reduction:
         red = self._open.get(key)
         if red is None:
             wire = wire_dtype_for(key[2], self.wire_dtype)
-            pool = self._pool.get((shape, wire), [])
-            slots = pool.pop() if pool else torch.empty((self.world, *shape), dtype=torch.float32)
-            red = self._open[key] = _Reduction(slots, wire)
-        elif tuple(red.slots.shape[1:]) != shape:
-            raise ProtocolError(
-                f"partials of shapes {tuple(red.slots.shape[1:])} and {shape} for {key}"
-            )
+            numel = math.prod(shape)
+            pool = self._pool.get((numel, wire))
+            slots = pool.pop() if pool else _Slots.new(self.world, numel)
+            red = self._open[key] = _Reduction(slots, shape, wire)
+        elif red.shape != shape:
+            raise ProtocolError(f"partials of shapes {red.shape} and {shape} for {key}")
         return red
 
     def own(self, key: Key, partial: torch.Tensor) -> None:
         """Rank 0's partial, rounded exactly as a worker's is by the wire."""
         red = self._reduction(key, tuple(partial.shape))
-        red.slots[0].copy_(partial.to(red.wire))
+        rounded = partial if red.wire == partial.dtype else partial.to(red.wire)
+        red.slots.rows[0].copy_(rounded.view(-1))
         red.have.add(0)
         red.own_dtype = partial.dtype
 
     def add(self, rank: int, key: Key, dtype: torch.dtype, tensor: torch.Tensor) -> bool:
-        """A worker's partial; False if it was late or a duplicate (ignored)."""
+        """A worker's partial (any shape view of its values); False if it was late
+        or a duplicate (ignored)."""
         if pass_order(key) <= self._done:
             return False
         if key[0] != self.step:
@@ -104,7 +121,7 @@ class Reducer:
             return False
         if dtype != red.wire:
             raise ProtocolError(f"rank {rank} sent {dtype} for {key}, expected {red.wire}")
-        red.slots[rank].copy_(tensor)
+        red.slots.rows[rank].copy_(tensor.view(-1))
         red.have.add(rank)
         red.received += tensor.numel() * tensor.element_size()
         return True
@@ -113,16 +130,16 @@ class Reducer:
         """Totals that just became complete, oldest first; stops at the first
         incomplete key so totals leave in pass order."""
         out = []
-        for key in sorted(self._open, key=pass_order):
+        keys = self._open if len(self._open) == 1 else sorted(self._open, key=pass_order)
+        for key in keys:
             red = self._open[key]
             if red.total is not None:
                 continue
             if len(red.have) < self.world:
                 break
-            total = red.slots[0].clone()
-            for r in range(1, self.world):  # fixed rank order: deterministic sums
-                total.add_(red.slots[r])
-            red.total = total.to(red.wire)
+            # One deterministic reduction over the rank rows (same order every time).
+            total = red.slots.buf.sum(0).view(red.shape)
+            red.total = total if red.wire == torch.float32 else total.to(red.wire)
             self._done = max(self._done, pass_order(key))
             out.append(Total(key, red.total, red.own_dtype or red.wire, red.received))
         return out
@@ -130,7 +147,7 @@ class Reducer:
     def release(self, key: Key) -> None:
         """Forget a handed-out total; its slot buffer is reused."""
         red = self._open.pop(key)
-        pool = self._pool.setdefault((tuple(red.slots.shape[1:]), red.wire), [])
+        pool = self._pool.setdefault((red.slots.buf.shape[1], red.wire), [])
         if len(pool) < POOLED_PER_SHAPE:
             pool.append(red.slots)
 

@@ -40,6 +40,7 @@ from tpi.comm.wire import (
     tensor_payload,
 )
 
+PARTIALS = frozenset({Kind.PARTIAL})
 REDUCER_POLL_S = 0.05  # the reducer thread re-checks for a stop request this often
 _wake_ids = itertools.count()
 
@@ -111,7 +112,7 @@ class StarMaster:
         while key not in self._totals:
             try:
                 link, msg = self.inbox.take(
-                    {Kind.PARTIAL}, max(0.0, deadline - time.monotonic()), where=_where(key)
+                    PARTIALS, max(0.0, deadline - time.monotonic()), where=_where(key)
                 )
             except TimeoutError:
                 self._timeout(key)
@@ -204,7 +205,7 @@ class StarMaster:
                     while not self._handoff.empty():
                         key, partial = self._handoff.get_nowait()
                         self.reducer.own(key, partial)
-                    while (got := self.inbox.pop({Kind.PARTIAL})) is not None:
+                    while (got := self.inbox.pop(PARTIALS)) is not None:
                         self._add(*got)
                     totals = self.reducer.ready()
                 if totals:

@@ -61,7 +61,9 @@ class StarWorker:
         t0 = time.perf_counter()
         header, dtype = self._started.pop(pending.key)
         msg = self.channel.wait_sum(header)
-        total = payload_tensor(msg.payload, msg.data).to(dtype, copy=True)
+        # A view of the received frame (it stays alive with the tensor), converted
+        # only if the compute dtype differs: the caller adds it to the residual.
+        total = payload_tensor(msg.payload, msg.data).to(dtype)
         self.stats.record(time.perf_counter() - t0, header.nbytes(), msg.data.nbytes())
         return total
 

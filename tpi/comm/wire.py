@@ -20,6 +20,7 @@ docs/architecture.md lists every kind and field.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -152,11 +153,14 @@ _HEADERS = {
     for kind, fields in _FIELDS.items()
 }
 _DIM = struct.Struct("<I")
+_SHAPES = [struct.Struct("<" + "I" * n) for n in range(5)]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class DataHeader:
-    """The fixed header of a data message. Fields a kind does not carry are 0."""
+    """The fixed header of a data message. Fields a kind does not carry are 0.
+    (Not frozen: a frozen dataclass is ~3x slower to build, and headers are built
+    per message on the allreduce path; nobody mutates one.)"""
 
     session: int
     step: int
@@ -170,10 +174,7 @@ class DataHeader:
     mode: int = 0  # HEAD: a HeadMode
 
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass
@@ -205,6 +206,14 @@ def encode_data(kind: Kind, h: DataHeader) -> bytes:
         + _HEADERS[kind].pack(*fields, DTYPE_CODES[h.dtype], len(h.shape))
         + b"".join(_DIM.pack(d) for d in h.shape)
     )
+
+
+_BUILDERS = {
+    Kind.STEP: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], 0, 0, dt, sh, chunks=v[3]),
+    Kind.PARTIAL: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], v[3], v[4], dt, sh),
+    Kind.SUM: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], v[3], v[4], dt, sh),
+    Kind.HEAD: lambda v, dt, sh: DataHeader(v[0], v[1], 0, 0, 0, dt, sh, round=v[2], mode=v[3]),
+}
 
 
 def _check_data_fields(kind: Kind, h: DataHeader) -> None:
@@ -301,17 +310,10 @@ def decode(frames: list[Any]) -> Message:
             or len(body_bytes) != layout.size + ndim * _DIM.size
         ):
             raise ProtocolError(f"{kind.name} header malformed")
-        shape = tuple(
-            _DIM.unpack_from(body_bytes, layout.size + i * _DIM.size)[0] for i in range(ndim)
-        )
+        shape = _SHAPES[ndim].unpack_from(body_bytes, layout.size)
         if payload is None:
             raise ProtocolError(f"{kind.name} without payload")
-        fields = dict(zip(_FIELDS[kind], values, strict=True))
-        header = DataHeader(
-            **{"pos": 0, "layer": 0, "phase": 0, **fields},
-            dtype=CODE_DTYPES[dcode],
-            shape=shape,
-        )
+        header = _BUILDERS[kind](values, CODE_DTYPES[dcode], shape)
         _check_data_fields(kind, header)
         return Message(kind, header, payload)
     if len(body_bytes) > MAX_CONTROL_BYTES:
