@@ -22,7 +22,23 @@ import torch.nn.functional as F
 from tpi.errors import TpiError
 from tpi.quant.formats import QUANT_DTYPE, FloatT, Int8Weight, Weight, int8_fits
 
-DEQUANT_MIN_TOKENS = 192
+DEQUANT_MIN_TOKENS = 96
+
+
+_SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
+SCRATCH_MAX_BYTES = 32 << 20  # larger matrices get a fresh buffer: memory over speed
+
+
+def _dequantized(w: Int8Weight) -> torch.Tensor:
+    """w as bf16, in a buffer kept per shape where it is small: a fresh multi-MB
+    tensor per matmul is mapped and faulted in page by page each time (measured:
+    the dequantize then cost about as much as the GEMM)."""
+    buf = _SCRATCH.get(w.shape)
+    if buf is None:
+        buf = torch.empty(w.shape, dtype=QUANT_DTYPE)
+        if buf.numel() * buf.element_size() <= SCRATCH_MAX_BYTES:
+            _SCRATCH[w.shape] = buf
+    return torch.mul(w.q, w.scale[:, None], out=buf)
 
 
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -39,7 +55,7 @@ def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torc
     elif isinstance(w, Int8Weight):
         xq = x.to(QUANT_DTYPE)
         if x.shape[0] >= DEQUANT_MIN_TOKENS or not int8_fits(w.shape):
-            y = F.linear(xq, w.dequantize())
+            y = F.linear(xq, _dequantized(w))
         else:
             # The torch.* binding, not torch.ops: it releases the GIL and dispatches faster.
             y = torch._weight_int8pack_mm(xq.contiguous(), w.q, w.scale)
