@@ -112,10 +112,12 @@ def wait_for_quiet(max_wait: float = 180, busy: float = 10.0) -> float:
         time.sleep(2)
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 1800) -> str:
+def run(
+    cmd: list[str], env: dict[str, str] | None = None, timeout: float = 1800, cwd: str | None = None
+) -> str:
     """Run `cmd`; its stdout, or a BenchError with the tail of its stderr."""
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
     except subprocess.TimeoutExpired:
         raise BenchError(f"timed out after {timeout:.0f} s: {' '.join(cmd)}") from None
     if res.returncode != 0:
@@ -153,17 +155,23 @@ def default_tpi() -> str:
 def tpi_source(tpi: str) -> dict:
     """Which tpi code `tpi` runs: its package directory, git commit and whether the
     checkout has uncommitted changes (then a hash of the diff, to tell runs apart)."""
-    python = Path(tpi).parent / "python"
+    python = Path(tpi).absolute().parent / "python"
     probe = [str(python) if python.is_file() else sys.executable, "-c"]
     probe.append("import tpi, os; print(os.path.dirname(os.path.dirname(tpi.__file__)))")
     try:
-        root = run(probe, timeout=60).strip()
+        # From /: `python -c` puts the working directory first on sys.path, and a
+        # checkout there would shadow the tpi that `tpi` really runs.
+        root = run(probe, timeout=60, cwd="/").strip()
         commit = run(["git", "-C", root, "rev-parse", "HEAD"], timeout=60).strip()
         subject = run(["git", "-C", root, "log", "-1", "--format=%s"], timeout=60).strip()
         dirty = run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"])
     except BenchError as e:
         return {"tpi": tpi, "commit": "unknown", "error": str(e)[:300]}
+    # The last commit that changed tpi's code: a benchmark-only commit on top runs the
+    # same engine, and this names it.
+    code = run(["git", "-C", root, "log", "-1", "--format=%H %s", "--", "tpi", "master", "worker"])
     out = {"tpi": tpi, "root": root, "commit": commit, "subject": subject}
+    out["code_commit"], _, out["code_subject"] = code.strip().partition(" ")
     if dirty.strip():
         diff = run(["git", "-C", root, "diff", "HEAD"], timeout=60)
         out["uncommitted"] = sorted(line[3:] for line in dirty.splitlines())
@@ -621,6 +629,7 @@ def int_list(text: str) -> list[int]:
     is_flag=True,
     help="Remake tpi's checkpoints and splits (after a change to tpi's file formats).",
 )
+@click.option("--prepare-only", is_flag=True, help="Make (or check) the model files, then exit.")
 @click.option("--clean", is_flag=True, help="Delete everything in --work and exit.")
 @click.option(
     "--out", default=None, help="Output JSON (default benchmarks/results/vs_llamacpp.json)."
@@ -641,6 +650,7 @@ def main(
     big_threads: str,
     check: bool,
     refresh_tpi: bool,
+    prepare_only: bool,
     clean: bool,
     out: str | None,
 ) -> None:
@@ -652,12 +662,16 @@ def main(
         return
     llama = LlamaCpp.find(llama_dir)
     tpi = tpi or default_tpi()
+    found = shutil.which(tpi)
+    if found is None:
+        raise BenchError(f"tpi command not found: {tpi} (install tpi: ./install.sh)")
+    tpi = str(Path(found).absolute())
     smol_threads, big_thread_list = int_list(threads), int_list(big_threads)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     assets = Assets(work, llama, tpi, lock)
     if refresh_tpi:
-        for p in [*work.glob("*/tpi-*")]:
+        for p in [*work.glob("*/tpi-*"), work / "tpi-home"]:
             shutil.rmtree(p, ignore_errors=True)
     source = tpi_source(tpi)
     log(f"measuring tpi {source.get('commit', '?')[:12]} against {llama.version()}")
@@ -665,6 +679,9 @@ def main(
     smol = assets.smollm2()
     bigs = assets.big() if big else {}
     asset_seconds = time.perf_counter() - started
+    if prepare_only:
+        click.echo(f"model files ready in {work} ({disk_use(work) / GB:.1f} GB)")
+        return
 
     result: dict = {
         "tpi_source": source,
