@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,12 +18,25 @@ import torch
 from tpi.errors import PromptError
 from tpi.master.sampling import Sampler
 from tpi.master.vocab import WholeVocab
+from tpi.model.batch import BatchPlan, Segment
 from tpi.model.config import ModelConfig
 from tpi.model.decoder import Decoder, LocalCollective
 from tpi.runtime.prefill_plan import PrefillPlanner
 from tpi.runtime.rank_runtime import build_rank
 from tpi.runtime.vocab_parallel import SpreadVocab
 from tpi.storage.checkpoint_rank import CheckpointRank
+
+
+@dataclass
+class BatchRow:
+    """One sequence's part of a batched step: tokens `ids` at positions
+    [pos, pos + len) of cache slot `slot`, and how to choose the token after them
+    (None: no token wanted, e.g. a prompt chunk before its last)."""
+
+    slot: int
+    ids: Sequence[int]
+    pos: int
+    sampler: Sampler | None = None
 
 
 class Engine:
@@ -36,15 +50,23 @@ class Engine:
         self.vocab = vocab
         self.decoder = decoder
         self.dtype = decoder.dtype
-        self.cached: list[int] = []  # tokens whose K/V are valid in the cache, in order
+        # Per cache slot: the tokens whose K/V are valid in it, in order.
+        self.slots: dict[int, list[int]] = {0: []}
+        self._released: set[int] = set()  # slots to free on every rank with the next pass
         self.last_reused = 0  # prompt tokens the last prefill did not have to run
         self.forward_seconds = 0.0  # time in the decoder (layers, disk waits, allreduces)
         self.steps = 0
-        # Cuts long prefills into chunks whose allreduces overlap compute (clusters).
+        # Cuts long prefills into chunks, and batches into nano-batches, whose
+        # allreduces overlap compute (clusters).
         self.planner: PrefillPlanner | None = None
         self.context_cap: int | None = None
         # Tokens per forward pass on a cluster (None: any): see _pieces.
         self.max_pass_tokens: int | None = None
+
+    @property
+    def cached(self) -> list[int]:
+        """The tokens cached in slot 0 (the single-sequence engine's only slot)."""
+        return self.slots.setdefault(0, [])
 
     @property
     def max_positions(self) -> int:
@@ -56,31 +78,56 @@ class Engine:
         """Another rank holds a smaller KV cache: never ask it for more."""
         self.context_cap = min(self.context_cap or positions, positions)
 
-    def _run(self, ids: Sequence[int], pos: int, want: dict) -> torch.Tensor:
-        """Final hidden states of tokens at positions [pos, pos+len)."""
-        if pos > len(self.cached):
+    def free(self, slot: int) -> None:
+        """A sequence ended: its cache is freed here and, with the next pass, on every rank."""
+        self.slots.pop(slot, None)
+        self.decoder.caches.release(slot)
+        self._released.add(slot)
+
+    def _check(self, slot: int, pos: int, count: int) -> list[int]:
+        cached = self.slots.setdefault(slot, [])
+        if pos > len(cached):
             raise ValueError(
-                f"position {pos} skips uncached tokens (cache holds {len(self.cached)})"
+                f"position {pos} skips uncached tokens (slot {slot} holds {len(cached)})"
             )
-        if pos + len(ids) > self.max_positions:
+        if pos + count > self.max_positions:
             raise PromptError(
-                f"sequence of {pos + len(ids)} tokens exceeds the context window "
+                f"sequence of {pos + count} tokens exceeds the context window "
                 f"of {self.max_positions} tokens"
             )
-        # Forget first: if this pass is interrupted the cache holds garbage past pos.
-        del self.cached[pos:]
-        chunks = self.planner.chunks(len(ids)) if self.planner and len(ids) > 1 else 1
+        return cached
+
+    def _pass(self, rows: Sequence[BatchRow], want: dict) -> torch.Tensor:
+        """Final hidden states of every row of a pass (rows of a sequence in order)."""
+        caches = [self._check(r.slot, r.pos, len(r.ids)) for r in rows]
+        plan = BatchPlan(
+            tuple(Segment(r.slot, r.pos, len(r.ids)) for r in rows),
+            tuple(sorted(self._released)),
+        )
+        for r, cached in zip(rows, caches, strict=True):
+            # Forget first: if this pass is interrupted the cache holds garbage past pos.
+            del cached[r.pos :]
+        tokens = plan.tokens
+        if self.planner is None or tokens == 1:
+            pieces = 1
+        elif len(rows) == 1:
+            pieces = self.planner.chunks(tokens)
+        else:
+            pieces = self.planner.nano_batches(len(rows), tokens)
+        ids = [t for r in rows for t in r.ids]
         waited = self._waiting_seconds()
         t0 = time.perf_counter()
-        h = self.vocab.start(list(ids), pos, chunks, want)
-        h = self.decoder.forward(h, pos, chunks)
+        h = self.vocab.start(ids, plan, pieces, want)
+        h = self.decoder.run(h, plan, pieces)
         elapsed = time.perf_counter() - t0
+        self._released.clear()
         self.forward_seconds += elapsed
         if self.planner is not None:
             compute = elapsed - (self._waiting_seconds() - waited)
-            self.planner.observe(len(ids), 2 * self.cfg.num_layers, compute)
+            self.planner.observe(tokens, 2 * self.cfg.num_layers, compute)
         self.steps += 1
-        self.cached.extend(ids)
+        for r, cached in zip(rows, caches, strict=True):
+            cached.extend(r.ids)
         return h
 
     def _waiting_seconds(self) -> float:
@@ -98,41 +145,79 @@ class Engine:
         n = self.max_pass_tokens or len(ids)
         return [(ids[i : i + n], pos + i) for i in range(0, len(ids), n)]
 
+    def step(self, rows: Sequence[BatchRow]) -> list[int | None]:
+        """One forward pass over several sequences at once (weights read once for
+        all): the chosen next token of each row that has a sampler, else None."""
+        if not rows:
+            raise ValueError("a step needs at least one sequence")
+        if len({r.slot for r in rows}) != len(rows):
+            raise ValueError("a sequence appears twice in one step")
+        tokens = sum(len(r.ids) for r in rows)
+        if any(not r.ids for r in rows):
+            raise ValueError("a sequence of a step has no tokens")
+        if self.max_pass_tokens is not None and tokens > self.max_pass_tokens:
+            raise ValueError(f"a step of {tokens} tokens exceeds {self.max_pass_tokens}")
+        chosen = [i for i, r in enumerate(rows) if r.sampler is not None]
+        if not chosen:
+            self._pass(rows, {"mode": "none"})
+            return [None] * len(rows)
+        last = BatchPlan(tuple(Segment(r.slot, r.pos, len(r.ids)) for r in rows)).last_rows()
+        picks = [last[i] for i in chosen]
+        reqs = [rows[i].sampler.request() for i in chosen]
+        want = {
+            "mode": "choose",
+            "requests": [{"row": p, **q.to_dict()} for p, q in zip(picks, reqs, strict=True)],
+        }
+        h = self._pass(rows, want)
+        tokens_out = self.vocab.choose_rows(h[picks], reqs, picks)
+        out: list[int | None] = [None] * len(rows)
+        for i, t in zip(chosen, tokens_out, strict=True):
+            out[i] = t
+        return out
+
+    def step_logits(self, rows: Sequence[BatchRow]) -> torch.Tensor:
+        """Float32 logits (len(rows), vocab) after each row's last token: one batched
+        pass, as `step` runs it (tests, scoring)."""
+        picks = BatchPlan(tuple(Segment(r.slot, r.pos, len(r.ids)) for r in rows)).last_rows()
+        h = self._pass(rows, {"mode": "logits", "rows": picks})
+        return self.vocab.logits(h[picks])
+
     def forward(self, ids: Sequence[int], pos: int, all_logits: bool = False) -> torch.Tensor:
         """Run tokens at positions [pos, pos+len); float32 logits of the last (or all) rows."""
         *early, (last, last_pos) = self._pieces(ids, pos)
         if all_logits:
             outs = []
             for piece, p in [*early, (last, last_pos)]:
-                outs.append(
-                    self.vocab.logits(self._run(piece, p, {"mode": "logits", "rows": "all"}))
-                )
+                h = self._pass([BatchRow(0, piece, p)], {"mode": "logits", "rows": "all"})
+                outs.append(self.vocab.logits(h))
             return torch.cat(outs)
         for piece, p in early:
-            self._run(piece, p, {"mode": "none"})
-        h = self._run(last, last_pos, {"mode": "logits", "rows": "last"})
+            self._pass([BatchRow(0, piece, p)], {"mode": "none"})
+        h = self._pass([BatchRow(0, last, last_pos)], {"mode": "logits", "rows": "last"})
         return self.vocab.logits(h[-1:])[0]
 
-    def forward_token(self, ids: Sequence[int], pos: int, sampler: Sampler) -> int:
+    def forward_token(self, ids: Sequence[int], pos: int, sampler: Sampler, slot: int = 0) -> int:
         """Run tokens at positions [pos, pos+len) and choose the next token."""
         *early, (last, last_pos) = self._pieces(ids, pos)
         for piece, p in early:
-            self._run(piece, p, {"mode": "none"})
-        req = sampler.request()
-        h = self._run(last, last_pos, {"mode": "choose", **req.to_dict()})
-        return self.vocab.choose(h[-1:], req)
+            self._pass([BatchRow(slot, piece, p)], {"mode": "none"})
+        (token,) = self.step([BatchRow(slot, last, last_pos, sampler)])
+        return token
 
-    def _reuse(self, prompt: Sequence[int]) -> int:
-        """Where a new prompt must start running: after the longest cached prefix."""
+    def reuse_start(self, prompt: Sequence[int], slot: int = 0) -> int:
+        """Where a new prompt must start running in `slot`: after the longest prefix
+        already cached there (at least one token runs, to produce logits)."""
         if not prompt:
             raise PromptError("the prompt is empty")
         common = 0
-        for a, b in zip(self.cached, prompt, strict=False):
+        for a, b in zip(self.slots.get(slot, ()), prompt, strict=False):
             if a != b:
                 break
             common += 1
-        # At least one token must run to produce logits.
-        self.last_reused = min(common, len(prompt) - 1)
+        return min(common, len(prompt) - 1)
+
+    def _reuse(self, prompt: Sequence[int]) -> int:
+        self.last_reused = self.reuse_start(prompt)
         return self.last_reused
 
     def prefill(self, prompt: Sequence[int]) -> torch.Tensor:
@@ -146,7 +231,8 @@ class Engine:
         return self.forward_token(prompt[start:], start, sampler)
 
     def reset(self) -> None:
-        self.cached.clear()
+        for slot in list(self.slots):
+            self.slots[slot].clear()
 
 
 def load_engine(model_dir: Path, dtype: torch.dtype = torch.float32) -> Engine:

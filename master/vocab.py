@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 
+from tpi.model.batch import BatchPlan
 from tpi.model.config import ModelConfig
 from tpi.model.layers import embed, logits
 from tpi.model.vocab_head import HeadRequest, choose_local
@@ -21,7 +22,7 @@ from tpi.model.weights import HeadWeights
 class StepListener(Protocol):
     """Told about each forward pass before rank 0 runs it (a cluster ships h)."""
 
-    def hidden(self, h: torch.Tensor, pos: int, chunks: int = 1) -> None: ...
+    def hidden(self, h: torch.Tensor, plan: BatchPlan, pieces: int = 1) -> None: ...
 
 
 class WholeVocab:
@@ -33,14 +34,16 @@ class WholeVocab:
         self.dtype = dtype
         self.listener = listener
 
-    def start(self, ids: list[int], pos: int, chunks: int, want: dict) -> torch.Tensor:
+    def start(self, ids: list[int], plan: BatchPlan, pieces: int, want: dict) -> torch.Tensor:
         h = embed(torch.tensor(ids, dtype=torch.long), self.head, self.dtype)
         if self.listener is not None:
-            self.listener.hidden(h, pos, chunks)
+            self.listener.hidden(h, plan, pieces)
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return logits(h, self.head, self.cfg.rms_norm_eps)
 
-    def choose(self, h_last: torch.Tensor, req: HeadRequest) -> int:
-        return choose_local(self.logits(h_last)[0], req)
+    def choose_rows(self, h: torch.Tensor, reqs: list[HeadRequest], rows: list[int]) -> list[int]:
+        """The next token of each row of `h` (final states), each by its own request."""
+        out = self.logits(h)
+        return [choose_local(out[i], req) for i, req in enumerate(reqs)]

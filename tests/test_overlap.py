@@ -133,9 +133,10 @@ def test_the_master_sends_a_chunks_sum_while_it_computes_the_next_chunk(
     slow_done_at: list[float] = []
     real = tpi.model.decoder.attention_partial
 
-    def slow_attention(h, w, layout, cache, layer, step, eps, window):
-        out = real(h, w, layout, cache, layer, step, eps, window)
-        if threading.current_thread() is threading.main_thread() and layer == 0 and step.pos == 32:
+    def slow_attention(h, w, layout, layer, step, eps, window):
+        out = real(h, w, layout, layer, step, eps, window)
+        first = step.seqs[0].pos
+        if threading.current_thread() is threading.main_thread() and layer == 0 and first == 32:
             time.sleep(0.5)
             slow_done_at.append(time.perf_counter())
         return out

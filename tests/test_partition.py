@@ -88,18 +88,17 @@ def test_sum_of_rank_slices_equals_single_node(llama_dir, shares):
     expected = full.forward(h, 0)
 
     # Lock-step emulation of the allreduce: run layer by layer, summing partials.
-    from tpi.model.layers import StepContext, attention_block, mlp_block, rms_norm
+    from tpi.model.layers import SequenceStep, StepContext, attention_block, mlp_block, rms_norm
 
     x = h
     for i in range(cfg.num_layers):
         cos, sin = ranks[0].rope.get(0, 6)
-        steps = [StepContext(0, 6, cos, sin, torch.float32) for _ in ranks]
+        steps = [StepContext([SequenceStep(0, 6, r.cache)], cos, sin, torch.float32) for r in ranks]
         attn = sum(
             attention_block(
                 rms_norm(x, r.layers.layers[i].attn_norm, cfg.rms_norm_eps),
                 r.layers.layers[i],
                 r.layout,
-                r.cache,
                 i,
                 s,
                 None,

@@ -141,35 +141,50 @@ def smollm_server():
         yield base
 
 
-def test_eight_concurrent_clients_are_queued_and_the_ninth_is_refused(smollm_server):
+def test_eight_concurrent_streams_run_together_each_as_alone_and_the_ninth_is_refused(
+    smollm_server,
+):
+    """Eight streaming clients of the official openai client are generated in one
+    batch (continuous batching), each getting exactly its answer alone (greedy);
+    with --queue-size 8 a ninth request gets 429."""
     server = smollm_server
     prompts = [f"Write a short poem about the number {i}." for i in range(8)]
     expected = {p: _generate(None, p, 24) for p in prompts}
     results: dict[str, str] = {}
 
     def ask(p: str) -> None:
-        r = _client(server).chat.completions.create(
-            model="x", messages=[{"role": "user", "content": p}], max_tokens=24, temperature=0
+        stream = _client(server).chat.completions.create(
+            model="x",
+            messages=[{"role": "user", "content": p}],
+            max_tokens=24,
+            temperature=0,
+            stream=True,
         )
-        results[p] = r.choices[0].message.content
+        results[p] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
     threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # all 8 admitted (one running, seven waiting)
+    most_running = 0
+    while time.monotonic() < deadline:  # all 8 admitted
         h = httpx.get(server + "/health").json()
-        if h["waiting"] + h["busy"] == 8:
+        most_running = max(most_running, h["running"])
+        if h["waiting"] + h["running"] == 8:
             break
         time.sleep(0.01)
     refused = httpx.post(
         server + "/v1/chat/completions",
         json={"messages": [{"role": "user", "content": "one more"}], "max_tokens": 4},
     )
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline + 90:
+        most_running = max(most_running, httpx.get(server + "/health").json()["running"])
+        time.sleep(0.05)
     for t in threads:
         t.join(120)
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
     assert results == expected  # each got its own full answer
+    assert most_running >= 4  # they ran together, not one after another
 
 
 def test_disconnect_mid_stream_frees_the_cluster(smollm_server):
@@ -282,3 +297,14 @@ def test_chat_page_streams_in_a_real_browser(server, tmp_path):
         assert page.locator(".msg").count() == 0
         browser.close()
     assert shot.stat().st_size > 5000
+
+
+def test_a_request_whose_kv_cache_can_never_fit_the_budget_is_refused_clearly(llama_dir):
+    # 1000 bytes hold no sequence's cache (a cache starts at 256 positions).
+    with live_server(["--model", str(llama_dir), "-t", "0", "--kv-budget", "1000"]) as base:
+        r = httpx.post(
+            base + "/v1/completions", json={"prompt": "hello", "max_tokens": 4}, timeout=60
+        )
+        assert r.status_code == 400 and r.json()["error"]["code"] == "kv_budget_exceeded"
+        assert "KV cache" in r.json()["error"]["message"]
+        assert httpx.get(base + "/health").json()["status"] == "ok"  # nothing else broke

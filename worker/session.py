@@ -10,6 +10,7 @@ import time
 from tpi.comm.links import Inbound, WorkerEndpoint
 from tpi.comm.wire import Kind, Message, ProtocolError, encode_control, payload_ids, payload_tensor
 from tpi.errors import TpiError
+from tpi.model.batch import BatchPlan, PlanError
 from tpi.quant.formats import weight_nbytes
 from tpi.runtime.node_stats import node_stats
 from tpi.storage.read_check import CorruptShard
@@ -107,7 +108,7 @@ class Session:
         elif msg.kind == Kind.HEAD_MORE:
             if loaded.head is None or msg.body["step"] != loaded.collective.step:
                 raise ProtocolError("HEAD_MORE for a step this worker did not sample")
-            loaded.head.more(msg.body["round"], msg.body["count"])
+            loaded.head.more(msg.body["row"], msg.body["round"], msg.body["count"])
         elif msg.kind == Kind.STATS_REQUEST:
             self.send_stats()
         else:
@@ -120,10 +121,11 @@ class Session:
             raise ProtocolError(f"malformed STEP {h}")
         if loaded.head is not None:
             raise ProtocolError("STEP with hidden states sent to a vocabulary-parallel rank")
+        plan = _plan(h.plan, h.shape[0])
         x = payload_tensor(msg.payload, h).to(decoder.dtype, copy=True)
         loaded.collective.step, loaded.collective.pos = h.step, h.pos
         t0 = time.perf_counter()
-        decoder.forward(x, h.pos, chunks=h.chunks)
+        decoder.run(x, plan, h.chunks)
         self.compute_seconds += time.perf_counter() - t0
         self.steps += 1
 
@@ -133,12 +135,14 @@ class Session:
         if loaded.head is None:
             raise ProtocolError("STEP_TOKENS sent to a rank without a vocabulary slice")
         ids = payload_ids(msg.payload, decoder.cfg.vocab_size)
-        if b["pos"] < 0 or b["chunks"] < 1:
+        if b["chunks"] < 1:
             raise ProtocolError(f"malformed STEP_TOKENS {b}")
-        loaded.collective.step, loaded.collective.pos = b["step"], b["pos"]
+        plan = _plan(b["plan"], ids.numel())
+        pos = plan.segments[0].pos
+        loaded.collective.step, loaded.collective.pos = b["step"], pos
         t0 = time.perf_counter()
         x = loaded.head.embed(ids, decoder.dtype)
-        h = decoder.forward(x, b["pos"], chunks=b["chunks"])
+        h = decoder.run(x, plan, b["chunks"])
         loaded.head.answer(h, b["head"])
         self.compute_seconds += time.perf_counter() - t0
         self.steps += 1
@@ -154,3 +158,10 @@ class Session:
             head_bytes=weight_nbytes(loaded.head.head.lm_head) if loaded and loaded.head else 0,
         )
         self.channel.control(Kind.STATS, stats=stats)
+
+
+def _plan(values, tokens: int) -> BatchPlan:
+    try:
+        return BatchPlan.from_ints(values, tokens)
+    except (PlanError, TypeError) as e:
+        raise ProtocolError(f"malformed step plan: {e}") from None

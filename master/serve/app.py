@@ -10,7 +10,7 @@ from tpi.master.sampling import SamplingParams
 from tpi.master.serve.api_key import ApiKeyCheck
 from tpi.master.serve.endpoints import ServerState, router
 from tpi.master.serve.errors import install_handlers
-from tpi.master.serve.jobs import GenerationQueue
+from tpi.master.serve.jobs import BatchSettings, GenerationQueue
 from tpi.master.serve.limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
 from tpi.master.serve.model_holder import ModelHolder
 
@@ -22,10 +22,12 @@ def create_app(
     api_key: str | None = None,
     capacity: int = 8,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    batching: BatchSettings | None = None,
 ) -> FastAPI:
     """`holder` holds the LoadedModel (and reconnects it after a failure);
-    `defaults` is the command line's sampling; `capacity` bounds running + waiting."""
-    gen = GenerationQueue(holder, capacity)
+    `defaults` is the command line's sampling; `capacity` bounds running + waiting;
+    `batching` how many run together."""
+    gen = GenerationQueue(holder, capacity, batching)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):

@@ -34,9 +34,33 @@ from tpi.master.cli_options import (
 @click.option(
     "--queue-size",
     type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Requests admitted at once, running or waiting; more get HTTP 429.",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
     default=8,
     show_default=True,
-    help="Requests that may wait for the model; more get HTTP 429.",
+    help="Requests generated together, in the same forward passes (a pass reads the "
+    "weights once for all of them). 1: one at a time.",
+)
+@click.option(
+    "--prefill-chunk",
+    type=click.IntRange(min=0),
+    default=128,
+    show_default=True,
+    help="Prompt tokens fed per pass while other requests decode, so a long new prompt "
+    "does not stall running streams (0: a prompt runs whole).",
+)
+@click.option(
+    "--kv-budget",
+    default=None,
+    metavar="SIZE",
+    help="KV-cache memory all running requests may use on each node (e.g. 512MB). A "
+    "request waits until its worst case fits; one that never can gets HTTP 400. "
+    "Default: no limit beyond --max-batch.",
 )
 @click.option(
     "--max-request-size",
@@ -50,23 +74,36 @@ from tpi.master.cli_options import (
     default=None,
     help="Model id reported by /v1/models (default: the directory name).",
 )
-def serve(host, port, api_key, queue_size, max_request_size, model_name, **opts):
+def serve(
+    host,
+    port,
+    api_key,
+    queue_size,
+    max_batch,
+    prefill_chunk,
+    kv_budget,
+    max_request_size,
+    model_name,
+    **opts,
+):
     """Serve the model over HTTP: OpenAI API (/v1/chat/completions, /v1/completions,
     /v1/models), /health, and a chat page at /.
 
-    One generation runs at a time (the cluster's KV caches are never shared
-    between requests); others wait in order. Works with the official openai
+    Up to --max-batch requests generate together (continuous batching: they join
+    and leave between forward passes); more wait in order, up to --queue-size. Works with the official openai
     client: base_url=http://HOST:PORT/v1.
     """
     import uvicorn
 
     from tpi.master.serve.api_key import api_key_from
     from tpi.master.serve.app import create_app
+    from tpi.master.serve.jobs import BatchSettings
     from tpi.master.serve.listen import bind_listener
     from tpi.master.serve.model_holder import ModelHolder
     from tpi.runtime.memory_budget import parse_size
 
     max_request_size = parse_size(max_request_size)  # a bad size fails before binding
+    kv_budget = parse_size(kv_budget) if kv_budget else None
     listener = bind_listener(host, port)  # before loading: a busy port fails at once
     port = listener.getsockname()[1]
     loaded = open_from_options(opts)
@@ -89,6 +126,7 @@ def serve(host, port, api_key, queue_size, max_request_size, model_name, **opts)
         api_key_from(api_key),
         queue_size,
         max_request_size,
+        BatchSettings(max_batch, prefill_chunk, kv_budget),
     )
     click.echo(f"serving {name} on http://{host}:{port} (chat page at /, API at /v1)", err=True)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3)

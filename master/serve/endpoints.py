@@ -162,6 +162,8 @@ async def health(request: Request):
         "model": state.model_name,
         "ranks": ranks,
         "busy": gen.busy,
+        "running": gen.running,
+        "max_batch": gen.settings.max_batch,
         "waiting": gen.waiting,
         "recent": list(gen.recent),
     }

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tpi.comm.links import ClusterError
 from tpi.errors import PromptError, TpiError
+from tpi.master.batching import KVBudgetError
 from tpi.master.serve.model_holder import ModelDown
 from tpi.master.serve.protocol import error_body
 
@@ -40,6 +41,8 @@ def generation_error(e: BaseException) -> ApiError:
     """What a failed generation means for the client."""
     if isinstance(e, ClusterError | ModelDown):
         return cluster_down(e)
+    if isinstance(e, KVBudgetError):
+        return ApiError(400, str(e), code="kv_budget_exceeded", param="max_tokens")
     if isinstance(e, PromptError):
         return ApiError(400, str(e), code="context_length_exceeded")
     if isinstance(e, TpiError):

@@ -1,6 +1,7 @@
-"""One cluster, one generation at a time: requests wait in order in a bounded
-queue; a dedicated thread owns the model (engine, cluster session and its
-sockets) so the web server stays responsive.
+"""Many generations at once: admitted requests join the running batch between
+forward passes (continuous batching, tpi.master.batching); a dedicated thread
+owns the model (engine, cluster session and its sockets) and steps the batch,
+so the web server stays responsive.
 
 That thread also reconnects a failed cluster before the next job (a job queued
 before a failure gets 503 cluster_down, not a run on a closed session) and,
@@ -19,8 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tpi.comm.links import ClusterError
+from tpi.master.batching import Batcher, Sequence_
 from tpi.master.engine import Engine
-from tpi.master.generation import GenerationStats, generate_tokens
+from tpi.master.generation import GenerationStats
 from tpi.master.sampling import SamplingParams
 from tpi.master.serve.model_holder import ModelHolder
 from tpi.master.serve.stop_strings import StopMatcher
@@ -49,25 +51,71 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
 
+@dataclass
+class BatchSettings:
+    max_batch: int = 8  # sequences in one forward pass
+    prefill_chunk: int = 128  # prompt tokens per pass while others decode (0: whole prompt)
+    kv_budget_bytes: int | None = None  # KV cache all running sequences may use
+
+
+class _Running:
+    """A job's side of its sequence: text out as tokens come, stop strings checked."""
+
+    def __init__(self, job: Job, tokenizer) -> None:
+        self.job = job
+        self.decoder = StreamDecoder(tokenizer)
+        self.stop = StopMatcher(job.stops)
+
+    def on_token(self, token: int) -> bool:
+        text = self.stop.push(self.decoder.push(token))
+        if text:
+            self.job.emit("text", text)
+        return not self.stop.stopped
+
+    def finish(self, stop_reason: str) -> str:
+        if not self.stop.stopped and stop_reason != "error":
+            tail = self.stop.push(self.decoder.flush()) + self.stop.flush()
+            if tail:
+                self.job.emit("text", tail)
+        if self.stop.stopped:
+            return "stop"
+        return {"eos": "stop", "cancelled": "cancelled"}.get(stop_reason, "length")
+
+
 class GenerationQueue:
     """Events a job receives, in order: ("text", str)*, then ("done", finish_reason)
     or ("error", exception)."""
 
-    def __init__(self, holder: ModelHolder, capacity: int) -> None:
+    def __init__(
+        self, holder: ModelHolder, capacity: int, settings: BatchSettings | None = None
+    ) -> None:
         self.holder = holder
         self.tokenizer = holder.loaded.tokenizer
         self.capacity = capacity  # requests admitted at once: running + waiting
+        self.settings = settings or BatchSettings()
         self._admitted = 0
         self._lock = threading.Lock()
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self.busy = False
+        self._batcher: Batcher | None = None
+        self._jobs: dict[int, tuple[Job, _Running, Sequence_]] = {}
+        self._closed = False
         self.recent: deque[dict] = deque(maxlen=5)  # last finished jobs, for /health
         self._thread = threading.Thread(target=self._run, name="tpi-generation", daemon=True)
         self._thread.start()
 
     @property
+    def busy(self) -> bool:
+        return bool(self._jobs)
+
+    @property
+    def running(self) -> int:
+        b = self._batcher
+        return len(b.running) if b is not None else 0
+
+    @property
     def waiting(self) -> int:
-        return self._queue.qsize()
+        b = self._batcher
+        return self._queue.qsize() + (len(b.waiting) if b is not None else 0)
 
     def submit(self, job: Job) -> None:
         with self._lock:
@@ -85,54 +133,82 @@ class GenerationQueue:
         with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=1)
 
-    def _next(self) -> Job | None:
+    # --- the generation thread ------------------------------------------------------
+
+    def _take_new(self) -> None:
+        """Move submitted jobs into the batch; wait for one while nothing runs."""
+        block = not self._jobs
         while True:
             try:
-                return self._queue.get(timeout=IDLE_CHECK_S)
+                job = self._queue.get(timeout=IDLE_CHECK_S) if block else self._queue.get_nowait()
             except queue.Empty:
-                self.holder.check()
+                if block:
+                    self.holder.check()
+                    continue
+                return
+            if job is None:
+                self._closed = True
+                return
+            block = False
+            self._join(job)
+
+    def _batcher_for(self, engine: Engine) -> Batcher:
+        if self._batcher is None or self._batcher.engine is not engine:
+            s = self.settings
+            self._batcher = Batcher(engine, s.max_batch, s.prefill_chunk, s.kv_budget_bytes)
+        return self._batcher
+
+    def _join(self, job: Job) -> None:
+        if job.cancel.is_set():  # the client left while waiting
+            self._finished(job, "cancelled")
+            return
+        job.started = time.perf_counter()
+        try:
+            batcher = self._batcher_for(self.holder.ensure().engine)  # reconnects a failed cluster
+            run = _Running(job, self.tokenizer)
+            seq = Sequence_(
+                job.prompt_ids,
+                job.params,
+                frozenset(self.tokenizer.eos_ids),
+                run.on_token,
+                job.cancel,
+                job.stats,
+            )
+            batcher.submit(seq)
+        except BaseException as e:  # reported to the request, never kills the thread
+            job.emit("error", e)
+            self._finished(job, "error")
+            return
+        self._jobs[id(seq)] = (job, run, seq)
+
+    def _settle(self) -> None:
+        """Tell every job whose sequence ended how it ended."""
+        for key, (job, run, seq) in list(self._jobs.items()):
+            if not seq.done.is_set():
+                continue
+            del self._jobs[key]
+            if seq.error is not None:
+                job.emit("error", seq.error)
+                reason = "error"
+            else:
+                reason = run.finish(seq.stats.stop_reason)
+                job.emit("done", reason)
+            self._finished(job, reason)
 
     def _run(self) -> None:
-        while (job := self._next()) is not None:
-            if job.cancel.is_set():  # the client left while waiting
-                self._finished(job, "cancelled")
+        while not self._closed:
+            self._take_new()
+            batcher = self._batcher
+            if batcher is None or not batcher.busy:
                 continue
-            self.busy = True
-            job.started = time.perf_counter()
-            reason = "error"
             try:
-                engine = self.holder.ensure().engine  # reconnects a failed cluster
-                reason = self._generate(engine, job)
-            except BaseException as e:  # reported to the request, never kills the thread
-                job.emit("error", e)
+                batcher.step()
+            except BaseException as e:  # every running sequence got the error
                 if isinstance(e, ClusterError):
                     self.holder.failed(e)
-            finally:
-                self.busy = False
-                self._finished(job, reason)
-
-    def _generate(self, engine: Engine, job: Job) -> str:
-        decoder = StreamDecoder(self.tokenizer)
-        stop = StopMatcher(job.stops)
-        reason = "length"
-        for token in generate_tokens(
-            engine, job.prompt_ids, job.params, self.tokenizer.eos_ids, job.stats, job.cancel
-        ):
-            text = stop.push(decoder.push(token))
-            if text:
-                job.emit("text", text)
-            if stop.stopped:
-                reason = "stop"
-                break
-        else:
-            reason = "stop" if job.stats.stop_reason == "eos" else "length"
-        if not stop.stopped:
-            tail = stop.push(decoder.flush()) + stop.flush()
-            if tail:
-                job.emit("text", tail)
-            if stop.stopped:
-                reason = "stop"
-        if job.stats.stop_reason == "cancelled":
-            reason = "cancelled"
-        job.emit("done", reason)
-        return reason
+                    self._batcher = None
+                    for _job, _run, seq in self._jobs.values():
+                        if not seq.done.is_set():  # waiting ones: the cluster is gone too
+                            seq.error = e
+                            seq.done.set()
+            self._settle()

@@ -26,13 +26,17 @@ class HeadGatherer:
         self.stats = stats
         self.timeout_s = timeout_s
 
-    def gather(self, round_: int) -> dict[int, tuple[HeadMode, torch.Tensor]]:
-        """Every worker's HEAD of the current step and `round_` (0, or a top-p refill)."""
-        got: dict[int, tuple[HeadMode, torch.Tensor]] = {}
+    def gather(
+        self, round_: int, rows: tuple[int, ...] | list[int] = (0,)
+    ) -> dict[tuple[int, int], tuple[HeadMode, torch.Tensor]]:
+        """Every worker's HEAD of the current step and `round_` (0, or a top-p refill)
+        for each of `rows` (the pass rows whose next token is chosen), by (rank, row)."""
+        got: dict[tuple[int, int], tuple[HeadMode, torch.Tensor]] = {}
         deadline = time.monotonic() + self.timeout_s
         want = (self.clock.step, round_)
-        while len(got) < self.world - 1:
-            waiting = set(range(1, self.world)) - set(got)
+        every = {(r, row) for r in range(1, self.world) for row in rows}
+        while len(got) < len(every):
+            waiting = {r for r, _ in every - set(got)}
             try:
                 link, msg = self.inbox.take(
                     {Kind.HEAD}, max(0.0, deadline - time.monotonic()), waiting, WHERE
@@ -44,10 +48,12 @@ class HeadGatherer:
             h = msg.data
             if (h.step, h.round) < want:
                 continue  # late: an earlier step or round
-            if (h.step, h.round) != want:
+            key = (link.rank, h.pos)
+            if (h.step, h.round) != want or key not in every or key in got:
                 raise ProtocolError(
-                    f"rank {link.rank} sent head output {(h.step, h.round)}, expected {want}"
+                    f"rank {link.rank} sent head output {(h.step, h.round)} for row {h.pos}, "
+                    f"expected {want} for rows {sorted(rows)}"
                 )
-            got[link.rank] = (HeadMode(h.mode), payload_tensor(msg.payload, h).clone())
+            got[key] = (HeadMode(h.mode), payload_tensor(msg.payload, h).clone())
             self.stats.bytes_received += h.nbytes()
         return got

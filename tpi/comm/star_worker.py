@@ -71,11 +71,20 @@ class StarWorker:
     def pipelined(self) -> Iterator[None]:
         yield  # a worker's sends never block and it only waits for totals: nothing to run
 
-    def send_head(self, out: torch.Tensor, round_: int, mode: HeadMode) -> None:
-        """This rank's HEAD output for the current step: its logits slice or candidates."""
+    def send_head(self, out: torch.Tensor, round_: int, mode: HeadMode, row: int = 0) -> None:
+        """This rank's HEAD output for one row of the current step: its logits slice
+        or candidates."""
         out = out.contiguous()
         header = DataHeader(
-            self.session, self.step, 0, 0, 0, out.dtype, tuple(out.shape), round=round_, mode=mode
+            self.session,
+            self.step,
+            row,
+            0,
+            0,
+            out.dtype,
+            tuple(out.shape),
+            round=round_,
+            mode=mode,
         )
         self.channel.send([encode_data(Kind.HEAD, header), tensor_payload(out)])
         self.stats.bytes_sent += header.nbytes()

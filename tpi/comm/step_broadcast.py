@@ -4,12 +4,22 @@ they advance (which every other part of the master's collective reads)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from tpi.comm.links import LinkSet
 from tpi.comm.traffic import AllreduceStats
 from tpi.comm.wire import DataHeader, Kind, encode_control, encode_data, ids_payload, tensor_payload
+
+
+class StepPlan(Protocol):
+    """Which sequences a step's rows belong to (tpi.model.batch.BatchPlan)."""
+
+    @property
+    def first_pos(self) -> int: ...
+
+    def to_ints(self) -> list[int]: ...
 
 
 @dataclass
@@ -39,23 +49,46 @@ class StepBroadcaster:
         self.clock.pos = pos
         return self.clock.step
 
-    def hidden(self, h: torch.Tensor, pos: int, chunks: int = 1) -> None:
+    def hidden(self, h: torch.Tensor, plan: StepPlan, pieces: int = 1) -> None:
         """A step whose input is rank 0's embedded hidden states (STEP)."""
+        pos = plan.first_pos
         step = self._advance(pos)
-        header = DataHeader(self.session, step, pos, 0, 0, h.dtype, tuple(h.shape), chunks=chunks)
+        header = DataHeader(
+            self.session,
+            step,
+            pos,
+            0,
+            0,
+            h.dtype,
+            tuple(h.shape),
+            chunks=pieces,
+            plan=tuple(plan.to_ints()),
+        )
         self._send_all(
             [encode_data(Kind.STEP, header), tensor_payload(h)], h.numel() * h.element_size()
         )
 
-    def tokens(self, ids: list[int], pos: int, chunks: int, head: dict) -> None:
+    def tokens(self, ids: list[int], plan: StepPlan, pieces: int, head: dict) -> None:
         """A vocabulary-parallel step: only the token ids and what the head should return."""
-        step = self._advance(pos)
-        body = {"session": self.session, "step": step, "pos": pos, "chunks": chunks, "head": head}
+        step = self._advance(plan.first_pos)
+        body = {
+            "session": self.session,
+            "step": step,
+            "plan": plan.to_ints(),
+            "chunks": pieces,
+            "head": head,
+        }
         frames = [encode_control(Kind.STEP_TOKENS, body), ids_payload(ids)]
         self._send_all(frames, 8 * len(ids) + len(frames[0]))
 
-    def more(self, round_: int, count: int) -> None:
-        """Ask every rank for more top-p candidates of the current step (HEAD_MORE)."""
-        body = {"session": self.session, "step": self.clock.step, "round": round_, "count": count}
+    def more(self, row: int, round_: int, count: int) -> None:
+        """Ask every rank for more top-p candidates of one row of this step (HEAD_MORE)."""
+        body = {
+            "session": self.session,
+            "step": self.clock.step,
+            "row": row,
+            "round": round_,
+            "count": count,
+        }
         frames = [encode_control(Kind.HEAD_MORE, body)]
         self._send_all(frames, len(frames[0]))

@@ -10,9 +10,12 @@ before use (STEP_TOKENS also carries the token ids as raw int64 bytes). Data
 kinds carry a fixed binary header with exactly the fields that kind uses, so a
 receiver can check that a tensor belongs where it is about to be used:
 
-    STEP         session, step, pos, chunks, dtype, shape   (hidden states in)
+    STEP         session, step, pos, chunks, dtype, shape, plan   (hidden states in)
     PARTIAL/SUM  session, step, pos, layer, phase, dtype, shape
-    HEAD         session, step, round, mode, dtype, shape   (mode: logits or candidates)
+    HEAD         session, step, pos, round, mode, dtype, shape    (pos: the row answered)
+
+A STEP's plan (tpi.model.batch.BatchPlan as integers) says which sequences of a
+batch its rows belong to; it follows the shape as a u16 count and u32 values.
 
 docs/architecture.md lists every kind and field.
 """
@@ -31,7 +34,7 @@ import torch
 from tpi.errors import TpiError
 
 MAGIC = b"TP"
-PROTOCOL_VERSION = 3  # 3: one header layout per data kind (named chunks, head round and mode)
+PROTOCOL_VERSION = 4  # 4: batches (a STEP carries its plan, a HEAD its row)
 MAX_CONTROL_BYTES = 64 * 1024
 # No tensor frame is larger: the master cuts longer passes into pieces
 # (tpi.master.engine), so a worker can refuse anything bigger before it is
@@ -117,10 +120,11 @@ SCHEMAS: dict[Kind, dict[str, type | tuple[type, ...]]] = {
     Kind.PONG: {"session": int},
     Kind.STATS_REQUEST: {"session": int},
     Kind.STATS: {"session": int, "stats": dict},
-    Kind.STEP_TOKENS: {"session": int, "step": int, "pos": int, "chunks": int, "head": dict},
-    Kind.HEAD_MORE: {"session": int, "step": int, "round": int, "count": int},
+    Kind.STEP_TOKENS: {"session": int, "step": int, "plan": list, "chunks": int, "head": dict},
+    Kind.HEAD_MORE: {"session": int, "step": int, "row": int, "round": int, "count": int},
 }
 MAX_STEP_TOKENS = 1 << 20
+MAX_PLAN_INTS = 4096  # a plan's integers: 3 per sequence of a batch, plus releases
 
 DTYPE_CODES = {
     torch.float32: 0,
@@ -136,7 +140,7 @@ _FIELDS: dict[Kind, tuple[str, ...]] = {
     Kind.STEP: ("session", "step", "pos", "chunks"),
     Kind.PARTIAL: ("session", "step", "pos", "layer", "phase"),
     Kind.SUM: ("session", "step", "pos", "layer", "phase"),
-    Kind.HEAD: ("session", "step", "round", "mode"),
+    Kind.HEAD: ("session", "step", "pos", "round", "mode"),
 }
 _CODES = {
     "session": "Q",
@@ -153,6 +157,7 @@ _HEADERS = {
     for kind, fields in _FIELDS.items()
 }
 _DIM = struct.Struct("<I")
+_PLAN_COUNT = struct.Struct("<H")
 _SHAPES = [struct.Struct("<" + "I" * n) for n in range(5)]
 
 
@@ -172,6 +177,7 @@ class DataHeader:
     chunks: int = 0  # STEP: prefill chunks the step is cut into (1 = none)
     round: int = 0  # HEAD: 0, or the top-p round that asked for more candidates
     mode: int = 0  # HEAD: a HeadMode
+    plan: tuple[int, ...] = ()  # STEP: its BatchPlan as integers
 
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
@@ -201,18 +207,23 @@ def encode_data(kind: Kind, h: DataHeader) -> bytes:
     if len(h.shape) > MAX_NDIM:
         raise ValueError("too many dimensions")
     fields = [getattr(h, f) for f in _FIELDS[kind]]
-    return (
+    out = (
         _PREFIX.pack(MAGIC, PROTOCOL_VERSION, int(kind))
         + _HEADERS[kind].pack(*fields, DTYPE_CODES[h.dtype], len(h.shape))
         + b"".join(_DIM.pack(d) for d in h.shape)
     )
+    if kind == Kind.STEP:
+        if len(h.plan) > MAX_PLAN_INTS:
+            raise ValueError("plan too long")
+        out += _PLAN_COUNT.pack(len(h.plan)) + struct.pack(f"<{len(h.plan)}I", *h.plan)
+    return out
 
 
 _BUILDERS = {
     Kind.STEP: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], 0, 0, dt, sh, chunks=v[3]),
     Kind.PARTIAL: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], v[3], v[4], dt, sh),
     Kind.SUM: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], v[3], v[4], dt, sh),
-    Kind.HEAD: lambda v, dt, sh: DataHeader(v[0], v[1], 0, 0, 0, dt, sh, round=v[2], mode=v[3]),
+    Kind.HEAD: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], 0, 0, dt, sh, round=v[3], mode=v[4]),
 }
 
 
@@ -304,16 +315,24 @@ def decode(frames: list[Any]) -> Message:
         if len(body_bytes) < layout.size:
             raise ProtocolError(f"{kind.name} header too short")
         *values, dcode, ndim = layout.unpack_from(body_bytes)
-        if (
-            dcode not in CODE_DTYPES
-            or ndim > MAX_NDIM
-            or len(body_bytes) != layout.size + ndim * _DIM.size
-        ):
+        end = layout.size + ndim * _DIM.size if ndim <= MAX_NDIM else -1
+        plan: tuple[int, ...] = ()
+        if kind == Kind.STEP and end >= 0 and len(body_bytes) >= end + _PLAN_COUNT.size:
+            (count,) = _PLAN_COUNT.unpack_from(body_bytes, end)
+            if count <= MAX_PLAN_INTS and len(body_bytes) == end + _PLAN_COUNT.size + 4 * count:
+                plan = struct.unpack_from(f"<{count}I", body_bytes, end + _PLAN_COUNT.size)
+                end = len(body_bytes)
+            else:
+                end = -1
+        elif kind == Kind.STEP:
+            end = -1
+        if dcode not in CODE_DTYPES or end < 0 or len(body_bytes) != end:
             raise ProtocolError(f"{kind.name} header malformed")
         shape = _SHAPES[ndim].unpack_from(body_bytes, layout.size)
         if payload is None:
             raise ProtocolError(f"{kind.name} without payload")
         header = _BUILDERS[kind](values, CODE_DTYPES[dcode], shape)
+        header.plan = plan
         _check_data_fields(kind, header)
         return Message(kind, header, payload)
     if len(body_bytes) > MAX_CONTROL_BYTES:

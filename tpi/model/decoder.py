@@ -4,11 +4,15 @@ The same class serves a single machine, the master and every worker; what
 differs between them is only where layer weights come from (`LayerSource`) and
 how partial sums are combined (`Collective`).
 
-Overlapped prefill (NanoFlow's nano-batches): a block of tokens may be cut into
-chunks that move through each layer one after the other, so that the allreduce
-of chunk k is on the wire while chunk k+1 computes. Chunk k+1's attention reads
-the keys and values chunk k has just written to the cache at the same layer, so
-the result is the plain prefill's, up to float rounding of smaller matmuls.
+A pass runs a BatchPlan (tpi.model.batch): one or more sequences, each with its
+own cache slot and position; the matmuls run on all their rows at once.
+
+Overlap (NanoFlow's nano-batches): a pass may be cut into pieces that move
+through each layer one after the other, so that the allreduce of piece k is on
+the wire while piece k+1 computes: chunks of one long prompt, or groups of the
+sequences of a batch. A chunk's attention reads the keys and values the chunk
+before it has just written to the cache at the same layer, so the result is the
+plain pass's, up to float rounding of smaller matmuls.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from typing import Any, Protocol
 
 import torch
 
+from tpi.model.batch import BatchPlan, Piece
 from tpi.model.config import ModelConfig
-from tpi.model.kv_cache import KVCache
+from tpi.model.kv_cache import KVCache, SlotCaches
 from tpi.model.layers import (
     PHASE_ATTENTION,
     PHASE_MLP,
     AttentionLayout,
+    SequenceStep,
     StepContext,
     attention_partial,
     mlp_partial,
@@ -73,18 +79,6 @@ class LocalCollective:
         yield
 
 
-def chunk_bounds(length: int, chunks: int) -> list[tuple[int, int]]:
-    """[start, end) of `chunks` nearly equal consecutive pieces of `length` tokens."""
-    chunks = max(1, min(chunks, length))
-    base, extra = divmod(length, chunks)
-    out, start = [], 0
-    for c in range(chunks):
-        end = start + base + (1 if c < extra else 0)
-        out.append((start, end))
-        start = end
-    return out
-
-
 class Decoder:
     def __init__(
         self,
@@ -104,48 +98,68 @@ class Decoder:
         self.max_positions = min(
             cfg.max_position_embeddings, max_positions or cfg.max_position_embeddings
         )
-        self.cache = KVCache(
+        self.caches = SlotCaches(
             cfg.num_layers, rank_slice.n_kv, cfg.head_dim, self.max_positions, dtype
         )
         self.rope = RotaryTables(cfg.rope, cfg.head_dim, dtype)
 
+    @property
+    def cache(self) -> KVCache:
+        """The cache of slot 0 (the only one of a single-sequence engine)."""
+        return self.caches.get(0)
+
     def forward(self, h: torch.Tensor, pos: int, chunks: int = 1) -> torch.Tensor:
-        """Hidden states (T, hidden) for tokens at positions [pos, pos + T).
+        """Hidden states (T, hidden) for tokens at positions [pos, pos + T) of slot 0.
 
         With chunks > 1 the block moves through the layers as that many
         consecutive pieces whose allreduces overlap the next piece's compute."""
-        length = h.shape[0]
-        self.cache.reserve(pos + length)
-        bounds = chunk_bounds(length, chunks)
-        steps = []
-        for a, b in bounds:
-            cos, sin = self.rope.get(pos + a, b - a)
-            steps.append(StepContext(pos=pos + a, length=b - a, cos=cos, sin=sin, dtype=self.dtype))
-        hs = [h[a:b] for a, b in bounds]
-        pending: list[Any] = [None] * len(bounds)
+        return self.run(h, BatchPlan.single(pos, h.shape[0]), chunks)
+
+    def _context(self, piece: Piece) -> StepContext:
+        seqs, cos, sin = [], [], []
+        for seg in piece.segments:
+            seqs.append(SequenceStep(seg.pos, seg.length, self.caches.get(seg.slot)))
+            c, s = self.rope.get(seg.pos, seg.length)
+            cos.append(c)
+            sin.append(s)
+        if len(cos) > 1:
+            cos, sin = [torch.cat(cos)], [torch.cat(sin)]
+        return StepContext(seqs, cos[0], sin[0], self.dtype)
+
+    def run(self, h: torch.Tensor, plan: BatchPlan, pieces: int = 1) -> torch.Tensor:
+        """Hidden states (T, hidden) of the rows of `plan`, cut into at most
+        `pieces` pieces whose allreduces overlap the next piece's compute."""
+        for slot in plan.release:
+            self.caches.release(slot)
+        for seg in plan.segments:
+            self.caches.get(seg.slot).reserve(seg.end)
+        parts = plan.pieces(pieces)
+        steps = [self._context(p) for p in parts]
+        hs = [h[p.start : p.end] for p in parts]
+        # A piece's allreduces are told apart by its first row (same on every rank).
+        keys = [p.start for p in parts]
+        pending: list[Any] = [None] * len(parts)
         eps = self.cfg.rms_norm_eps
         col = self.collective
 
         def settle(c: int) -> None:
-            # The residual add of chunk c's previous phase, once its sum is in.
+            # The residual add of piece c's previous phase, once its sum is in.
             if pending[c] is not None:
                 hs[c] = hs[c] + col.wait(pending[c])
                 pending[c] = None
 
         self.layers.start_pass()
-        with col.pipelined() if len(bounds) > 1 else contextlib.nullcontext():
+        with col.pipelined() if len(parts) > 1 else contextlib.nullcontext():
             for i in range(self.cfg.num_layers):
                 w = self.layers.acquire(i)
                 window = self.cfg.sliding_windows[i]
                 for c, step in enumerate(steps):
                     settle(c)
-                    part = attention_partial(
-                        hs[c], w, self.layout, self.cache, i, step, eps, window
-                    )
-                    pending[c] = col.start(part, i, PHASE_ATTENTION, step.pos)
-                for c, step in enumerate(steps):
+                    part = attention_partial(hs[c], w, self.layout, i, step, eps, window)
+                    pending[c] = col.start(part, i, PHASE_ATTENTION, keys[c])
+                for c in range(len(steps)):
                     settle(c)
-                    pending[c] = col.start(mlp_partial(hs[c], w, eps), i, PHASE_MLP, step.pos)
+                    pending[c] = col.start(mlp_partial(hs[c], w, eps), i, PHASE_MLP, keys[c])
                 del w
                 self.layers.release(i)
             for c in range(len(steps)):

@@ -68,3 +68,47 @@ class KVCache:
 
     def nbytes(self) -> int:
         return self.capacity * self.bytes_per_position
+
+
+class SlotCaches:
+    """One KVCache per sequence slot of a batch, made on first use, freed on release.
+
+    Each sequence keeps a contiguous cache (grown by doubling, so at most twice
+    what it uses): attention reads one plain (heads, positions, hd) view per
+    sequence with torch's own kernels, where a paged cache would need a gather
+    per layer and step. Admission (tpi serve) counts every sequence's worst case,
+    so the sum never outgrows the memory plan."""
+
+    def __init__(
+        self, num_layers: int, n_kv: int, head_dim: int, max_positions: int, dtype: torch.dtype
+    ) -> None:
+        self._args = (num_layers, n_kv, head_dim, max_positions, dtype)
+        self.max_positions = max_positions
+        self._slots: dict[int, KVCache] = {}
+
+    def get(self, slot: int) -> KVCache:
+        cache = self._slots.get(slot)
+        if cache is None:
+            cache = self._slots[slot] = KVCache(*self._args)
+        return cache
+
+    def release(self, slot: int) -> None:
+        self._slots.pop(slot, None)
+
+    @property
+    def active(self) -> int:
+        return len(self._slots)
+
+    def capacity(self, slot: int) -> int:
+        """Positions allocated for `slot` (0 when it has no cache)."""
+        cache = self._slots.get(slot)
+        return cache.capacity if cache is not None else 0
+
+    @property
+    def bytes_per_position(self) -> int:
+        num_layers, n_kv, head_dim, _, dtype = self._args
+        elem = torch.empty((), dtype=dtype).element_size()
+        return kv_bytes_per_position(num_layers, n_kv, head_dim, elem)
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self._slots.values())

@@ -65,14 +65,12 @@ class AttentionLayout:
 
 
 @dataclass
-class StepContext:
-    """What every layer of one forward pass shares: positions, rotary rows, masks."""
+class SequenceStep:
+    """One sequence's rows in a pass: positions [pos, pos + length) of its KV cache."""
 
     pos: int
     length: int
-    cos: torch.Tensor
-    sin: torch.Tensor
-    dtype: torch.dtype
+    cache: KVCache
     _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
 
     def mask(self, window: int | None) -> torch.Tensor | None:
@@ -80,6 +78,17 @@ class StepContext:
         if window not in self._masks:
             self._masks[window] = _build_mask(self.pos, self.length, window)
         return self._masks[window]
+
+
+@dataclass
+class StepContext:
+    """What every layer of one pass (or one piece of it) shares: its sequences in
+    row order and the rotary rows of every row."""
+
+    seqs: list[SequenceStep]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    dtype: torch.dtype
 
 
 def _build_mask(pos: int, length: int, window: int | None) -> torch.Tensor | None:
@@ -119,26 +128,19 @@ def _grouped_sdpa(
 _EMPTY: dict[torch.dtype, torch.Tensor] = {}  # baddbmm's input, ignored with beta=0
 
 
-def attention_block(
-    x: torch.Tensor,
-    w: LayerWeights,
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq: SequenceStep,
     layout: AttentionLayout,
-    cache: KVCache,
     layer: int,
-    step: StepContext,
     window: int | None,
 ) -> torch.Tensor:
-    """Partial attention output (T, hidden) of this rank's heads."""
-    t, hd = x.shape[0], layout.head_dim
-    nq, nkv = layout.n_q, layout.n_kv
-    qkv = linear(x, w.qkv, w.qkv_bias).view(t, nq + 2 * nkv, hd)
-    qk = apply_rotary(qkv[:, : nq + nkv], step.cos, step.sin)  # queries and keys at once
-    q = qk[:, :nq].transpose(0, 1)  # (heads, T, hd)
-    k = qk[:, nq:].transpose(0, 1)
-    v = qkv[:, nq + nkv :].transpose(0, 1)
-    keys, values = cache.update(layer, step.pos, k, v)
-    mask = step.mask(window)
-    scale = 1.0 / math.sqrt(hd)
+    """One sequence's attention: q, k, v (heads, T, hd) -> (T, heads * hd)."""
+    keys, values = seq.cache.update(layer, seq.pos, k, v)
+    mask = seq.mask(window)
+    scale = 1.0 / math.sqrt(layout.head_dim)
     if layout.segments is None:
         out = _grouped_sdpa(q, keys, values, mask, scale)
     else:
@@ -149,7 +151,33 @@ def attention_block(
             ],
             dim=0,
         )
-    out = out.transpose(0, 1).reshape(t, nq * hd)
+    return out.transpose(0, 1).reshape(seq.length, layout.n_q * layout.head_dim)
+
+
+def attention_block(
+    x: torch.Tensor,
+    w: LayerWeights,
+    layout: AttentionLayout,
+    layer: int,
+    step: StepContext,
+    window: int | None,
+) -> torch.Tensor:
+    """Partial attention output (T, hidden) of this rank's heads. The projections
+    run on every row of the pass at once (weights read once for a whole batch);
+    attention runs per sequence, each against its own cache."""
+    t, hd = x.shape[0], layout.head_dim
+    nq, nkv = layout.n_q, layout.n_kv
+    qkv = linear(x, w.qkv, w.qkv_bias).view(t, nq + 2 * nkv, hd)
+    qk = apply_rotary(qkv[:, : nq + nkv], step.cos, step.sin)  # queries and keys at once
+    outs, row = [], 0
+    for seq in step.seqs:
+        rows = slice(row, row + seq.length)
+        row += seq.length
+        q = qk[rows, :nq].transpose(0, 1)  # (heads, T, hd)
+        k = qk[rows, nq:].transpose(0, 1)
+        v = qkv[rows, nq + nkv :].transpose(0, 1)
+        outs.append(_attend(q, k, v, seq, layout, layer, window))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return linear(out, w.o, w.o_bias)
 
 
@@ -167,7 +195,6 @@ def attention_partial(
     h: torch.Tensor,
     w: LayerWeights,
     layout: AttentionLayout,
-    cache: KVCache,
     layer: int,
     step: StepContext,
     eps: float,
@@ -175,7 +202,7 @@ def attention_partial(
 ) -> torch.Tensor:
     """First half of a decoder layer: this rank's attention output, to be allreduced
     and added to the residual h."""
-    return attention_block(rms_norm(h, w.attn_norm, eps), w, layout, cache, layer, step, window)
+    return attention_block(rms_norm(h, w.attn_norm, eps), w, layout, layer, step, window)
 
 
 def mlp_partial(h: torch.Tensor, w: LayerWeights, eps: float) -> torch.Tensor:

@@ -42,5 +42,5 @@ def node_stats(
         out["weight_bytes_per_pass"] = layers.pass_bytes
     out["head_bytes"] = head_bytes
     if decoder is not None:
-        out["kv_bytes_per_position"] = decoder.cache.bytes_per_position
+        out["kv_bytes_per_position"] = decoder.caches.bytes_per_position
     return out

@@ -10,6 +10,14 @@ short; else the fewest chunks that hide the round trip, at most MAX_CHUNKS.
 
 RTT comes from a ping at session start, t from a short matmul timing at load
 and then from the prefills actually run (an exponential average).
+
+A batch of sequences is cut the same way, between sequences (NanoFlow's
+nano-batches), but its cost is not linear in its rows: a decode-sized pass
+reads every weight once whatever its rows (a fixed a per phase) and then pays b
+per row. With n nano-batches of a batch of B rows, a phase takes about
+max(n * a + b * B, a + b * B / n + RTT) against a + b * B + RTT without: a gain
+only where compute per row is large next to the weight reads and the round
+trip is not negligible. a is learnt from one-token passes (a + b), b from prefills.
 """
 
 from __future__ import annotations
@@ -22,6 +30,21 @@ import torch
 MAX_CHUNKS = 4
 MIN_CHUNK_TOKENS = 16
 NEGLIGIBLE_RTT_SHARE = 0.05
+
+
+def choose_nano_batches(
+    sequences: int, rows: int, rtt_s: float, fixed_s: float, row_s: float
+) -> int:
+    """Nano-batches for a pass of `rows` rows over `sequences` sequences (1 = none)."""
+
+    def phase(n: int) -> float:
+        if n == 1:
+            return fixed_s + row_s * rows + rtt_s
+        return max(n * fixed_s + row_s * rows, fixed_s + row_s * rows / n + rtt_s)
+
+    best = min(range(1, min(MAX_CHUNKS, sequences) + 1), key=phase)
+    # Only where it pays clearly: a mispredicted split costs a weight read per piece.
+    return best if phase(best) < 0.9 * phase(1) else 1
 
 
 def choose_chunks(tokens: int, rtt_s: float, token_phase_s: float) -> int:
@@ -63,6 +86,8 @@ class PrefillPlanner:
     rtt_s: float
     token_phase_s: float  # compute seconds per token per phase (attention or MLP)
     fixed: int | None = None  # --prefill-chunks N (None: automatic)
+    fixed_nano: int | None = None  # --nano-batches N (None: automatic)
+    one_token_phase_s: float | None = None  # a one-token pass, per phase (learnt)
 
     @classmethod
     def estimate(
@@ -76,8 +101,21 @@ class PrefillPlanner:
             return max(1, min(self.fixed, tokens))
         return choose_chunks(tokens, self.rtt_s, self.token_phase_s)
 
+    def nano_batches(self, sequences: int, rows: int) -> int:
+        if self.fixed_nano is not None:
+            return max(1, min(self.fixed_nano, sequences))
+        if self.one_token_phase_s is None:
+            return 1  # not measured yet
+        fixed = max(0.0, self.one_token_phase_s - self.token_phase_s)
+        return choose_nano_batches(sequences, rows, self.rtt_s, fixed, self.token_phase_s)
+
     def observe(self, tokens: int, phases: int, compute_s: float) -> None:
         """Learn from a pass: `compute_s` seconds of this node's own compute."""
-        if tokens < MIN_CHUNK_TOKENS or phases < 1 or compute_s <= 0:
-            return  # decode steps measure latency, not prefill throughput
-        self.token_phase_s = 0.5 * self.token_phase_s + 0.5 * compute_s / (tokens * phases)
+        if phases < 1 or compute_s <= 0:
+            return
+        per_phase = compute_s / phases
+        if tokens == 1:
+            old = self.one_token_phase_s
+            self.one_token_phase_s = per_phase if old is None else 0.5 * old + 0.5 * per_phase
+        elif tokens >= MIN_CHUNK_TOKENS:  # short passes measure latency, not throughput
+            self.token_phase_s = 0.5 * self.token_phase_s + 0.5 * per_phase / tokens

@@ -7,12 +7,13 @@ allreduce assembles the embeddings; after the layers each rank computes its
 slice of the logits and answers the head request that came with the step:
 
 - "logits" (tests, perplexity): its whole logits slice (HEAD mode LOGITS);
-- "choose" (generation): a few token candidates (mode CANDIDATES; the choice
-  itself is tpi.model.vocab_head's), so no vocabulary-sized vector crosses the
-  wire while generating. A top-p round that cannot decide asks for more
-  (HEAD_MORE); a rank answers with its logits slice once that is the smaller
-  message, and the master draws its candidates itself (the noise is a function
-  of the seed).
+- "choose" (generation): for each row of the pass whose next token is wanted
+  (one per sequence of a batch), a few token candidates (mode CANDIDATES; the
+  choice itself is tpi.model.vocab_head's), so no vocabulary-sized vector
+  crosses the wire while generating. A top-p round that cannot decide asks for
+  more for that row (HEAD_MORE); a rank answers with its logits slice once that
+  is the smaller message, and the master draws its candidates itself (the noise
+  is a function of the seed).
 
 `SpreadVocab` is rank 0's side, `HeadService` a worker's.
 """
@@ -28,6 +29,7 @@ from tpi.comm.star_master import StarMaster
 from tpi.comm.star_worker import StarWorker
 from tpi.comm.step_broadcast import StepBroadcaster
 from tpi.comm.wire import HeadMode, Phase, ProtocolError
+from tpi.model.batch import BatchPlan
 from tpi.model.config import ModelConfig
 from tpi.model.layers import embed, logits
 from tpi.model.vocab_head import HeadRequest, candidates, choose, more, slice_is_smaller
@@ -59,8 +61,8 @@ class SpreadVocab:
         self.sizes = sizes  # vocabulary rows per rank
         self.starts = [sum(sizes[:r]) for r in range(len(sizes))]
 
-    def start(self, ids: list[int], pos: int, chunks: int, want: dict) -> torch.Tensor:
-        self.broadcast.tokens(ids, pos, chunks, want)
+    def start(self, ids: list[int], plan: BatchPlan, pieces: int, want: dict) -> torch.Tensor:
+        self.broadcast.tokens(ids, plan, pieces, want)
         partial = embed(torch.tensor(ids, dtype=torch.long), self.head, self.dtype)
         return self.collective.allreduce(partial, EMBED_LAYER, Phase.EMBED)
 
@@ -68,19 +70,33 @@ class SpreadVocab:
         """Full logits: every rank's slice, gathered (tests and perplexity only)."""
         own = logits(h, self.head, self.cfg.rms_norm_eps)
         parts = self.gatherer.gather(0)
-        return torch.cat([own, *(parts[r][1] for r in sorted(parts))], dim=-1)
+        return torch.cat([own, *(parts[key][1] for key in sorted(parts))], dim=-1)
 
-    def choose(self, h_last: torch.Tensor, req: HeadRequest) -> int:
-        row = logits(h_last, self.head, self.cfg.rms_norm_eps)[0]
+    def choose_rows(self, h: torch.Tensor, reqs: list[HeadRequest], rows: list[int]) -> list[int]:
+        """The next token of each of `rows` (pass rows; `h` holds their final states)."""
+        own_rows = logits(h, self.head, self.cfg.rms_norm_eps)
+        got = self.gatherer.gather(0, rows)
+        return [
+            self._choose_one(own_rows[i], req, row, {r: got[(r, row)] for r in self._remote})
+            for i, (req, row) in enumerate(zip(reqs, rows, strict=True))
+        ]
+
+    @property
+    def _remote(self) -> range:
+        return range(1, len(self.sizes))
+
+    def _choose_one(
+        self, own_logits: torch.Tensor, req: HeadRequest, row: int, remote: dict
+    ) -> int:
         # Our own rows cost nothing to send: offer them all, once, so only remote
         # ranks can leave a top-p round undecided.
         own = candidates(
-            row, self.head.start, self.cfg.vocab_size, replace(req, count=self.sizes[0])
+            own_logits, self.head.start, self.cfg.vocab_size, replace(req, count=self.sizes[0])
         )
         round_ = 0
         while True:
             parts = [own]
-            for r, (mode, out) in sorted(self.gatherer.gather(round_).items()):
+            for r, (mode, out) in sorted(remote.items()):
                 if mode == HeadMode.LOGITS:  # the rank sent its logits slice
                     whole = replace(req, count=self.sizes[r])
                     out = candidates(out, self.starts[r], self.cfg.vocab_size, whole)
@@ -90,7 +106,8 @@ class SpreadVocab:
                 return token
             req = more(req)
             round_ += 1
-            self.broadcast.more(round_, req.count)
+            self.broadcast.more(row, round_, req.count)
+            remote = {r: v for (r, _), v in self.gatherer.gather(round_, [row]).items()}
 
 
 class HeadService:
@@ -102,7 +119,7 @@ class HeadService:
         self.cfg = cfg
         self.head = head
         self.collective = collective
-        self._last: tuple[torch.Tensor, HeadRequest] | None = None
+        self._last: dict[int, tuple[torch.Tensor, HeadRequest]] = {}
 
     def embed(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The full embeddings of `ids`, summed over ranks."""
@@ -114,33 +131,42 @@ class HeadService:
         mode = want.get("mode")
         if mode not in HEAD_MODES:
             raise ProtocolError(f"unknown head request mode {mode!r}")
-        self._last = None
+        self._last = {}
         if mode == "none":
             return
         eps = self.cfg.rms_norm_eps
         if mode == "logits":
-            rows = h if want.get("rows") == "all" else h[-1:]
-            self.collective.send_head(logits(rows, self.head, eps), 0, HeadMode.LOGITS)
+            rows = want.get("rows")
+            if isinstance(rows, list):  # these rows of a batch
+                if not rows or any(not isinstance(r, int) or not 0 <= r < h.shape[0] for r in rows):
+                    raise ProtocolError("head request for rows the step does not have")
+                picked = h[rows]
+            else:
+                picked = h if rows == "all" else h[-1:]
+            self.collective.send_head(logits(picked, self.head, eps), 0, HeadMode.LOGITS)
             return
         try:
-            req = HeadRequest.from_dict(want)
+            asked = [(int(r["row"]), HeadRequest.from_dict(r)) for r in want["requests"]]
         except (KeyError, TypeError, ValueError) as e:
             raise ProtocolError(f"bad head request: {e}") from None
-        row = logits(h[-1:], self.head, eps)[0]
-        self._last = (row, req)
-        out = candidates(row, self.head.start, self.cfg.vocab_size, req)
-        self.collective.send_head(out, 0, HeadMode.CANDIDATES)
+        if not asked or any(not 0 <= row < h.shape[0] for row, _ in asked):
+            raise ProtocolError("head request for rows the step does not have")
+        out_rows = logits(h[[row for row, _ in asked]], self.head, eps)
+        for (row, req), row_logits in zip(asked, out_rows, strict=True):
+            self._last[row] = (row_logits, req)
+            out = candidates(row_logits, self.head.start, self.cfg.vocab_size, req)
+            self.collective.send_head(out, 0, HeadMode.CANDIDATES, row)
 
-    def more(self, round_: int, count: int) -> None:
-        """A further top-p round: `count` candidates from the kept logits, or the
-        logits slice itself once that is the smaller message (see slice_is_smaller)."""
-        if self._last is None or count < 1:
+    def more(self, row: int, round_: int, count: int) -> None:
+        """A further top-p round for one row: `count` candidates from the kept logits,
+        or the logits slice itself once that is the smaller message (see slice_is_smaller)."""
+        if row not in self._last or count < 1:
             raise ProtocolError("HEAD_MORE without a sampling step to continue")
-        row, req = self._last
-        if slice_is_smaller(count, row.numel()):
-            self.collective.send_head(row, round_, HeadMode.LOGITS)
+        row_logits, req = self._last[row]
+        if slice_is_smaller(count, row_logits.numel()):
+            self.collective.send_head(row_logits, round_, HeadMode.LOGITS, row)
             return
         req = replace(req, count=count)
-        self._last = (row, req)
-        out = candidates(row, self.head.start, self.cfg.vocab_size, req)
-        self.collective.send_head(out, round_, HeadMode.CANDIDATES)
+        self._last[row] = (row_logits, req)
+        out = candidates(row_logits, self.head.start, self.cfg.vocab_size, req)
+        self.collective.send_head(out, round_, HeadMode.CANDIDATES, row)

@@ -1,0 +1,267 @@
+"""Continuous batching: many generations share every forward pass.
+
+On a CPU a decode step costs the bytes of weights it reads (from RAM, or from
+disk with the sliding window) and, on a cluster, its round trips; both are the
+same for one sequence as for eight. So every running sequence advances in the
+same pass (tpi.master.engine.Engine.step): sequences join between steps, leave
+when done or cancelled, and a new prompt is fed in chunks of at most
+`prefill_chunk` tokens mixed into the decode steps, so running streams are not
+held up for a whole prompt.
+
+Each sequence keeps its own sampler (seeded sampling draws the same noise as it
+would alone), stop tokens and token budget, and the tokens it gets are exactly
+what `tpi.master.generation.generate_tokens` gives it alone.
+
+Admission counts KV-cache memory: a sequence is admitted only while the worst
+case of every admitted sequence's cache fits `kv_budget_bytes`; one that can
+never fit is refused (KVBudgetError), others wait.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tpi.errors import PromptError, TpiError
+from tpi.master.engine import BatchRow, Engine
+from tpi.master.generation import GenerationStats, check_prompt
+from tpi.master.sampling import Sampler, SamplingParams
+
+KV_MIN_CAPACITY = 256  # tpi.model.kv_cache.KVCache grows from this, by doubling
+
+
+class KVBudgetError(TpiError):
+    """A request whose KV cache can never fit the budget, even running alone."""
+
+
+def kv_positions_bound(positions: int, limit: int) -> int:
+    """The most positions a sequence of `positions` tokens makes a cache allocate
+    (caches grow by doubling, from KV_MIN_CAPACITY, up to `limit`)."""
+    return min(limit, max(KV_MIN_CAPACITY, 2 * positions))
+
+
+@dataclass
+class Sequence_:
+    """One generation in the batch."""
+
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int] = frozenset()
+    on_token: Callable[[int], bool] | None = None  # False: stop here (a stop string)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    tokens: list[int] = field(default_factory=list)  # generated (stop tokens excluded)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    # Set by the batcher:
+    slot: int = -1
+    fed: int = 0  # prompt tokens in the cache so far
+    budget: int = 0
+    next_token: int | None = None
+    sampler: Sampler | None = None
+    kv_bytes: int = 0
+    t_start: float = 0.0
+    t_decode: float = 0.0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.prompt)
+
+
+class Batcher:
+    """Runs sequences together; `step()` advances every running one by a pass."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch: int = 8,
+        prefill_chunk: int = 128,
+        kv_budget_bytes: int | None = None,
+        kv_bytes_per_position: int | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max batch must be >= 1")
+        self.engine = engine
+        self.max_batch = max_batch
+        # 0: a prompt runs whole in one pass.
+        self.prefill_chunk = prefill_chunk
+        self.kv_budget_bytes = kv_budget_bytes
+        self.kv_bytes_per_position = (
+            kv_bytes_per_position or engine.decoder.caches.bytes_per_position
+        )
+        self.waiting: deque[Sequence_] = deque()
+        self.running: list[Sequence_] = []
+        self._free = list(range(max_batch))
+        self.steps = 0
+
+    # --- admission ------------------------------------------------------------------
+
+    def kv_need(self, seq: Sequence_) -> int:
+        positions = min(self.engine.max_positions, len(seq.prompt) + seq.params.max_new_tokens)
+        bound = kv_positions_bound(positions, self.engine.max_positions)
+        return bound * self.kv_bytes_per_position
+
+    def _slot_bytes(self, slot: int) -> int:
+        return self.engine.decoder.caches.capacity(slot) * self.kv_bytes_per_position
+
+    @property
+    def kv_in_use(self) -> int:
+        """KV bytes held or promised: each running sequence's worst case (or what its
+        slot already holds, if more), and the caches idle slots keep for reuse."""
+        running = sum(max(s.kv_bytes, self._slot_bytes(s.slot)) for s in self.running)
+        return running + sum(self._slot_bytes(slot) for slot in self._free)
+
+    def submit(self, seq: Sequence_) -> None:
+        """Queue a sequence; it joins the batch at the next step with room for it."""
+        check_prompt(self.engine, seq.prompt)
+        seq.params.validate()
+        if self.kv_budget_bytes is not None and self.kv_need(seq) > self.kv_budget_bytes:
+            raise KVBudgetError(
+                f"this request may need {self.kv_need(seq) / 2**20:.1f} MiB of KV cache; "
+                f"the budget is {self.kv_budget_bytes / 2**20:.1f} MiB (ask for fewer tokens)"
+            )
+        self.waiting.append(seq)
+
+    def _admit(self) -> None:
+        while self.waiting and self._free:
+            seq = self.waiting[0]
+            if seq.cancel.is_set():
+                self.waiting.popleft()
+                self._finish(seq, "cancelled", running=False)
+                continue
+            need = self.kv_need(seq)
+            if self.kv_budget_bytes is not None and self.kv_in_use + need > self.kv_budget_bytes:
+                for slot in self._free:  # idle caches kept for reuse go first
+                    self.engine.free(slot)
+                if self.kv_in_use + need > self.kv_budget_bytes:
+                    return  # waits for running sequences to end (oldest first)
+            self.waiting.popleft()
+            self._start(seq, need)
+
+    def _pick_slot(self, prompt: Sequence[int]) -> tuple[int, int]:
+        """The free slot whose cached tokens share the longest prefix with `prompt`
+        (a chat's next turn reuses its cache), and where the prompt starts there."""
+        best, start = self._free[0], -1
+        for slot in self._free:
+            s = self.engine.reuse_start(prompt, slot)
+            if s > start:
+                best, start = slot, s
+        return best, max(start, 0)
+
+    def _start(self, seq: Sequence_, need: int) -> None:
+        slot, start = self._pick_slot(seq.prompt)
+        self._free.remove(slot)
+        if start == 0 and self._slot_bytes(slot) > need:
+            self.engine.free(slot)  # a bigger cache than this sequence may need: regrow
+        seq.slot, seq.fed, seq.kv_bytes = slot, start, need
+        seq.budget = min(seq.params.max_new_tokens, self.engine.max_positions - len(seq.prompt))
+        seq.sampler = Sampler(seq.params)
+        seq.stats.prompt_tokens = len(seq.prompt)
+        seq.stats.reused_tokens = start
+        seq.t_start = time.perf_counter()
+        self.running.append(seq)
+
+    # --- stepping -------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def _rows(self) -> list[tuple[Sequence_, BatchRow]]:
+        rows = []
+        # Decoding sequences first: each costs one row.
+        for seq in self.running:
+            if not seq.prefilling:
+                rows.append(
+                    (
+                        seq,
+                        BatchRow(
+                            seq.slot, [seq.next_token], seq.fed + len(seq.tokens) - 1, seq.sampler
+                        ),
+                    )
+                )
+        room = self.engine.max_pass_tokens or 1 << 30
+        room -= len(rows)
+        chunk = self.prefill_chunk or 1 << 30
+        budget = min(room, chunk)
+        for seq in self.running:
+            if seq.prefilling and budget > 0:
+                n = min(budget, len(seq.prompt) - seq.fed)
+                last = seq.fed + n == len(seq.prompt)
+                ids = seq.prompt[seq.fed : seq.fed + n]
+                rows.append((seq, BatchRow(seq.slot, ids, seq.fed, seq.sampler if last else None)))
+                budget -= n
+        return rows
+
+    def step(self) -> int:
+        """One pass over every running sequence; returns how many sequences ran."""
+        self._drop_cancelled()
+        self._admit()
+        if not self.running:
+            return 0
+        rows = self._rows()
+        try:
+            out = self.engine.step([r for _, r in rows])
+        except BaseException as e:
+            for seq in list(self.running):
+                self._finish(seq, "error", error=e)
+            raise
+        self.steps += 1
+        now = time.perf_counter()
+        for (seq, row), token in zip(rows, out, strict=True):
+            if seq.prefilling:
+                seq.fed += len(row.ids)
+                if token is None:
+                    continue
+                seq.stats.prefill_seconds = now - seq.t_start
+                seq.t_decode = now
+            else:
+                seq.stats.decode_steps += 1
+                seq.stats.decode_seconds = now - seq.t_decode
+            self._take(seq, token)
+        return len(rows)
+
+    def _take(self, seq: Sequence_, token: int) -> None:
+        """The token chosen after seq's last row: keep it, or end the sequence."""
+        if token in seq.stop_ids:
+            self._finish(seq, "eos")
+            return
+        seq.tokens.append(token)
+        seq.stats.new_tokens += 1
+        seq.next_token = token
+        keep = seq.on_token(token) if seq.on_token is not None else True
+        if not keep:
+            self._finish(seq, "stop")
+        elif len(seq.tokens) >= seq.budget:
+            self._finish(seq, "length")
+        elif seq.cancel.is_set():
+            self._finish(seq, "cancelled")
+
+    def _drop_cancelled(self) -> None:
+        for seq in list(self.running):
+            if seq.cancel.is_set():
+                self._finish(seq, "cancelled")
+
+    def _finish(
+        self, seq: Sequence_, reason: str, error: BaseException | None = None, running: bool = True
+    ) -> None:
+        seq.stats.stop_reason = reason
+        seq.error = error
+        if running and seq in self.running:
+            self.running.remove(seq)
+            self._free.append(seq.slot)
+            if seq.prefilling:
+                # Its cache holds part of a prompt: nothing a later prompt may reuse.
+                self.engine.free(seq.slot)
+        seq.done.set()
+
+    def run_all(self, seqs: Sequence[Sequence_]) -> None:
+        """Submit and run these sequences to the end (offline batches, tests)."""
+        for s in seqs:
+            self.submit(s)
+        while self.busy:
+            if self.step() == 0 and self.waiting:
+                raise PromptError("a waiting request cannot be admitted")

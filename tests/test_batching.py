@@ -1,0 +1,213 @@
+"""Batched decode and continuous batching: every sequence of a batch gets what it
+gets alone (tokens, logits, seeded samples), on one node and on a cluster."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.cluster_helpers import addresses, cluster_model, local_workers
+from tpi.master.batching import Batcher, KVBudgetError, Sequence_
+from tpi.master.engine import BatchRow, load_engine
+from tpi.master.generation import generate_tokens
+from tpi.master.loader import MemoryOptions
+from tpi.master.sampling import Sampler, SamplingParams
+from tpi.model.batch import BatchPlan, PlanError, Segment
+
+STEPS = 32
+# Different lengths, so sequences sit at different positions in every step.
+PROMPTS = [list(range(5, 8)), list(range(30, 47)), list(range(60, 100)), [9, 3, 9, 3, 2]]
+GREEDY = SamplingParams(max_new_tokens=STEPS)
+
+
+def alone(engine, prompt, params) -> list[int]:
+    engine.reset()
+    return list(generate_tokens(engine, prompt, params))
+
+
+def batched(engine, seqs: list[Sequence_], join_late: dict[int, int] | None = None, **kw):
+    """Run `seqs` through a Batcher; join_late[i] = the step at which seq i is submitted."""
+    join_late = join_late or {}
+    b = Batcher(engine, **kw)
+    for i, s in enumerate(seqs):
+        if i not in join_late:
+            b.submit(s)
+    step = 0
+    while b.busy or any(k >= step for k in join_late.values()):
+        for i, at in join_late.items():
+            if at == step:
+                b.submit(seqs[i])
+        b.step()
+        step += 1
+        assert step < 10 * STEPS * len(seqs), "the batch never finished"
+    return b
+
+
+def seqs_for(params_list) -> list[Sequence_]:
+    return [Sequence_(list(p), params) for p, params in zip(PROMPTS, params_list, strict=True)]
+
+
+def test_plan_cuts_and_checks():
+    plan = BatchPlan(tuple(Segment(i, 10 + i, 1) for i in range(8)))
+    assert [(p.start, p.end) for p in plan.pieces(2)] == [(0, 4), (4, 8)]
+    one = BatchPlan.single(7, 10)
+    assert [(p.segments[0].pos, p.segments[0].length) for p in one.pieces(3)] == [
+        (7, 4),
+        (11, 3),
+        (14, 3),
+    ]
+    mixed = BatchPlan((Segment(0, 0, 100), Segment(1, 5, 1), Segment(2, 9, 1)), release=(4,))
+    assert BatchPlan.from_ints(mixed.to_ints(), 102) == mixed
+    assert [len(p.segments) for p in mixed.pieces(2)] == [1, 2]  # never an empty piece
+    for bad, rows in ([0, 0, 5, 0], 0), ([0, 0, 5, 3], 4), ([1], 3), ([0, 5000, 0, 1], 1):
+        with pytest.raises(PlanError):
+            BatchPlan.from_ints(bad, rows)
+
+
+@pytest.mark.parametrize("fixture", ["llama_dir", "qwen2_dir", "smollm_dir"])
+def test_every_sequence_of_a_batch_gets_its_greedy_tokens_alone(fixture, request):
+    engine = load_engine(request.getfixturevalue(fixture))
+    params = [
+        SamplingParams(max_new_tokens=10),  # leaves early
+        GREEDY,
+        GREEDY,
+        GREEDY,
+    ]
+    expected = [alone(engine, p, prm) for p, prm in zip(PROMPTS, params, strict=True)]
+    engine.reset()
+    seqs = seqs_for(params)
+    # Sequence 3 joins mid-batch; prompts are fed in chunks of 8 mixed into decode steps.
+    b = batched(engine, seqs, join_late={3: 6}, max_batch=4, prefill_chunk=8)
+    assert [s.tokens for s in seqs] == expected
+    assert all(s.stats.stop_reason == "length" for s in seqs)
+    assert b.steps < sum(len(t) for t in expected)  # steps were shared
+
+
+def test_batched_logits_are_the_logits_alone(llama_dir):
+    engine = load_engine(llama_dir)
+    alone_rows = []
+    for p in PROMPTS:
+        engine.reset()
+        alone_rows.append(
+            [engine.prefill(p)] + [engine.forward([7 + i], len(p) + i) for i in range(4)]
+        )
+    engine.reset()
+    got = [engine.step_logits([BatchRow(i, p, 0) for i, p in enumerate(PROMPTS)])]
+    for i in range(4):
+        got.append(
+            engine.step_logits([BatchRow(k, [7 + i], len(p) + i) for k, p in enumerate(PROMPTS)])
+        )
+    for k in range(len(PROMPTS)):
+        mine = torch.stack([g[k] for g in got])
+        assert (mine - torch.stack(alone_rows[k])).abs().max() <= 1e-4
+
+
+def test_seeded_sampling_in_a_batch_matches_alone(llama_dir):
+    engine = load_engine(llama_dir)
+    params = [
+        SamplingParams(temperature=0.9, top_k=20, top_p=0.9, seed=s, max_new_tokens=STEPS)
+        for s in (1, 2, 3, 4)
+    ]
+    expected = [alone(engine, p, prm) for p, prm in zip(PROMPTS, params, strict=True)]
+    engine.reset()
+    seqs = seqs_for(params)
+    batched(engine, seqs, max_batch=4, prefill_chunk=16)
+    assert [s.tokens for s in seqs] == expected
+
+
+def test_stop_tokens_cancel_and_slot_reuse(llama_dir):
+    engine = load_engine(llama_dir)
+    ref = alone(engine, PROMPTS[1], GREEDY)
+    engine.reset()
+    stop = ref[5]
+    seqs = [
+        Sequence_(PROMPTS[1], GREEDY, stop_ids=frozenset({stop})),
+        Sequence_(PROMPTS[2], GREEDY),
+        Sequence_(PROMPTS[0], GREEDY),
+    ]
+    b = Batcher(engine, max_batch=2, prefill_chunk=0)
+    for s in seqs:
+        b.submit(s)
+    b.step()
+    assert len(b.running) == 2 and len(b.waiting) == 1  # max batch 2: the third waits
+    seqs[1].cancel.set()  # a client that left: its slot goes to the waiting one
+    b.step()
+    assert seqs[1].stats.stop_reason == "cancelled" and seqs[2] in b.running
+    while b.busy:
+        b.step()
+    assert seqs[0].tokens == ref[: ref.index(stop)] and seqs[0].stats.stop_reason == "eos"
+    assert seqs[2].tokens == alone(load_engine(llama_dir), PROMPTS[0], GREEDY)
+
+
+def test_kv_budget_admits_what_fits_and_refuses_what_never_can(llama_dir):
+    engine = load_engine(llama_dir)
+    per_pos = engine.decoder.caches.bytes_per_position
+    # Room for two sequences' worst case (256 positions each), not three.
+    b = Batcher(engine, max_batch=4, kv_budget_bytes=2 * 256 * per_pos + per_pos)
+    seqs = [Sequence_(p, SamplingParams(max_new_tokens=8)) for p in PROMPTS[:3]]
+    for s in seqs:
+        b.submit(s)
+    b.step()
+    assert len(b.running) == 2 and len(b.waiting) == 1
+    assert b.kv_in_use <= b.kv_budget_bytes
+    while b.busy:
+        b.step()
+        assert b.kv_in_use <= b.kv_budget_bytes
+    assert all(s.stats.stop_reason == "length" for s in seqs)
+    small = Batcher(engine, max_batch=4, kv_budget_bytes=200 * per_pos)
+    with pytest.raises(KVBudgetError):  # even alone it may need 256 positions
+        small.submit(Sequence_(PROMPTS[0], SamplingParams(max_new_tokens=8)))
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+    with local_workers(2, tmp_path_factory.mktemp("batch-workers")) as lc:
+        yield addresses(lc)
+
+
+CLUSTER_CASES = {
+    "resident": {},
+    "window1-int8": {"quant": "int8", "memory": MemoryOptions(window=1)},
+    "vocab-parallel": {"vocab_parallel": True},
+    "bf16-wire-nano": {"wire_dtype": "bf16", "prefill_chunks": 2},
+}
+
+
+@pytest.mark.parametrize("case", list(CLUSTER_CASES))
+def test_world_3_batches_give_each_sequence_its_tokens_alone(case, llama_dir, workers):
+    kw = CLUSTER_CASES[case]
+    sampled = [
+        GREEDY,
+        SamplingParams(temperature=0.8, top_p=0.5, seed=7, max_new_tokens=STEPS),
+        GREEDY,
+        SamplingParams(temperature=1.0, top_k=5, seed=9, max_new_tokens=12),
+    ]
+    with cluster_model(llama_dir, workers, **kw) as lm:
+        expected = [alone(lm.engine, p, prm) for p, prm in zip(PROMPTS, sampled, strict=True)]
+        lm.engine.reset()
+        if case.endswith("nano"):
+            lm.engine.planner.fixed_nano = 2  # batches cut into two overlapping nano-batches
+        seqs = seqs_for(sampled)
+        batched(lm.engine, seqs, join_late={2: 4}, max_batch=4, prefill_chunk=8)
+        assert [s.tokens for s in seqs] == expected
+        # Workers freed the caches of sequences that ended (released with later steps).
+        stats = lm.cluster.stats()
+        assert all(s["steps"] > 0 for s in stats.values())
+
+
+def test_a_released_slot_is_fresh_on_every_rank(llama_dir, workers):
+    with cluster_model(llama_dir, workers) as lm:
+        e = lm.engine
+        expected = alone(e, PROMPTS[2], GREEDY)
+        e.reset()
+        sampler = Sampler(GREEDY)
+        e.step([BatchRow(3, PROMPTS[1], 0, sampler)])
+        e.free(3)
+        # Slot 3 again, a new sequence from position 0: no trace of the old one.
+        seq = Sequence_(PROMPTS[2], GREEDY)
+        b = Batcher(e, max_batch=4)
+        b._free = [3]
+        b.submit(seq)
+        while b.busy:
+            b.step()
+        assert seq.tokens == expected
