@@ -10,6 +10,7 @@ import click
 import torch
 
 from tpi.cli_options import apply
+from tpi.master.batching import Batcher, Sequence_
 from tpi.master.cli_options import ENGINE_OPTIONS, open_from_options
 from tpi.master.sampling import Sampler, SamplingParams
 from tpi.quant.formats import weight_nbytes
@@ -135,6 +136,62 @@ def run_bench(loaded, prompt_tokens: int, new_tokens: int) -> dict:
     }
 
 
+def run_concurrent(
+    loaded, prompt_tokens: int, new_tokens: int, concurrency: int, prefill_chunk: int
+) -> dict:
+    """`concurrency` requests at once through the continuous batcher (tpi serve's):
+    aggregate tokens/s over the decode, when all of them run, and each request's own."""
+    engine = loaded.engine
+    vocab = engine.cfg.vocab_size
+    prompts = [
+        torch.randint(
+            min(10, vocab - 1), vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(i)
+        ).tolist()
+        for i in range(concurrency)
+    ]
+    warm = Batcher(engine, max_batch=concurrency)
+    warm.run_all([Sequence_(p[:4], SamplingParams(max_new_tokens=2)) for p in prompts])
+    engine.reset()
+    before = _all_stats(loaded)
+    params = SamplingParams(max_new_tokens=new_tokens + 1)  # the first comes with the prefill
+    seqs = [Sequence_(p, params) for p in prompts]
+    batcher = Batcher(engine, max_batch=concurrency, prefill_chunk=prefill_chunk)
+    for q in seqs:
+        batcher.submit(q)
+    t0 = time.perf_counter()
+    decode_start = None
+    while batcher.busy:
+        batcher.step()
+        if decode_start is None and all(q.tokens for q in seqs):
+            decode_start = time.perf_counter()  # every request has its first token
+    end = time.perf_counter()
+    decode_steps = sum(q.stats.decode_steps for q in seqs)
+    decode = end - (decode_start or end)
+    after = _all_stats(loaded)
+    per_request = [
+        {
+            "ttft_ms": round(1000 * q.stats.prefill_seconds, 3),
+            "decode_ms_per_token": round(1000 * q.stats.decode_seconds / q.stats.decode_steps, 3),
+            "tokens": q.tokens,
+        }
+        for q in seqs
+    ]
+    return {
+        "model": str(loaded.model_dir),
+        "world": len(after),
+        "concurrency": concurrency,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "aggregate_tokens_per_second": round(decode_steps / decode, 3) if decode else None,
+        "per_client_ms_per_token": round(1000 * decode / new_tokens, 3),
+        "batch_steps": batcher.steps,
+        "wall_seconds": round(end - t0, 3),
+        "per_request": per_request,
+        "load_seconds": round(loaded.load_seconds, 3),
+        "nodes": {str(r): _delta(after[r], before[r]) for r in sorted(after)},
+    }
+
+
 @click.command()
 @apply(ENGINE_OPTIONS)
 @click.option(
@@ -157,7 +214,29 @@ def run_bench(loaded, prompt_tokens: int, new_tokens: int) -> dict:
     default=None,
     help="Also write the JSON report to this file.",
 )
-def bench(prompt_tokens, new_tokens, out, **opts):
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Requests generated at once, batched as 'tpi serve' batches them: reports "
+    "aggregate tokens/s and each request's ms/token.",
+)
+@click.option(
+    "--prefill-chunk",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="With --concurrency: prompt tokens per pass (0: every prompt whole, at once).",
+)
+@click.option(
+    "--nano-batches",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --concurrency on a cluster: cut each batch into this many nano-batches "
+    "whose allreduces overlap (default: chosen from the measured round trip).",
+)
+def bench(prompt_tokens, new_tokens, out, concurrency, prefill_chunk, nano_batches, **opts):
     """Measure TTFT, ms/token and per-node memory, disk, compute and network; print JSON.
 
     Per node: peak RSS, bytes read from disk, time blocked waiting for disk, share of
@@ -167,7 +246,12 @@ def bench(prompt_tokens, new_tokens, out, **opts):
     loaded = open_from_options(
         {**opts, "max_context": opts["max_context"] or prompt_tokens + new_tokens + 8}
     )
-    report = run_bench(loaded, prompt_tokens, new_tokens)
+    if nano_batches is not None and loaded.engine.planner is not None:
+        loaded.engine.planner.fixed_nano = nano_batches
+    if concurrency > 1:
+        report = run_concurrent(loaded, prompt_tokens, new_tokens, concurrency, prefill_chunk)
+    else:
+        report = run_bench(loaded, prompt_tokens, new_tokens)
     text = json.dumps(report, indent=2)
     click.echo(text)
     if out:

@@ -1,0 +1,188 @@
+"""Many requests at once: aggregate tokens/s and per-client ms/token at 1, 2, 4, 8
+concurrent requests, side by side in one run (fresh `tpi bench --concurrency C`
+processes, the concurrency levels interleaved within every round).
+
+Configurations:
+  one-node    the embedded SmolLM2, fp32, this machine alone
+  world3-5ms  SmolLM2 on master + 2 local workers behind 5 ms emulated links
+  nano        world3-5ms at 8 requests with 1 (no overlap) and 2 nano-batches
+And, in this process, a new request joining 3 running streams with a 512-token
+prompt: the running streams' worst gap between tokens while it prefills, with
+the prompt fed in chunks of 64 tokens between their decode steps and whole.
+
+    python benchmarks/batching.py [--rounds 3] [--lock FILE]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import median, write_result  # noqa: E402
+
+TPI = str(Path(sys.executable).parent / "tpi")
+LEVELS = (1, 2, 4, 8)
+CONFIGS = {
+    "one-node": [],
+    "world3-5ms": ["cluster", "--workers", "2", "--link-latency", "5ms"],
+}
+
+
+def _bench(prefix: list[str], args: list[str], lock: str | None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "b.json"
+        cmd = [TPI, *prefix, "bench", *args, "--out", str(out)]
+        if lock:
+            cmd = ["flock", lock, *cmd]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=1800)
+        return json.loads(out.read_text())
+
+
+def _figures(report: dict) -> dict:
+    if "aggregate_tokens_per_second" in report:
+        return {
+            "aggregate_tokens_per_second": report["aggregate_tokens_per_second"],
+            "per_client_ms_per_token": report["per_client_ms_per_token"],
+        }
+    return {
+        "aggregate_tokens_per_second": report["tokens_per_second"],
+        "per_client_ms_per_token": report["decode_ms_per_token"],
+    }
+
+
+def join_gap(prefill_chunk: int, new_prompt: int = 512, running: int = 3) -> dict:
+    """Worst and median gap between the running streams' tokens while a new
+    request's prompt is prefilled, in one process (the embedded SmolLM2)."""
+    from tpi.master.batching import Batcher, Sequence_
+    from tpi.master.engine import load_engine
+    from tpi.master.sampling import SamplingParams
+    from tpi.sources.default_model import ensure_default_model
+
+    engine = load_engine(ensure_default_model(lambda _m: None))
+    b = Batcher(engine, max_batch=running + 1, prefill_chunk=prefill_chunk)
+    streams = [
+        Sequence_(list(range(10 + i, 42 + i)), SamplingParams(max_new_tokens=400))
+        for i in range(running)
+    ]
+    for s in streams:
+        b.submit(s)
+    for _ in range(8):  # all running and decoding
+        b.step()
+    newcomer = Sequence_(list(range(100, 100 + new_prompt)), SamplingParams(max_new_tokens=4))
+    b.submit(newcomer)
+    gaps = []
+    last = time.perf_counter()
+    while not newcomer.tokens and len(gaps) < 1000:
+        b.step()
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    return {
+        "prefill_chunk": prefill_chunk,
+        "steps_while_prefilling": len(gaps),
+        "worst_gap_ms": round(1000 * max(gaps), 2),
+        "median_gap_ms": round(1000 * median(gaps), 2),
+        "newcomer_ttft_ms": round(1000 * sum(gaps), 2),
+    }
+
+
+@contextlib.contextmanager
+def _held(lock: str | None):
+    if not lock:
+        yield
+        return
+    import fcntl
+
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@click.command()
+@click.option("--rounds", default=3, show_default=True)
+@click.option("--prompt-tokens", default=64, show_default=True)
+@click.option("--new-tokens", default=32, show_default=True)
+@click.option("--lock", default=None, help="Hold this file's flock during every timed run.")
+@click.option("--out", default=None)
+def main(rounds, prompt_tokens, new_tokens, lock, out):
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    base = ["--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens)]
+    samples: dict[str, dict[str, list[dict]]] = {}
+    for r in range(rounds):
+        for name, prefix in CONFIGS.items():
+            levels = LEVELS if r % 2 == 0 else tuple(reversed(LEVELS))
+            for c in levels:
+                fig = _figures(_bench(prefix, [*base, "--concurrency", str(c)], lock))
+                samples.setdefault(name, {}).setdefault(str(c), []).append(fig)
+                print(f"round {r + 1} {name} c={c}: {fig}", flush=True)
+        for nano in (1, 2):
+            args = [*base, "--concurrency", "8", "--nano-batches", str(nano)]
+            fig = _figures(_bench(CONFIGS["world3-5ms"], args, lock))
+            samples.setdefault("nano", {}).setdefault(str(nano), []).append(fig)
+            print(f"round {r + 1} nano={nano}: {fig}", flush=True)
+    results: dict[str, dict] = {}
+    for name, by_level in samples.items():
+        results[name] = {
+            level: {k: median([f[k] for f in figs]) for k in figs[0]}
+            for level, figs in by_level.items()
+        }
+    ratios = {}
+    for name in CONFIGS:
+        one = results[name]["1"]
+        ratios[name] = {
+            c: {
+                "aggregate_vs_1": round(
+                    results[name][c]["aggregate_tokens_per_second"]
+                    / one["aggregate_tokens_per_second"],
+                    2,
+                ),
+                "per_client_ms_vs_1": round(
+                    results[name][c]["per_client_ms_per_token"] / one["per_client_ms_per_token"], 2
+                ),
+            }
+            for c in results[name]
+        }
+    nano = results["nano"]
+    ratios["nano_gain_aggregate_2_vs_1"] = round(
+        nano["2"]["aggregate_tokens_per_second"] / nano["1"]["aggregate_tokens_per_second"], 3
+    )
+    with _held(lock):
+        joins = {"chunked_64": join_gap(64), "whole": join_gap(0)}
+    report = {
+        "benchmark": "batching",
+        "settings": {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rounds": rounds},
+        "results": results,
+        "ratios": ratios,
+        "join_512_token_prompt": joins,
+        "targets": {
+            "one-node aggregate at 4 >= 2.5x of 1": ratios["one-node"]["4"]["aggregate_vs_1"]
+            >= 2.5,
+            "world3-5ms aggregate at 8 >= 6x of 1": ratios["world3-5ms"]["8"]["aggregate_vs_1"]
+            >= 6,
+        },
+        "samples": samples,
+    }
+    print(
+        json.dumps(
+            {k: report[k] for k in ("results", "ratios", "join_512_token_prompt", "targets")},
+            indent=1,
+        )
+    )
+    write_result("batching", report, out)
+
+
+if __name__ == "__main__":
+    main()
