@@ -20,8 +20,22 @@ from tpi.master.cli_options import (
 
 
 @click.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
 @apply(ENGINE_OPTIONS + sampling_options(max_new_default=256))
+@click.option(
+    "--prompts-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Answer every line of this file (one prompt per line) instead of PROMPT, "
+    "generated together in batches; prints one JSON line per answer, in order.",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="With --prompts-file: prompts generated together.",
+)
 @click.option(
     "--raw",
     is_flag=True,
@@ -29,8 +43,9 @@ from tpi.master.cli_options import (
 )
 @click.option("--system", default=None, help="System prompt (chat template only).")
 @click.option("--stats", is_flag=True, help="Print token counts and speed to stderr at the end.")
-def generate(prompt, raw, system, stats, **opts):
-    """Generate a reply to PROMPT and stream it to stdout ('-' reads PROMPT from stdin).
+def generate(prompt, prompts_file, max_batch, raw, system, stats, **opts):
+    """Generate a reply to PROMPT and stream it to stdout ('-' reads PROMPT from stdin),
+    or to every line of --prompts-file (batched, JSON lines out).
 
     Instruction models get PROMPT wrapped in their chat template; use --raw for
     plain text completion. With --workers the model runs tensor-parallel across
@@ -41,17 +56,40 @@ def generate(prompt, raw, system, stats, **opts):
     from tpi.text.prompts import conversation_ids, with_system
     from tpi.text.tokenizer import StreamDecoder
 
-    if prompt == "-":
+    if prompts_file is not None and prompt is not None:
+        raise click.UsageError("give PROMPT or --prompts-file, not both")
+    if prompts_file is None and prompt is None:
+        raise click.UsageError("missing PROMPT (or --prompts-file)")
+    if prompts_file is not None:
+        from tpi.master.batch_generate import read_prompts
+
+        prompts = read_prompts(prompts_file)  # before loading: a bad file fails at once
+    elif prompt == "-":
         prompt = sys.stdin.read()
-    if not prompt.strip():
+    if prompts_file is None and not prompt.strip():
         raise PromptError("the prompt is empty")
     loaded = open_from_options(opts)
     params = sampling_from_options(loaded, opts)
     tok = loaded.tokenizer
-    if raw or tok.chat_template is None:  # nothing to wrap it in: plain completion
-        ids = tok.encode(prompt)
-    else:
-        ids = conversation_ids(tok, with_system(system, [{"role": "user", "content": prompt}]))
+
+    def to_ids(text: str) -> list[int]:
+        if raw or tok.chat_template is None:  # nothing to wrap it in: plain completion
+            return tok.encode(text)
+        return conversation_ids(tok, with_system(system, [{"role": "user", "content": text}]))
+
+    if prompts_file is not None:
+        from tpi.master.batch_generate import run_prompts
+
+        summary = run_prompts(loaded, prompts, to_ids, params, max_batch, click.echo)
+        if stats:
+            click.echo(
+                f"{summary['prompts']} prompts, {summary['new_tokens']} new tokens in "
+                f"{summary['seconds']:.2f} s: {summary['aggregate_tokens_per_second']:.1f} tok/s "
+                f"together ({summary['steps']} batched steps)",
+                err=True,
+            )
+        return
+    ids = to_ids(prompt)
     st = GenerationStats()
     decoder = StreamDecoder(tok)
     for token in generate_tokens(loaded.engine, ids, params, tok.eos_ids, st, threading.Event()):

@@ -211,3 +211,31 @@ def test_a_released_slot_is_fresh_on_every_rank(llama_dir, workers):
         while b.busy:
             b.step()
         assert seq.tokens == expected
+
+
+def test_generate_prompts_file_answers_each_line_as_alone(llama_dir, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from tpi.cli import cli
+
+    prompts = ["hello there", "a b c d e f g", "x"]
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join([prompts[0], "", *prompts[1:]]) + "\n")
+    base = ["generate", "--model", str(llama_dir), "-t", "0", "-n", "8", "--raw"]
+    alone_text = []
+    for p in prompts:
+        res = CliRunner().invoke(cli, [*base, p], catch_exceptions=False)
+        assert res.exit_code == 0
+        alone_text.append(res.stdout[:-1])
+    res = CliRunner().invoke(cli, [*base, "--prompts-file", str(f), "--max-batch", "2", "--stats"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [x["prompt"] for x in lines] == prompts
+    assert [x["text"] for x in lines] == alone_text
+    assert "tok/s together" in res.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    res = CliRunner().invoke(cli, [*base, "--prompts-file", str(empty)])
+    assert res.exit_code != 0 and "holds no prompt" in res.output

@@ -308,3 +308,53 @@ def test_a_request_whose_kv_cache_can_never_fit_the_budget_is_refused_clearly(ll
         assert r.status_code == 400 and r.json()["error"]["code"] == "kv_budget_exceeded"
         assert "KV cache" in r.json()["error"]["message"]
         assert httpx.get(base + "/health").json()["status"] == "ok"  # nothing else broke
+
+
+def test_metrics_in_prometheus_format_count_what_was_served(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[str, float]:
+        r = httpx.get(server + "/metrics")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        return {
+            (s.name + "".join(f"[{v}]" for v in s.labels.values())): s.value
+            for fam in text_string_to_metric_families(r.text)
+            for s in fam.samples
+        }
+
+    before = scrape()
+    r = httpx.post(server + "/v1/completions", json={"prompt": "count me", "max_tokens": 5})
+    assert r.status_code == 200
+    after = scrape()
+    assert after["tpi_generated_tokens_total"] - before.get("tpi_generated_tokens_total", 0) == 5
+    done = "tpi_requests_total[length]"
+    assert after[done] - before.get(done, 0) == 1
+    assert after["tpi_time_to_first_token_seconds_count"] >= 1
+    assert (
+        after["tpi_inter_token_seconds_count"] - before.get("tpi_inter_token_seconds_count", 0) == 4
+    )  # 5 tokens, 4 gaps
+    assert after["tpi_batch_size"] == 0 and after["tpi_requests_waiting"] == 0
+    assert after["tpi_cluster_failures_total"] == 0
+
+
+def test_n_choices_are_generated_together_each_as_its_own_request(server):
+    client = _client(server)
+    msgs = [{"role": "user", "content": QUESTION}]
+
+    def ask(**kw):
+        return client.chat.completions.create(model="x", messages=msgs, max_tokens=10, **kw)
+
+    one = ask(temperature=0).choices[0].message.content
+    three = ask(temperature=0, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert [c.message.content for c in three.choices] == [one] * 3
+    assert three.usage.completion_tokens == 30
+    # Seeded: choice i samples with seed + i, exactly as a request with that seed.
+    two = ask(temperature=1.0, seed=5, n=2)
+    alone = [ask(temperature=1.0, seed=s).choices[0].message.content for s in (5, 6)]
+    assert [c.message.content for c in two.choices] == alone
+    streamed = ["", ""]
+    for chunk in ask(temperature=1.0, seed=5, n=2, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert streamed == alone

@@ -60,7 +60,8 @@ from tpi.master.cli_options import (
     metavar="SIZE",
     help="KV-cache memory all running requests may use on each node (e.g. 512MB). A "
     "request waits until its worst case fits; one that never can gets HTTP 400. "
-    "Default: no limit beyond --max-batch.",
+    "Default: with a memory budget (--memory-budget, a cgroup limit), the KV cache it "
+    "planned; else no limit beyond --max-batch.",
 )
 @click.option(
     "--max-request-size",
@@ -119,6 +120,11 @@ def serve(
             return open_from_options(opts)
 
     reopen = reopen if loaded.cluster is not None else None
+    plan = loaded.runtime.plan if loaded.runtime is not None else None
+    if kv_budget is None and plan is not None and plan.budget_bytes is not None:
+        # A memory budget reserved one context's KV cache on every rank: a batch
+        # shares that reservation (its sequences' positions add up to at most it).
+        kv_budget = plan.kv_bytes
     app = create_app(
         ModelHolder(loaded, reopen),
         name,

@@ -1,10 +1,11 @@
-"""The routes: /v1/chat/completions, /v1/completions, /v1/models, /health and
-the chat page. Each reads the server's state from `request.app.state.tpi`."""
+"""The routes: /v1/chat/completions, /v1/completions, /v1/models, /health,
+/metrics and the chat page. Each reads the server's state from `request.app.state.tpi`."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass, field, replace
 from importlib import resources
 
 from fastapi import APIRouter, Request
@@ -67,25 +68,41 @@ def _check_fits(state: ServerState, ids: list[int]) -> None:
         )
 
 
-async def _submit(state: ServerState, ids: list[int], req: SamplingFields) -> Job:
+async def _submit(state: ServerState, ids: list[int], req: SamplingFields) -> list[Job]:
+    """Queue the request's n choices: one job each, generated in the same batch (with
+    a seed, choice i samples with seed + i, so choices differ and are reproducible)."""
     if state.holder.error is not None and not state.holder.may_retry():
         raise cluster_down(state.holder.error)
     try:
         stops = req.stops()
     except ValueError as e:
         raise ApiError(400, str(e), param="stop") from None
-    job = Job(ids, state.sampling(req), stops, asyncio.get_running_loop())
+    params = state.sampling(req)
+    loop, events, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+    jobs = [
+        Job(
+            ids,
+            params if params.seed is None else replace(params, seed=(params.seed + i) % 2**64),
+            stops,
+            loop,
+            events,
+            cancel,
+            index=i,
+        )
+        for i in range(req.n)
+    ]
     try:
-        state.generation.submit(job)
+        state.generation.submit(*jobs)
     except QueueFull:
         raise ApiError(
             429, "too many requests waiting; try again shortly", "rate_limit_error", "queue_full"
         ) from None
-    return job
+    return jobs
 
 
 async def _respond(ids: list[int], req: SamplingFields, request: Request, endpoint: Endpoint):
-    """Queue one generation and answer it in `endpoint`'s shape, streamed or whole."""
+    """Queue one generation (n choices) and answer it in `endpoint`'s shape, streamed
+    or whole."""
     state = _state(request)
     _check_fits(state, ids)
     answer = Answer(await _submit(state, ids, req), endpoint, state.model_name)
@@ -170,6 +187,16 @@ async def health(request: Request):
     if holder.error is not None:
         body["error"] = holder.error
     return JSONResponse(body, status_code=503 if down else 200)
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    """Prometheus' text format: queue, batch, tokens, TTFT and inter-token
+    histograms, KV memory, allreduce totals, failures and recoveries."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    registry = _state(request).generation.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/", response_class=HTMLResponse)

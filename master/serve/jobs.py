@@ -24,6 +24,7 @@ from tpi.master.batching import Batcher, Sequence_
 from tpi.master.engine import Engine
 from tpi.master.generation import GenerationStats
 from tpi.master.sampling import SamplingParams
+from tpi.master.serve.metrics import ServeMetrics
 from tpi.master.serve.model_holder import ModelHolder
 from tpi.master.serve.stop_strings import StopMatcher
 from tpi.text.tokenizer import StreamDecoder
@@ -46,9 +47,12 @@ class Job:
     stats: GenerationStats = field(default_factory=GenerationStats)
     submitted: float = field(default_factory=time.perf_counter)
     started: float = 0.0
+    # Which choice of its request this job is (OpenAI's n): the n jobs of one
+    # request share `events` and `cancel`, and events carry this index.
+    index: int = 0
 
     def emit(self, kind: str, value: Any = None) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, kind, value))
 
 
 @dataclass
@@ -61,12 +65,21 @@ class BatchSettings:
 class _Running:
     """A job's side of its sequence: text out as tokens come, stop strings checked."""
 
-    def __init__(self, job: Job, tokenizer) -> None:
+    def __init__(self, job: Job, tokenizer, metrics: ServeMetrics) -> None:
         self.job = job
         self.decoder = StreamDecoder(tokenizer)
         self.stop = StopMatcher(job.stops)
+        self.metrics = metrics
+        self.last = 0.0
 
     def on_token(self, token: int) -> bool:
+        now = time.perf_counter()
+        if self.last:
+            self.metrics.inter_token.observe(now - self.last)
+        else:
+            self.metrics.ttft.observe(now - self.job.submitted)
+        self.last = now
+        self.metrics.tokens.inc()
         text = self.stop.push(self.decoder.push(token))
         if text:
             self.job.emit("text", text)
@@ -83,8 +96,8 @@ class _Running:
 
 
 class GenerationQueue:
-    """Events a job receives, in order: ("text", str)*, then ("done", finish_reason)
-    or ("error", exception)."""
+    """Events a job receives, in order, each tagged with the job's index:
+    ("text", str)*, then ("done", finish_reason) or ("error", exception)."""
 
     def __init__(
         self, holder: ModelHolder, capacity: int, settings: BatchSettings | None = None
@@ -100,6 +113,15 @@ class GenerationQueue:
         self._jobs: dict[int, tuple[Job, _Running, Sequence_]] = {}
         self._closed = False
         self.recent: deque[dict] = deque(maxlen=5)  # last finished jobs, for /health
+        self.metrics = ServeMetrics()
+        self.metrics.gauges(
+            waiting=lambda: self.waiting,
+            running=lambda: self.running,
+            kv_bytes=lambda: self._batcher.kv_in_use if self._batcher is not None else 0,
+            allreduce=self._allreduce_totals,
+            failures=lambda: holder.failures,
+            recoveries=lambda: holder.recoveries,
+        )
         self._thread = threading.Thread(target=self._run, name="tpi-generation", daemon=True)
         self._thread.start()
 
@@ -117,17 +139,27 @@ class GenerationQueue:
         b = self._batcher
         return self._queue.qsize() + (len(b.waiting) if b is not None else 0)
 
-    def submit(self, job: Job) -> None:
+    def _allreduce_totals(self) -> tuple[float, float]:
+        cluster = self.holder.loaded.cluster
+        if cluster is None:
+            return 0.0, 0.0
+        stats = cluster.collective.stats
+        return float(stats.count), float(stats.seconds)
+
+    def submit(self, *jobs: Job) -> None:
+        """Admit these jobs (a request's n choices) together, or none of them."""
         with self._lock:
-            if self._admitted >= self.capacity:
+            if self._admitted + len(jobs) > self.capacity:
                 raise QueueFull
-            self._admitted += 1
-        self._queue.put_nowait(job)
+            self._admitted += len(jobs)
+        for job in jobs:
+            self._queue.put_nowait(job)
 
     def _finished(self, job: Job, reason: str) -> None:
         with self._lock:
             self._admitted -= 1
         self.recent.append({"finish_reason": reason, "completion_tokens": job.stats.new_tokens})
+        self.metrics.requests.labels(reason).inc()
 
     def close(self) -> None:
         with contextlib.suppress(queue.Full):
@@ -165,7 +197,7 @@ class GenerationQueue:
         job.started = time.perf_counter()
         try:
             batcher = self._batcher_for(self.holder.ensure().engine)  # reconnects a failed cluster
-            run = _Running(job, self.tokenizer)
+            run = _Running(job, self.tokenizer, self.metrics)
             seq = Sequence_(
                 job.prompt_ids,
                 job.params,
@@ -203,6 +235,7 @@ class GenerationQueue:
                 continue
             try:
                 batcher.step()
+                self.metrics.steps.inc()
             except BaseException as e:  # every running sequence got the error
                 if isinstance(e, ClusterError):
                     self.holder.failed(e)

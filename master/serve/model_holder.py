@@ -29,6 +29,8 @@ class ModelHolder:
         self.error: str | None = None
         self._last_attempt = 0.0
         self._lock = threading.Lock()
+        self.failures = 0  # times the model failed (for /metrics)
+        self.recoveries = 0  # times it was connected again
 
     def check(self) -> None:
         """Between requests: notice a worker that died meanwhile (its link drops)."""
@@ -43,6 +45,7 @@ class ModelHolder:
     def failed(self, e: BaseException) -> None:
         with self._lock:
             self.error = str(e)
+            self.failures += 1
             self.loaded.close("a rank failed")
 
     def may_retry(self) -> bool:
@@ -65,4 +68,5 @@ class ModelHolder:
                 self.error = str(e)
                 raise ModelDown(self.error) from None
             self.error = None
+            self.recoveries += 1
             return self.loaded

@@ -27,6 +27,9 @@ class ChatMessage(BaseModel):
     content: Text
 
 
+MAX_CHOICES = 16  # OpenAI's n: choices generated together, in one batch
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -43,7 +46,7 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what a generator takes
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
 
     def stops(self) -> list[str]:
         if self.stop is None:

@@ -1,5 +1,5 @@
-"""Answering one queued generation in an endpoint's shape: whole, or streamed
-as server-sent events (one chunk per piece of text)."""
+"""Answering one queued request (its n choices) in an endpoint's shape: whole,
+or streamed as server-sent events (one chunk per piece of text of a choice)."""
 
 from __future__ import annotations
 
@@ -28,20 +28,20 @@ class Endpoint:
     object: str
     chunk_object: str
     opening: dict | None  # the first streamed delta, before any text
-    # (delta {"content": text}, finish_reason, streamed) -> one element of "choices"
-    choice: Callable[[dict, str | None, bool], dict]
+    # (index, delta {"content": text}, finish_reason, streamed) -> one element of "choices"
+    choice: Callable[[int, dict, str | None, bool], dict]
 
 
-def _chat_choice(delta: dict, reason: str | None, streamed: bool) -> dict:
+def _chat_choice(index: int, delta: dict, reason: str | None, streamed: bool) -> dict:
     if streamed:
-        return {"index": 0, "delta": delta, "finish_reason": reason}
+        return {"index": index, "delta": delta, "finish_reason": reason}
     message = {"role": "assistant", "content": delta["content"]}
-    return {"index": 0, "message": message, "finish_reason": reason}
+    return {"index": index, "message": message, "finish_reason": reason}
 
 
-def _text_choice(delta: dict, reason: str | None, streamed: bool) -> dict:
+def _text_choice(index: int, delta: dict, reason: str | None, streamed: bool) -> dict:
     text = delta.get("content", "")
-    return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
 
 
 CHAT = Endpoint(
@@ -54,68 +54,77 @@ CHAT = Endpoint(
 TEXT = Endpoint("cmpl", "text_completion", "text_completion", None, _text_choice)
 
 
-def usage(job: Job) -> dict:
+def usage(jobs: list[Job]) -> dict:
+    prompt = len(jobs[0].prompt_ids)  # one prompt, however many choices
+    completion = sum(j.stats.new_tokens for j in jobs)
     return {
-        "prompt_tokens": len(job.prompt_ids),
-        "completion_tokens": job.stats.new_tokens,
-        "total_tokens": len(job.prompt_ids) + job.stats.new_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
     }
 
 
 class Answer:
-    """One job's answer, in `endpoint`'s shape, for `model_name`."""
+    """One request's answer (its n jobs, one per choice), in `endpoint`'s shape."""
 
-    def __init__(self, job: Job, endpoint: Endpoint, model_name: str) -> None:
-        self.job = job
+    def __init__(self, jobs: list[Job], endpoint: Endpoint, model_name: str) -> None:
+        self.jobs = jobs
+        self.events = jobs[0].events  # shared by the request's jobs, as is cancel
+        self.cancel = jobs[0].cancel
         self.endpoint = endpoint
         self.model_name = model_name
         self.id, self.created = new_id(endpoint.id_prefix), now()
         self._checked = time.monotonic()  # when the client was last seen connected
 
-    def _envelope(self, object_: str, delta: dict, reason: str | None, streamed: bool) -> dict:
+    def _envelope(self, object_: str, choices: list[dict]) -> dict:
         return {
             "id": self.id,
             "object": object_,
             "created": self.created,
             "model": self.model_name,
-            "choices": [self.endpoint.choice(delta, reason, streamed)],
+            "choices": choices,
         }
 
-    def _chunk(self, delta: dict, reason: str | None) -> str:
-        envelope = self._envelope(self.endpoint.chunk_object, delta, reason, True)
-        return f"data: {json.dumps(envelope)}\n\n"
+    def _chunk(self, index: int, delta: dict, reason: str | None) -> str:
+        choice = self.endpoint.choice(index, delta, reason, True)
+        return f"data: {json.dumps(self._envelope(self.endpoint.chunk_object, [choice]))}\n\n"
 
-    async def _next_event(self, request: Request) -> tuple[str, object] | None:
-        """The job's next event, or None once the client has gone (the job is then
-        cancelled: the engine stops at the next token, streamed or not). The client
-        is checked at least every DISCONNECT_CHECK_S, also while tokens flow."""
+    async def _next_event(self, request: Request) -> tuple[int, str, object] | None:
+        """The next event of any of the jobs, or None once the client has gone (the
+        jobs are then cancelled: the engine stops them at the next step, streamed or
+        not). The client is checked at least every DISCONNECT_CHECK_S, also while
+        tokens flow."""
         while True:
             if time.monotonic() - self._checked >= DISCONNECT_CHECK_S:
                 self._checked = time.monotonic()
                 if await request.is_disconnected():
-                    self.job.cancel.set()
+                    self.cancel.set()
                     return None
             with contextlib.suppress(asyncio.TimeoutError):
-                return await asyncio.wait_for(self.job.events.get(), DISCONNECT_CHECK_S)
+                return await asyncio.wait_for(self.events.get(), DISCONNECT_CHECK_S)
 
     async def whole(self, request: Request) -> dict | None:
-        parts = []
+        parts: list[list[str]] = [[] for _ in self.jobs]
+        reasons: list[str | None] = [None] * len(self.jobs)
         try:
-            while True:
+            while any(r is None for r in reasons):
                 event = await self._next_event(request)
                 if event is None:
                     return None
-                kind, value = event
+                index, kind, value = event
                 if kind == "text":
-                    parts.append(value)
+                    parts[index].append(value)
                 elif kind == "done":
-                    break
+                    reasons[index] = value
                 else:
                     raise generation_error(value)
         finally:
-            self.job.cancel.set()
-        body = self._envelope(self.endpoint.object, {"content": "".join(parts)}, value, False)
-        return {**body, "usage": usage(self.job)}
+            self.cancel.set()
+        choices = [
+            self.endpoint.choice(i, {"content": "".join(p)}, reasons[i], False)
+            for i, p in enumerate(parts)
+        ]
+        return {**self._envelope(self.endpoint.object, choices), "usage": usage(self.jobs)}
 
     async def stream(self, request: Request, include_usage: bool) -> StreamingResponse | None:
         """The streamed answer, once its first event is in: a failure before any text
@@ -123,9 +132,9 @@ class Answer:
         first = await self._next_event(request)
         if first is None:
             return None
-        if first[0] == "error":
-            self.job.cancel.set()
-            raise generation_error(first[1])
+        if first[1] == "error":
+            self.cancel.set()
+            raise generation_error(first[2])
         return StreamingResponse(
             self._events(request, include_usage, first),
             media_type="text/event-stream",
@@ -133,28 +142,30 @@ class Answer:
         )
 
     async def _events(self, request: Request, include_usage: bool, first: tuple):
-        job = self.job
+        left = len(self.jobs)
         try:
             if self.endpoint.opening is not None:
-                yield self._chunk(self.endpoint.opening, None)
+                for i in range(len(self.jobs)):
+                    yield self._chunk(i, self.endpoint.opening, None)
             event = first
             while event is not None:
-                kind, value = event
+                index, kind, value = event
                 if kind == "text":
-                    yield self._chunk({"content": value}, None)
+                    yield self._chunk(index, {"content": value}, None)
                 elif kind == "done":
-                    yield self._chunk({}, "stop" if value == "cancelled" else value)
-                    if include_usage:
-                        final = self._envelope(self.endpoint.chunk_object, {}, None, True)
-                        final["choices"] = []
-                        final["usage"] = usage(job)
-                        yield f"data: {json.dumps(final)}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
+                    yield self._chunk(index, {}, "stop" if value == "cancelled" else value)
+                    left -= 1
+                    if left == 0:
+                        if include_usage:
+                            final = self._envelope(self.endpoint.chunk_object, [])
+                            final["usage"] = usage(self.jobs)
+                            yield f"data: {json.dumps(final)}\n\n"
+                        yield "data: [DONE]\n\n"
+                        return
                 else:
                     e: ApiError = generation_error(value)
                     yield f"data: {json.dumps(error_body(str(e), e.type, e.code))}\n\n"
                     return
                 event = await self._next_event(request)
         finally:
-            job.cancel.set()  # client gone or stream over: free the cluster
+            self.cancel.set()  # client gone or stream over: free the batch slots
