@@ -6,6 +6,10 @@ Configurations:
   one-node    the embedded SmolLM2, fp32, this machine alone
   world3-5ms  SmolLM2 on master + 2 local workers behind 5 ms emulated links
   nano        world3-5ms at 8 requests with 1 (no overlap) and 2 nano-batches
+  with --big DIR (a directory holding the int8 and int4 splits of a
+  Llama-2-7B-shaped model, as benchmarks/vs_llamacpp.py makes them):
+  7b-int8     resident, one node
+  7b-int4-w2  streamed through a window of 2 layers, one node
 And, in this process, a new request joining 3 running streams with a 512-token
 prompt: the running streams' worst gap between tokens while it prefills, with
 the prompt fed in chunks of 64 tokens between their decode steps and whole.
@@ -32,10 +36,19 @@ from benchmarks.common import median, write_result  # noqa: E402
 
 TPI = str(Path(sys.executable).parent / "tpi")
 LEVELS = (1, 2, 4, 8)
-CONFIGS = {
-    "one-node": [],
-    "world3-5ms": ["cluster", "--workers", "2", "--link-latency", "5ms"],
+CLUSTER_5MS = ["cluster", "--workers", "2", "--link-latency", "5ms"]
+# name -> (command prefix, extra bench arguments)
+CONFIGS: dict[str, tuple[list[str], list[str]]] = {
+    "one-node": ([], []),
+    "world3-5ms": (CLUSTER_5MS, []),
 }
+
+
+def big_configs(root: Path) -> dict[str, tuple[list[str], list[str]]]:
+    return {
+        "7b-int8": ([], ["--model", str(root / "tpi-int8")]),
+        "7b-int4-w2": ([], ["--model", str(root / "tpi-int4"), "--window", "2"]),
+    }
 
 
 def _bench(prefix: list[str], args: list[str], lock: str | None) -> dict:
@@ -116,21 +129,34 @@ def _held(lock: str | None):
 @click.option("--prompt-tokens", default=64, show_default=True)
 @click.option("--new-tokens", default=32, show_default=True)
 @click.option("--lock", default=None, help="Hold this file's flock during every timed run.")
+@click.option(
+    "--big",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory with tpi-int8/ and tpi-int4/ splits of a 7B-shaped model.",
+)
+@click.option("--big-new-tokens", default=8, show_default=True)
+@click.option("--only-big", is_flag=True, help="Skip the SmolLM2 configurations.")
 @click.option("--out", default=None)
-def main(rounds, prompt_tokens, new_tokens, lock, out):
+def main(rounds, prompt_tokens, new_tokens, lock, big, big_new_tokens, only_big, out):
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     base = ["--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens)]
+    big_base = ["--prompt-tokens", "16", "--new-tokens", str(big_new_tokens)]
+    configs = {} if only_big else dict(CONFIGS)
+    if big is not None:
+        configs.update(big_configs(big))
     samples: dict[str, dict[str, list[dict]]] = {}
     for r in range(rounds):
-        for name, prefix in CONFIGS.items():
+        for name, (prefix, extra) in configs.items():
             levels = LEVELS if r % 2 == 0 else tuple(reversed(LEVELS))
             for c in levels:
-                fig = _figures(_bench(prefix, [*base, "--concurrency", str(c)], lock))
+                args = [*(big_base if name.startswith("7b") else base), *extra]
+                fig = _figures(_bench(prefix, [*args, "--concurrency", str(c)], lock))
                 samples.setdefault(name, {}).setdefault(str(c), []).append(fig)
                 print(f"round {r + 1} {name} c={c}: {fig}", flush=True)
-        for nano in (1, 2):
+        for nano in () if only_big else (1, 2):
             args = [*base, "--concurrency", "8", "--nano-batches", str(nano)]
-            fig = _figures(_bench(CONFIGS["world3-5ms"], args, lock))
+            fig = _figures(_bench(CLUSTER_5MS, args, lock))
             samples.setdefault("nano", {}).setdefault(str(nano), []).append(fig)
             print(f"round {r + 1} nano={nano}: {fig}", flush=True)
     results: dict[str, dict] = {}
@@ -139,8 +165,8 @@ def main(rounds, prompt_tokens, new_tokens, lock, out):
             level: {k: median([f[k] for f in figs]) for k in figs[0]}
             for level, figs in by_level.items()
         }
-    ratios = {}
-    for name in CONFIGS:
+    ratios: dict = {}
+    for name in configs:
         one = results[name]["1"]
         ratios[name] = {
             c: {
@@ -155,12 +181,29 @@ def main(rounds, prompt_tokens, new_tokens, lock, out):
             }
             for c in results[name]
         }
-    nano = results["nano"]
-    ratios["nano_gain_aggregate_2_vs_1"] = round(
-        nano["2"]["aggregate_tokens_per_second"] / nano["1"]["aggregate_tokens_per_second"], 3
-    )
-    with _held(lock):
-        joins = {"chunked_64": join_gap(64), "whole": join_gap(0)}
+    joins = {}
+    if not only_big:
+        nano = results["nano"]
+        ratios["nano_gain_aggregate_2_vs_1"] = round(
+            nano["2"]["aggregate_tokens_per_second"] / nano["1"]["aggregate_tokens_per_second"],
+            3,
+        )
+        with _held(lock):
+            joins = {"chunked_64": join_gap(64), "whole": join_gap(0)}
+    targets = {}
+    checks = {
+        "one-node aggregate at 4 >= 2.5x of 1": ("one-node", "4", "aggregate_vs_1", 2.5),
+        "world3-5ms aggregate at 8 >= 6x of 1": ("world3-5ms", "8", "aggregate_vs_1", 6),
+        "7b-int8 aggregate at 4 >= 3x of 1": ("7b-int8", "4", "aggregate_vs_1", 3),
+        "7b-int4-w2 aggregate at 8 >= 5x of 1": ("7b-int4-w2", "8", "aggregate_vs_1", 5),
+    }
+    for text, (name, level, key, least) in checks.items():
+        if name in ratios:
+            targets[text] = ratios[name][level][key] >= least
+    if "7b-int8" in ratios:
+        targets["7b-int8 per-client ms at 4 <= 1.5x of 1"] = (
+            ratios["7b-int8"]["4"]["per_client_ms_vs_1"] <= 1.5
+        )
     report = {
         "benchmark": "batching",
         "settings": {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rounds": rounds},
@@ -181,7 +224,7 @@ def main(rounds, prompt_tokens, new_tokens, lock, out):
             indent=1,
         )
     )
-    write_result("batching", report, out)
+    write_result("batching_7b" if only_big else "batching", report, out)
 
 
 if __name__ == "__main__":

@@ -489,11 +489,15 @@ def test_health_notices_a_worker_that_died_while_idle(llama_dir, tmp_path):
             assert _wait_for(down, 8)
 
 
-def test_requests_queued_before_a_cluster_failure_get_503_not_500(tmp_path):
+@pytest.mark.parametrize("max_batch", [1, 8])
+def test_requests_queued_or_batched_at_a_cluster_failure_get_503_not_500(tmp_path, max_batch):
+    """Requests waiting behind a running one (--max-batch 1), or running with it in
+    one batch, all get 503 when a worker dies."""
     # The embedded model: a 300-token story runs long enough to queue behind it.
+    args = ["-t", "0", "--max-batch", str(max_batch)]
     with (
         local_workers(2, tmp_path) as lc,
-        live_server(["--workers", ",".join(addresses(lc)), "-t", "0"]) as base,
+        live_server(["--workers", ",".join(addresses(lc)), *args]) as base,
     ):
         statuses = []
 
@@ -511,7 +515,9 @@ def test_requests_queued_before_a_cluster_failure_get_503_not_500(tmp_path):
         queued = [threading.Thread(target=ask, args=(i,)) for i in (1, 2)]
         for t in queued:
             t.start()
-        assert _wait_for(lambda: httpx.get(base + "/health", timeout=10).json()["waiting"] == 2, 10)
+        state = "waiting" if max_batch == 1 else "running"
+        want = 2 if max_batch == 1 else 3
+        assert _wait_for(lambda: httpx.get(base + "/health", timeout=10).json()[state] == want, 10)
         lc.signal_worker(2, signal.SIGKILL)
         for t in [first, *queued]:
             t.join(60)
