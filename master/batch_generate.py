@@ -37,12 +37,13 @@ def run_prompts(
     params: SamplingParams,
     max_batch: int,
     write: Callable[[str], None],
+    recover: Callable | None = None,
 ) -> dict:
     """Generate every prompt's answer in batches of `max_batch`; write one JSON line
     per answer (in the file's order); return the aggregate figures."""
     tok = loaded.tokenizer
     seqs = [Sequence_(to_ids(p), params, frozenset(tok.eos_ids)) for p in prompts]
-    batcher = Batcher(loaded.engine, max_batch=max_batch)
+    batcher = Batcher(loaded.engine, max_batch=max_batch, recover=recover)
     for s in seqs:
         batcher.submit(s)
     t0 = time.perf_counter()

@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from tpi.comm.links import ClusterError
 from tpi.errors import PromptError, TpiError
 from tpi.master.engine import BatchRow, Engine
 from tpi.master.generation import GenerationStats, check_prompt
@@ -58,7 +59,10 @@ class Sequence_:
     error: BaseException | None = None
     # Set by the batcher:
     slot: int = -1
-    fed: int = 0  # prompt tokens in the cache so far
+    fed: int = 0  # tokens of `feed` in the cache so far
+    # After a recovery: prompt + tokens so far but the last, to put back into the
+    # KV cache of the new cluster before decoding goes on (None otherwise).
+    replay: list[int] | None = None
     budget: int = 0
     next_token: int | None = None
     sampler: Sampler | None = None
@@ -67,8 +71,13 @@ class Sequence_:
     t_decode: float = 0.0
 
     @property
+    def feed(self) -> list[int]:
+        """What must be in the cache before this sequence decodes."""
+        return self.replay if self.replay is not None else self.prompt
+
+    @property
     def prefilling(self) -> bool:
-        return self.fed < len(self.prompt)
+        return self.fed < len(self.feed)
 
 
 class Batcher:
@@ -81,6 +90,7 @@ class Batcher:
         prefill_chunk: int = 128,
         kv_budget_bytes: int | None = None,
         kv_bytes_per_position: int | None = None,
+        recover: Callable[[ClusterError], Engine] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max batch must be >= 1")
@@ -96,6 +106,9 @@ class Batcher:
         self.running: list[Sequence_] = []
         self._free = list(range(max_batch))
         self.steps = 0
+        # tpi.master.elastic: an engine over the surviving ranks after a loss (None: fail).
+        self.recover = recover
+        self.recoveries = 0
 
     # --- admission ------------------------------------------------------------------
 
@@ -189,10 +202,14 @@ class Batcher:
         budget = min(room, chunk)
         for seq in self.running:
             if seq.prefilling and budget > 0:
-                n = min(budget, len(seq.prompt) - seq.fed)
-                last = seq.fed + n == len(seq.prompt)
-                ids = seq.prompt[seq.fed : seq.fed + n]
-                rows.append((seq, BatchRow(seq.slot, ids, seq.fed, seq.sampler if last else None)))
+                feed = seq.feed
+                n = min(budget, len(feed) - seq.fed)
+                # A replay chooses nothing: the token after it is already known.
+                choose = seq.fed + n == len(feed) and seq.replay is None
+                ids = feed[seq.fed : seq.fed + n]
+                rows.append(
+                    (seq, BatchRow(seq.slot, ids, seq.fed, seq.sampler if choose else None))
+                )
                 budget -= n
         return rows
 
@@ -203,17 +220,29 @@ class Batcher:
         if not self.running:
             return 0
         rows = self._rows()
+        states = [(r.sampler, r.sampler.checkpoint()) for _, r in rows if r.sampler is not None]
         try:
             out = self.engine.step([r for _, r in rows])
+        except ClusterError as e:
+            if self.recover is not None:
+                for sampler, state in states:  # the failed step's draws, undone
+                    sampler.rewind(state)
+                if self._recover(e):
+                    return len(rows)
+            self._fail_all(e)
+            raise
         except BaseException as e:
-            for seq in list(self.running):
-                self._finish(seq, "error", error=e)
+            self._fail_all(e)
             raise
         self.steps += 1
         now = time.perf_counter()
         for (seq, row), token in zip(rows, out, strict=True):
             if seq.prefilling:
                 seq.fed += len(row.ids)
+                if seq.replay is not None and not seq.prefilling:
+                    seq.replay = None  # replayed: decoding goes on where it was
+                    seq.fed = len(seq.prompt)
+                    continue
                 if token is None:
                     continue
                 seq.stats.prefill_seconds = now - seq.t_start
@@ -223,6 +252,28 @@ class Batcher:
                 seq.stats.decode_seconds = now - seq.t_decode
             self._take(seq, token)
         return len(rows)
+
+    def _fail_all(self, e: BaseException) -> None:
+        for seq in list(self.running):
+            self._finish(seq, "error", error=e)
+
+    def _recover(self, error: ClusterError) -> bool:
+        """Continue every running sequence on the engine `recover` gives: each is
+        replayed into a fresh slot, then decodes on. False when it cannot."""
+        try:
+            engine = self.recover(error)
+        except BaseException as e:  # the reason it cannot continue reaches every request
+            self._fail_all(e)
+            raise
+        self.engine = engine
+        self.recoveries += 1
+        self._free = list(range(self.max_batch))
+        for seq in self.running:
+            seq.slot = self._free.pop(0)
+            if seq.tokens:
+                seq.replay = [*seq.prompt, *seq.tokens[:-1]]
+            seq.fed = 0
+        return True
 
     def _take(self, seq: Sequence_, token: int) -> None:
         """The token chosen after seq's last row: keep it, or end the sequence."""

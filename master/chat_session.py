@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from tpi.errors import PromptError
@@ -23,6 +23,13 @@ class ChatSession:
     history: list[dict[str, str]] = field(default_factory=list)
     dropped_turns: int = 0  # turns forgotten so the conversation fits the context
     failed_message: str | None = None  # the last message whose answer failed
+    # tpi.master.elastic: the engine over the surviving ranks when one is lost
+    # mid-answer (None: the answer fails, /retry reconnects).
+    recover: Callable[[Exception], Engine] | None = None
+
+    def _recovered(self, e: Exception) -> Engine:
+        self.engine = self.recover(e)
+        return self.engine
 
     def reset(self) -> None:
         self.history.clear()
@@ -59,8 +66,9 @@ class ChatSession:
         answer: list[str] = []
         self.failed_message = None
         try:
+            recover = self._recovered if self.recover is not None else None
             for token in generate_tokens(
-                self.engine, ids, self.params, self.tokenizer.eos_ids, stats, cancel
+                self.engine, ids, self.params, self.tokenizer.eos_ids, stats, cancel, recover
             ):
                 piece = decoder.push(token)
                 if piece:

@@ -13,6 +13,7 @@ from tpi import cli_options as opt
 from tpi.cli_options import apply
 from tpi.master.cli_options import (
     ENGINE_OPTIONS,
+    open_elastic,
     open_from_options,
     sampling_from_options,
     sampling_options,
@@ -68,9 +69,11 @@ def generate(prompt, prompts_file, max_batch, raw, system, stats, **opts):
         prompt = sys.stdin.read()
     if prompts_file is None and not prompt.strip():
         raise PromptError("the prompt is empty")
-    loaded = open_from_options(opts)
+    loaded, elastic = open_elastic(opts)
     params = sampling_from_options(loaded, opts)
     tok = loaded.tokenizer
+    # A lost worker is a pause: the answer goes on over the survivors (tpi.master.elastic).
+    recover = (lambda e: elastic.recover(e).engine) if elastic is not None else None
 
     def to_ids(text: str) -> list[int]:
         if raw or tok.chat_template is None:  # nothing to wrap it in: plain completion
@@ -80,7 +83,7 @@ def generate(prompt, prompts_file, max_batch, raw, system, stats, **opts):
     if prompts_file is not None:
         from tpi.master.batch_generate import run_prompts
 
-        summary = run_prompts(loaded, prompts, to_ids, params, max_batch, click.echo)
+        summary = run_prompts(loaded, prompts, to_ids, params, max_batch, click.echo, recover)
         if stats:
             click.echo(
                 f"{summary['prompts']} prompts, {summary['new_tokens']} new tokens in "
@@ -92,7 +95,10 @@ def generate(prompt, prompts_file, max_batch, raw, system, stats, **opts):
     ids = to_ids(prompt)
     st = GenerationStats()
     decoder = StreamDecoder(tok)
-    for token in generate_tokens(loaded.engine, ids, params, tok.eos_ids, st, threading.Event()):
+    tokens = generate_tokens(
+        loaded.engine, ids, params, tok.eos_ids, st, threading.Event(), recover=recover
+    )
+    for token in tokens:
         click.echo(decoder.push(token), nl=False)
     click.echo(decoder.flush())
     if stats:
@@ -116,19 +122,25 @@ def chat(system, **opts):
     from tpi.master.chat_repl import run_repl
     from tpi.master.chat_session import ChatSession
 
-    loaded = open_from_options(opts)
+    loaded, elastic = open_elastic(opts)
     params = sampling_from_options(loaded, opts)
     click.echo(f"model: {loaded.model_dir} (loaded in {loaded.load_seconds:.1f} s)", err=True)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
     session = ChatSession(loaded.engine, loaded.tokenizer, params, system_prompt=system)
+    if elastic is not None:  # a lost worker is a pause, not a failed answer
+        session.recover = lambda e: elastic.recover(e).engine
     current = [loaded]
 
     def reconnect():
         # End what is left of the broken session, then connect afresh (workers
         # that are back get a new session; their shards are still in place).
+        if elastic is not None:
+            current[0] = elastic.loaded
         current[0].close("reconnecting")
         current[0] = open_from_options(opts)
+        if elastic is not None:  # every configured worker again
+            elastic.loaded, elastic.active = current[0], list(elastic.configured)
         return current[0].engine
 
     run_repl(session, reconnect=reconnect if loaded.cluster is not None else None)

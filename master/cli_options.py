@@ -84,6 +84,15 @@ ENGINE_OPTIONS = [
         "Tokens of context the KV cache is sized for and capped at (default: the model's, at most "
         "4096 when memory is planned: a window, a budget or a cgroup limit)."
     ),
+    click.option(
+        "--on-worker-loss",
+        type=click.Choice(["continue", "fail"]),
+        default="continue",
+        show_default=True,
+        help="When a worker is lost mid-answer: 'continue' re-plans over the ranks still "
+        "alive (the master alone if need be), replays the answer so far and goes on (a "
+        "pause, not an error; the same tokens); 'fail' stops with an error naming it.",
+    ),
 ]
 
 
@@ -125,18 +134,35 @@ def sampling_options(max_new_default: int) -> list:
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed", "max_new_tokens")
 
 
-def open_from_options(opts: dict):
-    """Load the model (and cluster) the engine options describe; closed with the command."""
+def _worker_list(opts: dict) -> list[str]:
+    parent = click.get_current_context().obj or {}  # set by an enclosing `tpi cluster`
+    workers = opts["workers"]
+    if workers:
+        return [w.strip() for w in workers.split(",") if w.strip()]
+    return list(parent.get("cluster_workers", []))
+
+
+def _shares_for(shares: str | None, configured: list[str], workers: list[str]) -> str | None:
+    """--shares for a subset of the configured workers (after a loss): the master's
+    share and those of the workers still there, in order."""
+    if not shares or workers == configured:
+        return shares
+    parts = [p.strip() for p in shares.split(",")]
+    if len(parts) != len(configured) + 1:
+        return shares  # let open_model name the mismatch
+    keep = [parts[0]] + [parts[i + 1] for i, w in enumerate(configured) if w in workers]
+    return ",".join(keep)
+
+
+def open_from_options(opts: dict, workers: list[str] | None = None):
+    """Load the model (and cluster) the engine options describe; closed with the command.
+    `workers` overrides the configured workers (a recovery's survivors)."""
     from tpi.master.loader import MemoryOptions, open_model
 
     ctx = click.get_current_context()
     parent = ctx.obj or {}  # set by an enclosing `tpi cluster`
-    workers = opts["workers"]
-    worker_list = (
-        [w.strip() for w in workers.split(",") if w.strip()]
-        if workers
-        else parent.get("cluster_workers", [])
-    )
+    configured = _worker_list(opts)
+    worker_list = configured if workers is None else workers
     threads = opts["threads"] or parent.get("cluster_threads")
     if threads:
         import torch
@@ -146,7 +172,7 @@ def open_from_options(opts: dict):
         opts["model"],
         opts["dtype"],
         workers=list(worker_list),
-        shares=opts["shares"] or parent.get("cluster_shares"),
+        shares=_shares_for(opts["shares"] or parent.get("cluster_shares"), configured, worker_list),
         wire_dtype=opts["wire_dtype"],
         timeout_s=opts["timeout"],
         secret_file=opts["secret_file"],
@@ -161,9 +187,30 @@ def open_from_options(opts: dict):
             opts["memory_budget"] or parent.get("cluster_memory_budget"),
             opts["max_context"],
         ),
+        quiet=workers is not None,  # a re-plan says one line of its own
     )
     ctx.call_on_close(loaded.close)
     return loaded
+
+
+def open_elastic(opts: dict, echo=None):
+    """The model, and (for a cluster) an ElasticCluster that re-plans it over the
+    survivors when a worker is lost (None for one machine)."""
+    from tpi.master.elastic import ElasticCluster
+
+    loaded = open_from_options(opts)
+    if loaded.cluster is None:
+        return loaded, None
+    ctx = click.get_current_context()
+
+    def opener(workers: list[str]):
+        # May run in another thread (tpi serve): click's current context is thread-local.
+        with ctx.scope(cleanup=False):
+            return open_from_options(opts, workers)
+
+    say = echo or (lambda m: click.echo(f"tpi: {m}", err=True))
+    elastic = ElasticCluster(opener, loaded, _worker_list(opts), say, opts["on_worker_loss"])
+    return loaded, elastic
 
 
 def sampling_from_options(loaded, opts: dict):

@@ -171,7 +171,8 @@ class ClusterSession:
             hint = " with the same --curve keys" if self.curve else ""
             raise ClusterError(
                 f"rank {e.rank} ({e.address}) does not answer; is 'tpi worker --listen tcp://{e.address}' "
-                f"running there{hint} and reachable?"
+                f"running there{hint} and reachable?",
+                e.address,
             ) from None
         welcomes = self._authenticate(first, nonces)
         need = [r for r, m in welcomes.items() if not m.body["have_shard"]]
@@ -244,10 +245,14 @@ class ClusterSession:
             try:
                 link, msg = self.inbox.take({Kind.PUSH_ACK, Kind.READY}, VERIFY_TIMEOUT_S, waiting)
             except TimeoutError:
-                raise ClusterError(f"shard push stalled for rank(s) {sorted(waiting)}") from None
+                r = min(waiting)
+                raise ClusterError(
+                    f"shard push stalled for rank(s) {sorted(waiting)}",
+                    self.links.links[r - 1].name,
+                ) from None
             except WorkerFailed as e:
                 raise ClusterError(
-                    f"rank {e.rank} ({e.address}) rejected its shard: {e.message}"
+                    f"rank {e.rank} ({e.address}) rejected its shard: {e.message}", e.address
                 ) from None
             st = states[link.rank]
             if msg.kind == Kind.PUSH_ACK:

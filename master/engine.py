@@ -196,6 +196,12 @@ class Engine:
         h = self._pass([BatchRow(0, last, last_pos)], {"mode": "logits", "rows": "last"})
         return self.vocab.logits(h[-1:])[0]
 
+    def feed(self, ids: Sequence[int], pos: int = 0, slot: int = 0) -> None:
+        """Put tokens at positions [pos, pos+len) of `slot` into every rank's KV cache,
+        choosing nothing (a recovery replaying a sequence)."""
+        for piece, p in self._pieces(ids, pos):
+            self._pass([BatchRow(slot, piece, p)], {"mode": "none"})
+
     def forward_token(self, ids: Sequence[int], pos: int, sampler: Sampler, slot: int = 0) -> int:
         """Run tokens at positions [pos, pos+len) and choose the next token."""
         *early, (last, last_pos) = self._pieces(ids, pos)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
+from tpi.comm.links import ClusterError
 from tpi.errors import PromptError
 from tpi.master.engine import Engine
 from tpi.master.sampling import Sampler, SamplingParams
+
+T = TypeVar("T")
+MAX_RECOVERIES = 8  # per generation: each costs a re-plan, a push maybe, and a replay
 
 
 @dataclass
@@ -37,6 +42,38 @@ def check_prompt(engine: Engine, prompt: Sequence[int]) -> None:
         )
 
 
+class Resumable:
+    """Runs engine calls of one generation; when a rank is lost, `recover(error)`
+    (tpi.master.elastic) gives an engine over the survivors, the sampler is rewound
+    to before the failed draw and the KV cache replayed, and the call runs again."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        sampler: Sampler,
+        recover: Callable[[ClusterError], Engine] | None,
+    ) -> None:
+        self.engine = engine
+        self.sampler = sampler
+        self.recover = recover
+
+    def call(self, fn: Callable[[Engine], T], replay: Callable[[Engine], None]) -> T:
+        pending_replay = False
+        for _ in range(MAX_RECOVERIES + 1):
+            state = self.sampler.checkpoint()
+            try:
+                if pending_replay:
+                    replay(self.engine)
+                return fn(self.engine)
+            except ClusterError as e:
+                if self.recover is None:
+                    raise
+                self.sampler.rewind(state)
+                self.engine = self.recover(e)  # raises when it cannot continue
+                pending_replay = True
+        raise ClusterError(f"gave up after {MAX_RECOVERIES} recoveries in one generation")
+
+
 def generate_tokens(
     engine: Engine,
     prompt: Sequence[int],
@@ -44,20 +81,24 @@ def generate_tokens(
     stop_ids: frozenset[int] | set[int] = frozenset(),
     stats: GenerationStats | None = None,
     cancel: threading.Event | None = None,
+    recover: Callable[[ClusterError], Engine] | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids (stop tokens excluded) as they are produced.
 
     Cancellation is honoured between tokens only, so a forward pass (and in a
-    cluster, its allreduces) is never abandoned half-way.
+    cluster, its allreduces) is never abandoned half-way. With `recover`, the
+    loss of a rank is a pause, not an error (see Resumable).
     """
     check_prompt(engine, prompt)
     stats = stats if stats is not None else GenerationStats()
     sampler = Sampler(params)
+    run = Resumable(engine, sampler, recover)
     budget = min(params.max_new_tokens, engine.max_positions - len(prompt))
     stats.prompt_tokens = len(prompt)
     t0 = time.perf_counter()
-    token = engine.prefill_token(prompt, sampler)
-    stats.reused_tokens = engine.last_reused
+    token = run.call(lambda e: e.prefill_token(prompt, sampler), lambda e: None)
+    stats.reused_tokens = run.engine.last_reused
+    out = [token]
     stats.prefill_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     stats.stop_reason = "length"
@@ -72,6 +113,11 @@ def generate_tokens(
         if cancel is not None and cancel.is_set():
             stats.stop_reason = "cancelled"
             break
-        token = engine.forward_token([token], len(prompt) + i, sampler)
+        pos = len(prompt) + i
+        token = run.call(
+            lambda e, t=token, p=pos: e.forward_token([t], p, sampler),
+            lambda e: e.feed([*prompt, *out[:-1]]),
+        )
+        out.append(token)
         stats.decode_steps += 1
         stats.decode_seconds = time.perf_counter() - t1

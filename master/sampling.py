@@ -48,6 +48,14 @@ class Sampler:
     def greedy(self) -> bool:
         return self.params.temperature == 0
 
+    def checkpoint(self) -> torch.Tensor:
+        """The generator's state, to rewind a draw whose step failed (a recovery
+        replays the step, and its token must get the same noise)."""
+        return self.generator.get_state()
+
+    def rewind(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
     def request(self) -> HeadRequest:
         """How to choose the next token (draws that token's noise seed)."""
         p = self.params

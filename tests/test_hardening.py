@@ -475,10 +475,13 @@ def _server_process(base: str) -> psutil.Process:
 # --- 8b, 8c: a cluster behind tpi serve -------------------------------------------------------------
 
 
-def test_health_notices_a_worker_that_died_while_idle(llama_dir, tmp_path):
+@pytest.mark.parametrize("policy", ["fail", "continue"])
+def test_health_notices_a_worker_that_died_while_idle(llama_dir, tmp_path, policy):
+    """With --on-worker-loss fail /health turns to 503 down; with continue (the
+    default) the server re-plans over the survivor at once and says so."""
     with local_workers(2, tmp_path) as lc:
         args = ["--model", str(llama_dir), "--workers", ",".join(addresses(lc)), "-t", "0"]
-        with live_server(args) as base:
+        with live_server([*args, "--on-worker-loss", policy]) as base:
             assert httpx.get(base + "/health", timeout=10).status_code == 200
             lc.signal_worker(2, signal.SIGKILL)
 
@@ -486,15 +489,20 @@ def test_health_notices_a_worker_that_died_while_idle(llama_dir, tmp_path):
                 r = httpx.get(base + "/health", timeout=10)
                 return r.status_code == 503 and r.json()["status"] == "down"
 
-            assert _wait_for(down, 8)
+            def replanned() -> bool:
+                r = httpx.get(base + "/health", timeout=10).json()
+                return r["status"] == "ok" and r["world"] == 2 and len(r["recoveries"]) == 1
+
+            assert _wait_for(down if policy == "fail" else replanned, 20)
 
 
 @pytest.mark.parametrize("max_batch", [1, 8])
 def test_requests_queued_or_batched_at_a_cluster_failure_get_503_not_500(tmp_path, max_batch):
-    """Requests waiting behind a running one (--max-batch 1), or running with it in
-    one batch, all get 503 when a worker dies."""
+    """With --on-worker-loss fail, requests waiting behind a running one (--max-batch
+    1), or running with it in one batch, all get 503 when a worker dies (the default,
+    continue, is tests/test_elastic.py's)."""
     # The embedded model: a 300-token story runs long enough to queue behind it.
-    args = ["-t", "0", "--max-batch", str(max_batch)]
+    args = ["-t", "0", "--max-batch", str(max_batch), "--on-worker-loss", "fail"]
     with (
         local_workers(2, tmp_path) as lc,
         live_server(["--workers", ",".join(addresses(lc)), *args]) as base,

@@ -7,6 +7,7 @@ import click
 from tpi.cli_options import apply
 from tpi.master.cli_options import (
     ENGINE_OPTIONS,
+    open_elastic,
     open_from_options,
     sampling_from_options,
     sampling_options,
@@ -107,7 +108,7 @@ def serve(
     kv_budget = parse_size(kv_budget) if kv_budget else None
     listener = bind_listener(host, port)  # before loading: a busy port fails at once
     port = listener.getsockname()[1]
-    loaded = open_from_options(opts)
+    loaded, elastic = open_elastic(opts, echo=lambda m: click.echo(f"tpi: {m}", err=True))
     defaults = sampling_from_options(loaded, opts)
     name = model_name or loaded.model_dir.name
     if name.startswith("rank"):  # a split's rank0 directory: name it after the split
@@ -126,7 +127,7 @@ def serve(
         # shares that reservation (its sequences' positions add up to at most it).
         kv_budget = plan.kv_bytes
     app = create_app(
-        ModelHolder(loaded, reopen),
+        ModelHolder(loaded, reopen, elastic=elastic),
         name,
         defaults,
         api_key_from(api_key),

@@ -184,6 +184,9 @@ async def health(request: Request):
         "waiting": gen.waiting,
         "recent": list(gen.recent),
     }
+    if holder.elastic is not None:
+        body["world"] = holder.elastic.world
+        body["recoveries"] = [r.to_dict() for r in holder.elastic.recoveries[-5:]]
     if holder.error is not None:
         body["error"] = holder.error
     return JSONResponse(body, status_code=503 if down else 200)

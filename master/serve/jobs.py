@@ -176,6 +176,7 @@ class GenerationQueue:
             except queue.Empty:
                 if block:
                     self.holder.check()
+                    self.holder.grow()  # a request boundary: take back returning workers
                     continue
                 return
             if job is None:
@@ -187,8 +188,22 @@ class GenerationQueue:
     def _batcher_for(self, engine: Engine) -> Batcher:
         if self._batcher is None or self._batcher.engine is not engine:
             s = self.settings
-            self._batcher = Batcher(engine, s.max_batch, s.prefill_chunk, s.kv_budget_bytes)
+            recover = self._recover if self.holder.elastic is not None else None
+            self._batcher = Batcher(
+                engine, s.max_batch, s.prefill_chunk, s.kv_budget_bytes, recover=recover
+            )
         return self._batcher
+
+    def _recover(self, e: ClusterError) -> Engine:
+        """A rank was lost mid-batch: re-plan over the survivors; running requests
+        are told (a streamed answer carries it as an SSE comment) and go on."""
+        engine = self.holder.recover(e)
+        events = self.holder.elastic.recoveries
+        note = events[-1].describe() if events else str(e)
+        for job, _run, seq in self._jobs.values():
+            if not seq.done.is_set():
+                job.emit("notice", note)
+        return engine
 
     def _join(self, job: Job) -> None:
         if job.cancel.is_set():  # the client left while waiting

@@ -114,6 +114,8 @@ class Answer:
                 index, kind, value = event
                 if kind == "text":
                     parts[index].append(value)
+                elif kind == "notice":
+                    continue  # a recovered loss: the answer goes on
                 elif kind == "done":
                     reasons[index] = value
                 else:
@@ -132,6 +134,10 @@ class Answer:
         first = await self._next_event(request)
         if first is None:
             return None
+        while first[1] == "notice":  # a recovery before any text: wait on
+            first = await self._next_event(request)
+            if first is None:
+                return None
         if first[1] == "error":
             self.cancel.set()
             raise generation_error(first[2])
@@ -152,6 +158,8 @@ class Answer:
                 index, kind, value = event
                 if kind == "text":
                     yield self._chunk(index, {"content": value}, None)
+                elif kind == "notice":  # an SSE comment: clients show nothing, logs keep it
+                    yield f": tpi: {value}\n\n"
                 elif kind == "done":
                     yield self._chunk(index, {}, "stop" if value == "cancelled" else value)
                     left -= 1

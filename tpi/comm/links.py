@@ -43,7 +43,12 @@ def _frame_bytes(frames: list) -> int:
 
 
 class ClusterError(TpiError):
-    """A worker failed, refused, or stopped answering."""
+    """A worker failed, refused, or stopped answering. `address` names the worker
+    that is to blame when one is (a recovery leaves it out)."""
+
+    def __init__(self, message: str, address: str | None = None) -> None:
+        super().__init__(message)
+        self.address = address
 
 
 class LinkLost(ClusterError):
@@ -51,10 +56,10 @@ class LinkLost(ClusterError):
 
     def __init__(self, rank: int, address: str, reason: str, where: str = "") -> None:
         super().__init__(
-            f"rank {rank} ({address}) stopped answering{' ' + where if where else ''} ({reason})"
+            f"rank {rank} ({address}) stopped answering{' ' + where if where else ''} ({reason})",
+            address,
         )
         self.rank = rank
-        self.address = address
         self.reason = reason
 
 
@@ -62,9 +67,10 @@ class WorkerFailed(ClusterError):
     """A worker reported an error: "rank 2 (host:port) failed during layer 17: why"."""
 
     def __init__(self, rank: int, address: str, message: str, where: str = "") -> None:
-        super().__init__(f"rank {rank} ({address}) failed{' ' + where if where else ''}: {message}")
+        super().__init__(
+            f"rank {rank} ({address}) failed{' ' + where if where else ''}: {message}", address
+        )
         self.rank = rank
-        self.address = address
         self.message = message
 
 

@@ -1,0 +1,146 @@
+"""Elastic clusters: a generation survives the loss of a worker, and the cluster
+grows back.
+
+When a rank is lost (killed, frozen, unplugged), the broken session is closed,
+the master re-plans over the workers still alive (`open_model` with fewer
+workers: a split for the smaller world, made once and cached, pushed to a
+survivor only where its store lacks it, verified as every push is) and the
+caller replays what its sequences had in the KV cache (prompt + tokens so far)
+before going on. With no worker left the master continues alone, if its memory
+allows. Greedy tokens are those of an uninterrupted run, and so are seeded
+samples: a token's noise depends on its seed and position, not on the world.
+
+A worker that comes back (or one that never answered) is taken back at a
+request boundary, never mid-generation: `grow()`.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tpi.comm.links import ClusterError, display_address, normalize_address
+
+MAX_REPLANS = 4  # re-opens per recovery (each may find one more worker gone)
+POLICIES = ("continue", "fail")
+
+
+@dataclass
+class Recovery:
+    """One loss survived, as reported to users (stream, CLI, /health, bench)."""
+
+    lost: str  # the error that named the lost rank
+    world: int  # ranks after the recovery
+    seconds: float  # from the loss to the re-planned cluster being ready
+    at: float = field(default_factory=time.time)
+
+    def describe(self) -> str:
+        return f"{self.lost}; continuing on {self.world} rank(s) (resumed in {self.seconds:.1f} s)"
+
+    def to_dict(self) -> dict:
+        return {"lost": self.lost, "world": self.world, "seconds": round(self.seconds, 3)}
+
+
+def _key(address: str) -> str:
+    return display_address(normalize_address(address))
+
+
+def reachable(address: str, timeout_s: float = 0.5) -> bool:
+    """Whether something accepts TCP connections at a worker's address (a cheap
+    check before a re-open that would otherwise wait out a handshake timeout)."""
+    host, _, port = _key(address).rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+class ElasticCluster:
+    """The model of a master whose workers may come and go.
+
+    `opener(workers)` loads the model over these workers (and the master);
+    `loaded` is what it returned for `workers`, the configured list."""
+
+    def __init__(
+        self,
+        opener: Callable[[list[str]], object],
+        loaded,
+        workers: list[str],
+        echo: Callable[[str], None] = lambda _m: None,
+        policy: str = "continue",
+    ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}")
+        self.opener = opener
+        self.loaded = loaded
+        self.configured = list(workers)
+        self.active = list(workers)
+        self.echo = echo
+        self.policy = policy
+        self.recoveries: list[Recovery] = []
+
+    @property
+    def world(self) -> int:
+        return len(self.active) + 1
+
+    def can_recover(self, error: BaseException) -> bool:
+        return (
+            self.policy == "continue"
+            and isinstance(error, ClusterError)
+            and error.address is not None
+            and _key(error.address) in {_key(w) for w in self.active}
+        )
+
+    def recover(self, error: ClusterError):
+        """Close the broken session and load the model over the survivors; returns the
+        new loaded model (raises the original error when it cannot continue)."""
+        if not self.can_recover(error):
+            raise error
+        t0 = time.perf_counter()
+        self._close("a rank was lost")
+        lost = {_key(error.address)}
+        for _ in range(MAX_REPLANS):
+            self.active = [w for w in self.active if _key(w) not in lost]
+            try:
+                self.loaded = self.opener(list(self.active))
+                break
+            except ClusterError as e:
+                if e.address is None or _key(e.address) not in {_key(w) for w in self.active}:
+                    raise  # not a worker's fault: nothing to leave out
+                lost.add(_key(e.address))  # another one gone (e.g. during the push)
+        else:
+            raise error
+        event = Recovery(str(error), self.world, time.perf_counter() - t0)
+        self.recoveries.append(event)
+        self.echo(event.describe())
+        return self.loaded
+
+    def grow(self) -> bool:
+        """At a request boundary: take back configured workers that answer again.
+        Returns whether the cluster was re-opened (the old one is closed)."""
+        missing = [w for w in self.configured if _key(w) not in {_key(a) for a in self.active}]
+        back = [w for w in missing if reachable(w)]
+        if not back:
+            return False
+        have = {_key(w) for w in [*self.active, *back]}
+        wanted = [w for w in self.configured if _key(w) in have]
+        old = self.loaded
+        alone = getattr(old, "cluster", None) is None  # a master alone stays usable
+        try:
+            self._close("growing back")
+            self.loaded = self.opener(wanted)
+        except ClusterError as e:
+            self.echo(f"could not take back {', '.join(back)}: {e}")
+            self.loaded = old if alone else self.opener(list(self.active))
+            return False
+        self.active = wanted
+        self.echo(f"worker(s) {', '.join(back)} back: running on {self.world} ranks")
+        return True
+
+    def _close(self, reason: str) -> None:
+        close = getattr(self.loaded, "close", None)
+        if close is not None:
+            close(reason)
