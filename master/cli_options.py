@@ -93,6 +93,13 @@ ENGINE_OPTIONS = [
         "alive (the master alone if need be), replays the answer so far and goes on (a "
         "pause, not an error; the same tokens); 'fail' stops with an error naming it.",
     ),
+    click.option(
+        "--prestage",
+        is_flag=True,
+        help="Before starting, give every worker the shard it would need if one other "
+        "worker were lost (one extra session per worker), so that recovery needs no "
+        "push. Costs each worker the disk of up to two shards of the smaller world.",
+    ),
 ]
 
 
@@ -196,20 +203,23 @@ def open_from_options(opts: dict, workers: list[str] | None = None):
 def open_elastic(opts: dict, echo=None):
     """The model, and (for a cluster) an ElasticCluster that re-plans it over the
     survivors when a worker is lost (None for one machine)."""
-    from tpi.master.elastic import ElasticCluster
+    from tpi.master.elastic import ElasticCluster, prestage
 
-    loaded = open_from_options(opts)
-    if loaded.cluster is None:
-        return loaded, None
     ctx = click.get_current_context()
+    say = echo or (lambda m: click.echo(f"tpi: {m}", err=True))
 
     def opener(workers: list[str]):
         # May run in another thread (tpi serve): click's current context is thread-local.
         with ctx.scope(cleanup=False):
             return open_from_options(opts, workers)
 
-    say = echo or (lambda m: click.echo(f"tpi: {m}", err=True))
-    elastic = ElasticCluster(opener, loaded, _worker_list(opts), say, opts["on_worker_loss"])
+    configured = _worker_list(opts)
+    if opts.get("prestage") and configured:
+        say(f"pre-staged the shards a recovery would need in {prestage(opener, configured):.1f} s")
+    loaded = open_from_options(opts)
+    if loaded.cluster is None:
+        return loaded, None
+    elastic = ElasticCluster(opener, loaded, configured, say, opts["on_worker_loss"])
     return loaded, elastic
 
 

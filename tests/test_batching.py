@@ -239,3 +239,18 @@ def test_generate_prompts_file_answers_each_line_as_alone(llama_dir, tmp_path):
     empty.write_text("\n  \n")
     res = CliRunner().invoke(cli, [*base, "--prompts-file", str(empty)])
     assert res.exit_code != 0 and "holds no prompt" in res.output
+
+
+def test_one_node_int8_window_1_batches_give_each_sequence_its_tokens_alone(llama_dir):
+    from tpi.master.loader import open_model
+
+    lm = open_model(str(llama_dir), "fp32", quiet=True, quant="int8", memory=MemoryOptions(1))
+    try:
+        assert lm.runtime.plan.window == 1
+        expected = [alone(lm.engine, p, GREEDY) for p in PROMPTS]
+        lm.engine.reset()
+        seqs = seqs_for([GREEDY] * len(PROMPTS))
+        batched(lm.engine, seqs, join_late={1: 3}, max_batch=4, prefill_chunk=8)
+        assert [s.tokens for s in seqs] == expected
+    finally:
+        lm.close()

@@ -269,3 +269,71 @@ def test_a_streamed_chat_completion_survives_a_kill(tmp_path, smollm_dir):
             .message.content
         )
         assert expected.startswith(again)
+
+
+def test_a_worker_lost_while_its_new_shard_is_pushed_leaves_the_master_alone(
+    llama_dir, tmp_path, monkeypatch
+):
+    """Worker 2 dies mid-answer; during the recovery, worker 1 dies while the master
+    pushes it its shard of the smaller world: the master finishes alone, with the
+    single-node tokens."""
+    from tpi.master.cluster import ClusterSession
+
+    expected = greedy(load_engine(llama_dir), PROMPT, 24)
+    with local_workers(2, tmp_path) as lc:
+        elastic = _elastic(llama_dir, addresses(lc))
+        real_push = ClusterSession._push
+        pushes = []
+
+        def push_then_die(self, partials):
+            pushes.append(sorted(partials))
+            lc.signal_worker(1, signal.SIGKILL)  # gone while its chunks are on the way
+            return real_push(self, partials)
+
+        try:
+            out = []
+            tokens = generate_tokens(
+                elastic.loaded.engine,
+                PROMPT,
+                SamplingParams(max_new_tokens=24),
+                recover=lambda e: elastic.recover(e).engine,
+            )
+            for i, t in enumerate(tokens):
+                out.append(t)
+                if i == 5:
+                    monkeypatch.setattr(ClusterSession, "_push", push_then_die)
+                    lc.signal_worker(2, signal.SIGKILL)
+            assert out == expected
+            assert pushes == [[1]] and elastic.world == 1
+        finally:
+            elastic.loaded.close()
+
+
+def test_prestaged_shards_make_a_recovery_push_nothing(llama_dir, tmp_path):
+    from tpi.master.elastic import prestage
+
+    expected = greedy(load_engine(llama_dir), PROMPT, 16)
+    with local_workers(2, tmp_path) as lc:
+        workers = addresses(lc)
+
+        def opener(ws):
+            return open_model(str(llama_dir), "fp32", quiet=True, workers=ws)
+
+        prestage(opener, workers)
+        elastic = ElasticCluster(opener, opener(workers), workers)
+        try:
+            out = []
+            tokens = generate_tokens(
+                elastic.loaded.engine,
+                PROMPT,
+                SamplingParams(max_new_tokens=16),
+                recover=lambda e: elastic.recover(e).engine,
+            )
+            for i, t in enumerate(tokens):
+                out.append(t)
+                if i == 4:
+                    lc.signal_worker(1, signal.SIGKILL)  # worker 2 becomes rank 1
+            assert out == expected and elastic.world == 2
+            assert elastic.loaded.cluster.pushed_bytes == 0  # its shard was there
+        finally:
+            elastic.loaded.close()
