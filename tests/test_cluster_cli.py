@@ -20,17 +20,19 @@ def _run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
-def _tpi_workers() -> set[int]:
+def _tpi_workers(base) -> set[int]:
+    """Local worker processes whose files are under `base` (the cluster's --dir):
+    other test runs on the same machine start workers of their own."""
     out = set()
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if "-m" in cmd and "tpi.worker" in cmd and "--port-file" in cmd:
+        if "-m" in cmd and "tpi.worker" in cmd and any(str(base) in a for a in cmd):
             out.add(p.pid)
     return out
 
 
 def test_cluster_generate_equals_single_node_and_cleans_up(llama_dir, tmp_path):
-    before = _tpi_workers()
+    before = _tpi_workers(tmp_path)
     single = _run(["generate", "--model", str(llama_dir), "-t", "0", "-n", "10", "Hello world"])
     clustered = _run(
         [
@@ -52,11 +54,11 @@ def test_cluster_generate_equals_single_node_and_cleans_up(llama_dir, tmp_path):
     assert single.returncode == 0 and clustered.returncode == 0, clustered.stderr
     assert clustered.stdout == single.stdout
     assert "master + 2 worker(s) ready" in clustered.stderr
-    assert _tpi_workers() == before  # every worker it started is gone
+    assert _tpi_workers(tmp_path) == before  # every worker it started is gone
 
 
 def test_cluster_stops_its_workers_on_ctrl_c(tmp_path):
-    before = _tpi_workers()
+    before = _tpi_workers(tmp_path)
     proc = subprocess.Popen(
         [TPI, "cluster", "--workers", "2", "--dir", str(tmp_path)],
         stdout=subprocess.PIPE,
@@ -65,13 +67,13 @@ def test_cluster_stops_its_workers_on_ctrl_c(tmp_path):
     )
     line = proc.stdout.readline()
     assert line.startswith("workers: 127.0.0.1:")
-    assert len(_tpi_workers() - before) == 2
+    assert len(_tpi_workers(tmp_path) - before) == 2
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)
     deadline = time.monotonic() + 10
-    while _tpi_workers() - before and time.monotonic() < deadline:
+    while _tpi_workers(tmp_path) - before and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _tpi_workers() == before
+    assert _tpi_workers(tmp_path) == before
 
 
 def test_worker_port_in_use_is_a_clear_error():
