@@ -76,7 +76,7 @@ def _figures(report: dict) -> dict:
 def join_gap(prefill_chunk: int, new_prompt: int = 512, running: int = 3) -> dict:
     """Worst and median gap between the running streams' tokens while a new
     request's prompt is prefilled, in one process (the embedded SmolLM2)."""
-    from tpi.master.batching import Batcher, Sequence_
+    from tpi.master.batching import Batcher, BatchSequence
     from tpi.master.engine import load_engine
     from tpi.master.sampling import SamplingParams
     from tpi.sources.default_model import ensure_default_model
@@ -84,14 +84,14 @@ def join_gap(prefill_chunk: int, new_prompt: int = 512, running: int = 3) -> dic
     engine = load_engine(ensure_default_model(lambda _m: None))
     b = Batcher(engine, max_batch=running + 1, prefill_chunk=prefill_chunk)
     streams = [
-        Sequence_(list(range(10 + i, 42 + i)), SamplingParams(max_new_tokens=400))
+        BatchSequence(list(range(10 + i, 42 + i)), SamplingParams(max_new_tokens=400))
         for i in range(running)
     ]
     for s in streams:
         b.submit(s)
     for _ in range(8):  # all running and decoding
         b.step()
-    newcomer = Sequence_(list(range(100, 100 + new_prompt)), SamplingParams(max_new_tokens=4))
+    newcomer = BatchSequence(list(range(100, 100 + new_prompt)), SamplingParams(max_new_tokens=4))
     b.submit(newcomer)
     gaps = []
     last = time.perf_counter()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tpi.errors import PromptError
-from tpi.master.batching import Batcher, Sequence_
+from tpi.master.batching import Batcher, BatchSequence
 from tpi.master.sampling import SamplingParams
 from tpi.text.tokenizer import StreamDecoder
 
@@ -42,7 +42,7 @@ def run_prompts(
     """Generate every prompt's answer in batches of `max_batch`; write one JSON line
     per answer (in the file's order); return the aggregate figures."""
     tok = loaded.tokenizer
-    seqs = [Sequence_(to_ids(p), params, frozenset(tok.eos_ids)) for p in prompts]
+    seqs = [BatchSequence(to_ids(p), params, frozenset(tok.eos_ids)) for p in prompts]
     batcher = Batcher(loaded.engine, max_batch=max_batch, recover=recover)
     for s in seqs:
         batcher.submit(s)

@@ -45,7 +45,7 @@ def kv_positions_bound(positions: int, limit: int) -> int:
 
 
 @dataclass
-class Sequence_:
+class BatchSequence:
     """One generation in the batch."""
 
     prompt: list[int]
@@ -102,8 +102,8 @@ class Batcher:
         self.kv_bytes_per_position = (
             kv_bytes_per_position or engine.decoder.caches.bytes_per_position
         )
-        self.waiting: deque[Sequence_] = deque()
-        self.running: list[Sequence_] = []
+        self.waiting: deque[BatchSequence] = deque()
+        self.running: list[BatchSequence] = []
         self._free = list(range(max_batch))
         self.steps = 0
         # tpi.master.elastic: an engine over the surviving ranks after a loss (None: fail).
@@ -112,7 +112,7 @@ class Batcher:
 
     # --- admission ------------------------------------------------------------------
 
-    def kv_need(self, seq: Sequence_) -> int:
+    def kv_need(self, seq: BatchSequence) -> int:
         positions = min(self.engine.max_positions, len(seq.prompt) + seq.params.max_new_tokens)
         bound = kv_positions_bound(positions, self.engine.max_positions)
         return bound * self.kv_bytes_per_position
@@ -127,7 +127,7 @@ class Batcher:
         running = sum(max(s.kv_bytes, self._slot_bytes(s.slot)) for s in self.running)
         return running + sum(self._slot_bytes(slot) for slot in self._free)
 
-    def submit(self, seq: Sequence_) -> None:
+    def submit(self, seq: BatchSequence) -> None:
         """Queue a sequence; it joins the batch at the next step with room for it."""
         check_prompt(self.engine, seq.prompt)
         seq.params.validate()
@@ -164,7 +164,7 @@ class Batcher:
                 best, start = slot, s
         return best, max(start, 0)
 
-    def _start(self, seq: Sequence_, need: int) -> None:
+    def _start(self, seq: BatchSequence, need: int) -> None:
         slot, start = self._pick_slot(seq.prompt)
         self._free.remove(slot)
         if start == 0 and self._slot_bytes(slot) > need:
@@ -183,7 +183,7 @@ class Batcher:
     def busy(self) -> bool:
         return bool(self.running or self.waiting)
 
-    def _rows(self) -> list[tuple[Sequence_, BatchRow]]:
+    def _rows(self) -> list[tuple[BatchSequence, BatchRow]]:
         rows = []
         # Decoding sequences first: each costs one row.
         for seq in self.running:
@@ -275,7 +275,7 @@ class Batcher:
             seq.fed = 0
         return True
 
-    def _take(self, seq: Sequence_, token: int) -> None:
+    def _take(self, seq: BatchSequence, token: int) -> None:
         """The token chosen after seq's last row: keep it, or end the sequence."""
         if token in seq.stop_ids:
             self._finish(seq, "eos")
@@ -297,7 +297,11 @@ class Batcher:
                 self._finish(seq, "cancelled")
 
     def _finish(
-        self, seq: Sequence_, reason: str, error: BaseException | None = None, running: bool = True
+        self,
+        seq: BatchSequence,
+        reason: str,
+        error: BaseException | None = None,
+        running: bool = True,
     ) -> None:
         seq.stats.stop_reason = reason
         seq.error = error
@@ -309,7 +313,7 @@ class Batcher:
                 self.engine.free(seq.slot)
         seq.done.set()
 
-    def run_all(self, seqs: Sequence[Sequence_]) -> None:
+    def run_all(self, seqs: Sequence[BatchSequence]) -> None:
         """Submit and run these sequences to the end (offline batches, tests)."""
         for s in seqs:
             self.submit(s)

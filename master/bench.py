@@ -10,7 +10,7 @@ import click
 import torch
 
 from tpi.cli_options import apply
-from tpi.master.batching import Batcher, Sequence_
+from tpi.master.batching import Batcher, BatchSequence
 from tpi.master.cli_options import ENGINE_OPTIONS, open_from_options
 from tpi.master.sampling import Sampler, SamplingParams
 from tpi.quant.formats import weight_nbytes
@@ -150,11 +150,11 @@ def run_concurrent(
         for i in range(concurrency)
     ]
     warm = Batcher(engine, max_batch=concurrency)
-    warm.run_all([Sequence_(p[:4], SamplingParams(max_new_tokens=2)) for p in prompts])
+    warm.run_all([BatchSequence(p[:4], SamplingParams(max_new_tokens=2)) for p in prompts])
     engine.reset()
     before = _all_stats(loaded)
     params = SamplingParams(max_new_tokens=new_tokens + 1)  # the first comes with the prefill
-    seqs = [Sequence_(p, params) for p in prompts]
+    seqs = [BatchSequence(p, params) for p in prompts]
     batcher = Batcher(engine, max_batch=concurrency, prefill_chunk=prefill_chunk)
     for q in seqs:
         batcher.submit(q)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.cluster_helpers import addresses, cluster_model, local_workers
-from tpi.master.batching import Batcher, KVBudgetError, Sequence_
+from tpi.master.batching import Batcher, BatchSequence, KVBudgetError
 from tpi.master.engine import BatchRow, load_engine
 from tpi.master.generation import generate_tokens
 from tpi.master.loader import MemoryOptions
@@ -25,7 +25,7 @@ def alone(engine, prompt, params) -> list[int]:
     return list(generate_tokens(engine, prompt, params))
 
 
-def batched(engine, seqs: list[Sequence_], join_late: dict[int, int] | None = None, **kw):
+def batched(engine, seqs: list[BatchSequence], join_late: dict[int, int] | None = None, **kw):
     """Run `seqs` through a Batcher; join_late[i] = the step at which seq i is submitted."""
     join_late = join_late or {}
     b = Batcher(engine, **kw)
@@ -43,8 +43,8 @@ def batched(engine, seqs: list[Sequence_], join_late: dict[int, int] | None = No
     return b
 
 
-def seqs_for(params_list) -> list[Sequence_]:
-    return [Sequence_(list(p), params) for p, params in zip(PROMPTS, params_list, strict=True)]
+def seqs_for(params_list) -> list[BatchSequence]:
+    return [BatchSequence(list(p), params) for p, params in zip(PROMPTS, params_list, strict=True)]
 
 
 def test_plan_cuts_and_checks():
@@ -121,9 +121,9 @@ def test_stop_tokens_cancel_and_slot_reuse(llama_dir):
     engine.reset()
     stop = ref[5]
     seqs = [
-        Sequence_(PROMPTS[1], GREEDY, stop_ids=frozenset({stop})),
-        Sequence_(PROMPTS[2], GREEDY),
-        Sequence_(PROMPTS[0], GREEDY),
+        BatchSequence(PROMPTS[1], GREEDY, stop_ids=frozenset({stop})),
+        BatchSequence(PROMPTS[2], GREEDY),
+        BatchSequence(PROMPTS[0], GREEDY),
     ]
     b = Batcher(engine, max_batch=2, prefill_chunk=0)
     for s in seqs:
@@ -144,7 +144,7 @@ def test_kv_budget_admits_what_fits_and_refuses_what_never_can(llama_dir):
     per_pos = engine.decoder.caches.bytes_per_position
     # Room for two sequences' worst case (256 positions each), not three.
     b = Batcher(engine, max_batch=4, kv_budget_bytes=2 * 256 * per_pos + per_pos)
-    seqs = [Sequence_(p, SamplingParams(max_new_tokens=8)) for p in PROMPTS[:3]]
+    seqs = [BatchSequence(p, SamplingParams(max_new_tokens=8)) for p in PROMPTS[:3]]
     for s in seqs:
         b.submit(s)
     b.step()
@@ -156,7 +156,7 @@ def test_kv_budget_admits_what_fits_and_refuses_what_never_can(llama_dir):
     assert all(s.stats.stop_reason == "length" for s in seqs)
     small = Batcher(engine, max_batch=4, kv_budget_bytes=200 * per_pos)
     with pytest.raises(KVBudgetError):  # even alone it may need 256 positions
-        small.submit(Sequence_(PROMPTS[0], SamplingParams(max_new_tokens=8)))
+        small.submit(BatchSequence(PROMPTS[0], SamplingParams(max_new_tokens=8)))
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,7 @@ def test_a_released_slot_is_fresh_on_every_rank(llama_dir, workers):
         e.step([BatchRow(3, PROMPTS[1], 0, sampler)])
         e.free(3)
         # Slot 3 again, a new sequence from position 0: no trace of the old one.
-        seq = Sequence_(PROMPTS[2], GREEDY)
+        seq = BatchSequence(PROMPTS[2], GREEDY)
         b = Batcher(e, max_batch=4)
         b._free = [3]
         b.submit(seq)

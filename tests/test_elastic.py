@@ -17,7 +17,7 @@ from tests.cluster_helpers import addresses, local_workers
 from tests.serve_helpers import live_server
 from tests.stepping import greedy
 from tpi.comm.links import ClusterError, LinkLost
-from tpi.master.batching import Batcher, Sequence_
+from tpi.master.batching import Batcher, BatchSequence
 from tpi.master.elastic import ElasticCluster
 from tpi.master.engine import load_engine
 from tpi.master.generation import generate_tokens
@@ -150,7 +150,7 @@ def test_a_worker_lost_during_prefill_and_a_batch_both_continue(llama_dir, tmp_p
                 prefill_chunk=16,
                 recover=lambda e: elastic.recover(e).engine,
             )
-            seqs = [Sequence_(p, SamplingParams(max_new_tokens=24)) for p in prompts]
+            seqs = [BatchSequence(p, SamplingParams(max_new_tokens=24)) for p in prompts]
             for s in seqs:
                 b.submit(s)
             for _ in range(3):  # the long prompt is still being fed

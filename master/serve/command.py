@@ -126,6 +126,8 @@ def serve(
         # A memory budget reserved one context's KV cache on every rank: a batch
         # shares that reservation (its sequences' positions add up to at most it).
         kv_budget = plan.kv_bytes
+    # A budget is per node: positions are charged at the largest rank's bytes.
+    per_position = _largest_kv_bytes_per_position(loaded)
     app = create_app(
         ModelHolder(loaded, reopen, elastic=elastic),
         name,
@@ -133,8 +135,20 @@ def serve(
         api_key_from(api_key),
         queue_size,
         max_request_size,
-        BatchSettings(max_batch, prefill_chunk, kv_budget),
+        BatchSettings(max_batch, prefill_chunk, kv_budget, per_position),
     )
     click.echo(f"serving {name} on http://{host}:{port} (chat page at /, API at /v1)", err=True)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=3)
     uvicorn.Server(config).run(sockets=[listener])
+
+
+def _largest_kv_bytes_per_position(loaded) -> int:
+    """KV bytes per position of the rank that holds the most KV heads (uneven shares
+    give some ranks more): what a position costs on the fullest node."""
+    per = [loaded.engine.decoder.caches.bytes_per_position]
+    cluster = loaded.cluster
+    for info in cluster.worker_info.values() if cluster is not None else ():
+        plan, context = info.get("plan") or {}, info.get("max_context")
+        if isinstance(context, int) and context > 0 and isinstance(plan.get("kv_bytes"), int):
+            per.append(plan["kv_bytes"] // context)
+    return max(per)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tpi.comm.links import ClusterError
-from tpi.master.batching import Batcher, Sequence_
+from tpi.master.batching import Batcher, BatchSequence
 from tpi.master.engine import Engine
 from tpi.master.generation import GenerationStats
 from tpi.master.sampling import SamplingParams
@@ -60,6 +60,7 @@ class BatchSettings:
     max_batch: int = 8  # sequences in one forward pass
     prefill_chunk: int = 128  # prompt tokens per pass while others decode (0: whole prompt)
     kv_budget_bytes: int | None = None  # KV cache all running sequences may use
+    kv_bytes_per_position: int | None = None  # of the fullest rank (None: this node's)
 
 
 class _Running:
@@ -110,7 +111,7 @@ class GenerationQueue:
         self._lock = threading.Lock()
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._batcher: Batcher | None = None
-        self._jobs: dict[int, tuple[Job, _Running, Sequence_]] = {}
+        self._jobs: dict[int, tuple[Job, _Running, BatchSequence]] = {}
         self._closed = False
         self.recent: deque[dict] = deque(maxlen=5)  # last finished jobs, for /health
         self.metrics = ServeMetrics()
@@ -190,7 +191,12 @@ class GenerationQueue:
             s = self.settings
             recover = self._recover if self.holder.elastic is not None else None
             self._batcher = Batcher(
-                engine, s.max_batch, s.prefill_chunk, s.kv_budget_bytes, recover=recover
+                engine,
+                s.max_batch,
+                s.prefill_chunk,
+                s.kv_budget_bytes,
+                s.kv_bytes_per_position,
+                recover=recover,
             )
         return self._batcher
 
@@ -213,7 +219,7 @@ class GenerationQueue:
         try:
             batcher = self._batcher_for(self.holder.ensure().engine)  # reconnects a failed cluster
             run = _Running(job, self.tokenizer, self.metrics)
-            seq = Sequence_(
+            seq = BatchSequence(
                 job.prompt_ids,
                 job.params,
                 frozenset(self.tokenizer.eos_ids),
