@@ -69,7 +69,7 @@ class RankShard:
         vocab = self.manifest.rank_slice.vocab
         # Always resident: float tables are held transposed (tpi.quant.formats.FloatT).
         tensors = hold_transposed(self._load(HEAD_FILE, dtype), HEAD_TABLES)
-        return head_from_tensors(tensors, vocab[0] if vocab else 0)
+        return head_from_tensors(tensors, vocab[0] if vocab else 0, self.config)
 
     def verify(self) -> None:
         verify_files(self.dir, self.manifest)
