@@ -24,6 +24,7 @@ from tpi.quant.int4_rows import GGUF_GROUP
 from tpi.quant.quantize import LINEAR_NAMES, QuantSpec, quantize_embedding, quantize_tensors
 from tpi.storage.atomic import atomic_directory
 from tpi.storage.checkpoint import Checkpoint
+from tpi.storage.expert_file import write_layer_files
 from tpi.storage.manifest import (
     FORMAT_VERSION,
     HEAD_FILE,
@@ -31,7 +32,6 @@ from tpi.storage.manifest import (
     SPLIT_FORMAT,
     SPLIT_INDEX_NAME,
     Manifest,
-    layer_file,
     sha256_bytes,
     sha256_file,
 )
@@ -111,9 +111,7 @@ def split_model(
 
                 for rs in partition.slices:
                     tensors = quantize_tensors(slice_layer(get, cfg, i, rs), LINEAR_NAMES, quant)
-                    files[rs.rank][layer_file(i)] = write_safetensors(
-                        tmp / f"rank{rs.rank}" / layer_file(i), tensors
-                    )
+                    files[rs.rank].update(write_layer_files(tmp / f"rank{rs.rank}", i, tensors))
                     del tensors
                 layer_cache.clear()
                 release_freed_memory()
