@@ -11,7 +11,7 @@ import torch
 
 from tests.cluster_helpers import addresses, cluster_model, local_workers
 from tests.factories import load_reference
-from tests.stepping import step_logits
+from tests.stepping import hf_step_logits, step_logits
 from tpi.master.loader import MemoryOptions, load_rank0
 from tpi.model.config import load_config
 from tpi.quant.quantize import QuantSpec
@@ -151,20 +151,28 @@ def test_streamed_int4_experts_give_the_resident_logits(int4_split):
     assert 0 < loaded <= len(_passes()) * 2 * 8
 
 
-def test_expert_parallel_ranks_read_only_their_own_picked_experts(qwen3_moe_dir, tmp_path):
-    """World 3, shares 2,1,1 (experts 4,2,2), window 1: each rank reads the picked
-    experts it holds, as its own per-layer cache dictates (ranks 1 and 2 have a
-    slot for each of their 2 experts: they read them once)."""
-    split = split_model(qwen3_moe_dir, tmp_path / "s", [2.0, 1.0, 1.0])
+@pytest.mark.parametrize("how", ["columns", "experts"])
+def test_world3_ranks_read_only_their_share_of_the_picked_experts(qwen3_moe_dir, tmp_path, how):
+    """World 3, shares 2,1,1, window 1. Columns (the default): every rank holds a
+    slice of each of the 8 experts and reads the slices of the experts picked.
+    Whole experts (4, 2, 2): each rank reads the picked experts it holds (ranks 1
+    and 2 have a slot for each of their 2 experts: they read them once, at load).
+    Each as its own per-layer cache dictates; the logits stay transformers'."""
+    split = split_model(qwen3_moe_dir, tmp_path / "s", [2.0, 1.0, 1.0], moe_split=how)
     picks = _picks(qwen3_moe_dir, PROMPT + FOLLOW)
+    want = hf_step_logits(load_reference(qwen3_moe_dir), PROMPT, FOLLOW)
     span = {r: ExpertFileLayout.of(split / f"rank{r}" / experts_file(0)).experts for r in range(3)}
     with (
         local_workers(2, tmp_path / "w") as lc,
         cluster_model(split, addresses(lc), memory=MemoryOptions(window=1, max_context=128)) as lm,
     ):
-        step_logits(lm.engine, PROMPT, FOLLOW)
+        assert (step_logits(lm.engine, PROMPT, FOLLOW) - want).abs().max() <= 1e-4
         per_rank = {0: lm.runtime.layers.stats.to_dict(), **lm.cluster.stats()}
-    assert [sorted(span[r]) for r in range(3)] == [[0, 1, 2, 3], [4, 5], [6, 7]]
+    held_by = [sorted(span[r]) for r in range(3)]
+    if how == "experts":
+        assert held_by == [[0, 1, 2, 3], [4, 5], [6, 7]]
+    else:
+        assert held_by == [list(range(8))] * 3
     for r in range(3):
         held = range(min(span[r]), max(span[r]) + 1)
         reads, hits = _simulate(picks, _passes(), held, min(3, len(held)))
