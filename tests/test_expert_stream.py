@@ -55,19 +55,25 @@ def _picks(model_dir, tokens: list[int]) -> list[torch.Tensor]:
 
 
 def _simulate(picks, passes, held: range, slots: int) -> tuple[int, int]:
-    """(experts read, cache hits) of a rank holding `held`, `slots` LRU slots per
-    layer, over passes of rows [a, b): each pass runs its picked experts in
-    ascending order (tpi.model.moe). A rank with a slot for every expert it holds
-    reads them all once, at load."""
+    """(experts read, cache hits) of a rank holding `held`, with `slots` slots per
+    layer, over passes of rows [a, b), as tpi.runtime.expert_stream keeps them: a
+    pass whose picks fit the slots reads its missing ones at once, evicting the
+    least recently used experts it does not pick; a larger pass (a prompt) reads
+    them one by one in ascending order, evicting the least recently used. A rank
+    with a slot for every expert it holds reads them all once, at load."""
     reads = hits = 0
-    preload = slots >= len(held)  # a slot for every held expert: all read at load
+    preload = slots >= len(held)
     for layer_picks in picks:
         cache: OrderedDict[int, None] = OrderedDict((e, None) for e in held if preload)
         reads += len(cache)
         for a, b in passes:
-            for e in sorted(set(layer_picks[a:b].flatten().tolist())):
-                if e not in held:
-                    continue
+            mine = [e for e in sorted(set(layer_picks[a:b].flatten().tolist())) if e in held]
+            if len(mine) <= slots:
+                missing = [e for e in mine if e not in cache]
+                for _ in missing:
+                    if len(cache) + len(missing) > slots:
+                        del cache[next(e for e in cache if e not in mine)]
+            for e in mine:
                 if e in cache:
                     hits += 1
                     cache.move_to_end(e)

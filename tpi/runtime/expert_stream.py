@@ -19,14 +19,20 @@ keep the experts the last tokens picked there, which the next token picks again
 as often as the router repeats itself. With a slot for every held expert the
 store is simply resident (everything read once, at load).
 
-Reads run on the compute thread (the expert is needed now); their time counts
-as time blocked on disk.
+A decode token's picks are known together (moe_block hands them to `prepare`),
+so the missing ones are read at once by a few reader threads, into slots that
+none of the picked experts occupies: the compute thread runs the first expert
+while the disk reads the others, and waits (time blocked on disk) only for what
+is not in yet. A pass that picks more experts than a layer has slots (a prompt)
+reads them one by one as it runs them, as do shards whose tensors must be
+converted (one staging buffer).
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +44,8 @@ from tpi.quant.int4_pack import Int4Layout, to_native
 from tpi.quant.quantize import memory_dtype
 from tpi.storage.expert_file import ExpertFileLayout, ExpertSpan
 from tpi.storage.tensor_file import ALIGN, read_span, tensor_views
+
+READERS = 4  # concurrent expert reads (an SSD serves several at once)
 
 
 def _aligned(n: int) -> int:
@@ -130,6 +138,9 @@ class ExpertStore:
         self._cached: dict[int, OrderedDict[int, tuple[int, ExpertWeights]]] = {
             i: OrderedDict() for i in self._slots
         }
+        # Reads in flight: (layer, expert) -> (slot index, future of its result).
+        self._pending: dict[tuple[int, int], tuple[int, Future]] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def resident(self) -> bool:
@@ -150,6 +161,43 @@ class ExpertStore:
     def view(self, layer: int) -> StreamedExperts:
         return StreamedExperts(self, layer)
 
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _free_slot(self, layer: int, keep: set[int]) -> int | None:
+        """A slot of `layer` holding nothing, or its least recently used expert not in
+        `keep` (evicted); None if every slot is taken by `keep` or a read in flight."""
+        cached = self._cached[layer]
+        taken = {slot for slot, _ in cached.values()}
+        taken |= {slot for (lay, _), (slot, _) in self._pending.items() if lay == layer}
+        for slot in range(self.per_layer):
+            if slot not in taken:
+                return slot
+        for e, (slot, _) in cached.items():  # least recently used first
+            if e not in keep:
+                del cached[e]
+                return slot
+        return None
+
+    def prepare(self, layer: int, experts: list[int]) -> None:
+        """Start reading the experts of `experts` that are not cached, all at once,
+        when the layer's slots can hold all of them."""
+        if self.layouts.convert or len(experts) > self.per_layer:
+            return
+        keep = set(experts)
+        for e in experts:
+            if e in self._cached[layer] or (layer, e) in self._pending:
+                continue
+            slot = self._free_slot(layer, keep)
+            if slot is None:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(READERS, thread_name_prefix="tpi-expert-reader")
+            buf = self._slots[layer][slot]
+            self._pending[(layer, e)] = (slot, self._pool.submit(self._read, layer, e, buf))
+
     def get(self, layer: int, expert: int) -> ExpertWeights:
         cached = self._cached[layer]
         hit = cached.get(expert)
@@ -157,15 +205,34 @@ class ExpertStore:
             cached.move_to_end(expert)
             self.stats.expert_hits += 1
             return hit[1]
-        if len(cached) < self.per_layer:
-            slot = len(cached)
+        pending = self._pending.pop((layer, expert), None)
+        if pending is not None:
+            slot, future = pending
+            t0 = time.perf_counter()
+            weights, nbytes, seconds = future.result()
+            self.stats.blocked_seconds += time.perf_counter() - t0
         else:
-            _, (slot, _) = cached.popitem(last=False)
-        weights = self._read(layer, expert, self._slots[layer][slot])
+            slot = self._free_slot(layer, set())
+            if slot is None:  # every slot awaits a read of an abandoned pass: take them in
+                for lay, e in [k for k in self._pending if k[0] == layer]:
+                    self.get(lay, e)
+                slot = self._free_slot(layer, set())
+            t0 = time.perf_counter()
+            weights, nbytes, seconds = self._read(layer, expert, self._slots[layer][slot])
+            self.stats.blocked_seconds += time.perf_counter() - t0
+        s = self.stats
+        s.read_seconds += seconds
+        s.bytes_read += nbytes
+        s.expert_bytes_read += nbytes
+        s.experts_loaded += 1
         cached[expert] = (slot, weights)
         return weights
 
-    def _read(self, layer: int, expert: int, slot: torch.Tensor) -> ExpertWeights:
+    def _read(
+        self, layer: int, expert: int, slot: torch.Tensor
+    ) -> tuple[ExpertWeights, int, float]:
+        """Read one expert into `slot`: (its weights, bytes read, seconds). Runs on a
+        reader thread when prefetched (it touches only `slot`, never the cache)."""
         f = self.layouts.files[layer]
         span = f.experts[expert]
         t0 = time.perf_counter()
@@ -187,16 +254,10 @@ class ExpertStore:
             for name, t in tensors.items():
                 if name.endswith(INT4_SUFFIX):
                     t.copy_(to_native(t, self.int4_layout))
-        seconds = time.perf_counter() - t0
-        s = self.stats
-        s.read_seconds += seconds
-        s.blocked_seconds += seconds  # the compute thread waited for it
-        s.bytes_read += span.nbytes
-        s.expert_bytes_read += span.nbytes
-        s.experts_loaded += 1
-        return ExpertWeights(
+        weights = ExpertWeights(
             weight_from_tensors(tensors, GATE_UP), weight_from_tensors(tensors, DOWN)
         )
+        return weights, span.nbytes, time.perf_counter() - t0
 
 
 class StreamedExperts:
@@ -209,7 +270,7 @@ class StreamedExperts:
         self.held = range(min(experts), max(experts) + 1)
 
     def prepare(self, experts: list[int]) -> None:
-        pass
+        self.store.prepare(self.layer, experts)
 
     def get(self, expert: int) -> ExpertWeights:
         return self.store.get(self.layer, expert)

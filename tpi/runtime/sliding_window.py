@@ -374,4 +374,6 @@ class SlidingWindowLayers:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self.experts is not None:
+            self.experts.close()
         self._loaded.clear()
