@@ -48,6 +48,55 @@ def llama3_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory) -> Path:
+    """Qwen3: per-head q/k norms, tied embeddings."""
+    return make_model(tmp_path_factory.mktemp("qwen3"), "qwen3", seed=11)
+
+
+@pytest.fixture(scope="session")
+def phi3_dir(tmp_path_factory) -> Path:
+    """Phi-3.5: fused qkv and gate_up, LongRoPE switching to its long factors at 24."""
+    return make_model(tmp_path_factory.mktemp("phi3"), "phi3", seed=12)
+
+
+@pytest.fixture(scope="session")
+def gemma2_dir(tmp_path_factory) -> Path:
+    """Gemma 2: (1 + w) and sandwich norms, gelu-tanh, scaled embeddings, soft-capped
+    scores and logits, local (window 6) and global layers alternating."""
+    return make_model(tmp_path_factory.mktemp("gemma2"), "gemma2", seed=13)
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(tmp_path_factory) -> Path:
+    """Gemma 3 (text): as Gemma 2 without soft-caps, with q/k norms and a rotary base
+    of its own (and linear scaling on the global one) for the local layers."""
+    return make_model(tmp_path_factory.mktemp("gemma3"), "gemma3", seed=14)
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory) -> Path:
+    """Mixtral: 6 experts, 2 per token (weights renormalised)."""
+    return make_model(tmp_path_factory.mktemp("mixtral"), "mixtral", seed=15)
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_dir(tmp_path_factory) -> Path:
+    """Qwen3-MoE: 8 experts of 32 columns, 3 per token (not renormalised), q/k norms,
+    and a dense MLP in layer 1 (mlp_only_layers)."""
+    return make_model(tmp_path_factory.mktemp("qwen3_moe"), "qwen3_moe", seed=16)
+
+
+FAMILY_FIXTURES = [
+    "qwen3_dir",
+    "phi3_dir",
+    "gemma2_dir",
+    "gemma3_dir",
+    "mixtral_dir",
+    "qwen3_moe_dir",
+]
+
+
+@pytest.fixture(scope="session")
 def smollm_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct, converted once per test session."""
     from tpi.sources.default_model import ensure_default_model

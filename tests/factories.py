@@ -94,7 +94,8 @@ def make_model(
     with_tokenizer: bool = True,
     **extra,
 ) -> Path:
-    """Save a random `kind` model ("llama", "qwen2", "mistral", "llama3") to `out`."""
+    """Save a random `kind` model to `out`: "llama", "qwen2", "mistral", "llama3", or
+    one of FAMILY_KINDS (Qwen3, Phi-3 with LongRoPE, Gemma 2/3, Mixtral, Qwen3-MoE)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
     out = Path(out)
@@ -135,6 +136,8 @@ def make_model(
         )
     elif kind == "llama":
         cfg = LlamaConfig(**common, tie_word_embeddings=bool(tied), **extra)
+    elif kind in FAMILY_KINDS:
+        cfg = _family_config(kind, common, tied, extra)
     else:
         raise ValueError(kind)
     torch.manual_seed(seed)
@@ -144,6 +147,87 @@ def make_model(
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kwargs)
     return out
+
+
+FAMILY_KINDS = ("qwen3", "phi3", "phi4mini", "gemma2", "gemma3", "mixtral", "qwen3_moe")
+
+
+def _family_config(kind: str, common: dict, tied: bool | None, extra: dict):
+    """Configs of the families after Llama, small, with every switch that family
+    has turned on where a default would leave it untested: LongRoPE crossing its
+    original context within the test's 36 positions, Gemma windows shorter than
+    the prompt and soft-caps that bite, a dense layer among Qwen3-MoE's experts."""
+    import transformers as tf
+
+    heads, hidden = common["num_attention_heads"], common["hidden_size"]
+    head_dim = hidden // heads
+    if kind == "qwen3":
+        return tf.Qwen3Config(
+            **common, head_dim=head_dim, tie_word_embeddings=True if tied is None else tied, **extra
+        )
+    if kind in ("phi3", "phi4mini"):
+        partial = 0.75 if kind == "phi4mini" else 1.0
+        half = int(head_dim * partial) // 2
+        rope = {
+            "rope_type": "longrope",
+            "short_factor": [1.0 + 0.05 * i for i in range(half)],
+            "long_factor": [1.5 + 0.5 * i for i in range(half)],
+            "partial_rotary_factor": partial,
+        }
+        cfg = tf.Phi3Config(
+            **{**common, "eos_token_id": 2},
+            original_max_position_embeddings=24,
+            rope_scaling=rope,
+            partial_rotary_factor=partial,
+            pad_token_id=0,
+            tie_word_embeddings=bool(tied),
+            **extra,
+        )
+        return cfg
+    if kind == "gemma2":
+        return tf.Gemma2Config(
+            **common,
+            head_dim=head_dim,
+            query_pre_attn_scalar=24,
+            sliding_window=6,
+            attn_logit_softcapping=1.5,
+            final_logit_softcapping=2.0,
+            tie_word_embeddings=True if tied is None else tied,
+            **extra,
+        )
+    if kind == "gemma3":
+        layers = common["num_hidden_layers"]
+        return tf.Gemma3TextConfig(
+            **common,
+            head_dim=head_dim,
+            query_pre_attn_scalar=24,
+            sliding_window=6,
+            layer_types=["full_attention" if i % 2 else "sliding_attention" for i in range(layers)],
+            rope_scaling={"rope_type": "linear", "factor": 8.0},
+            tie_word_embeddings=True if tied is None else tied,
+            **extra,
+        )
+    if kind == "mixtral":
+        return tf.MixtralConfig(
+            **common,
+            num_local_experts=extra.pop("experts", 6),
+            num_experts_per_tok=extra.pop("top_k", 2),
+            tie_word_embeddings=bool(tied),
+            **extra,
+        )
+    if kind == "qwen3_moe":
+        return tf.Qwen3MoeConfig(
+            **common,
+            head_dim=head_dim,
+            num_experts=extra.pop("experts", 8),
+            num_experts_per_tok=extra.pop("top_k", 3),
+            moe_intermediate_size=extra.pop("moe_intermediate", 32),
+            norm_topk_prob=extra.pop("norm_topk_prob", False),
+            mlp_only_layers=extra.pop("mlp_only_layers", [1]),
+            tie_word_embeddings=bool(tied),
+            **extra,
+        )
+    raise ValueError(kind)
 
 
 def load_reference(model_dir: Path, dtype: torch.dtype = torch.float32):

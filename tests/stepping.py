@@ -35,3 +35,20 @@ def greedy(engine, prompt: list[int], steps: int) -> list[int]:
         out.append(t)
         logits = engine.forward([t], len(prompt) + i)
     return out
+
+
+def hf_greedy_cached(model, prompt: list[int], steps: int) -> list[int]:
+    """transformers' greedy tokens by its forward with a KV cache, token by token.
+
+    For LongRoPE models this, not generate(), is the reference tpi follows: at the
+    switch to the long factors generate() recomputes the whole cache
+    (Phi3ForCausalLM.prepare_inputs_for_generation), tpi and the plain forward keep
+    the keys cached before it (see tpi.model.rope)."""
+    out = []
+    with torch.no_grad():
+        res = model(torch.tensor([prompt]), use_cache=True)
+        for _ in range(steps):
+            t = int(res.logits[0, -1].argmax())
+            out.append(t)
+            res = model(torch.tensor([[t]]), past_key_values=res.past_key_values, use_cache=True)
+    return out

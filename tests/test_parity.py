@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import FAMILY_FIXTURES
 from tests.factories import load_reference, make_model
-from tests.stepping import greedy, hf_step_logits, step_logits
+from tests.stepping import greedy, hf_greedy_cached, hf_step_logits, step_logits
 from tpi.master.engine import load_engine
 
 PREFILL = 20
@@ -14,6 +15,8 @@ DECODE = 16
 
 
 def _greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
+    if (getattr(model.config, "rope_parameters", None) or {}).get("rope_type") == "longrope":
+        return hf_greedy_cached(model, prompt, steps)  # see its docstring
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False
@@ -21,9 +24,14 @@ def _greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("fixture", ["llama_dir", "qwen2_dir", "llama3_dir"])
-def test_fp32_logits_and_greedy_tokens_match_transformers(fixture, request):
-    model_dir = request.getfixturevalue(fixture)
+@pytest.mark.parametrize(
+    "fixture", ["llama_dir", "qwen2_dir", "llama3_dir", *FAMILY_FIXTURES, "phi4_mini"]
+)
+def test_fp32_logits_and_greedy_tokens_match_transformers(fixture, request, tmp_path):
+    if fixture == "phi4_mini":  # Phi-3 layout, rotating only 3/4 of each head
+        model_dir = make_model(tmp_path / "m", "phi4mini", seed=17)
+    else:
+        model_dir = request.getfixturevalue(fixture)
     ref = load_reference(model_dir)
     engine = load_engine(model_dir)
     vocab = ref.config.vocab_size

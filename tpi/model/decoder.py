@@ -34,6 +34,7 @@ from tpi.model.layers import (
     StepContext,
     attention_partial,
     mlp_partial,
+    residual_add,
 )
 from tpi.model.partition import RankSlice
 from tpi.model.rope import RotaryTables
@@ -93,7 +94,7 @@ class Decoder:
         self.layers = layers
         self.collective = collective
         self.dtype = dtype
-        self.layout = AttentionLayout.for_slice(rank_slice, cfg.group_size, cfg.head_dim)
+        self.layout = AttentionLayout.for_model(rank_slice, cfg)
         # The KV cache never grows past the planned context (memory budget).
         self.max_positions = min(
             cfg.max_position_embeddings, max_positions or cfg.max_position_embeddings
@@ -102,6 +103,9 @@ class Decoder:
             cfg.num_layers, rank_slice.n_kv, cfg.head_dim, self.max_positions, dtype
         )
         self.rope = RotaryTables(cfg.rope, cfg.head_dim, dtype)
+        self.rope_local = (
+            RotaryTables(cfg.rope_local, cfg.head_dim, dtype) if cfg.rope_local else None
+        )
 
     @property
     def cache(self) -> KVCache:
@@ -115,16 +119,20 @@ class Decoder:
         consecutive pieces whose allreduces overlap the next piece's compute."""
         return self.run(h, BatchPlan.single(pos, h.shape[0]), chunks)
 
-    def _context(self, piece: Piece) -> StepContext:
-        seqs, cos, sin = [], [], []
-        for seg in piece.segments:
-            seqs.append(SequenceStep(seg.pos, seg.length, self.caches.get(seg.slot)))
-            c, s = self.rope.get(seg.pos, seg.length)
-            cos.append(c)
-            sin.append(s)
-        if len(cos) > 1:
-            cos, sin = [torch.cat(cos)], [torch.cat(sin)]
-        return StepContext(seqs, cos[0], sin[0], self.dtype)
+    def _context(self, piece: Piece, ends: dict[int, int]) -> StepContext:
+        """`ends`: where each slot's rows of the whole pass end (LongRoPE's choice is
+        made per pass, whatever the pieces)."""
+        seqs = [SequenceStep(g.pos, g.length, self.caches.get(g.slot)) for g in piece.segments]
+
+        def rows(rope: RotaryTables) -> tuple[torch.Tensor, torch.Tensor]:
+            parts = [rope.get(g.pos, g.length, ends[g.slot]) for g in piece.segments]
+            if len(parts) == 1:
+                return parts[0]
+            return torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
+
+        cos, sin = rows(self.rope)
+        local = rows(self.rope_local) if self.rope_local is not None else None
+        return StepContext(seqs, cos, sin, self.dtype, local)
 
     def run(self, h: torch.Tensor, plan: BatchPlan, pieces: int = 1) -> torch.Tensor:
         """Hidden states (T, hidden) of the rows of `plan`, cut into at most
@@ -134,32 +142,42 @@ class Decoder:
         for seg in plan.segments:
             self.caches.get(seg.slot).reserve(seg.end)
         parts = plan.pieces(pieces)
-        steps = [self._context(p) for p in parts]
+        ends = {seg.slot: seg.end for seg in plan.segments}
+        steps = [self._context(p, ends) for p in parts]
         hs = [h[p.start : p.end] for p in parts]
         # A piece's allreduces are told apart by its first row (same on every rank).
         keys = [p.start for p in parts]
-        pending: list[Any] = [None] * len(parts)
-        eps = self.cfg.rms_norm_eps
+        # Per piece: its allreduce in flight, and the norm its sum takes (Gemma).
+        pending: list[tuple[Any, torch.Tensor | None] | None] = [None] * len(parts)
+        cfg = self.cfg
         col = self.collective
 
         def settle(c: int) -> None:
             # The residual add of piece c's previous phase, once its sum is in.
             if pending[c] is not None:
-                hs[c] = hs[c] + col.wait(pending[c])
+                handle, post = pending[c]
+                hs[c] = residual_add(hs[c], col.wait(handle), post, cfg)
                 pending[c] = None
+
+        def kept(t: torch.Tensor | None) -> torch.Tensor | None:
+            # A post norm is applied after the layer is released (the sliding window
+            # may then reuse its slot): keep a copy of the small vector.
+            return None if t is None else t.clone()
 
         self.layers.start_pass()
         with col.pipelined() if len(parts) > 1 else contextlib.nullcontext():
             for i in range(self.cfg.num_layers):
                 w = self.layers.acquire(i)
-                window = self.cfg.sliding_windows[i]
+                window = cfg.sliding_windows[i]
+                post_attn, post_mlp = kept(w.post_attn_norm), kept(w.post_mlp_norm)
                 for c, step in enumerate(steps):
                     settle(c)
-                    part = attention_partial(hs[c], w, self.layout, i, step, eps, window)
-                    pending[c] = col.start(part, i, PHASE_ATTENTION, keys[c])
+                    part = attention_partial(hs[c], w, self.layout, i, step, cfg, window)
+                    pending[c] = (col.start(part, i, PHASE_ATTENTION, keys[c]), post_attn)
                 for c in range(len(steps)):
                     settle(c)
-                    pending[c] = col.start(mlp_partial(hs[c], w, eps), i, PHASE_MLP, keys[c])
+                    part = mlp_partial(hs[c], w, cfg)
+                    pending[c] = (col.start(part, i, PHASE_MLP, keys[c]), post_mlp)
                 del w
                 self.layers.release(i)
             for c in range(len(steps)):

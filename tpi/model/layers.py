@@ -4,18 +4,25 @@ Every node (single machine, master, worker) runs these functions on its own
 slice of heads and MLP columns. The attention and MLP blocks return *partial*
 outputs; the caller's `allreduce` turns them into the full sum (the identity on
 a single node), so the residual stream is identical on every rank.
+
+What differs between families is read from the ModelConfig (tpi.model.config):
+per-head q/k norms, norms applied as (1 + w), a norm on each block's output
+(applied to the *sum*, after the allreduce: `residual_add`), gelu-tanh, the
+query scale, soft-capped scores and logits, scaled embeddings, and experts
+(tpi.model.moe) in place of the MLP.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from tpi.model.config import ModelConfig
 from tpi.model.kv_cache import KVCache
 from tpi.model.linear import embedding_rows, linear
+from tpi.model.moe import moe_block
 from tpi.model.partition import RankSlice
 from tpi.model.rope import apply_rotary
 from tpi.model.weights import HeadWeights, LayerWeights
@@ -25,7 +32,15 @@ PHASE_ATTENTION = 0
 PHASE_MLP = 1
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0
+) -> torch.Tensor:
+    """RMSNorm over the last dimension, times `weight` (times offset + weight with an
+    offset: Gemma's (1 + w), computed in float32 as transformers does)."""
+    if offset:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return (xf * (offset + weight.float())).to(x.dtype)
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         # torch's fused kernel: one op instead of seven, bit-identical in fp32.
         return F.rms_norm(x, weight.shape, weight, eps)
@@ -37,7 +52,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class AttentionLayout:
-    """How this rank's query heads map onto its KV heads."""
+    """How this rank's query heads map onto its KV heads, and the model's
+    attention arithmetic on them."""
 
     n_q: int
     n_kv: int
@@ -45,9 +61,27 @@ class AttentionLayout:
     # None when every local KV head serves the same number of query heads
     # (one batched kernel); otherwise (kv, q_start, q_end) runs.
     segments: tuple[tuple[int, int, int], ...] | None
+    scale: float = 0.0  # query scale (0: head_dim ** -0.5)
+    softcap: float | None = None  # scores soft-capped (Gemma 2)
+    norm_eps: float = 1e-6  # of the per-head q/k norms
+    norm_offset: float = 0.0
 
     @classmethod
-    def for_slice(cls, rs: RankSlice, group_size: int, head_dim: int) -> AttentionLayout:
+    def for_model(cls, rs: RankSlice, cfg: ModelConfig) -> AttentionLayout:
+        return cls.for_slice(
+            rs,
+            cfg.group_size,
+            cfg.head_dim,
+            scale=cfg.query_scale,
+            softcap=cfg.attn_softcap,
+            norm_eps=cfg.rms_norm_eps,
+            norm_offset=cfg.norm_offset,
+        )
+
+    @classmethod
+    def for_slice(
+        cls, rs: RankSlice, group_size: int, head_dim: int, **arithmetic: float | None
+    ) -> AttentionLayout:
         kv_of_q = rs.kv_of_local_q(group_size)
         uniform = rs.n_q % rs.n_kv == 0 and kv_of_q == [
             i // (rs.n_q // rs.n_kv) for i in range(rs.n_q)
@@ -61,7 +95,11 @@ class AttentionLayout:
                 else:
                     runs.append((kv, i, i + 1))
             segments = tuple(runs)
-        return cls(n_q=rs.n_q, n_kv=rs.n_kv, head_dim=head_dim, segments=segments)
+        return cls(n_q=rs.n_q, n_kv=rs.n_kv, head_dim=head_dim, segments=segments, **arithmetic)
+
+    @property
+    def query_scale(self) -> float:
+        return self.scale or self.head_dim**-0.5
 
 
 @dataclass
@@ -89,6 +127,8 @@ class StepContext:
     cos: torch.Tensor
     sin: torch.Tensor
     dtype: torch.dtype
+    # Rotary rows of the sliding-window layers, where they have their own (Gemma 3).
+    local: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _build_mask(pos: int, length: int, window: int | None) -> torch.Tensor | None:
@@ -104,13 +144,27 @@ def _build_mask(pos: int, length: int, window: int | None) -> torch.Tensor | Non
 
 
 def _grouped_sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q (G*r, T, hd) against k/v (G, S, hd): r query heads share each KV head."""
     groups, t, hd = k.shape[0], q.shape[1], q.shape[2]
     r = q.shape[0] // groups
     # Fold the r heads of a group into the query-length axis: no copy of K/V.
     qg = q.reshape(groups, r * t, hd)
+    if softcap is not None:
+        # Soft-capped scores (Gemma 2): no fused kernel takes them, so the plain way.
+        scores = torch.bmm(qg, k.transpose(1, 2)) * scale
+        scores = torch.tanh(scores / softcap) * softcap
+        if mask is not None:
+            m = mask.repeat(r, 1) if r > 1 else mask
+            scores = scores.masked_fill(~m, float("-inf"))
+        probs = scores.softmax(-1, dtype=torch.float32).to(v.dtype)
+        return torch.bmm(probs, v).reshape(groups * r, t, hd)
     if t == 1 and mask is None:
         # One new token (a decode step): three ops, where SDPA's generic path
         # takes a dozen (measured 27 vs 49 us per layer for SmolLM2's shapes).
@@ -140,13 +194,13 @@ def _attend(
     """One sequence's attention: q, k, v (heads, T, hd) -> (T, heads * hd)."""
     keys, values = seq.cache.update(layer, seq.pos, k, v)
     mask = seq.mask(window)
-    scale = 1.0 / math.sqrt(layout.head_dim)
+    scale, cap = layout.query_scale, layout.softcap
     if layout.segments is None:
-        out = _grouped_sdpa(q, keys, values, mask, scale)
+        out = _grouped_sdpa(q, keys, values, mask, scale, cap)
     else:
         out = torch.cat(
             [
-                _grouped_sdpa(q[a:b], keys[kv : kv + 1], values[kv : kv + 1], mask, scale)
+                _grouped_sdpa(q[a:b], keys[kv : kv + 1], values[kv : kv + 1], mask, scale, cap)
                 for kv, a, b in layout.segments
             ],
             dim=0,
@@ -168,7 +222,15 @@ def attention_block(
     t, hd = x.shape[0], layout.head_dim
     nq, nkv = layout.n_q, layout.n_kv
     qkv = linear(x, w.qkv, w.qkv_bias).view(t, nq + 2 * nkv, hd)
-    qk = apply_rotary(qkv[:, : nq + nkv], step.cos, step.sin)  # queries and keys at once
+    qk = qkv[:, : nq + nkv]
+    if w.q_norm is not None:  # each head normalised before rotary (Qwen3, Gemma 3)
+        eps, off = layout.norm_eps, layout.norm_offset
+        qk = torch.cat(
+            [rms_norm(qk[:, :nq], w.q_norm, eps, off), rms_norm(qk[:, nq:], w.k_norm, eps, off)],
+            dim=1,
+        )
+    cos, sin = step.local if window is not None and step.local is not None else (step.cos, step.sin)
+    qk = apply_rotary(qk, cos, sin)  # queries and keys at once
     outs, row = [], 0
     for seq in step.seqs:
         rows = slice(row, row + seq.length)
@@ -181,14 +243,20 @@ def attention_block(
     return linear(out, w.o, w.o_bias)
 
 
-def mlp_block(x: torch.Tensor, w: LayerWeights) -> torch.Tensor:
-    """Partial SwiGLU output (T, hidden) of this rank's MLP columns."""
+def activation(gate: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh")
+    return F.silu(gate)
+
+
+def mlp_block(x: torch.Tensor, w: LayerWeights, act: str = "silu") -> torch.Tensor:
+    """Partial gated-MLP output (T, hidden) of this rank's MLP columns."""
     g = w.gate_up
     if isinstance(g, FloatT) and g.halves and g.dtype == x.dtype and w.gate_up_bias is None:
         gate, up = g.block_products(x)  # the two row blocks are gate and up: no copy
     else:
         gate, up = linear(x, g, w.gate_up_bias).chunk(2, dim=-1)
-    return linear(F.silu(gate) * up, w.down, w.down_bias)
+    return linear(activation(gate, act) * up, w.down, w.down_bias)
 
 
 def attention_partial(
@@ -197,17 +265,32 @@ def attention_partial(
     layout: AttentionLayout,
     layer: int,
     step: StepContext,
-    eps: float,
+    cfg: ModelConfig,
     window: int | None,
 ) -> torch.Tensor:
     """First half of a decoder layer: this rank's attention output, to be allreduced
-    and added to the residual h."""
-    return attention_block(rms_norm(h, w.attn_norm, eps), w, layout, layer, step, window)
+    and added to the residual h (by `residual_add`)."""
+    x = rms_norm(h, w.attn_norm, cfg.rms_norm_eps, cfg.norm_offset)
+    return attention_block(x, w, layout, layer, step, window)
 
 
-def mlp_partial(h: torch.Tensor, w: LayerWeights, eps: float) -> torch.Tensor:
-    """Second half: this rank's MLP output, to be allreduced and added to h."""
-    return mlp_block(rms_norm(h, w.mlp_norm, eps), w)
+def mlp_partial(h: torch.Tensor, w: LayerWeights, cfg: ModelConfig) -> torch.Tensor:
+    """Second half: this rank's MLP (or experts') output, to be allreduced and added to h."""
+    x = rms_norm(h, w.mlp_norm, cfg.rms_norm_eps, cfg.norm_offset)
+    if w.router is not None:
+        return moe_block(x, w.router, w.experts, cfg.experts_per_token, cfg.norm_topk_prob)
+    return mlp_block(x, w, cfg.hidden_act)
+
+
+def residual_add(
+    h: torch.Tensor, total: torch.Tensor, post_norm: torch.Tensor | None, cfg: ModelConfig
+) -> torch.Tensor:
+    """h plus a block's summed output, normalised first where the model has a norm
+    there (Gemma's post-attention and post-MLP norms: they need the whole sum, so
+    they run after the allreduce, on every rank alike)."""
+    if post_norm is None:
+        return h + total
+    return h + rms_norm(total, post_norm, cfg.rms_norm_eps, cfg.norm_offset)
 
 
 def embed(ids: torch.Tensor, head: HeadWeights, dtype: torch.dtype) -> torch.Tensor:
@@ -216,11 +299,19 @@ def embed(ids: torch.Tensor, head: HeadWeights, dtype: torch.dtype) -> torch.Ten
     local = ids - head.start
     inside = (local >= 0) & (local < head.rows)
     if bool(inside.all()):
-        return embedding_rows(local, head.embed, dtype)
-    rows = embedding_rows(local.clamp(0, head.rows - 1), head.embed, dtype)
-    return rows.masked_fill(~inside[:, None], 0)
+        rows = embedding_rows(local, head.embed, dtype)
+    else:
+        rows = embedding_rows(local.clamp(0, head.rows - 1), head.embed, dtype)
+        rows = rows.masked_fill(~inside[:, None], 0)
+    if head.embed_scale is not None:  # Gemma: sqrt(hidden), rounded to the dtype as transformers
+        rows = rows * torch.tensor(head.embed_scale, dtype=rows.dtype)
+    return rows
 
 
 def logits(h: torch.Tensor, head: HeadWeights, eps: float) -> torch.Tensor:
-    """Float32 logits (T, vocab) from final hidden states."""
-    return linear(rms_norm(h, head.final_norm, eps), head.lm_head).float()
+    """Float32 logits (T, vocab) from final hidden states (soft-capped where the
+    model says: elementwise, so each vocabulary-parallel rank caps its own rows)."""
+    out = linear(rms_norm(h, head.final_norm, eps, head.norm_offset), head.lm_head).float()
+    if head.softcap is not None:
+        out = torch.tanh(out / head.softcap) * head.softcap
+    return out

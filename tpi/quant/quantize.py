@@ -30,6 +30,7 @@ from tpi.quant.formats import (
     INT8_SCALE,
     INT8_SUFFIX,
     QUANT_DTYPE,
+    TRANSPOSED_SUFFIX,
     int8_fits,
 )
 from tpi.quant.int4_pack import ROW_MULTIPLE, Int4Layout, disk_layout, pack
@@ -96,12 +97,28 @@ class QuantSpec:
         return cls(mode, group_size, layout)
 
 
+_FORMAT_SUFFIXES = {
+    s.lstrip(".")
+    for s in (INT8_SUFFIX, INT8_SCALE, INT4_SUFFIX, INT4_SCALE_ZERO, TRANSPOSED_SUFFIX)
+}
+
+
+def weight_base(name: str) -> str:
+    """The weight a stored tensor belongs to, without its format suffix (".q4") and
+    without a namespace before it: "expert0007.gate_up.sz" -> "gate_up" (the experts
+    of a mixture of experts are named so, tpi.model.weights)."""
+    parts = name.split(".")
+    while len(parts) > 1 and parts[-1] in _FORMAT_SUFFIXES:
+        parts.pop()
+    return parts[-1]
+
+
 def memory_dtype(
     name: str, stored: torch.dtype, compute: torch.dtype, quantized: bool
 ) -> torch.dtype:
     """The dtype a shard tensor is held in: in a quantized shard the matmul weights and
     tables (and their scales) stay as stored; other floats take the compute dtype."""
-    base = name.split(".")[0]
+    base = weight_base(name)
     if not stored.is_floating_point or (
         quantized and (base in LINEAR_NAMES or base in HEAD_TABLES)
     ):
@@ -196,7 +213,7 @@ def quantize_tensors(
     """`tensors` with the matmul weights in `names` replaced by their stored form."""
     out: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        out.update(quantize_weight(key, t, spec) if key in names else {key: t})
+        out.update(quantize_weight(key, t, spec) if weight_base(key) in names else {key: t})
     return out
 
 

@@ -57,6 +57,17 @@ def context_limit(cfg: ModelConfig, max_context: int | None, planned: bool) -> i
     return cfg.max_position_embeddings
 
 
+def _expert_slots(cfg: ModelConfig, layout: StreamLayout, window: int | None) -> int:
+    """Expert slots per MoE layer: every held expert with a window of every layer;
+    else the experts one token picks in a layer (its top k, as far as this rank
+    holds them), so the next token finds those it picks again. Without a window,
+    build_rank then holds every expert if the budget (or no budget) allows."""
+    held = layout.experts.held_per_layer()
+    if window is not None and window >= cfg.num_layers:
+        return held
+    return min(held, max(1, cfg.experts_per_token))
+
+
 def build_rank(
     source: RankShard | CheckpointRank,
     dtype: torch.dtype,
@@ -75,9 +86,13 @@ def build_rank(
     planned = window is not None or budget_bytes is not None or memory_limit() is not None
     context = context_limit(cfg, max_context, planned)
     elem = torch.empty((), dtype=dtype).element_size()
+    expert_slots = None
     if isinstance(source, RankShard):
         layout = StreamLayout.of(source, dtype)
         slot, staging, resident = layout.slot_bytes, layout.staging_bytes, None
+        if layout.experts is not None:
+            expert_slots = _expert_slots(cfg, layout, window)
+            staging += layout.experts.cache_bytes(expert_slots)
     else:
         if window is not None and window < cfg.num_layers:
             raise MemoryBudgetError(
@@ -104,6 +119,21 @@ def build_rank(
                 f"memory budget with a window (--max-context sets it)"
             )
         context = fitted
+    if expert_slots is not None and window is None:
+        # Under a budget: every expert held if all of it fits, else the token's few.
+        held = layout.experts.held_per_layer()
+        budget = effective_budget(budget_bytes)[0]
+        whole = layout.staging_bytes + layout.experts.cache_bytes(held)
+        need = (
+            baseline
+            + cfg.num_layers * slot
+            + whole
+            + kv_cache_bytes(cfg, rs, context, elem)
+            + head_bytes
+            + activation_bytes(cfg, rs, context)
+        )
+        if budget is None or need <= budget:
+            expert_slots, staging = held, whole
     plan = plan_window(
         num_layers=cfg.num_layers,
         layer_bytes=slot,
@@ -120,6 +150,6 @@ def build_rank(
     if resident is None and plan.window >= cfg.num_layers:
         # Every layer is read once: hold float weights transposed for decoding.
         layout = StreamLayout.of(source, dtype, transpose=True)
-    layers = resident or SlidingWindowLayers(layout, plan.window, dtype)
+    layers = resident or SlidingWindowLayers(layout, plan.window, dtype, expert_slots)
     decoder = Decoder(cfg, rs, layers, collective, dtype, max_positions=context)
     return RankRuntime(decoder, layers, plan)

@@ -11,6 +11,9 @@ the process: a layer file's data section is read with one readinto() straight
 into a slot and its tensors are views into it, so RSS stays flat however many
 layers stream through. After each read the file's pages are dropped from the
 page cache (POSIX_FADV_DONTNEED): the memory a node uses is the memory it holds.
+
+A mixture-of-experts layer streams its dense part here and its experts through
+an ExpertStore (tpi.runtime.expert_stream): only the experts its tokens pick.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from tpi.model.weights import LayerWeights
 from tpi.quant.formats import INT4_SUFFIX, TRANSPOSED_SUFFIX, FloatT, transposable
 from tpi.quant.int4_pack import Int4Layout, native_layout, to_native
 from tpi.quant.quantize import LINEAR_NAMES, memory_dtype
+from tpi.runtime.expert_stream import ExpertLayouts, ExpertStore
+from tpi.storage.expert_file import ExpertFileLayout
 from tpi.storage.manifest import ShardError, layer_file
 from tpi.storage.read_check import FileCheck, file_check
 from tpi.storage.shard_reader import RankShard
@@ -42,16 +47,27 @@ class StreamStats:
     read_seconds: float = 0.0  # loader thread time spent reading (and converting)
     blocked_seconds: float = 0.0  # compute thread time spent waiting for a layer
     layers_loaded: int = 0
+    # Of those: experts read on demand (also in bytes_read), and experts found cached.
+    expert_bytes_read: int = 0
+    experts_loaded: int = 0
+    expert_hits: int = 0
 
     def to_dict(self) -> dict:
         hidden = 1.0 - self.blocked_seconds / self.read_seconds if self.read_seconds > 0 else 1.0
-        return {
+        out = {
             "bytes_read": self.bytes_read,
             "read_seconds": round(self.read_seconds, 6),
             "blocked_seconds": round(self.blocked_seconds, 6),
             "layers_loaded": self.layers_loaded,
             "disk_time_hidden": round(max(0.0, hidden), 4),
         }
+        if self.experts_loaded or self.expert_hits:
+            out.update(
+                expert_bytes_read=self.expert_bytes_read,
+                experts_loaded=self.experts_loaded,
+                expert_hits=self.expert_hits,
+            )
+        return out
 
 
 @dataclass(frozen=True)
@@ -92,6 +108,8 @@ class StreamLayout:
     quantized: bool
     int4_layout: Int4Layout | None  # how packed int4 weights are stored (None: no int4)
     transpose: bool = False  # float matmul weights held transposed (resident only: FloatT)
+    experts: ExpertLayouts | None = None  # the experts files of a mixture of experts
+    manifest_hash: str = ""
 
     def target_dtype(self, name: str, stored: torch.dtype) -> torch.dtype:
         return memory_dtype(name, stored, self.dtype, self.quantized)
@@ -137,7 +155,30 @@ class StreamLayout:
         slot = max(need(lay) for lay in layouts)
         staging = max(lay.data_bytes for lay in layouts) if convert else 0
         total = sum(need(lay) for lay in layouts)
-        return cls(layouts, convert, slot, staging, total, dtype, quant.quantized, int4, transpose)
+        experts = None
+        paths = getattr(shard, "experts_path", lambda _i: None)
+        expert_files = tuple(
+            ExpertFileLayout.of(p) if (p := paths(i)) is not None else None
+            for i in range(shard.config.num_layers)
+        )
+        if any(f is not None for f in expert_files):
+            experts = ExpertLayouts.of(expert_files, dtype, quant.quantized)
+            # A decode token reads its picked experts (at most top-k per MoE layer).
+            picked = min(shard.config.experts_per_token, experts.held_per_layer())
+            total += experts.moe_layers() * picked * experts.slot_bytes
+        return cls(
+            layouts,
+            convert,
+            slot,
+            staging,
+            total,
+            dtype,
+            quant.quantized,
+            int4,
+            transpose,
+            experts,
+            shard.manifest_sha256,
+        )
 
 
 def _aligned(n: int) -> int:
@@ -150,9 +191,17 @@ def _elem(dt: torch.dtype) -> int:
 
 
 class SlidingWindowLayers:
-    """LayerSource that streams layers from a rank directory through `window` slots."""
+    """LayerSource that streams layers from a rank directory through `window` slots
+    (and, for a mixture of experts, `expert_slots` experts per layer: all held by
+    default)."""
 
-    def __init__(self, layout: StreamLayout, window: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        layout: StreamLayout,
+        window: int,
+        dtype: torch.dtype,
+        expert_slots: int | None = None,
+    ) -> None:
         pin_mmap_threshold()
         self.dtype = dtype
         self.layout = layout
@@ -178,6 +227,18 @@ class SlidingWindowLayers:
             torch.empty(layout.staging_bytes, dtype=torch.uint8) if self.convert else None
         )
         self.resident = self.window >= self.num_layers
+        self.experts: ExpertStore | None = None
+        if layout.experts is not None:
+            self.experts = ExpertStore(
+                layout.experts,
+                expert_slots or layout.experts.held_per_layer(),
+                layout.int4_layout,
+                self.repack_int4,
+                layout.manifest_hash,
+                self.stats,
+            )
+            if self.experts.resident:
+                self.experts.preload()
         self._cond = threading.Condition()
         self._loaded: dict[int, LayerWeights] = {}  # sequence number -> weights
         self._next_load = 0  # sequence number the loader reads next
@@ -203,9 +264,10 @@ class SlidingWindowLayers:
 
     @property
     def resident_bytes(self) -> int:
-        return sum(s.numel() for s in self.slots) + (
+        n = sum(s.numel() for s in self.slots) + (
             self.staging.numel() if self.staging is not None else 0
         )
+        return n + (self.experts.resident_bytes if self.experts is not None else 0)
 
     # --- loading -----------------------------------------------------------------
 
@@ -240,7 +302,10 @@ class SlidingWindowLayers:
         self.stats.read_seconds += time.perf_counter() - t0
         self.stats.bytes_read += lay.data_bytes
         self.stats.layers_loaded += 1
-        return LayerWeights.from_tensors(tensors)
+        experts = None
+        if self.experts is not None and self.layout.experts.files[layer] is not None:
+            experts = self.experts.view(layer)
+        return LayerWeights.from_tensors(tensors, experts)
 
     def _loader(self) -> None:
         try:
@@ -309,4 +374,6 @@ class SlidingWindowLayers:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self.experts is not None:
+            self.experts.close()
         self._loaded.clear()

@@ -1,4 +1,5 @@
-"""Convert a Llama-family GGUF file to a Hugging Face checkpoint directory.
+"""Convert a Llama-family (Llama, Qwen2, Qwen3, Qwen3-MoE) GGUF file to a Hugging
+Face checkpoint directory.
 
 Weights are dequantized one tensor at a time and streamed to (sharded)
 safetensors, so memory stays bounded by one shard. With `keep_quant`, Q4_0 and
@@ -30,7 +31,22 @@ from tpi.sources.gguf_tokenizer import build_tokenizer
 from tpi.storage.atomic import atomic_directory
 from tpi.storage.sharded_writer import DEFAULT_SHARD_BYTES, ShardedWriter
 
-ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+}
+# Families tpi runs from Hugging Face checkpoints whose GGUF files it does not
+# convert: their SentencePiece vocabularies are not rebuilt exactly from GGUF by
+# the tokenizers library (byte fallback, normalizer and merges scores differ).
+SENTENCEPIECE_ARCHITECTURES = {"gemma", "gemma2", "gemma3", "phi3"}
+# llama.cpp stacks a layer's experts into one 3-D tensor per projection.
+_EXPERT_NAMES = {
+    "ffn_gate_exps.weight": "mlp.experts.{e}.gate_proj.weight",
+    "ffn_up_exps.weight": "mlp.experts.{e}.up_proj.weight",
+    "ffn_down_exps.weight": "mlp.experts.{e}.down_proj.weight",
+}
 
 _LAYER_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -45,6 +61,9 @@ _LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate_inp.weight": "mlp.gate.weight",
 }
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -91,6 +110,11 @@ def _open(path: Path) -> _Meta:
         meta = _Meta(GGUFReader(str(path)))
     except Exception as e:  # GGUFReader raises ValueError/struct errors on junk
         raise ModelError(f"{path} is not a readable GGUF file: {e}") from None
+    if meta.arch in SENTENCEPIECE_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"GGUF architecture {meta.arch!r} is not converted: its SentencePiece vocabulary "
+            "is not rebuilt exactly from GGUF; use the model's Hugging Face checkpoint"
+        )
     if meta.arch not in ARCHITECTURES:
         raise UnsupportedModelError(
             f"GGUF architecture {meta.arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
@@ -148,7 +172,7 @@ def _hf_config(
         "model_type": model_type,
         "vocab_size": len(tokens),
         "hidden_size": hidden,
-        "intermediate_size": int(meta.arch_get("feed_forward_length")),
+        "intermediate_size": int(meta.arch_get("feed_forward_length", 0)),
         "num_hidden_layers": int(meta.arch_get("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(meta.arch_get("attention.head_count_kv", heads)),
@@ -163,8 +187,33 @@ def _hf_config(
         "torch_dtype": "float32",
     }
     if model_type == "llama":
+        if "blk.0.ffn_gate_exps.weight" in tensor_names:
+            raise UnsupportedModelError(
+                "GGUF mixture of experts of architecture 'llama' (Mixtral) is not converted: "
+                "its SentencePiece vocabulary is not rebuilt exactly; use its Hugging Face "
+                "checkpoint"
+            )
         cfg["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
         cfg["mlp_bias"] = False
+    if model_type == "qwen3_moe":
+        experts = int(meta.arch_get("expert_count"))
+        cfg.update(
+            num_experts=experts,
+            num_experts_per_tok=int(meta.arch_get("expert_used_count")),
+            moe_intermediate_size=int(meta.arch_get("expert_feed_forward_length")),
+            # Without the key, as llama.cpp runs Qwen3-MoE: top-k weights renormalised.
+            norm_topk_prob=bool(meta.arch_get("expert_weights_norm", True)),
+            decoder_sparse_step=1,
+            # Layers with a plain MLP (no router) among the MoE ones.
+            mlp_only_layers=[
+                i
+                for i in range(cfg["num_hidden_layers"])
+                if f"blk.{i}.ffn_gate_inp.weight" not in tensor_names
+            ],
+        )
+        cfg["intermediate_size"] = int(
+            meta.arch_get("feed_forward_length", cfg["moe_intermediate_size"])
+        )
     scaling = meta.arch_get("rope.scaling.type")
     if rope_factors is not None:
         cfg["rope_scaling"] = _llama3_rope_from_factors(rope_factors, theta, head_dim)
@@ -276,6 +325,17 @@ def convert_gguf(
         writer = ShardedWriter(tmp, max_shard_bytes)
         for i, t in enumerate(tensors):
             hf_name = hf_tensor_name(t.name)
+            parts = t.name.split(".", 2)
+            if hf_name is None and len(parts) == 3 and parts[2] in _EXPERT_NAMES:
+                # One (experts, rows, cols) tensor: one matrix per expert, as HF stores them.
+                w = np.asarray(quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+                for e in range(w.shape[0]):
+                    name = f"model.layers.{int(parts[1])}." + _EXPERT_NAMES[parts[2]].format(e=e)
+                    writer.add(name, torch.from_numpy(w[e].copy()).to(torch_dtype))
+                del w
+                if progress:
+                    progress(i + 1, len(tensors), t.name)
+                continue
             if hf_name is None:
                 if t.name != "rope_freqs.weight":
                     raise UnsupportedModelError(f"unexpected GGUF tensor {t.name!r}")

@@ -19,6 +19,11 @@ Scales keep the residual stream well conditioned, so the greedy token does not
 hinge on rounding (world sizes round partial sums differently): q, k, v, gate
 and up give unit-RMS outputs for unit-RMS inputs, and o and down are scaled so
 all layers together add about half the embedding's RMS to the residual stream.
+
+A mixture of experts (a Qwen3-MoE config) gets a float router (the same on every
+rank) and experts drawn like the MLP, each expert's blocks from generators of
+their own, cut by the rank slice's experts and columns; models with per-head
+q/k norms (Qwen3) get them as ones.
 """
 
 from __future__ import annotations
@@ -38,10 +43,14 @@ from tpi.model.weights import (
     EMBED,
     FINAL_NORM,
     GATE_UP,
+    K_NORM,
     LM_HEAD,
     MLP_NORM,
     O_PROJ,
+    Q_NORM,
     QKV,
+    ROUTER,
+    expert_name,
 )
 from tpi.quant.formats import INT4_SCALE_ZERO, INT4_SUFFIX, INT8_SCALE, INT8_SUFFIX, QUANT_DTYPE
 from tpi.quant.int4_pack import Int4Layout, unpack
@@ -57,7 +66,11 @@ LAYERS_SHARE = 0.5  # RMS all layers add to the residual, relative to the embedd
 LOGIT_RMS = 4.0
 SCALE_SPREAD = 0.25  # group scales vary by +-25% around their tensor's base
 # Stable ids of the tensors (part of every generator's seed).
-TENSOR_IDS = {"q": 0, "k": 1, "v": 2, "o": 3, "gate": 4, "up": 5, "down": 6, EMBED: 7, LM_HEAD: 8}
+TENSOR_IDS = {
+    "q": 0, "k": 1, "v": 2, "o": 3, "gate": 4, "up": 5, "down": 6, EMBED: 7, LM_HEAD: 8,
+    "router": 9, "expert_gate": 10, "expert_up": 11, "expert_down": 12,
+}  # fmt: skip
+EXPERT_BLOCKS = 1 << 20  # expert e's block b draws from generator block e * EXPERT_BLOCKS + b
 
 
 def _generator(seed: int, layer: int, tensor: str, block: int) -> torch.Generator:
@@ -112,6 +125,8 @@ class SyntheticInt4Model:
                 raise ModelError(f"synthetic int4 models need a {name} size divisible by {BLOCK}")
         if (c.head_dim * c.num_kv_heads) % BLOCK:
             raise ModelError(f"synthetic int4 models need KV widths divisible by {BLOCK}")
+        if c.is_moe and c.moe_intermediate_size % BLOCK:
+            raise ModelError(f"synthetic int4 experts need a width divisible by {BLOCK}")
 
     # --- shapes and scales -------------------------------------------------------
 
@@ -127,6 +142,9 @@ class SyntheticInt4Model:
             "gate": (c.intermediate_size, c.hidden_size),
             "up": (c.intermediate_size, c.hidden_size),
             "down": (c.hidden_size, c.intermediate_size),
+            "expert_gate": (c.moe_intermediate_size, c.hidden_size),
+            "expert_up": (c.moe_intermediate_size, c.hidden_size),
+            "expert_down": (c.hidden_size, c.moe_intermediate_size),
             EMBED: (c.vocab_size, c.hidden_size),
             LM_HEAD: (c.vocab_size, c.hidden_size),
         }[tensor]
@@ -142,12 +160,15 @@ class SyntheticInt4Model:
             return per_block / (NIBBLE_RMS * math.sqrt(k))
         if tensor == "down":
             return per_block / (NIBBLE_RMS * math.sqrt(k) * SILU_GLU_RMS)
+        if tensor == "expert_down":  # a token sums experts_per_token of them
+            top = self.cfg.experts_per_token
+            return per_block / (NIBBLE_RMS * math.sqrt(k * top) * SILU_GLU_RMS)
         return 1 / (NIBBLE_RMS * math.sqrt(k))
 
     # --- int4 matrices -----------------------------------------------------------
 
     def rows_int4(
-        self, layer: int, tensor: str, a: int, b: int
+        self, layer: int, tensor: str, a: int, b: int, expert: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Output rows [a, b) of a row-split matrix: (packed (b-a, K/2), scale_zero (K/g, b-a, 2))."""
         n, k = self._shape(tensor)
@@ -155,14 +176,14 @@ class SyntheticInt4Model:
         base = self._base_scale(tensor)
         packed, sz = [], []
         for blk in range(a // BLOCK, b // BLOCK):
-            g = _generator(self.seed, layer, tensor, blk)
+            g = _generator(self.seed, layer, tensor, expert * EXPERT_BLOCKS + blk)
             # A row block's packed bytes are K-major (K, BLOCK/2): its own, whatever the cut.
             packed.append(_random_bytes(BLOCK * k // 2, g).view(BLOCK, k // 2))
             sz.append(_scale_zero(_scales((k // GROUP, BLOCK), base, g)))
         return torch.cat(packed), torch.cat(sz, dim=1)
 
     def cols_int4(
-        self, layer: int, tensor: str, a: int, b: int
+        self, layer: int, tensor: str, a: int, b: int, expert: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Input columns [a, b) of a column-split matrix: (packed (N, (b-a)/2),
         scale_zero ((b-a)/g, N, 2))."""
@@ -171,7 +192,7 @@ class SyntheticInt4Model:
         base = self._base_scale(tensor)
         packed, sz = [], []
         for blk in range(a // BLOCK, b // BLOCK):
-            g = _generator(self.seed, layer, tensor, blk)
+            g = _generator(self.seed, layer, tensor, expert * EXPERT_BLOCKS + blk)
             # In each row block, column k's BLOCK nibbles are BLOCK/2 consecutive bytes.
             packed.append(_random_bytes(n * BLOCK // 2, g).view(n // LAYOUT.block_n, BLOCK, -1))
             sz.append(_scale_zero(_scales((BLOCK // GROUP, n), base, g)))
@@ -203,11 +224,33 @@ class SyntheticInt4Model:
         out.update(
             _stored(O_PROJ, self.cols_int4(layer, "o", rs.q_heads[0] * hd, rs.q_heads[1] * hd))
         )
-        parts = [self.rows_int4(layer, t, *rs.mlp) for t in ("gate", "up")]
-        out.update(_fused(GATE_UP, parts))
-        out.update(_stored(DOWN, self.cols_int4(layer, "down", *rs.mlp)))
+        if self.cfg.layer_is_moe(layer):
+            out.update(self._experts(layer, rs))
+        else:
+            parts = [self.rows_int4(layer, t, *rs.mlp) for t in ("gate", "up")]
+            out.update(_fused(GATE_UP, parts))
+            out.update(_stored(DOWN, self.cols_int4(layer, "down", *rs.mlp)))
         ones = torch.ones(self.cfg.hidden_size, dtype=self.float_dtype)
         out[ATTN_NORM], out[MLP_NORM] = ones, ones.clone()
+        if self.cfg.qk_norm:
+            head_ones = torch.ones(hd, dtype=self.float_dtype)
+            out[Q_NORM], out[K_NORM] = head_ones, head_ones.clone()
+        return out
+
+    def _experts(self, layer: int, rs: RankSlice) -> dict[str, torch.Tensor]:
+        """The router (whole, on every rank) and the rank's columns of its experts."""
+        c = self.cfg
+        g = _generator(self.seed, layer, "router", 0)
+        router = torch.randn(c.num_experts, c.hidden_size, generator=g) / math.sqrt(c.hidden_size)
+        out = {ROUTER: router.to(self.float_dtype)}
+        c0, c1 = rs.expert_cols
+        for e in range(*rs.experts):
+            parts = [self.rows_int4(layer, t, c0, c1, e) for t in ("expert_gate", "expert_up")]
+            for k, v in _fused(GATE_UP, parts).items():
+                out[expert_name(e, k)] = v
+            down = _stored(DOWN, self.cols_int4(layer, "expert_down", c0, c1, e))
+            for k, v in down.items():
+                out[expert_name(e, k)] = v
         return out
 
     def table_int8(self, tensor: str, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,7 +39,7 @@ class CheckpointRank:
         ckpt = Checkpoint(self.dir)
         try:
             head = head_tensors(lambda n: ckpt.get(n, dtype), self.config)
-            return head_from_tensors(hold_transposed(head, HEAD_TABLES))
+            return head_from_tensors(hold_transposed(head, HEAD_TABLES), 0, self.config)
         finally:
             ckpt.close()
 

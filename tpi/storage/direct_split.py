@@ -32,7 +32,8 @@ from tpi.model.config import ModelConfig
 from tpi.model.partition import Partition, RankSlice
 from tpi.quant.quantize import QuantSpec
 from tpi.storage.atomic import atomic_write_text
-from tpi.storage.manifest import HEAD_FILE, layer_file
+from tpi.storage.expert_file import write_layer_files
+from tpi.storage.manifest import HEAD_FILE
 from tpi.storage.split import (
     copy_master_files,
     is_split_dir,
@@ -152,9 +153,7 @@ def write_split(
     total = cfg.num_layers + 1
     jobs = [(i, rs) for i in range(done, cfg.num_layers) for rs in partition.slices]
     for (i, rs), tensors in _made_ahead(jobs, layer_tensors):
-        files[rs.rank][layer_file(i)] = write_safetensors(
-            tmp / f"rank{rs.rank}" / layer_file(i), tensors
-        )
+        files[rs.rank].update(write_layer_files(tmp / f"rank{rs.rank}", i, tensors))
         del tensors
         if rs.rank == partition.world - 1:  # the layer is complete on every rank
             atomic_write_text(

@@ -11,6 +11,7 @@ from tpi.model.weights import HeadWeights, LayerWeights, head_from_tensors
 from tpi.quant.formats import INT4_SUFFIX, hold_transposed
 from tpi.quant.int4_pack import to_native
 from tpi.quant.quantize import HEAD_TABLES, memory_dtype
+from tpi.storage.expert_file import experts_file
 from tpi.storage.manifest import HEAD_FILE, ShardError, layer_file, read_manifest, verify_files
 from tpi.storage.read_check import file_check
 from tpi.storage.tensor_file import SafetensorsFile, read_span, tensor_views
@@ -55,8 +56,17 @@ class RankShard:
             out[k] = v
         return out
 
+    def experts_path(self, i: int) -> Path | None:
+        """Layer i's experts file, for a mixture-of-experts layer (else None)."""
+        name = experts_file(i)
+        return self.dir / name if name in self.manifest.files else None
+
     def load_layer(self, i: int, dtype: torch.dtype) -> LayerWeights:
-        return LayerWeights.from_tensors(self._load(layer_file(i), dtype))
+        """Layer i with all its experts in memory."""
+        tensors = self._load(layer_file(i), dtype)
+        if self.experts_path(i) is not None:
+            tensors.update(self._load(experts_file(i), dtype))
+        return LayerWeights.from_tensors(tensors)
 
     @property
     def has_head(self) -> bool:
@@ -69,7 +79,7 @@ class RankShard:
         vocab = self.manifest.rank_slice.vocab
         # Always resident: float tables are held transposed (tpi.quant.formats.FloatT).
         tensors = hold_transposed(self._load(HEAD_FILE, dtype), HEAD_TABLES)
-        return head_from_tensors(tensors, vocab[0] if vocab else 0)
+        return head_from_tensors(tensors, vocab[0] if vocab else 0, self.config)
 
     def verify(self) -> None:
         verify_files(self.dir, self.manifest)

@@ -18,12 +18,13 @@ import torch
 from tpi.dtypes import DTYPES, STORED_NAMES
 from tpi.errors import ModelError
 from tpi.model.config import ModelConfig, load_config
-from tpi.model.partition import Partition, plan_partition
+from tpi.model.partition import DEFAULT_MOE_SPLIT, Partition, plan_partition
 from tpi.model.weights import EMBED, FINAL_NORM, LM_HEAD, head_tensors, slice_head, slice_layer
 from tpi.quant.int4_rows import GGUF_GROUP
 from tpi.quant.quantize import LINEAR_NAMES, QuantSpec, quantize_embedding, quantize_tensors
 from tpi.storage.atomic import atomic_directory
 from tpi.storage.checkpoint import Checkpoint
+from tpi.storage.expert_file import write_layer_files
 from tpi.storage.manifest import (
     FORMAT_VERSION,
     HEAD_FILE,
@@ -31,7 +32,6 @@ from tpi.storage.manifest import (
     SPLIT_FORMAT,
     SPLIT_INDEX_NAME,
     Manifest,
-    layer_file,
     sha256_bytes,
     sha256_file,
 )
@@ -70,15 +70,17 @@ def split_model(
     overwrite: bool = False,
     quant: QuantSpec | None = None,
     vocab_parallel: bool = False,
+    moe_split: str = DEFAULT_MOE_SPLIT,
 ) -> Path:
     """Write OUT/rank{r}/ for every rank plus OUT/split.json; returns OUT.
 
     `quant` stores the matmul weights quantized (see tpi.quant.quantize);
     `vocab_parallel` gives every rank its vocabulary rows of the embedding and LM
-    head instead of all of them to rank 0."""
+    head instead of all of them to rank 0; `moe_split` how experts are cut
+    (tpi.model.partition)."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg = load_config(model_dir)
-    partition = plan_partition(cfg, shares, vocab_parallel)
+    partition = plan_partition(cfg, shares, vocab_parallel, moe_split)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ModelError(f"output directory {out_dir} is not empty (use --force to replace it)")
     if dtype != "keep" and dtype not in DTYPES:
@@ -111,9 +113,7 @@ def split_model(
 
                 for rs in partition.slices:
                     tensors = quantize_tensors(slice_layer(get, cfg, i, rs), LINEAR_NAMES, quant)
-                    files[rs.rank][layer_file(i)] = write_safetensors(
-                        tmp / f"rank{rs.rank}" / layer_file(i), tensors
-                    )
+                    files[rs.rank].update(write_layer_files(tmp / f"rank{rs.rank}", i, tensors))
                     del tensors
                 layer_cache.clear()
                 release_freed_memory()
