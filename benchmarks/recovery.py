@@ -15,6 +15,7 @@ Two cases, each a fresh cluster:
 
 from __future__ import annotations
 
+import os
 import signal
 import statistics
 import sys
@@ -86,6 +87,9 @@ def _one(case: str, kill_at: int, new_tokens: int) -> dict:
 @click.option("--new-tokens", default=64, show_default=True)
 @click.option("--out", default=None)
 def main(rounds, kill_at, new_tokens, out):
+    from tpi.comm.auth import new_secret
+
+    os.environ.setdefault("TPI_SECRET", new_secret())  # the local workers inherit it
     samples: dict[str, list[dict]] = {"push": [], "staged": []}
     for r in range(rounds):
         # "staged" first: its preparation makes the smaller world's split once.
