@@ -184,6 +184,13 @@ def chat(system, **opts):
     help="Emulated link bandwidth in each direction, e.g. 100mbit, 1gbit; a list gives each "
     "worker its own ('none': unlimited).",
 )
+@click.option(
+    "--plan",
+    "plan_mode",
+    type=click.Choice(["auto", "even"]),
+    default=None,
+    help="Placement for the command run (see its --plan).",
+)
 @click.pass_context
 def cluster(
     ctx,
@@ -195,6 +202,7 @@ def cluster(
     cpus,
     link_latency,
     link_bandwidth,
+    plan_mode,
 ):
     """Start N local worker daemons on loopback and run a master command against them.
 
@@ -240,6 +248,7 @@ def cluster(
         "cluster_shares": shares,
         "cluster_threads": threads,
         "cluster_memory_budget": mem_limit,
+        "cluster_plan": plan_mode,
     }
     if ctx.invoked_subcommand is None:
         click.echo("workers: " + ",".join(addresses))
@@ -281,10 +290,12 @@ cluster.add_command(chat)
 
 def _add_late_commands() -> None:
     from tpi.master.bench import bench
+    from tpi.master.plan_command import plan
     from tpi.master.serve.command import serve
 
     cluster.add_command(bench)
     cluster.add_command(serve)
+    cluster.add_command(plan)
 
 
 _add_late_commands()

@@ -19,6 +19,7 @@ from tpi.master.serve.limits import check_prompt_chars
 from tpi.master.serve.model_holder import ModelHolder
 from tpi.master.serve.protocol import ChatRequest, CompletionRequest, SamplingFields, now
 from tpi.master.serve.responses import CHAT, TEXT, Answer, Endpoint
+from tpi.planning.report import plan_summary
 from tpi.text.prompts import conversation_ids
 
 DEFAULT_MAX_TOKENS = 512
@@ -184,6 +185,9 @@ async def health(request: Request):
         "waiting": gen.waiting,
         "recent": list(gen.recent),
     }
+    plan = getattr(holder.loaded, "plan", None)
+    if plan is not None:  # what --plan auto chose, and why
+        body["plan"] = plan_summary(plan)
     if holder.error is not None:
         body["error"] = holder.error
     return JSONResponse(body, status_code=503 if down else 200)
