@@ -83,16 +83,7 @@ class ProbeSession(ClusterSession):
 
     def profile(self, rank: int, request: ProfileRequest) -> dict:
         """Worker `rank`'s PROFILE answer to `request`."""
-        link = self.links.links[rank - 1]
-        body = {"session": self.session, "request": request.to_body()}
-        link.send([encode_control(Kind.PROFILE_REQUEST, body)])
-        try:
-            got = self._expect({Kind.PROFILE}, PROFILE_TIMEOUT_S, {rank}, "while measuring itself")
-        except LinkLost as e:
-            raise ClusterError(
-                f"{e} (a worker older than this master cannot be profiled: upgrade it)"
-            ) from None
-        return got[rank].body["profile"]
+        return request_profile(self, rank, request)
 
     def _ping(self, rank: int, payload: bytes | None) -> float:
         link = self.links.links[rank - 1]
@@ -122,6 +113,21 @@ class ProbeSession(ClusterSession):
         # There and back: 2 x size bytes. A loopback or LAN too fast to time is "unlimited".
         bw = 2 * size / spent if spent > 1e-4 else None
         return LinkFacts(rtt_s=rtt, bytes_per_s=bw)
+
+
+def request_profile(session: ClusterSession, rank: int, request: ProfileRequest) -> dict:
+    """Worker `rank`'s PROFILE answer to `request`, in a probe session or, between
+    passes, in a loaded one (tpi bench reports every node's profile)."""
+    link = session.links.links[rank - 1]
+    body = {"session": session.session, "request": request.to_body()}
+    link.send([encode_control(Kind.PROFILE_REQUEST, body)])
+    try:
+        got = session._expect({Kind.PROFILE}, PROFILE_TIMEOUT_S, {rank}, "while measuring itself")
+    except LinkLost as e:
+        raise ClusterError(
+            f"{e} (a worker older than this master cannot be profiled: upgrade it)"
+        ) from None
+    return got[rank].body["profile"]
 
 
 def probe_workers(

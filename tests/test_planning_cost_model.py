@@ -3,6 +3,8 @@ numbers in the comments are worked out from tests/planning_helpers.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tests.planning_helpers import linear_curves, node, tiny_config
@@ -54,19 +56,32 @@ def test_decode_ms_per_token_by_hand():
     pl = placement(cfg, [1, 1], [2, 2])  # 1 head and 128 columns each, all resident
     wl = Workload(Format(), position=116, prompt_tokens=64, context=16)
     p = predict(cfg, two_nodes(), pl, wl)
-    # Position 116 is 100 past the timed one: +100 us of attention per head.
-    # master: attention 1.1 ms, MLP 1.0 ms. worker at half speed: 2.2 and 2.0 ms.
-    # link: 1 ms round trip + a partial and a sum of 8 fp32 (32 B each) at 1 MB/s = 1.064 ms.
-    t_att = max(1.1e-3, 2.2e-3 + 1.064e-3) + M
-    t_mlp = max(1.0e-3, 2.0e-3 + 1.064e-3) + M
-    expected = 2 * (t_att + t_mlp) + 2e-3 + T  # + the master's head and per-token overhead
-    assert p.ms_per_token == pytest.approx(1000 * expected)
+    # Position 116 is 100 past the timed one: +100 us of attention per head, so
+    # each rank's attention phase is 1.1 ms and its MLP phase 1.0 ms at full speed.
+    # Link: 1 ms round trip + a partial and a sum of 8 fp32 (32 B each) at 1 MB/s = 1.064 ms.
+    t_att = max(1.1e-3, 1.1e-3 + 1.064e-3) + M
+    t_mlp = max(1.0e-3, 1.0e-3 + 1.064e-3) + M
+    sync = 2 * (t_att + t_mlp) + 2e-3 + T  # + the master's head and per-token overhead
+    # The worker keeps half its speed: its 4.2 ms of CPU take 8.4 ms, within the 11.4 ms.
+    assert sync > 2 * (2.1e-3) / 0.5
+    assert p.ms_per_token == pytest.approx(1000 * sync)
     master, worker = p.ranks
-    assert master.compute_ms == pytest.approx(1000 * (2 * (1.1e-3 + 1.0e-3) + 2e-3 + T))
-    assert worker.compute_ms == pytest.approx(1000 * 2 * (2.2e-3 + 2.0e-3))
-    assert worker.allreduce_ms == pytest.approx(p.ms_per_token - worker.compute_ms)
+    assert master.compute_ms == pytest.approx(1000 * (2 * 2.1e-3 + 2e-3 + T))
+    assert worker.compute_ms == pytest.approx(8.4)
+    assert worker.allreduce_ms == pytest.approx(p.ms_per_token - 8.4)
     assert master.disk_ms == worker.disk_ms == 0.0
-    assert "rank 1 (w1)" in p.bottleneck
+    assert p.bottleneck == "the link to rank 1 (w1): 1.06 ms per allreduce"  # 2.13 > 2.1 ms
+
+
+def test_a_node_that_cannot_keep_its_speed_bounds_the_token_by_its_cpu():
+    cfg = tiny_config(layers=2)
+    nodes = two_nodes()
+    nodes[1] = dataclasses.replace(nodes[1], sustained=0.2)  # a 0.2-core quota
+    p = predict(cfg, nodes, placement(cfg, [1, 1], [2, 2]), Workload(Format(), position=116))
+    # 4.2 ms of CPU at a fifth of its speed: 21 ms, more than the 11.4 ms at full speed.
+    assert p.ms_per_token == pytest.approx(21.0)
+    assert p.ranks[1].compute_ms == pytest.approx(21.0) and p.ranks[1].allreduce_ms == 0.0
+    assert "the CPU of rank 1 (w1), which keeps 20%" in p.bottleneck
 
 
 def test_ttft_by_hand():
@@ -74,10 +89,11 @@ def test_ttft_by_hand():
     pl = placement(cfg, [1, 1], [2, 2])
     wl = Workload(Format(), position=16, prompt_tokens=64, context=16)
     p = predict(cfg, two_nodes(), pl, wl)
-    # Prefill curves are 4x the decode ones for PREFILL_ROWS = 128 rows; 64 rows: 2x.
-    # master: 2 ms per phase; worker: 4 ms. Link: 1 ms + 2 x 64 rows x 32 B / 1 MB/s = 5.096 ms.
-    phase = max(2e-3, 4e-3 + 5.096e-3)
+    # Prefill curves are 4x the decode ones for PREFILL_ROWS = 128 rows; 64 rows: 2x,
+    # so 2 ms a phase. Link: 1 ms + 2 x 64 rows x 32 B / 1 MB/s = 5.096 ms.
+    phase = max(2e-3, 2e-3 + 5.096e-3)
     expected = 2 * (2 * phase + 2 * M) + 2e-3 + T
+    assert expected > 2 * 4e-3 / 0.5  # the worker's 8 ms of CPU at half speed fit in it
     assert p.ttft_ms == pytest.approx(1000 * expected)
 
 
@@ -119,7 +135,7 @@ def test_a_streamed_rank_with_a_window_overlaps_its_reads():
     assert p.ranks[1].disk_ms == 0.0
     slow = two_nodes(disk=12864 * 10)  # 100 ms a layer: the disk sets the pace
     p = predict(cfg, slow, placement(cfg, [1, 1], [4, 2]), wl)
-    assert p.ms_per_token == pytest.approx(4 * 100.0 + 1000 * (2e-3 + T))
+    assert p.ms_per_token == pytest.approx(4 * 100.0)  # the loader never stops reading
     assert "disk reads of rank 1" in p.bottleneck
     with pytest.raises(PlacementError, match="disk speed is unknown"):
         predict(cfg, two_nodes(), placement(cfg, [1, 1], [4, 2]), wl)

@@ -7,21 +7,29 @@ One decode token through a stage of N tensor-parallel ranks (the star
 allreduce, tpi.comm.star_master) is 2 phases per layer. In phase p the master
 starts the next phase when every partial is in: rank r's partial arrives
 c[r,p] + link[r] after the previous sum (or the STEP) left, where c is the
-rank's compute for that phase (its measured slice time divided by its sustained
-speed) and link[r] = round trip + the bytes of one partial and one sum over the
-link's bandwidth (0 for the master itself). So
+rank's measured slice time and link[r] = round trip + the bytes of one partial
+and one sum over the link's bandwidth (0 for the master itself). So
 
     phase(p) = max_r (c[r,p] + link[r]) + MASTER_MESSAGE_S * (N - 1)
-    token    = L * (phase(attention) + phase(MLP)) + head + TOKEN_OVERHEAD_S
+    sync     = L * (phase(attention) + phase(MLP)) + head + TOKEN_OVERHEAD_S
 
-where head is the master's final norm, LM head and token choice. A rank that
-streams its layers (window < L) reads all L layer files per token: with a window
-of 2 or more the reads overlap everything else, so the layers take
-max(L * phases, L * read) (read = one layer file over the disk's cold read
-speed); with a window of 1 nothing overlaps and the read adds to its compute.
-The first token (TTFT) is the same sum with prefill-sized phases: the slices'
-measured time for PREFILL_ROWS rows scaled to the prompt, and links carrying
-prompt-length partials.
+where head is the master's final norm, LM head and token choice. Slice times
+are measured at a node's short-run speed; a node that cannot keep it (a cgroup
+CPU quota such as an emulated 0.25-core device, thermal throttling, a busy
+machine: its profile's `sustained` share s) runs at that speed while it has CPU
+left and waits when it has not, so a token also takes at least each rank's CPU
+seconds over its sustained share:
+
+    token = max(sync, max_r work[r] / s[r], disk)
+
+(work[r] = its phases over all layers, plus the head on the master.) Idle time
+waiting for sums costs a quota nothing, which is why the bound is a max and not
+a sum. A rank that streams its layers (window < L) reads all L layer files per
+token: with a window of 2 or more the reads overlap everything else (disk = L *
+one layer file over the disk's cold read speed); with a window of 1 nothing
+overlaps and the read adds to its phases. The first token (TTFT) is the same
+with prefill-sized phases: the slices' measured time for PREFILL_ROWS rows
+scaled to the prompt, and links carrying prompt-length partials.
 
 A placement is a list of pipeline stages, each a tensor-parallel group over a
 range of layers. Today there is one stage (all layers, master + workers); a
@@ -206,53 +214,62 @@ def predict(
     n, L = len(ranks), cfg.num_layers
     row_bytes = cfg.hidden_size * wl.wire_bytes
     rows = wl.prompt_tokens / PREFILL_ROWS
-    c_att, c_mlp, p_att, p_mlp, link, link_pre, read = [], [], [], [], [], [], []
+    c_att, c_mlp, p_att, p_mlp, link, link_pre, read, speed = [], [], [], [], [], [], [], []
     for i, rp in enumerate(ranks):
         node = nodes[rp.node]
-        rs, s = rp.rank_slice, max(node.sustained, 1e-3)
+        rs = rp.rank_slice
         cur = node.curves(rp.window >= L)
         q = rs.n_q
-        c_att.append(
-            (cur.attention(q) + cur.attention_per_position(q) * max(0, wl.position - SHORT_POS)) / s
-        )
-        c_mlp.append(cur.mlp(rs.n_mlp) / s)
-        p_att.append(cur.attention_prefill(q) * rows / s)
-        p_mlp.append(cur.mlp_prefill(rs.n_mlp) * rows / s)
+        extra = max(0, wl.position - SHORT_POS)
+        c_att.append(cur.attention(q) + cur.attention_per_position(q) * extra)
+        c_mlp.append(cur.mlp(rs.n_mlp))
+        p_att.append(cur.attention_prefill(q) * rows)
+        p_mlp.append(cur.mlp_prefill(rs.n_mlp) * rows)
         link.append(0.0 if i == 0 else _link_s(node.link, row_bytes))
         link_pre.append(0.0 if i == 0 else _link_s(node.link, row_bytes * wl.prompt_tokens))
+        speed.append(max(node.sustained, 1e-3))
         if rp.window >= L:
             read.append(0.0)
         else:
             if not node.disk_bytes_per_s:
                 raise PlacementError(f"{node.name}: streams layers but its disk speed is unknown")
             read.append(layer_bytes(cfg, rs, wl.fmt).disk / node.disk_bytes_per_s)
-    serial = set(i for i, rp in enumerate(ranks) if rp.window == 1)
+    serial = {i for i, rp in enumerate(ranks) if rp.window == 1}
     # Window 1: the next layer is read only once this one is released, in line.
-    busy_att = [c_att[i] + (read[i] if i in serial else 0.0) for i in range(n)]
-    busy_pre = [p_att[i] + (read[i] if i in serial else 0.0) for i in range(n)]
+    in_line = [read[i] if i in serial else 0.0 for i in range(n)]
     overhead = MASTER_MESSAGE_S * (n - 1)
-    t_att = max(busy_att[i] + link[i] for i in range(n)) + overhead
-    t_mlp = max(c_mlp[i] + link[i] for i in range(n)) + overhead
-    layers_s = L * (t_att + t_mlp)
-    overlapped = [L * read[i] for i in range(n) if read[i] and i not in serial]
-    disk_bound = max(overlapped, default=0.0)
-    decode_layers = max(layers_s, disk_bound)
     master = nodes[ranks[0].node]
-    head_s = (master.head_s + master.embed_s) / max(master.sustained, 1e-3) + TOKEN_OVERHEAD_S
-    ms = 1000 * (decode_layers + head_s)
+    head = master.head_s + master.embed_s + TOKEN_OVERHEAD_S
 
-    pre_layers = L * (
-        max(busy_pre[i] + link_pre[i] for i in range(n))
-        + max(p_mlp[i] + link_pre[i] for i in range(n))
-        + 2 * overhead
-    )
-    ttft_ms = 1000 * (max(pre_layers, disk_bound) + head_s)
+    def token(
+        att: list[float], mlp: list[float], links: list[float]
+    ) -> tuple[float, float, list[float]]:
+        """(time at full speed, the slowest CPU's bound, each rank's CPU seconds)."""
+        sync = (
+            L
+            * (
+                max(att[i] + in_line[i] + links[i] for i in range(n))
+                + max(mlp[i] + links[i] for i in range(n))
+                + 2 * overhead
+            )
+            + head
+        )
+        work = [L * (att[i] + mlp[i]) + (head if i == 0 else 0.0) for i in range(n)]
+        cpu = max(work[i] / speed[i] + L * in_line[i] for i in range(n))
+        return sync, cpu, work
+
+    disk_bound = max((L * read[i] for i in range(n) if read[i] and i not in serial), default=0.0)
+    sync, cpu, work = token(c_att, c_mlp, link)
+    total = max(sync, cpu, disk_bound)
+    sync_pre, cpu_pre, _ = token(p_att, p_mlp, link_pre)
+    ttft = max(sync_pre, cpu_pre, disk_bound)
 
     costs = []
     for i, rp in enumerate(ranks):
         node = nodes[rp.node]
-        compute = L * (c_att[i] + c_mlp[i]) + (head_s if i == 0 else 0.0)
-        disk = L * read[i] if i in serial else max(0.0, L * read[i] - layers_s)
+        disk = L * in_line[i] if i in serial else max(0.0, L * read[i] - max(sync, cpu))
+        # Its CPU seconds at its sustained pace, where that is what it spends.
+        compute = min(max(work[i], work[i] / speed[i]), total - disk)
         mem = memory_of(cfg, node, rp, wl, i == 0)
         costs.append(
             RankCost(
@@ -263,26 +280,26 @@ def predict(
                 mlp_columns=rp.rank_slice.n_mlp,
                 window=rp.window,
                 compute_ms=1000 * compute,
-                allreduce_ms=max(0.0, ms - 1000 * (compute + disk)),
+                allreduce_ms=1000 * max(0.0, total - compute - disk),
                 disk_ms=1000 * disk,
                 memory_bytes=mem.total,
                 capacity_bytes=node.capacity,
                 capacity_source=node.capacity_source,
             )
         )
-    per_layer = [c_att[i] + c_mlp[i] + (read[i] if i in serial else 0.0) for i in range(n)]
-    bottleneck = _bottleneck(costs, per_layer, [2 * x for x in link], disk_bound > layers_s)
-    return Prediction(ms, ttft_ms, tuple(costs), bottleneck)
-
-
-def _bottleneck(costs: list[RankCost], compute: list[float], links: list[float], disk: bool) -> str:
-    """What sets the pace: the disk of a streaming rank, else the rank whose compute
-    plus link is the largest, and whichever of the two dominates it."""
-    if disk:
+    if disk_bound >= max(sync, cpu):
         worst = max(costs, key=lambda c: c.disk_ms)
-        return f"disk reads of rank {worst.rank} ({worst.node})"
-    i = max(range(len(costs)), key=lambda k: compute[k] + links[k])
-    c = costs[i]
-    if links[i] > compute[i]:
-        return f"the link to rank {i} ({c.node}): {1000 * links[i] / 2:.2f} ms per allreduce"
-    return f"compute of rank {i} ({c.node})"
+        why = f"disk reads of rank {worst.rank} ({worst.node})"
+    elif cpu > sync:
+        i = max(range(n), key=lambda k: work[k] / speed[k])
+        why = (
+            f"the CPU of rank {i} ({costs[i].node}), which keeps "
+            f"{100 * speed[i]:.0f}% of its short-run speed"
+        )
+    else:
+        i = max(range(n), key=lambda k: L * (c_att[k] + c_mlp[k] + in_line[k] + 2 * link[k]))
+        if 2 * link[i] > c_att[i] + c_mlp[i]:
+            why = f"the link to rank {i} ({costs[i].node}): {1000 * link[i]:.2f} ms per allreduce"
+        else:
+            why = f"compute of rank {i} ({costs[i].node})"
+    return Prediction(1000 * total, 1000 * ttft, tuple(costs), why)

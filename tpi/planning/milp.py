@@ -9,6 +9,7 @@ follow the blocks in proportion):
     minimize T
     T   >= L * (t_att + t_mlp)
     t_p >= c_ip(x_i) + link_i                          every rank, both phases
+    T   >= work_i(x_i) / sustained_i                    every rank's CPU
     T   >= L * disk_i(x_i) / bw_i - M * y_i             a streamed rank's reads
     mem_resident_i(x_i) <= cap_i + M * (1 - y_i)        all layers held...
     mem_window2_i(x_i)  <= cap_i                        ...or at least two
@@ -21,7 +22,14 @@ from __future__ import annotations
 
 from tpi.model.config import ModelConfig
 from tpi.model.partition import RankSlice
-from tpi.planning.cost_model import SHORT_POS, NodeSpeed, Workload, _link_s
+from tpi.planning.cost_model import (
+    MASTER_MESSAGE_S,
+    SHORT_POS,
+    TOKEN_OVERHEAD_S,
+    NodeSpeed,
+    Workload,
+    _link_s,
+)
 from tpi.planning.footprint import head_bytes, layer_bytes
 from tpi.runtime.memory_budget import activation_bytes, kv_cache_bytes
 
@@ -79,17 +87,20 @@ def _coefficients(
         return L * layer_bytes(cfg, _slice(cfg, x, blocks), wl.fmt).disk / node.disk_bytes_per_s
 
     link = 0.0 if master else _link_s(node.link, row_bytes)
-    a_att, b_att = (v / s for v in _line(att, blocks))
-    a_mlp, b_mlp = (v / s for v in _line(mlp, blocks))
+    a_att, b_att = _line(att, blocks)
+    a_mlp, b_mlp = _line(mlp, blocks)
+    head = node.head_s + node.embed_s + TOKEN_OVERHEAD_S if master else 0.0
     return {
         "att": (a_att + link, b_att),
         "mlp": (a_mlp + link, b_mlp),
+        # Its CPU seconds per token over its sustained share (cost_model.predict).
+        "cpu": ((L * (a_att + a_mlp) + head) / s, L * (b_att + b_mlp) / s),
         "res": _line(lambda x: mem(x, L), blocks),
         "win": _line(lambda x: mem(x, 2), blocks),
         "disk": _line(disk, blocks),
         "cap": node.capacity,
         "bw": node.disk_bytes_per_s,
-        "worst": max(disk(blocks), L * (att(blocks) + mlp(blocks)) / s + L * link),
+        "worst": max(disk(blocks), (L * (att(blocks) + mlp(blocks)) + head) / s + 2 * L * link),
     }
 
 
@@ -123,10 +134,13 @@ def solve_shares(
     x = [h.addVariable(lb=1, ub=blocks, type=highspy.HighsVarType.kInteger) for _ in range(n)]
     y = [h.addVariable(lb=0, ub=1, type=highspy.HighsVarType.kInteger) for _ in range(n)]
     h.addConstr(sum(x) == blocks)
-    h.addConstr(T - L * t_att - L * t_mlp >= 0)
+    master = nodes[0]
+    fixed = master.head_s + master.embed_s + TOKEN_OVERHEAD_S + 2 * L * MASTER_MESSAGE_S * (n - 1)
+    h.addConstr(T - L * t_att - L * t_mlp >= fixed)
     for i, c in enumerate(coef):
         h.addConstr(t_att - c["att"][1] * x[i] >= c["att"][0])
         h.addConstr(t_mlp - c["mlp"][1] * x[i] >= c["mlp"][0])
+        h.addConstr(T - c["cpu"][1] * x[i] >= c["cpu"][0])
         if c["bw"]:
             h.addConstr(T - c["disk"][1] * x[i] + big_t * y[i] >= c["disk"][0])
         else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -212,14 +213,17 @@ class _PhaseClock:
 def _phase_seconds(
     decoder: Decoder, clock: _PhaseClock, pos: int, rows: int
 ) -> tuple[float, float]:
-    """Attention and MLP seconds of one pass, summed over the stack's layers."""
+    """Attention and MLP seconds of one layer in one pass: the median over the
+    stack's layers, so that a CPU quota's pause (or another process) landing in one
+    layer does not count as that slice's speed."""
     h = torch.randn(rows, decoder.cfg.hidden_size).to(decoder.dtype)
     clock.marks.clear()
     t0 = time.perf_counter()
     decoder.forward(h, pos)
     marks = [t0, *clock.marks]
-    attn = sum(marks[2 * i + 1] - marks[2 * i] for i in range(decoder.cfg.num_layers))
-    mlp = sum(marks[2 * i + 2] - marks[2 * i + 1] for i in range(decoder.cfg.num_layers))
+    layers = range(decoder.cfg.num_layers)
+    attn = statistics.median(marks[2 * i + 1] - marks[2 * i] for i in layers)
+    mlp = statistics.median(marks[2 * i + 2] - marks[2 * i + 1] for i in layers)
     return attn, mlp
 
 
@@ -252,17 +256,17 @@ def measure_point(
     short = [_phase_seconds(decoder, clock, SHORT_POS, 1) for _ in range(REPEATS)]
     long = [_phase_seconds(decoder, clock, LONG_POS, 1) for _ in range(REPEATS)]
     pre = [_phase_seconds(decoder, clock, 0, PREFILL_ROWS) for _ in range(2)]
-    a_short = min(s[0] for s in short) / copies
-    a_long = min(s[0] for s in long) / copies
+    a_short = min(s[0] for s in short)
+    a_long = min(s[0] for s in long)
     return Point(
         q=q,
         kv=kv,
         mlp=mlp,
         attention_s=a_short,
         attention_per_position_s=max(0.0, a_long - a_short) / (LONG_POS - SHORT_POS),
-        mlp_s=min(s[1] for s in short + long) / copies,
-        attention_prefill_s=min(p[0] for p in pre) / copies,
-        mlp_prefill_s=min(p[1] for p in pre) / copies,
+        mlp_s=min(s[1] for s in short + long),
+        attention_prefill_s=min(p[0] for p in pre),
+        mlp_prefill_s=min(p[1] for p in pre),
     )
 
 
