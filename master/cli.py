@@ -138,10 +138,11 @@ def chat(system, **opts):
 @click.option(
     "--workers",
     "count",
-    type=click.IntRange(min=1, max=64),
+    type=click.IntRange(min=0, max=64),
     default=2,
     show_default=True,
-    help="Number of local worker processes (the master is one more rank).",
+    help="Number of local worker processes (the master is one more rank; 0: the master "
+    "alone, under its emulated caps).",
 )
 @opt.shares()
 @click.option(

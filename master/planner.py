@@ -16,7 +16,7 @@ import torch
 
 from tpi.model.config import ModelConfig, load_config
 from tpi.planning.cost_model import Workload
-from tpi.planning.device_probe import device_facts, slice_profile
+from tpi.planning.device_probe import device_facts, probe_budget, slice_profile
 from tpi.planning.footprint import Format, head_bytes, layer_bytes
 from tpi.planning.nodes import node_speed
 from tpi.planning.profile import DeviceFacts, LinkFacts, NodeProfile, SliceProfile, slices_key
@@ -103,7 +103,13 @@ def gather_profiles(
     slices = {}
     for i, setting in enumerate(_settings(cfg, req, facts, fmt)):
         prof = slice_profile(
-            cfg, setting, points, cfg.vocab_size if i == 0 else None, req.refresh, echo
+            cfg,
+            setting,
+            points,
+            cfg.vocab_size if i == 0 else None,
+            req.refresh,
+            echo,
+            probe_budget(facts),
         )
         slices[slices_key(shape_key(cfg), setting.key())] = prof
     nodes = [NodeProfile("master", facts, slices)]

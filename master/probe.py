@@ -149,3 +149,18 @@ def probe_workers(
         return out
     finally:
         session.close("probe done")
+
+
+def ping_ranks(session: ClusterSession) -> dict[int, float]:
+    """Round trip to every worker at once: a PING each, each PONG timed as it
+    arrives (between passes only: it uses the session's sockets)."""
+    t0 = time.perf_counter()
+    for link in session.links.links:
+        link.send([encode_control(Kind.PING, {"session": session.session})])
+    out: dict[int, float] = {}
+    waiting = set(range(1, session.world))
+    while waiting:
+        link, _ = session.inbox.take({Kind.PONG}, CONNECT_TIMEOUT_S, waiting, "a ping")
+        out[link.rank] = time.perf_counter() - t0
+        waiting.discard(link.rank)
+    return out

@@ -5,6 +5,7 @@ the single node's tokens."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import httpx
 import pytest
@@ -182,3 +183,53 @@ def _secret() -> bytes:
     import os
 
     return os.environ["TPI_SECRET"].encode()
+
+
+def test_the_chat_page_shows_the_cluster_in_a_real_browser(llama_dir, tmp_path):
+    """Every node with its share, memory and round trip, and after a question, a live
+    breakdown of each rank's time per pass (headless Chromium, as the chat page test)."""
+    import os
+    import shutil
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        if os.environ.get("TPI_REQUIRE_BROWSER"):
+            pytest.fail("chromium is required (TPI_REQUIRE_BROWSER) but not installed")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    shot = Path(os.environ.get("TPI_SCREENSHOT_DIR", tmp_path)) / "cluster_view.png"
+    prefix = ["cluster", "--workers", "2", "--dir", str(tmp_path / "c"), "--link-latency", "1ms"]
+    args = ["--model", str(llama_dir), "-t", "0", "--shares", "2,1,1", "--max-new-tokens", "200"]
+    with live_server(args, prefix=prefix) as base:
+        view = httpx.get(base + "/cluster").json()
+        assert [n["rank"] for n in view["nodes"]] == [0, 1, 2]
+        assert view["nodes"][0]["mlp_share"] > view["nodes"][1]["mlp_share"]  # 2:1:1
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=exe,
+                headless=True,
+                args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"],
+            )
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(base + "/")
+            page.wait_for_function("document.querySelectorAll('#cl-nodes .node').length === 3")
+            first = page.locator("#cl-nodes .node").first.text_content()
+            # 2:1:1 of 5 blocks of 32 MLP columns: 3, 1, 1.
+            assert "master" in first and "share 60%" in first and "all 3 layers held" in first
+            assert "round trip" in page.locator("#cl-nodes .node").nth(1).text_content()
+            page.fill("#input", "Tell me a long story")
+            page.click("#send")
+            # Live numbers for every rank, drawn as bars of compute / waiting / disk.
+            page.wait_for_function(
+                "document.querySelectorAll('#cl-nodes .label.live').length === 3", timeout=120000
+            )
+            widths = page.evaluate(
+                "[...document.querySelectorAll('.time .compute')].map(e => parseFloat(e.style.width))"
+            )
+            assert len(widths) == 3 and all(w > 0 for w in widths)
+            assert "ms round trip" in page.locator("#cl-nodes .node").nth(2).text_content()
+            page.wait_for_selector(".msg.assistant .meta:not(:empty)", timeout=120000)
+            page.screenshot(path=str(shot))
+            browser.close()
+    assert shot.stat().st_size > 5000

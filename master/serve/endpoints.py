@@ -193,6 +193,13 @@ async def health(request: Request):
     return JSONResponse(body, status_code=503 if down else 200)
 
 
+@router.get("/cluster")
+async def cluster_view(request: Request):
+    """The chat page's cluster view: every node's share, window, memory, link round
+    trip, and a live breakdown of its time per forward pass (master/serve/cluster_view.py)."""
+    return request.app.state.cluster_view.view()
+
+
 @router.get("/metrics")
 async def metrics(request: Request):
     """Prometheus' text format: queue, batch, tokens, TTFT and inter-token

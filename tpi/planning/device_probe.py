@@ -25,7 +25,7 @@ import torch
 from tpi import __version__
 from tpi.model.config import ModelConfig
 from tpi.planning.profile import SCHEMA, DeviceFacts, SliceProfile, slices_key
-from tpi.planning.slice_probe import Setting, measure_head, measure_point, shape_key
+from tpi.planning.slice_probe import PROBE_BYTES, Setting, measure_head, measure_point, shape_key
 from tpi.storage.atomic import atomic_write_text
 from tpi.storage.file_lock import file_lock
 from tpi.system.cgroup_limits import cpu_limit, memory_limit
@@ -205,6 +205,7 @@ def slice_profile(
     head_rows: int | None = None,
     refresh: bool = False,
     echo: Echo | None = None,
+    probe_bytes: int = PROBE_BYTES,
 ) -> SliceProfile:
     """Timings of these slice shapes (q heads, KV heads, MLP columns) of a model
     shaped like `cfg`, measured once per device identity and cached."""
@@ -221,7 +222,7 @@ def slice_profile(
             echo(
                 f"timing layer slice {i + 1}/{len(todo)} ({q} heads, {mlp} MLP columns, {setting.key()})"
             )
-        have[(q, kv, mlp)] = measure_point(cfg, setting, q, kv, mlp).to_dict()
+        have[(q, kv, mlp)] = measure_point(cfg, setting, q, kv, mlp, probe_bytes).to_dict()
     if head_rows and (head is None or head.get("rows") != head_rows):
         if echo:
             echo("timing the LM head")
@@ -238,3 +239,10 @@ def slice_profile(
             atomic_write_text(path, json.dumps(data, indent=1))
     wanted = [have[tuple(pt)] for pt in points]
     return SliceProfile(setting.key(), tuple(wanted), head if head_rows else None)
+
+
+def probe_budget(facts: DeviceFacts) -> int:
+    """Layer copies a probe may hold here: at most PROBE_BYTES, and a third of what
+    this node may still use (a 400 MB device must not be pushed over its cap)."""
+    room = facts.capacity[0] - facts.rss_bytes
+    return int(max(16 << 20, min(PROBE_BYTES, room // 3)))

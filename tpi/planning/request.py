@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tpi.errors import TpiError
 from tpi.model.config import ModelConfig
-from tpi.planning.device_probe import device_facts, slice_profile
+from tpi.planning.device_probe import device_facts, probe_budget, slice_profile
 from tpi.planning.footprint import ELEM
 from tpi.planning.slice_probe import MAX_POINTS, Setting
 
@@ -110,6 +110,7 @@ def answer(
                 head_rows=req.head_rows if i == 0 else None,
                 refresh=req.refresh,
                 echo=echo,
+                probe_bytes=probe_budget(facts),
             )
             slices[slices_key(shape_key(req.model), setting.key())] = prof.to_dict()
     return {"device": facts.to_dict(), "slices": slices}

@@ -183,6 +183,18 @@ class _Search:
             return None, str(e)
 
 
+def placement_for(
+    cfg: ModelConfig,
+    nodes: list[NodeSpeed],
+    wl: Workload,
+    subset: tuple[int, ...],
+    shares: tuple[int, ...],
+) -> Placement | str:
+    """The placement of `shares` over the nodes `subset` (windows as the runtime
+    would choose them), or why it does not fit: for predicting a given split."""
+    return _Search(cfg, nodes, wl).placement(subset, shares)
+
+
 def _compositions(total: int, parts: int):
     """Every way to write `total` as `parts` positive integers, in lexicographic order."""
     for cuts in itertools.combinations(range(1, total), parts - 1):
