@@ -419,23 +419,23 @@ def _greedy_subsets(search: _Search, workers: int) -> list[tuple[int, ...]]:
     return seen
 
 
+def _slices(c: Candidate) -> tuple:
+    """What a candidate's split gives each rank (shares may be written differently)."""
+    return tuple((r.node, r.rank_slice) for r in c.placement.ranks) if c.placement else ()
+
+
 def _reasons(nodes, subset, best: Candidate, per_subset, even: Candidate | None) -> list[str]:
     out = [
         f"predicted {best.prediction.ms_per_token:.1f} ms/token with {len(subset)} node(s), "
         f"shares {':'.join(map(str, best.shares))}; pace set by {best.prediction.bottleneck}"
     ]
-    if (
-        even is not None
-        and even.prediction is not None
-        and even.node_names != best.node_names
-        or (even is not None and even.prediction is not None and even.shares != best.shares)
-    ):
+    if even is not None and even.prediction is None:
+        out.append(f"even shares over all nodes do not fit: {even.infeasible}")
+    elif even is not None and _slices(even) != _slices(best):
         out.append(
             f"even shares over all nodes: {even.prediction.ms_per_token:.1f} ms/token "
             f"({even.prediction.ms_per_token / best.prediction.ms_per_token:.2f}x the chosen)"
         )
-    elif even is not None and even.prediction is None:
-        out.append(f"even shares over all nodes do not fit: {even.infeasible}")
     for i in range(1, len(nodes)):
         if i in subset:
             continue
