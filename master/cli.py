@@ -169,7 +169,8 @@ def chat(system, **opts):
     default=None,
     metavar="CORES[,CORES...]",
     help="Emulated device CPU (cgroup CPU quota, e.g. 0.5 = half a core): one value caps every "
-    "worker; a list caps every rank, master first (e.g. 1.0,0.5,0.25; 'none': no cap).",
+    "worker (the master, with --workers 0); a list caps every rank, master first (e.g. "
+    "1.0,0.5,0.25; 'none': no cap).",
 )
 @click.option(
     "--link-latency",
@@ -227,7 +228,7 @@ def cluster(
     cores = per_rank(cpus, count + 1, _cores, "--cpus", single_for_all=False)
     lats = per_rank(link_latency, count, str, "--link-latency", single_for_all=True)
     rates = per_rank(link_bandwidth, count, str, "--link-bandwidth", single_for_all=True)
-    limits = DeviceLimits(mems[1], cores[1])
+    limits = DeviceLimits(mems[-1], cores[-1]) if count else DeviceLimits()
     local = LocalCluster(
         count,
         base_dir or tpi_home() / "cluster",
@@ -279,7 +280,9 @@ def per_rank(text: str | None, count: int, parse, flag: str, single_for_all: boo
     parts = [p.strip() for p in str(text).split(",")]
     values = [None if p.lower() == "none" else parse(p) for p in parts]
     if len(values) == 1:
-        return values * count if single_for_all else [None, *values * (count - 1)]
+        if single_for_all or count == 1:  # (with no workers, the one value is the master's)
+            return values * count
+        return [None, *values * (count - 1)]
     if len(values) != count:
         raise click.BadParameter(f"{flag} lists {len(values)} values; give 1 or {count}")
     return values

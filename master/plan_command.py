@@ -116,6 +116,12 @@ def plan(
 
     with ProgressReporter("converting") as progress:
         model_dir = resolve_model(model, say, progress)
+    from tpi.storage.split import is_split_dir
+
+    if is_split_dir(model_dir):
+        raise click.UsageError(
+            "tpi plan chooses the shares of a new split: give the model itself, not a split"
+        )
     req = PlanRequest(
         model_dir=model_dir,
         workers=tuple(worker_list),

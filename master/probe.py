@@ -26,6 +26,7 @@ from tpi.planning.profile import LinkFacts
 from tpi.planning.request import PROBE_MANIFEST, ProfileRequest
 
 PINGS = 7
+CPU_PINGS = 100  # enough exchanges for the CPU clocks' 10 ms ticks to say something
 PROFILE_TIMEOUT_S = 600.0  # a first profile of a slow device takes a while
 # Bandwidth: payloads grow until one round trip spends this long on bytes.
 MIN_TRANSFER_S = 0.02
@@ -86,6 +87,9 @@ class ProbeSession(ClusterSession):
         return request_profile(self, rank, request)
 
     def _ping(self, rank: int, payload: bytes | None) -> float:
+        return self._pong(rank, payload)[0]
+
+    def _pong(self, rank: int, payload: bytes | None) -> tuple[float, dict]:
         link = self.links.links[rank - 1]
         frames = [encode_control(Kind.PING, {"session": self.session})]
         if payload:
@@ -98,11 +102,25 @@ class ProbeSession(ClusterSession):
             raise ClusterError(
                 f"rank {rank} ({link.name}) did not echo the bandwidth probe (upgrade it)"
             )
-        return elapsed
+        return elapsed, got[rank].body
+
+    def message_cpu(self, rank: int, count: int = CPU_PINGS) -> tuple[float | None, float]:
+        """CPU seconds one message exchange costs the worker (from the CPU time its
+        PONGs carry) and this master, over `count` pings back to back."""
+        _, first = self._pong(rank, None)
+        mine = time.process_time()
+        for _ in range(count):
+            _, last = self._pong(rank, None)
+        master = (time.process_time() - mine) / count
+        if not isinstance(first.get("cpu"), float) or not isinstance(last.get("cpu"), float):
+            return None, master
+        return max(0.0, (last["cpu"] - first["cpu"]) / count), master
 
     def measure_link(self, rank: int) -> LinkFacts:
-        """Round trip (median of PINGS) and bandwidth (a payload there and back)."""
+        """Round trip (median of PINGS), bandwidth (a payload there and back) and
+        what a message exchange costs either side's CPU."""
         rtt = statistics.median(self._ping(rank, None) for _ in range(PINGS))
+        worker_cpu, master_cpu = self.message_cpu(rank)
         size = 64 << 10
         while True:
             t = min(self._ping(rank, bytes(size)) for _ in range(3))
@@ -112,7 +130,9 @@ class ProbeSession(ClusterSession):
             size *= 4
         # There and back: 2 x size bytes. A loopback or LAN too fast to time is "unlimited".
         bw = 2 * size / spent if spent > 1e-4 else None
-        return LinkFacts(rtt_s=rtt, bytes_per_s=bw)
+        return LinkFacts(
+            rtt_s=rtt, bytes_per_s=bw, worker_cpu_s=worker_cpu, master_cpu_s=master_cpu
+        )
 
 
 def request_profile(session: ClusterSession, rank: int, request: ProfileRequest) -> dict:

@@ -88,6 +88,8 @@ def node(
     head_s: float = 0.0,
     disk: float | None = None,
     baseline: int = 0,
+    worker_cpu_s: float | None = None,
+    master_cpu_s: float | None = None,
 ) -> NodeSpeed:
     return NodeSpeed(
         name=name,
@@ -98,5 +100,5 @@ def node(
         capacity=capacity,
         capacity_source="test limit",
         baseline_bytes=baseline,
-        link=LinkFacts(rtt_s, bytes_per_s),
+        link=LinkFacts(rtt_s, bytes_per_s, worker_cpu_s, master_cpu_s),
     )

@@ -49,6 +49,8 @@ def test_a_probe_session_needs_no_shard_and_measures_the_link(tmp_path):
             session.close()
         assert 0.010 <= link.rtt_s <= 0.030  # 5 ms each way
         assert 0.7e6 <= link.bytes_per_s <= 1.3e6  # 8 Mbit/s = 1 MB/s
+        # What a message exchange costs each side's CPU (the PONG carries the worker's clock).
+        assert 0 < link.worker_cpu_s < 0.01 and 0 < link.master_cpu_s < 0.01
         assert profile["device"]["threads"] == 1 and profile["slices"] == {}
         assert lc.workers[0].proc.poll() is None
     finally:

@@ -10,7 +10,6 @@ import pytest
 from tests.planning_helpers import linear_curves, node, tiny_config
 from tpi.model.partition import plan_partition
 from tpi.planning.cost_model import (
-    MASTER_MESSAGE_S,
     TOKEN_OVERHEAD_S,
     Placement,
     PlacementError,
@@ -22,7 +21,9 @@ from tpi.planning.cost_model import (
 from tpi.planning.curves import Curve
 from tpi.planning.footprint import Format, head_bytes, layer_bytes
 
-M, T = MASTER_MESSAGE_S, TOKEN_OVERHEAD_S
+T = TOKEN_OVERHEAD_S
+M = 50e-6  # the master's CPU per message exchange with the worker (as its link measured)
+W = 100e-6  # the worker's
 
 
 def placement(cfg, shares, windows, nodes=None):
@@ -37,7 +38,16 @@ def two_nodes(disk=None):
     # 1 ms per query head (attention), 1 ms per 128 MLP columns, 1 us per head and cached token.
     curves = linear_curves(1e-3, 1e-3 / 128, heads=2, columns=256, per_position_s=1e-6)
     master = node("master", curves, head_s=2e-3, baseline=1000, disk=disk)
-    worker = node("w1", curves, sustained=0.5, rtt_s=1e-3, bytes_per_s=1e6, disk=disk)
+    worker = node(
+        "w1",
+        curves,
+        sustained=0.5,
+        rtt_s=1e-3,
+        bytes_per_s=1e6,
+        disk=disk,
+        worker_cpu_s=W,
+        master_cpu_s=M,
+    )
     return [master, worker]
 
 
@@ -62,13 +72,16 @@ def test_decode_ms_per_token_by_hand():
     t_att = max(1.1e-3, 1.1e-3 + 1.064e-3) + M
     t_mlp = max(1.0e-3, 1.0e-3 + 1.064e-3) + M
     sync = 2 * (t_att + t_mlp) + 2e-3 + T  # + the master's head and per-token overhead
-    # The worker keeps half its speed: its 4.2 ms of CPU take 8.4 ms, within the 11.4 ms.
-    assert sync > 2 * (2.1e-3) / 0.5
+    # CPU per token: the phases, and every allreduce's message exchange (2 per layer).
+    master_cpu = 2 * (2.1e-3 + 2 * M) + 2e-3 + T
+    worker_cpu = 2 * (2.1e-3 + 2 * W)
+    # The worker keeps half its speed: its 4.6 ms of CPU take 9.2 ms, within the 11.4 ms.
+    assert sync > worker_cpu / 0.5
     assert p.ms_per_token == pytest.approx(1000 * sync)
     master, worker = p.ranks
-    assert master.compute_ms == pytest.approx(1000 * (2 * 2.1e-3 + 2e-3 + T))
-    assert worker.compute_ms == pytest.approx(8.4)
-    assert worker.allreduce_ms == pytest.approx(p.ms_per_token - 8.4)
+    assert master.compute_ms == pytest.approx(1000 * master_cpu)
+    assert worker.compute_ms == pytest.approx(1000 * worker_cpu / 0.5)
+    assert worker.allreduce_ms == pytest.approx(p.ms_per_token - 1000 * worker_cpu / 0.5)
     assert master.disk_ms == worker.disk_ms == 0.0
     assert p.bottleneck == "the link to rank 1 (w1): 1.06 ms per allreduce"  # 2.13 > 2.1 ms
 
@@ -78,9 +91,9 @@ def test_a_node_that_cannot_keep_its_speed_bounds_the_token_by_its_cpu():
     nodes = two_nodes()
     nodes[1] = dataclasses.replace(nodes[1], sustained=0.2)  # a 0.2-core quota
     p = predict(cfg, nodes, placement(cfg, [1, 1], [2, 2]), Workload(Format(), position=116))
-    # 4.2 ms of CPU at a fifth of its speed: 21 ms, more than the 11.4 ms at full speed.
-    assert p.ms_per_token == pytest.approx(21.0)
-    assert p.ranks[1].compute_ms == pytest.approx(21.0) and p.ranks[1].allreduce_ms == 0.0
+    # 4.6 ms of CPU at a fifth of its speed: 23 ms, more than the 11.4 ms at full speed.
+    assert p.ms_per_token == pytest.approx(1000 * 2 * (2.1e-3 + 2 * W) / 0.2)
+    assert p.ranks[1].compute_ms == pytest.approx(p.ms_per_token) and p.ranks[1].allreduce_ms == 0.0
     assert "the CPU of rank 1 (w1), which keeps 20%" in p.bottleneck
 
 
@@ -93,7 +106,7 @@ def test_ttft_by_hand():
     # so 2 ms a phase. Link: 1 ms + 2 x 64 rows x 32 B / 1 MB/s = 5.096 ms.
     phase = max(2e-3, 2e-3 + 5.096e-3)
     expected = 2 * (2 * phase + 2 * M) + 2e-3 + T
-    assert expected > 2 * 4e-3 / 0.5  # the worker's 8 ms of CPU at half speed fit in it
+    assert expected > 2 * (4e-3 + 2 * W) / 0.5  # the worker's 8.4 ms of CPU at half speed fit
     assert p.ttft_ms == pytest.approx(1000 * expected)
 
 

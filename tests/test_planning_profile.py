@@ -126,3 +126,35 @@ def test_tpi_probe_prints_the_profile(home, tmp_path):
     res = CliRunner().invoke(cli, ["probe", "--json", "--store", str(tmp_path / "s")])
     data = json.loads(res.stdout)
     assert data["device"]["threads"] == torch.get_num_threads()
+
+
+def test_a_cpu_quota_caps_the_sustained_share():
+    import dataclasses
+
+    from tpi.planning.nodes import sustained
+
+    base = {
+        "host": "h",
+        "cpu": "c",
+        "cores": 2,
+        "threads": 1,
+        "cpu_limit": 0.25,
+        "sustained": 0.28,
+        "memory_total": 1,
+        "memory_available": 1,
+        "memory_limit": None,
+        "budget_bytes": None,
+        "rss_bytes": 1,
+        "disk_read_bytes_per_s": None,
+        "disk_path": None,
+        "torch": "t",
+        "tpi": "v",
+        "measured_at": "",
+        "probe_seconds": 0.0,
+    }
+    from tpi.planning.profile import DeviceFacts
+
+    d = DeviceFacts(**base)
+    assert sustained(d) == 0.25  # measured a little high over a few 100 ms periods
+    assert sustained(dataclasses.replace(d, cpu_limit=None)) == 0.28
+    assert sustained(dataclasses.replace(d, threads=2, cpu_limit=1.0)) == 0.28

@@ -111,7 +111,11 @@ class MasterChannel:
                 raise SessionEnded(f"master ended the session ({body['reason']})")
             if msg.kind == Kind.PING:  # the master measuring the round trip
                 # A payload comes back with the PONG: the master timing the link's bandwidth.
-                pong = encode_control(Kind.PONG, {"session": self.session})
+                # The CPU this process has used: the master times what a message
+                # exchange costs here (tpi.planning: a CPU quota pays for it).
+                pong = encode_control(
+                    Kind.PONG, {"session": self.session, "cpu": time.process_time()}
+                )
                 echo = getattr(msg.payload, "buffer", msg.payload)
                 self.send([pong, echo] if msg.payload is not None else [pong])
                 continue

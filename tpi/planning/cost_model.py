@@ -54,6 +54,9 @@ from tpi.planning.profile import LinkFacts
 # socket, adding it, sending the sum (on the 2-core VM, 3 ranks: ~0.3 ms per
 # allreduce beyond the ping, tpi bench's allreduce_ms).
 MASTER_MESSAGE_S = 80e-6
+# A worker's CPU per allreduce (a sum in, a partial out) where the link was not
+# measured: ZeroMQ's I/O thread and Python, ~0.2 ms on the 2-core VM.
+WORKER_MESSAGE_S = 200e-6
 # Per token outside the layers and head: the engine, sampling bookkeeping, the
 # STEP broadcast (measured at world 1 on the 2-core VM: ms/token minus layers
 # and head).
@@ -237,7 +240,22 @@ def predict(
     serial = {i for i, rp in enumerate(ranks) if rp.window == 1}
     # Window 1: the next layer is read only once this one is released, in line.
     in_line = [read[i] if i in serial else 0.0 for i in range(n)]
-    overhead = MASTER_MESSAGE_S * (n - 1)
+    # What a message exchange costs the master's CPU, per worker and phase, and each
+    # worker's (both measured with the link; the constants where they were not).
+    master_msg = [nodes[rp.node].link.master_cpu_s for rp in ranks[1:]]
+    per_worker = (
+        sum(master_msg) / len(master_msg)
+        if master_msg and None not in master_msg
+        else MASTER_MESSAGE_S
+    )
+    overhead = per_worker * (n - 1)
+    msg = [0.0] + [
+        nodes[rp.node].link.worker_cpu_s
+        if nodes[rp.node].link.worker_cpu_s is not None
+        else WORKER_MESSAGE_S
+        for rp in ranks[1:]
+    ]
+    msg[0] = overhead
     master = nodes[ranks[0].node]
     head = master.head_s + master.embed_s + TOKEN_OVERHEAD_S
 
@@ -254,7 +272,7 @@ def predict(
             )
             + head
         )
-        work = [L * (att[i] + mlp[i]) + (head if i == 0 else 0.0) for i in range(n)]
+        work = [L * (att[i] + mlp[i] + 2 * msg[i]) + (head if i == 0 else 0.0) for i in range(n)]
         cpu = max(work[i] / speed[i] + L * in_line[i] for i in range(n))
         return sync, cpu, work
 

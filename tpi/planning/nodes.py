@@ -37,10 +37,20 @@ def node_speed(cfg: ModelConfig, profile: NodeProfile, setting: Setting) -> Node
         streamed=_curves(streamed) if streamed is not None and streamed is not resident else None,
         head_s=float(head.get("decode_s", 0.0)),
         embed_s=float(head.get("embed_s", 0.0)),
-        sustained=profile.device.sustained,
+        sustained=sustained(profile.device),
         disk_bytes_per_s=profile.device.disk_read_bytes_per_s,
         capacity=capacity,
         capacity_source=source,
         baseline_bytes=profile.device.rss_bytes,
         link=profile.link if isinstance(profile.link, LinkFacts) else LinkFacts(),
     )
+
+
+def sustained(d) -> float:
+    """The share of its short-run speed a node keeps: as measured, and never more
+    than its CPU quota allows its threads (a short measurement over a quota's
+    100 ms periods comes out a little high)."""
+    share = d.sustained
+    if d.cpu_limit is not None and d.threads:
+        share = min(share, d.cpu_limit / d.threads)
+    return max(0.01, min(1.0, share))

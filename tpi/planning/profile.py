@@ -94,6 +94,10 @@ class LinkFacts:
 
     rtt_s: float = 0.0
     bytes_per_s: float | None = None  # None: not limited (or not measured)
+    # CPU seconds one message exchange (a message in, one out) costs the worker
+    # and the master: sockets, ZeroMQ's I/O thread, Python. None: not measured.
+    worker_cpu_s: float | None = None
+    master_cpu_s: float | None = None
 
     def transfer_s(self, nbytes: float) -> float:
         return nbytes / self.bytes_per_s if self.bytes_per_s else 0.0
