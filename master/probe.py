@@ -28,6 +28,7 @@ from tpi.planning.request import PROBE_MANIFEST, ProfileRequest
 PINGS = 7
 CPU_PINGS = 100  # enough exchanges for the CPU clocks' 10 ms ticks to say something
 PROFILE_TIMEOUT_S = 600.0  # a first profile of a slow device takes a while
+DEVICE_TIMEOUT_S = 90.0  # the device alone: a few seconds the first time
 # Bandwidth: payloads grow until one round trip spends this long on bytes.
 MIN_TRANSFER_S = 0.02
 MAX_PAYLOAD = 8 << 20
@@ -135,17 +136,24 @@ class ProbeSession(ClusterSession):
         )
 
 
-def request_profile(session: ClusterSession, rank: int, request: ProfileRequest) -> dict:
+def request_profile(
+    session: ClusterSession, rank: int, request: ProfileRequest, timeout_s: float | None = None
+) -> dict:
     """Worker `rank`'s PROFILE answer to `request`, in a probe session or, between
-    passes, in a loaded one (tpi bench reports every node's profile)."""
+    passes, in a loaded one (tpi bench reports every node's profile). Without a
+    timeout: DEVICE_TIMEOUT_S for the device alone (a worker older than this
+    master drops the session without a word, so waiting long helps nobody),
+    PROFILE_TIMEOUT_S when slices are to be timed."""
+    if timeout_s is None:
+        timeout_s = DEVICE_TIMEOUT_S if request.model is None else PROFILE_TIMEOUT_S
     link = session.links.links[rank - 1]
     body = {"session": session.session, "request": request.to_body()}
     link.send([encode_control(Kind.PROFILE_REQUEST, body)])
     try:
-        got = session._expect({Kind.PROFILE}, PROFILE_TIMEOUT_S, {rank}, "while measuring itself")
+        got = session._expect({Kind.PROFILE}, timeout_s, {rank}, "while measuring itself")
     except LinkLost as e:
         raise ClusterError(
-            f"{e} (a worker older than this master cannot be profiled: upgrade it)"
+            f"{e}; a worker older than this master cannot be profiled: upgrade it"
         ) from None
     return got[rank].body["profile"]
 
@@ -164,7 +172,11 @@ def probe_workers(
         out = []
         for r, addr in enumerate(addresses, start=1):
             echo(f"profiling rank {r} ({addr})...")
-            profile = session.profile(r, request_for(r))
+            asked = request_for(r)
+            # The device first: quick, and an old worker fails here within seconds.
+            profile = session.profile(r, ProfileRequest(refresh=asked.refresh))
+            if asked.model is not None:
+                profile = session.profile(r, asked)
             out.append((profile, session.measure_link(r)))
         return out
     finally:

@@ -116,6 +116,7 @@ def plan_summary(plan: Plan) -> dict:
     c = plan.chosen
     return {
         "nodes": list(c.node_names),
+        "node_indices": list(plan.node_indices),  # 0 = the master, i = the i-th worker given
         "shares": list(c.shares),
         "windows": list(plan.windows),
         "method": plan.method,
