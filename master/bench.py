@@ -82,6 +82,20 @@ def _ram_bytes_per_token(stats: dict, loaded, rank: int, context: float) -> int 
     return int(weights + stats.get("head_bytes", 0) + kv)
 
 
+def node_profiles(loaded) -> dict[str, dict]:
+    """Every node's device profile (cached measurements, live memory), by rank."""
+    from tpi.master.probe import request_profile
+    from tpi.paths import tpi_home
+    from tpi.planning.device_probe import device_facts
+    from tpi.planning.request import ProfileRequest
+
+    out = {"0": {"device": device_facts(tpi_home() / "splits").to_dict()}}
+    if loaded.cluster is not None:
+        for r in range(1, loaded.cluster.world):
+            out[str(r)] = request_profile(loaded.cluster, r, ProfileRequest())
+    return out
+
+
 def run_bench(loaded, prompt_tokens: int, new_tokens: int) -> dict:
     engine = loaded.engine
     vocab = engine.cfg.vocab_size
@@ -255,6 +269,11 @@ def bench(prompt_tokens, new_tokens, out, concurrency, prefill_chunk, nano_batch
         report = run_concurrent(loaded, prompt_tokens, new_tokens, concurrency, prefill_chunk)
     else:
         report = run_bench(loaded, prompt_tokens, new_tokens)
+    report["profiles"] = node_profiles(loaded)
+    if loaded.plan is not None:
+        from tpi.planning.report import plan_summary
+
+        report["plan"] = plan_summary(loaded.plan)
     text = json.dumps(report, indent=2)
     click.echo(text)
     if out:

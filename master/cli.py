@@ -150,10 +150,11 @@ def chat(system, **opts):
 @click.option(
     "--workers",
     "count",
-    type=click.IntRange(min=1, max=64),
+    type=click.IntRange(min=0, max=64),
     default=2,
     show_default=True,
-    help="Number of local worker processes (the master is one more rank).",
+    help="Number of local worker processes (the master is one more rank; 0: the master "
+    "alone, under its emulated caps).",
 )
 @opt.shares()
 @click.option(
@@ -170,30 +171,53 @@ def chat(system, **opts):
 @click.option(
     "--mem-limit",
     default=None,
-    metavar="SIZE",
+    metavar="SIZE[,SIZE...]",
     help="Emulated device memory, per rank (master included), e.g. 4GB: a cgroup cap where the "
-    "kernel allows it, and always the memory budget each rank plans its window in.",
+    "kernel allows it, and always the memory budget each rank plans its window in. A list "
+    "gives each rank its own, master first (e.g. 2GB,1GB,512MB; 'none': no cap).",
 )
 @click.option(
     "--cpus",
-    type=click.FloatRange(min=0.01),
     default=None,
-    help="Emulated device CPU per worker (cgroup CPU quota, e.g. 0.5 = half a core).",
+    metavar="CORES[,CORES...]",
+    help="Emulated device CPU (cgroup CPU quota, e.g. 0.5 = half a core): one value caps every "
+    "worker (the master, with --workers 0); a list caps every rank, master first (e.g. "
+    "1.0,0.5,0.25; 'none': no cap).",
 )
 @click.option(
     "--link-latency",
     default=None,
-    metavar="DURATION",
-    help="Emulated one-way link latency between master and each worker, e.g. 5ms.",
+    metavar="DURATION[,...]",
+    help="Emulated one-way link latency between master and each worker, e.g. 5ms; a list "
+    "gives each worker its own (e.g. 0ms,0ms,10ms).",
 )
 @click.option(
     "--link-bandwidth",
     default=None,
-    metavar="RATE",
-    help="Emulated link bandwidth in each direction, e.g. 100mbit, 1gbit.",
+    metavar="RATE[,...]",
+    help="Emulated link bandwidth in each direction, e.g. 100mbit, 1gbit; a list gives each "
+    "worker its own ('none': unlimited).",
+)
+@click.option(
+    "--plan",
+    "plan_mode",
+    type=click.Choice(["auto", "even"]),
+    default=None,
+    help="Placement for the command run (see its --plan).",
 )
 @click.pass_context
-def cluster(ctx, count, shares, base_dir, threads, mem_limit, cpus, link_latency, link_bandwidth):
+def cluster(
+    ctx,
+    count,
+    shares,
+    base_dir,
+    threads,
+    mem_limit,
+    cpus,
+    link_latency,
+    link_bandwidth,
+    plan_mode,
+):
     """Start N local worker daemons on loopback and run a master command against them.
 
     Examples: 'tpi cluster --workers 3 generate "Hi"', 'tpi cluster --workers 2 chat',
@@ -212,11 +236,21 @@ def cluster(ctx, count, shares, base_dir, threads, mem_limit, cpus, link_latency
         from tpi.comm.auth import new_secret
 
         os.environ["TPI_SECRET"] = new_secret()
-    limits = DeviceLimits(parse_size(mem_limit) if mem_limit else None, cpus)
-    link = link_from_flags(link_latency, link_bandwidth)
+    mems = per_rank(mem_limit, count + 1, parse_size, "--mem-limit", single_for_all=True)
+    cores = per_rank(cpus, count + 1, _cores, "--cpus", single_for_all=False)
+    lats = per_rank(link_latency, count, str, "--link-latency", single_for_all=True)
+    rates = per_rank(link_bandwidth, count, str, "--link-bandwidth", single_for_all=True)
+    limits = DeviceLimits(mems[-1], cores[-1]) if count else DeviceLimits()
     local = LocalCluster(
-        count, base_dir or tpi_home() / "cluster", threads, limits=limits, link=link
+        count,
+        base_dir or tpi_home() / "cluster",
+        threads,
+        limits=limits,
+        worker_limits=[DeviceLimits(mems[i], cores[i]) for i in range(1, count + 1)],
+        master_limits=DeviceLimits(mems[0], cores[0]),
+        worker_links=[link_from_flags(lats[i], rates[i]) for i in range(count)],
     )
+    mem_limit = str(mems[0]) if mems[0] is not None else None  # the master's budget
     addresses = local.start()
     ctx.call_on_close(local.stop)
     if ctx.invoked_subcommand is not None:
@@ -228,6 +262,7 @@ def cluster(ctx, count, shares, base_dir, threads, mem_limit, cpus, link_latency
         "cluster_shares": shares,
         "cluster_threads": threads,
         "cluster_memory_budget": mem_limit,
+        "cluster_plan": plan_mode,
     }
     if ctx.invoked_subcommand is None:
         click.echo("workers: " + ",".join(addresses))
@@ -238,16 +273,45 @@ def cluster(ctx, count, shares, base_dir, threads, mem_limit, cpus, link_latency
             click.echo("stopping workers", err=True)
 
 
+def _cores(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a number of cores") from None
+    if value < 0.01:
+        raise click.BadParameter("a CPU cap must be at least 0.01 cores")
+    return value
+
+
+def per_rank(text: str | None, count: int, parse, flag: str, single_for_all: bool) -> list:
+    """A per-rank flag: one value (for every rank, or -- `single_for_all` False -- for
+    every rank but the master, the first) or a comma list of exactly `count` ('none'
+    for no value)."""
+    if text is None:
+        return [None] * count
+    parts = [p.strip() for p in str(text).split(",")]
+    values = [None if p.lower() == "none" else parse(p) for p in parts]
+    if len(values) == 1:
+        if single_for_all or count == 1:  # (with no workers, the one value is the master's)
+            return values * count
+        return [None, *values * (count - 1)]
+    if len(values) != count:
+        raise click.BadParameter(f"{flag} lists {len(values)} values; give 1 or {count}")
+    return values
+
+
 cluster.add_command(generate)
 cluster.add_command(chat)
 
 
 def _add_late_commands() -> None:
     from tpi.master.bench import bench
+    from tpi.master.plan_command import plan
     from tpi.master.serve.command import serve
 
     cluster.add_command(bench)
     cluster.add_command(serve)
+    cluster.add_command(plan)
 
 
 _add_late_commands()

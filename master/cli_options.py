@@ -23,6 +23,17 @@ ENGINE_OPTIONS = [
     ),
     opt.shares(),
     click.option(
+        "--plan",
+        "plan_mode",
+        type=click.Choice(["auto", "even"]),
+        default=None,
+        help="How the model is placed on the workers. auto: measure every node (profiles "
+        "cached in $TPI_HOME/profiles), then choose each rank's share, its window and which "
+        "devices take part, for the lowest predicted ms/token within every node's memory "
+        "('tpi plan' shows the candidates and why). even: every worker, --shares (default "
+        "even). Default: even (and always with --shares or a model split beforehand).",
+    ),
+    click.option(
         "--wire-dtype",
         type=click.Choice(["fp32", "bf16", "fp16"]),
         default="fp32",
@@ -189,6 +200,7 @@ def open_from_options(opts: dict, workers: list[str] | None = None):
         group_size=int(opts["group_size"]),
         vocab_parallel=opts["vocab_parallel"],
         prefill_chunks=opts["prefill_chunks"],
+        plan_mode=opts["plan_mode"] or parent.get("cluster_plan"),
         memory=MemoryOptions(
             opts["window"],
             opts["memory_budget"] or parent.get("cluster_memory_budget"),

@@ -76,6 +76,7 @@ class ClusterSession:
     echo: Callable[[str], None] = print
     progress: Callable[[int, int, str], None] | None = None
     window: int | None = None
+    windows: dict[int, int | None] | None = None  # per worker rank, from a plan (else `window`)
     max_context: int | None = None
     secret: bytes | None = field(default=None, repr=False)  # None: --insecure
     curve: CurveKeys | None = field(default=None, repr=False)
@@ -183,7 +184,7 @@ class ClusterSession:
                 "session": self.session,
                 "dtype": self.dtype,
                 "wire_dtype": self.wire_dtype,
-                "window": self.window,
+                "window": self.windows.get(link.rank, self.window) if self.windows else self.window,
                 "max_context": self.max_context,
             }
             link.send([encode_control(Kind.LOAD, body)])

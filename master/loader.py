@@ -19,11 +19,13 @@ from tpi.dtypes import COMPUTE_DTYPES
 from tpi.errors import ModelError
 from tpi.master.cluster import ClusterSession
 from tpi.master.engine import Engine, load_engine
+from tpi.master.planner import PlanRequest, place, plan_mode_for
 from tpi.master.sampling import SamplingParams, defaults_from_generation_config
 from tpi.master.vocab import WholeVocab
 from tpi.model.config import load_config
 from tpi.model.decoder import LocalCollective
 from tpi.model.partition import parse_shares
+from tpi.planning.solver import Plan
 from tpi.progress import ProgressReporter
 from tpi.quant.quantize import QuantSpec
 from tpi.runtime.memory_budget import parse_size
@@ -60,6 +62,7 @@ class LoadedModel:
     load_seconds: float
     cluster: ClusterSession | None = None
     runtime: RankRuntime | None = None  # rank 0's scheduler (None: plain in-memory load)
+    plan: Plan | None = None  # the placement --plan auto chose (None: as given)
 
     def close(self, reason: str = "done") -> None:
         if self.cluster is not None:
@@ -138,9 +141,11 @@ def open_model(
     group_size: int = 32,
     vocab_parallel: bool = False,
     prefill_chunks: int | None = None,
+    plan_mode: str | None = None,
 ) -> LoadedModel:
-    """Resolve --model; split it if a cluster or the sliding window needs per-layer
-    files; connect and load the workers; load rank 0."""
+    """Resolve --model; with --plan auto, choose shares, windows and which workers
+    take part (tpi.master.planner); split it if a cluster or the sliding window
+    needs per-layer files; connect and load the workers; load rank 0."""
     memory = memory or MemoryOptions()
     echo = (lambda _m: None) if quiet else _err
     with ProgressReporter("converting") as progress:
@@ -148,6 +153,27 @@ def open_model(
     t0 = time.perf_counter()
     torch_dtype = COMPUTE_DTYPES[dtype]
     workers = workers or []
+    placed = None
+    if workers and plan_mode_for(plan_mode, model_dir, shares, vocab_parallel) == "auto":
+        placed = place(
+            PlanRequest(
+                model_dir=model_dir,
+                workers=tuple(workers),
+                dtype=dtype,
+                quant=quant or "none",
+                group_size=group_size,
+                wire_dtype=wire_dtype,
+                max_context=memory.max_context,
+                master_budget=parse_size(memory.budget) if memory.budget else None,
+            ),
+            require_secret(secret_file, insecure, "the master"),
+            CurveKeys.load(curve_dir, "master") if curve_dir else None,
+            echo,
+        )
+        workers, shares = list(placed.workers), placed.shares
+        if memory.window is None and placed.master_window is not None:
+            memory = MemoryOptions(placed.master_window, memory.budget, memory.max_context)
+    plan = placed.plan if placed is not None else None
     world = len(workers) + 1
     if is_split_dir(model_dir):
         split_dir = model_dir
@@ -171,7 +197,7 @@ def open_model(
         if not workers and not memory.streaming and not spec.quantized:
             tokenizer = TextTokenizer(model_dir)
             engine = load_engine(model_dir, torch_dtype)
-            return LoadedModel(model_dir, engine, tokenizer, time.perf_counter() - t0)
+            return LoadedModel(model_dir, engine, tokenizer, time.perf_counter() - t0, plan=plan)
         with ProgressReporter("splitting") as progress:
             split_dir = ensure_split(
                 model_dir,
@@ -190,7 +216,9 @@ def open_model(
         engine, runtime = load_rank0(rank0, torch_dtype, None, memory, echo)
         if prefill_chunks:  # nothing to overlap alone; kept for checking the chunked math
             engine.planner = PrefillPlanner(0.0, 0.0, fixed=prefill_chunks)
-        return LoadedModel(rank0, engine, tokenizer, time.perf_counter() - t0, runtime=runtime)
+        return LoadedModel(
+            rank0, engine, tokenizer, time.perf_counter() - t0, runtime=runtime, plan=plan
+        )
     secret = require_secret(secret_file, insecure, "the master")
     curve = CurveKeys.load(curve_dir, "master") if curve_dir else None
     with ProgressReporter("pushing shards") as progress:
@@ -203,6 +231,7 @@ def open_model(
             echo,
             progress,
             window=memory.window,
+            windows=placed.worker_windows if placed is not None else None,
             max_context=memory.max_context,
             secret=secret,
             curve=curve,
@@ -223,7 +252,9 @@ def open_model(
         if memory.streaming:
             for r, info in sorted(cluster.worker_info.items()):
                 echo(f"rank {r}: {info.get('plan_text', '?')}")
-    return LoadedModel(rank0, engine, tokenizer, time.perf_counter() - t0, cluster, runtime)
+    return LoadedModel(
+        rank0, engine, tokenizer, time.perf_counter() - t0, cluster, runtime, plan=plan
+    )
 
 
 def sampling_params(

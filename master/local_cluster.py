@@ -32,6 +32,15 @@ class DeviceLimits:
         return self.memory_bytes is not None or self.cpus is not None
 
 
+def _describe(lim: DeviceLimits) -> str:
+    what = []
+    if lim.memory_bytes is not None:
+        what.append(f"memory {lim.memory_bytes / 2**30:.2f} GiB")
+    if lim.cpus is not None:
+        what.append(f"{lim.cpus:g} CPUs")
+    return ", ".join(what)
+
+
 def link_from_flags(latency: str | None, bandwidth: str | None) -> LinkSpec | None:
     """--link-latency / --link-bandwidth as a shaper setting (None: unshaped)."""
     if not (latency or bandwidth):
@@ -57,12 +66,25 @@ class LocalCluster:
     extra_args: list[str] = field(default_factory=list)
     limits: DeviceLimits = field(default_factory=DeviceLimits)
     link: LinkSpec | None = None
+    # Uneven clusters: one entry per worker (None: `limits` / `link` for all), and
+    # the master's own caps (None: the memory cap of `limits`, no CPU cap).
+    worker_limits: list[DeviceLimits] | None = None
+    worker_links: list[LinkSpec | None] | None = None
+    master_limits: DeviceLimits | None = None
     workers: list[LocalWorker] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what is (and is not) emulated
-    shaper: subprocess.Popen | None = None
+    shaper: subprocess.Popen | None = None  # the first shaper (one per distinct link)
+    shapers: list[subprocess.Popen] = field(default_factory=list)
     master_cgroup: Cgroup | None = None
     _cgroups: CgroupFactory | None = None
     _lifelines: list[int] = field(default_factory=list)  # write ends: closed when we exit
+
+    def limits_of(self, i: int) -> DeviceLimits:
+        """Caps of worker `i` (1-based)."""
+        return self.worker_limits[i - 1] if self.worker_limits else self.limits
+
+    def link_of(self, i: int) -> LinkSpec | None:
+        return self.worker_links[i - 1] if self.worker_links else self.link
 
     def _lifeline(self) -> int:
         """A new lifeline: returns the read end to pass to a child (closed here after)."""
@@ -95,9 +117,10 @@ class LocalCluster:
             cmd += ["--threads", str(self.threads)]
             # Idle OpenMP threads spin; on a shared machine that steals the cores.
             env["OMP_NUM_THREADS"] = str(self.threads)
-        if self.limits.memory_bytes is not None:
+        limits = self.limits_of(i)
+        if limits.memory_bytes is not None:
             # Planned against even where no cgroup enforces it.
-            cmd += ["--memory-budget", str(self.limits.memory_bytes)]
+            cmd += ["--memory-budget", str(limits.memory_bytes)]
         # Own process group: Ctrl-C in the terminal reaches only the master,
         # which then stops the workers itself.
         with open(log_path, "ab") as log:
@@ -114,49 +137,70 @@ class LocalCluster:
             finally:
                 os.close(parent_fd)
         w = LocalWorker(i, proc, port_file, log_path)
-        if self._cgroups is not None:
+        if self._cgroups is not None and limits.any:
             # Python takes ~0.1 s to start; the worker allocates nothing big before that.
             w.cgroup = self._cgroups.create(
-                f"tpi-{os.getpid()}-w{i}", self.limits.memory_bytes, self.limits.cpus
+                f"tpi-{os.getpid()}-w{i}", limits.memory_bytes, limits.cpus
             )
             w.cgroup.add(proc.pid)
         return w
 
     def _setup_limits(self) -> None:
-        if not self.limits.any:
+        every = [self.limits_of(i) for i in range(1, self.count + 1)]
+        if not any(lim.any for lim in every) and not (
+            self.master_limits and self.master_limits.any
+        ):
             return
         factory = CgroupFactory()
         if factory.available:
             self._cgroups = factory
-            what = []
-            if self.limits.memory_bytes is not None:
-                what.append(f"memory {self.limits.memory_bytes / 2**30:.2f} GiB")
-            if self.limits.cpus is not None:
-                what.append(f"{self.limits.cpus:g} CPUs")
-            self.notes.append(f"device caps per worker: {', '.join(what)} (cgroup {factory.mode})")
+            described = sorted({_describe(lim) for lim in every if lim.any})
+            if self.worker_limits:
+                described = [
+                    f"worker {i}: {_describe(lim)}" for i, lim in enumerate(every, 1) if lim.any
+                ]
+            if described:
+                self.notes.append(
+                    f"device caps per worker: {'; '.join(described)} (cgroup {factory.mode})"
+                )
         else:
             self.notes.append(
                 f"device caps NOT enforced ({factory.reason}); workers still plan within the memory limit"
             )
 
     def _start_shaper(self) -> None:
-        with open(self.base_dir / "shaper.log", "ab") as log:
-            try:
-                self.shaper, mapping = start_process(
-                    [w.address for w in self.workers],
-                    self.link,
-                    self.base_dir / "shaper.json",
-                    log,
-                    START_TIMEOUT_S,
-                    parent_fd=self._lifeline(),
-                )
-            except TpiError as e:
-                raise ClusterError(f"{e} (see shaper.log)") from None
+        """One relay process per distinct link setting, in front of its workers."""
+        groups: dict[LinkSpec, list[LocalWorker]] = {}
         for w in self.workers:
-            w.address = mapping[w.address]
-        self.notes.append(
-            f"links: {self.link.describe()} (user-space relay; round trip = 2 x latency)"
-        )
+            spec = self.link_of(w.index)
+            if spec is not None and (spec.latency_s > 0 or spec.rate_bps):
+                groups.setdefault(spec, []).append(w)
+        for k, (spec, members) in enumerate(groups.items()):
+            suffix = "" if k == 0 else f"-{k}"
+            with open(self.base_dir / f"shaper{suffix}.log", "ab") as log:
+                try:
+                    proc, mapping = start_process(
+                        [w.address for w in members],
+                        spec,
+                        self.base_dir / f"shaper{suffix}.json",
+                        log,
+                        START_TIMEOUT_S,
+                        parent_fd=self._lifeline(),
+                    )
+                except TpiError as e:
+                    raise ClusterError(f"{e} (see shaper{suffix}.log)") from None
+            self.shapers.append(proc)
+            self.shaper = self.shaper or proc
+            for w in members:
+                w.address = mapping[w.address]
+            who = (
+                ""
+                if len(members) == len(self.workers)
+                else f" (worker {', '.join(str(w.index) for w in members)})"
+            )
+            self.notes.append(
+                f"links{who}: {spec.describe()} (user-space relay; round trip = 2 x latency)"
+            )
 
     def start(self) -> list[str]:
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -167,8 +211,7 @@ class LocalCluster:
             deadline = time.monotonic() + START_TIMEOUT_S
             for w in self.workers:
                 self._wait_address(w, deadline)
-            if self.link is not None and (self.link.latency_s > 0 or self.link.rate_bps):
-                self._start_shaper()
+            self._start_shaper()
         except BaseException:
             self.stop()
             raise
@@ -176,12 +219,14 @@ class LocalCluster:
 
     def cap_master(self) -> bool:
         """Put this process (the master, a rank like the others) under the same memory
-        cap as the workers. Done after they started, so their groups are not nested in
-        the master's; what the master already holds moves along (cgroup v1)."""
-        if self._cgroups is None or self.limits.memory_bytes is None:
+        cap as the workers (or its own caps, `master_limits`). Done after they started,
+        so their groups are not nested in the master's; what the master already holds
+        moves along (cgroup v1)."""
+        lim = self.master_limits or DeviceLimits(self.limits.memory_bytes, None)
+        if self._cgroups is None or not lim.any:
             return False
         self.master_cgroup = self._cgroups.create(
-            f"tpi-{os.getpid()}-master", self.limits.memory_bytes, None, move_charges=True
+            f"tpi-{os.getpid()}-master", lim.memory_bytes, lim.cpus, move_charges=True
         )
         try:
             self.master_cgroup.add(os.getpid())
@@ -190,9 +235,7 @@ class LocalCluster:
             self.master_cgroup = None
             self.notes.append(f"the master is NOT capped ({e.strerror or e})")
             return False
-        self.notes.append(
-            f"the master is capped too: memory {self.limits.memory_bytes / 2**30:.2f} GiB"
-        )
+        self.notes.append(f"the master is capped too: {_describe(lim)}")
         return True
 
     def _wait_address(self, w: LocalWorker, deadline: float) -> None:
@@ -223,7 +266,7 @@ class LocalCluster:
         w = self._spawn(index, f"tcp://127.0.0.1:{port}")
         self.workers[index - 1] = w
         self._wait_address(w, time.monotonic() + START_TIMEOUT_S)
-        if self.shaper is not None:
+        if old.address != display_address(old.port_file.read_text().strip()):
             w.address = old.address  # the master keeps talking through the same relay
         return w.address
 
@@ -234,7 +277,7 @@ class LocalCluster:
                 os.killpg(proc.pid, signal.SIGTERM)
 
     def stop(self) -> None:
-        procs = [w.proc for w in self.workers] + ([self.shaper] if self.shaper else [])
+        procs = [w.proc for w in self.workers] + self.shapers
         for p in procs:
             self._terminate(p)
         deadline = time.monotonic() + 5
@@ -254,6 +297,7 @@ class LocalCluster:
             self.master_cgroup = None
         self.workers.clear()
         self.shaper = None
+        self.shapers.clear()
         for fd in self._lifelines:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -64,3 +64,7 @@ def test_quantized_cluster_reports_smaller_ram_bytes_and_wire_bytes_per_node(lla
     # The master's head shrank most: int8 and a third of the vocabulary.
     head_plain = plain["nodes"]["0"]["decode"]["head_bytes"]
     assert int8["nodes"]["0"]["decode"]["head_bytes"] < head_plain / 3
+    # Every node's profile (tpi.planning), workers' asked for over their session.
+    assert set(plain["profiles"]) == {"0", "1", "2"}
+    for r in ("0", "1", "2"):
+        assert plain["profiles"][r]["device"]["threads"] >= 1

@@ -219,3 +219,50 @@ def test_cluster_cli_reports_the_emulation(llama_dir, tmp_path):
         # --mem-limit is per rank: the master (here this process) ran capped, then left.
         assert "emulation: the master is capped too: memory 3.73 GiB" in res.stderr
         assert memory_limit() == limit_before
+
+
+def test_per_rank_flags_take_one_value_or_one_per_rank():
+    from tpi.master.cli import per_rank
+
+    assert per_rank(None, 3, float, "--cpus", False) == [None, None, None]
+    assert per_rank("0.5", 3, float, "--cpus", False) == [None, 0.5, 0.5]  # workers only
+    assert per_rank("2", 3, int, "--mem-limit", True) == [2, 2, 2]  # every rank
+    assert per_rank("1.0,none,0.25", 3, float, "--cpus", False) == [1.0, None, 0.25]
+    import click
+
+    with pytest.raises(click.BadParameter, match="lists 2 values; give 1 or 3"):
+        per_rank("1,2", 3, float, "--cpus", False)
+
+
+@needs_cgroups
+def test_each_worker_gets_its_own_cpu_cap_and_link(tmp_path):
+    from tpi.system.cgroup_limits import cpu_limit
+
+    lc = LocalCluster(
+        2,
+        tmp_path,
+        threads=1,
+        worker_limits=[DeviceLimits(cpus=0.5), DeviceLimits(cpus=0.25)],
+        worker_links=[None, LinkSpec(0.003)],
+    )
+    addrs = lc.start()
+    try:
+        quotas = []
+        for w in lc.workers:
+            cpu_cgroup = next(
+                line.split(":", 2)[2]
+                for line in Path(f"/proc/{w.proc.pid}/cgroup").read_text().splitlines()
+                if ":cpu," in line or ":cpu:" in line or ":cpuacct,cpu:" in line
+            )
+            d = Path("/sys/fs/cgroup/cpu") / cpu_cgroup.lstrip("/")
+            quotas.append(
+                int((d / "cpu.cfs_quota_us").read_text())
+                / int((d / "cpu.cfs_period_us").read_text())
+            )
+        assert quotas == [0.5, 0.25]
+        # Worker 1 is reached directly, worker 2 through the one relay.
+        assert addrs[0] == lc.workers[0].address and len(lc.shapers) == 1
+        assert any("links (worker 2): latency 3 ms" in n for n in lc.notes)
+        assert cpu_limit() is None  # the master (this process) is not capped here
+    finally:
+        lc.stop()

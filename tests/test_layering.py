@@ -83,6 +83,17 @@ CONTRACTS = (
         ("tpi.sources", "tpi.text"),
     ),
     Contract("a worker never holds text", "tpi.worker", ("tpi.text", "tpi.sources")),
+    Contract(
+        "planning measures and predicts; it neither talks to nodes nor finds models",
+        "tpi.planning",
+        ("tpi.comm", "tpi.sources", "tpi.text", "tpi.cli"),
+    ),
+    Contract(
+        "only the commands, the master and the worker use the planner",
+        "tpi",
+        ("tpi.planning",),
+        exempt=("tpi.planning", "tpi.master", "tpi.worker", "tpi.cli"),
+    ),
 )
 
 

@@ -237,6 +237,86 @@ def models_cmd() -> None:
         click.echo(f"default {DEFAULT_MODEL_NAME}: {state}")
 
 
+@cli.command("probe")
+@click.option(
+    "--model",
+    "-m",
+    default=None,
+    metavar="PATH|NAME",
+    help="Also time this node's layer slices of this model (as 'tpi plan' would ask). "
+    "Default: only the device (CPU, memory, disk).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help="Compute dtype of the timed slices.",
+)
+@opt.quant("none", "Weight format of the timed slices.")
+@opt.group_size()
+@click.option(
+    "--world",
+    type=click.IntRange(min=1, max=64),
+    default=4,
+    show_default=True,
+    help="Time the slice sizes clusters of up to this many ranks would give this node.",
+)
+@click.option(
+    "--store",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    help="Directory whose disk's read speed is measured (a worker's --store). "
+    "Default: $TPI_HOME/splits.",
+)
+@opt.threads("Torch threads to time with (a profile is per thread count).")
+@opt.memory_budget("This node's --memory-budget, if it runs with one (it plans within it).")
+@click.option("--refresh", is_flag=True, help="Measure again instead of using the cached profile.")
+@click.option("--json", "as_json", is_flag=True, help="Print the profile as JSON.")
+def probe_cmd(
+    model, dtype, quant, group_size, world, store, threads, memory_budget, refresh, as_json
+) -> None:
+    """Measure this node and print its profile: cores, CPU quota and sustained speed,
+    memory and its limits, the disk's cold read speed, and (with --model) how long its
+    layer slices take per phase.
+
+    Measurements are cached in $TPI_HOME/profiles per device (host, CPU, threads, CPU
+    quota); they survive restarts and are what 'tpi plan' and '--plan auto' use.
+    Memory is read afresh every time.
+    """
+    import json as json_mod
+    from pathlib import Path
+
+    import torch
+
+    from tpi.paths import tpi_home
+    from tpi.planning.device_probe import device_facts, slice_profile
+    from tpi.planning.profile import NodeProfile, slices_key
+    from tpi.planning.report import describe_profile
+    from tpi.planning.slice_probe import Setting, probe_points, shape_key
+    from tpi.runtime.memory_budget import parse_size
+
+    if threads:
+        torch.set_num_threads(threads)
+    say = (lambda _m: None) if as_json else echo_err
+    budget = parse_size(memory_budget) if memory_budget else None
+    facts = device_facts(Path(store) if store else tpi_home() / "splits", budget, refresh, say)
+    slices = {}
+    if model is not None:
+        from tpi.model.config import load_config
+        from tpi.progress import ProgressReporter
+        from tpi.sources.model_registry import resolve_model
+
+        with ProgressReporter("converting") as progress:
+            model_dir = resolve_model(model, say, progress)
+        cfg = load_config(model_dir)
+        setting = Setting(dtype, quant, int(group_size), True)
+        prof = slice_profile(cfg, setting, probe_points(cfg, world), cfg.vocab_size, refresh, say)
+        slices[slices_key(shape_key(cfg), setting.key())] = prof
+    node = NodeProfile("this node", facts, slices)
+    click.echo(json_mod.dumps(node.to_dict(), indent=2) if as_json else describe_profile(node))
+
+
 def main() -> None:
     cli(prog_name="tpi")
 

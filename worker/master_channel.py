@@ -70,7 +70,7 @@ class MasterChannel:
         want = (expected.step, expected.layer, expected.phase, expected.pos)
         while True:
             msg = self._receive(MID_STEP_TIMEOUT_S)
-            if msg.kind == Kind.STATS_REQUEST:
+            if msg.kind in (Kind.STATS_REQUEST, Kind.PROFILE_REQUEST):
                 self._kept.append(msg)  # answered between steps
                 continue
             if msg.kind != Kind.SUM:
@@ -110,7 +110,14 @@ class MasterChannel:
             if msg.kind == Kind.END:
                 raise SessionEnded(f"master ended the session ({body['reason']})")
             if msg.kind == Kind.PING:  # the master measuring the round trip
-                self.control(Kind.PONG)
+                # A payload comes back with the PONG: the master timing the link's bandwidth.
+                # The CPU this process has used: the master times what a message
+                # exchange costs here (tpi.planning: a CPU quota pays for it).
+                pong = encode_control(
+                    Kind.PONG, {"session": self.session, "cpu": time.process_time()}
+                )
+                echo = getattr(msg.payload, "buffer", msg.payload)
+                self.send([pong, echo] if msg.payload is not None else [pong])
                 continue
             if msg.kind == Kind.PONG:
                 continue

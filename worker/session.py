@@ -11,12 +11,14 @@ from tpi.comm.links import Inbound, WorkerEndpoint
 from tpi.comm.wire import Kind, Message, ProtocolError, encode_control, payload_ids, payload_tensor
 from tpi.errors import TpiError
 from tpi.model.batch import BatchPlan, PlanError
+from tpi.planning.request import PROBE_MANIFEST
 from tpi.quant.formats import weight_nbytes
 from tpi.runtime.node_stats import node_stats
 from tpi.storage.read_check import CorruptShard
 from tpi.worker.handshake import Hello, Refused, admit
 from tpi.worker.master_channel import MasterChannel, SessionEnded
 from tpi.worker.options import WorkerOptions
+from tpi.worker.profile_service import serve_profile
 from tpi.worker.rank_loader import LoadedRank, LoadRequest, load_rank
 from tpi.worker.store import ShardStore
 
@@ -48,6 +50,8 @@ class Session:
         channel = self.channel
         shard_dir = None
         try:
+            if self.hello.manifest_hash == PROBE_MANIFEST:
+                return self._probe_only()
             shard_dir = admit(channel, self.hello, self.options, self.store)
             msg = channel.next(None)
             if msg.kind != Kind.LOAD:
@@ -93,6 +97,15 @@ class Session:
                 self.loaded.runtime.close()
             self.loaded = None
 
+    def _probe_only(self) -> str:
+        """A session that only measures (tpi plan, --plan auto): no shard, no LOAD."""
+        self.channel.control(Kind.WELCOME, have_shard=False, partial={})
+        while True:
+            msg = self.channel.next(None)
+            if msg.kind != Kind.PROFILE_REQUEST:
+                raise SessionEnded(f"unexpected {msg.kind.name} in a probe session")
+            serve_profile(self.channel, msg, self.options, self.store)
+
     def _report(self, message: str) -> str:
         """Tell the master what broke here; the daemon then goes back to waiting."""
         with contextlib.suppress(SessionEnded):
@@ -111,6 +124,8 @@ class Session:
             loaded.head.more(msg.body["row"], msg.body["round"], msg.body["count"])
         elif msg.kind == Kind.STATS_REQUEST:
             self.send_stats()
+        elif msg.kind == Kind.PROFILE_REQUEST:
+            serve_profile(self.channel, msg, self.options, self.store)
         else:
             raise SessionEnded(f"unexpected {msg.kind.name}")
 

@@ -8,6 +8,7 @@ from fastapi import FastAPI
 
 from tpi.master.sampling import SamplingParams
 from tpi.master.serve.api_key import ApiKeyCheck
+from tpi.master.serve.cluster_view import ClusterMonitor
 from tpi.master.serve.endpoints import ServerState, router
 from tpi.master.serve.errors import install_handlers
 from tpi.master.serve.jobs import BatchSettings, GenerationQueue
@@ -28,6 +29,8 @@ def create_app(
     `defaults` is the command line's sampling; `capacity` bounds running + waiting;
     `batching` how many run together."""
     gen = GenerationQueue(holder, capacity, batching)
+    monitor = ClusterMonitor(holder)
+    gen.between_passes.append(monitor.maybe_sample)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -37,6 +40,7 @@ def create_app(
     app = FastAPI(title="tpi", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.tpi = ServerState(holder, model_name, defaults, gen)
     app.state.generation = gen
+    app.state.cluster_view = monitor
     install_handlers(app)
 
     app.include_router(router)

@@ -19,6 +19,7 @@ from tpi.master.serve.limits import check_prompt_chars
 from tpi.master.serve.model_holder import ModelHolder
 from tpi.master.serve.protocol import ChatRequest, CompletionRequest, SamplingFields, now
 from tpi.master.serve.responses import CHAT, TEXT, Answer, Endpoint
+from tpi.planning.report import plan_summary
 from tpi.text.prompts import conversation_ids
 
 DEFAULT_MAX_TOKENS = 512
@@ -187,9 +188,19 @@ async def health(request: Request):
     if holder.elastic is not None:
         body["world"] = holder.elastic.world
         body["recoveries"] = [r.to_dict() for r in holder.elastic.recoveries[-5:]]
+    plan = getattr(holder.loaded, "plan", None)
+    if plan is not None:  # what --plan auto chose, and why
+        body["plan"] = plan_summary(plan)
     if holder.error is not None:
         body["error"] = holder.error
     return JSONResponse(body, status_code=503 if down else 200)
+
+
+@router.get("/cluster")
+async def cluster_view(request: Request):
+    """The chat page's cluster view: every node's share, window, memory, link round
+    trip, and a live breakdown of its time per forward pass (master/serve/cluster_view.py)."""
+    return request.app.state.cluster_view.view()
 
 
 @router.get("/metrics")

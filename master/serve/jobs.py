@@ -123,6 +123,8 @@ class GenerationQueue:
             failures=lambda: holder.failures,
             recoveries=lambda: holder.recoveries,
         )
+        # Run on this thread between passes (the cluster view samples every rank here).
+        self.between_passes: list = []
         self._thread = threading.Thread(target=self._run, name="tpi-generation", daemon=True)
         self._thread.start()
 
@@ -257,6 +259,8 @@ class GenerationQueue:
             try:
                 batcher.step()
                 self.metrics.steps.inc()
+                for hook in self.between_passes:
+                    hook()
             except BaseException as e:  # every running sequence got the error
                 if isinstance(e, ClusterError):
                     self.holder.failed(e)

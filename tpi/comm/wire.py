@@ -71,6 +71,8 @@ class Kind(IntEnum):
     STEP_TOKENS = 20  # master -> workers: token ids of a step (+ int64 payload), vocab-parallel
     HEAD = 21  # worker -> master: its logits slice or its token candidates (data)
     HEAD_MORE = 22  # master -> workers: more top-p candidates for this step
+    PROFILE_REQUEST = 23  # master -> worker: measure yourself (tpi.planning.request)
+    PROFILE = 24  # worker -> master: the measurements
 
 
 class Phase(IntEnum):
@@ -122,6 +124,8 @@ SCHEMAS: dict[Kind, dict[str, type | tuple[type, ...]]] = {
     Kind.STATS: {"session": int, "stats": dict},
     Kind.STEP_TOKENS: {"session": int, "step": int, "plan": list, "chunks": int, "head": dict},
     Kind.HEAD_MORE: {"session": int, "step": int, "row": int, "round": int, "count": int},
+    Kind.PROFILE_REQUEST: {"session": int, "request": dict},
+    Kind.PROFILE: {"session": int, "profile": dict},
 }
 MAX_STEP_TOKENS = 1 << 20
 MAX_PLAN_INTS = 4096  # a plan's integers: 3 per sequence of a batch, plus releases

@@ -126,6 +126,11 @@ def _unit(total: int, world: int) -> int:
     return 1
 
 
+def mlp_blocks(cfg: ModelConfig, world: int) -> int:
+    """How many aligned MLP column blocks a split for `world` ranks deals out."""
+    return cfg.intermediate_size // _unit(cfg.intermediate_size, world)
+
+
 @dataclass(frozen=True)
 class Partition:
     world: int

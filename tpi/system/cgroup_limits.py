@@ -84,3 +84,36 @@ def memory_limit() -> int | None:
             d = d.parent
     real = [v for v in limits if v < UNLIMITED]
     return min(real) if real else None
+
+
+def cpu_limit() -> float | None:
+    """CPU cores this process's cgroup (or an ancestor) may use: the tightest CFS
+    quota / period (v1 cpu.cfs_quota_us, v2 cpu.max); None without a quota.
+
+    An emulated 0.25-core device runs at full speed for 25 ms of every 100 ms and
+    then waits, so a short timing sees a fast machine: the planner needs this, and
+    a timing long enough to cross several periods, to know the real pace."""
+    own = own_paths()
+    limits = []
+    v1 = v1_dir("cpu")
+    if v1 is not None and "cpu" in own:
+        d = v1 / own["cpu"].lstrip("/")
+        while True:
+            quota, period = read_int(d / "cpu.cfs_quota_us"), read_int(d / "cpu.cfs_period_us")
+            if quota is not None and period and 0 < quota < UNLIMITED:
+                limits.append(quota / period)
+            if d == v1 or v1 not in d.parents:
+                break
+            d = d.parent
+    v2 = v2_dir()
+    if v2 is not None and "" in own:
+        d = v2 / own[""].lstrip("/")
+        while d != v2 and v2 in d.parents:
+            try:
+                quota_text, period_text = (d / "cpu.max").read_text().split()
+                if quota_text != "max":
+                    limits.append(int(quota_text) / int(period_text))
+            except (OSError, ValueError):
+                pass
+            d = d.parent
+    return min(limits) if limits else None
