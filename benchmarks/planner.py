@@ -380,7 +380,7 @@ def repredict(path: Path) -> None:
                     continue  # which workers it took was not recorded
             else:
                 subset = tuple(SCEN_INDEX[(sc["about"], r["label"])])
-            pred, why = predicted(plan, sc["model"], subset, tuple(r["shares"]))
+            pred, why = predicted(plan, sc.get("model", data["model"]), subset, tuple(r["shares"]))
             r["predicted_ms_per_token"] = round(pred.ms_per_token, 2) if pred else None
             r["predicted_ttft_ms"] = round(pred.ttft_ms, 1) if pred else None
             r["infeasible"] = why
