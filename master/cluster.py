@@ -142,7 +142,13 @@ class ClusterSession:
             self.close("setup failed")
             raise
 
-    def _start(self) -> None:
+    def _manifest_of(self, rank: int) -> str:
+        """What HELLO asks `rank` to run: the sha256 of its shard's manifest."""
+        return self.index["ranks"][rank]["manifest_sha256"]
+
+    def _handshake(self) -> dict[int, Message]:
+        """Connect every worker, say HELLO, prove the secret both ways; returns each
+        rank's WELCOME. A worker that does not answer is named (and blamed)."""
         for r, addr in enumerate(self.addresses, start=1):
             self.links.connect(
                 r, normalize_address(addr), self.curve.secure_client if self.curve else None
@@ -154,7 +160,7 @@ class ClusterSession:
                 "session": self.session,
                 "rank": link.rank,
                 "world": self.world,
-                "manifest": self.index["ranks"][link.rank]["manifest_sha256"],
+                "manifest": self._manifest_of(link.rank),
                 "tpi_version": __version__,
                 "nonce": nonces[link.rank],
                 "auth": "hmac" if self.secret else "none",
@@ -175,7 +181,10 @@ class ClusterSession:
                 f"running there{hint} and reachable?",
                 e.address,
             ) from None
-        welcomes = self._authenticate(first, nonces)
+        return self._authenticate(first, nonces)
+
+    def _start(self) -> None:
+        welcomes = self._handshake()
         need = [r for r, m in welcomes.items() if not m.body["have_shard"]]
         if need:
             self._push({r: welcomes[r].body["partial"] for r in need})
@@ -188,6 +197,7 @@ class ClusterSession:
                 "max_context": self.max_context,
             }
             link.send([encode_control(Kind.LOAD, body)])
+        ranks = set(range(1, self.world))
         ready = self._expect({Kind.READY}, VERIFY_TIMEOUT_S, ranks, "while loading its shard")
         self.worker_info = {r: m.body for r, m in ready.items()}
         clock, stats = StepClock(), AllreduceStats()

@@ -16,12 +16,10 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from tpi import __version__
-from tpi.comm.auth import new_nonce
 from tpi.comm.inbox import Inbox
-from tpi.comm.links import ClusterError, LinkLost, LinkSet, normalize_address
+from tpi.comm.links import ClusterError, LinkLost, LinkSet
 from tpi.comm.wire import Kind, encode_control
-from tpi.master.cluster import CONNECT_TIMEOUT_S, HANDSHAKE_TIMEOUT_S, ClusterSession
+from tpi.master.cluster import CONNECT_TIMEOUT_S, ClusterSession
 from tpi.planning.profile import LinkFacts
 from tpi.planning.request import PROBE_MANIFEST, ProfileRequest
 
@@ -49,39 +47,11 @@ class ProbeSession(ClusterSession):
         self.inbox = Inbox(self.links, self.session)
         self.broadcast = self.collective = self.heads = None
 
+    def _manifest_of(self, rank: int) -> str:
+        return PROBE_MANIFEST  # a session that asks for no shard
+
     def _start(self) -> None:
-        for r, addr in enumerate(self.addresses, start=1):
-            self.links.connect(
-                r, normalize_address(addr), self.curve.secure_client if self.curve else None
-            )
-        ranks = set(range(1, self.world))
-        nonces = {r: new_nonce() for r in ranks}
-        for link in self.links.links:
-            hello = {
-                "session": self.session,
-                "rank": link.rank,
-                "world": self.world,
-                "manifest": PROBE_MANIFEST,
-                "tpi_version": __version__,
-                "nonce": nonces[link.rank],
-                "auth": "hmac" if self.secret else "none",
-            }
-            link.send([encode_control(Kind.HELLO, hello)])
-        try:
-            first = self._expect(
-                {Kind.CHALLENGE, Kind.WELCOME},
-                CONNECT_TIMEOUT_S,
-                ranks,
-                "the handshake",
-                connected_timeout_s=HANDSHAKE_TIMEOUT_S,
-            )
-        except LinkLost as e:
-            hint = " with the same --curve keys" if self.curve else ""
-            raise ClusterError(
-                f"rank {e.rank} ({e.address}) does not answer; is 'tpi worker --listen tcp://{e.address}' "
-                f"running there{hint} and reachable?"
-            ) from None
-        self._authenticate(first, nonces)
+        self._handshake()
 
     def profile(self, rank: int, request: ProfileRequest) -> dict:
         """Worker `rank`'s PROFILE answer to `request`."""
