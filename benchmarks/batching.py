@@ -19,7 +19,6 @@ the prompt fed in chunks of 64 tokens between their decode steps and whole.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -33,6 +32,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import median, write_result  # noqa: E402
+from benchmarks.scale_70b import machine_lock  # noqa: E402
 
 TPI = str(Path(sys.executable).parent / "tpi")
 LEVELS = (1, 2, 4, 8)
@@ -109,21 +109,6 @@ def join_gap(prefill_chunk: int, new_prompt: int = 512, running: int = 3) -> dic
     }
 
 
-@contextlib.contextmanager
-def _held(lock: str | None):
-    if not lock:
-        yield
-        return
-    import fcntl
-
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 @click.command()
 @click.option("--rounds", default=3, show_default=True)
 @click.option("--prompt-tokens", default=64, show_default=True)
@@ -188,7 +173,7 @@ def main(rounds, prompt_tokens, new_tokens, lock, big, big_new_tokens, only_big,
             nano["2"]["aggregate_tokens_per_second"] / nano["1"]["aggregate_tokens_per_second"],
             3,
         )
-        with _held(lock):
+        with machine_lock(Path(lock) if lock else None, "join gap"):
             joins = {"chunked_64": join_gap(64), "whole": join_gap(0)}
     targets = {}
     checks = {

@@ -19,8 +19,6 @@ the placement's figure is its fastest run (the least disturbed).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import statistics
 import subprocess
@@ -34,6 +32,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import write_result  # noqa: E402
+from benchmarks.scale_70b import machine_lock  # noqa: E402
 
 TPI = str(Path(sys.executable).parent / "tpi")
 PROMPT, NEW = 64, 24
@@ -121,21 +120,8 @@ def model_for(scenario: dict, default: str, base: Path, lock: str | None) -> str
         return default
     from benchmarks.make_synthetic import make_synthetic
 
-    with held(lock):  # writing 0.8 GB of random weights is heavy
+    with machine_lock(Path(lock) if lock else None, "writing the 1.2 GB model"):
         return str(make_synthetic(base.parent / "tpi-planner-synthetic-1b", SYNTHETIC_1B))
-
-
-@contextlib.contextmanager
-def held(lock: str | None):
-    if not lock:
-        yield
-        return
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def cluster_flags(ranks: list[Rank], base: Path) -> list[str]:
@@ -164,7 +150,7 @@ def quiet(max_load: float, wait_s: float = 120.0) -> float:
 def run_json(
     cmd: list[str], lock: str | None, out: Path | None = None, max_load: float = 99.0
 ) -> dict:
-    with held(lock):
+    with machine_lock(Path(lock) if lock else None, "a timed run"):
         start_load = quiet(max_load)
         t0 = time.time()
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
