@@ -82,25 +82,30 @@ def _elastic(model_dir, workers, **kw):
     return ElasticCluster(opener, opener(workers), workers)
 
 
+def _answer_with_kills(elastic, params, kills: dict, prompt=PROMPT) -> list[int]:
+    """The tokens of one elastic answer; kills[i]() runs right after token i."""
+    out = []
+    tokens = generate_tokens(
+        elastic.loaded.engine, prompt, params, recover=lambda e: elastic.recover(e).engine
+    )
+    for i, t in enumerate(tokens):
+        out.append(t)
+        if i in kills:
+            kills[i]()
+    return out
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
 def test_an_answer_survives_losing_both_workers_one_after_the_other(llama_dir, tmp_path, sig):
     expected = greedy(load_engine(llama_dir), PROMPT, 48)
     with local_workers(2, tmp_path) as lc:
         elastic = _elastic(llama_dir, addresses(lc))
         try:
-            out = []
-            tokens = generate_tokens(
-                elastic.loaded.engine,
-                PROMPT,
-                SamplingParams(max_new_tokens=48),
-                recover=lambda e: elastic.recover(e).engine,
-            )
-            for i, t in enumerate(tokens):
-                out.append(t)
-                if i == 10:
-                    lc.signal_worker(2, sig)
-                if i == 30:
-                    lc.signal_worker(1, sig)  # the master finishes alone
+            kills = {
+                10: lambda: lc.signal_worker(2, sig),
+                30: lambda: lc.signal_worker(1, sig),  # the master finishes alone
+            }
+            out = _answer_with_kills(elastic, SamplingParams(max_new_tokens=48), kills)
             assert out == expected
             assert [r.world for r in elastic.recoveries] == [2, 1]
         finally:
@@ -115,18 +120,9 @@ def test_seeded_top_p_sampling_survives_a_kill_with_identical_tokens(llama_dir, 
     with local_workers(2, tmp_path) as lc:
         elastic = _elastic(llama_dir, addresses(lc), vocab_parallel=True)
         try:
-            out = []
-            for i, t in enumerate(
-                generate_tokens(
-                    elastic.loaded.engine,
-                    PROMPT,
-                    params,
-                    recover=lambda e: elastic.recover(e).engine,
-                )
-            ):
-                out.append(t)
-                if i == 12:
-                    lc.signal_worker(1, signal.SIGKILL)
+            out = _answer_with_kills(
+                elastic, params, {12: lambda: lc.signal_worker(1, signal.SIGKILL)}
+            )
             assert out == expected and len(elastic.recoveries) == 1
         finally:
             elastic.loaded.close()
@@ -291,18 +287,12 @@ def test_a_worker_lost_while_its_new_shard_is_pushed_leaves_the_master_alone(
             return real_push(self, partials)
 
         try:
-            out = []
-            tokens = generate_tokens(
-                elastic.loaded.engine,
-                PROMPT,
-                SamplingParams(max_new_tokens=24),
-                recover=lambda e: elastic.recover(e).engine,
-            )
-            for i, t in enumerate(tokens):
-                out.append(t)
-                if i == 5:
-                    monkeypatch.setattr(ClusterSession, "_push", push_then_die)
-                    lc.signal_worker(2, signal.SIGKILL)
+
+            def kill():
+                monkeypatch.setattr(ClusterSession, "_push", push_then_die)
+                lc.signal_worker(2, signal.SIGKILL)
+
+            out = _answer_with_kills(elastic, SamplingParams(max_new_tokens=24), {5: kill})
             assert out == expected
             assert pushes == [[1]] and elastic.world == 1
         finally:
@@ -322,17 +312,9 @@ def test_prestaged_shards_make_a_recovery_push_nothing(llama_dir, tmp_path):
         prestage(opener, workers)
         elastic = ElasticCluster(opener, opener(workers), workers)
         try:
-            out = []
-            tokens = generate_tokens(
-                elastic.loaded.engine,
-                PROMPT,
-                SamplingParams(max_new_tokens=16),
-                recover=lambda e: elastic.recover(e).engine,
-            )
-            for i, t in enumerate(tokens):
-                out.append(t)
-                if i == 4:
-                    lc.signal_worker(1, signal.SIGKILL)  # worker 2 becomes rank 1
+            # Worker 2 becomes rank 1 of the smaller world.
+            kills = {4: lambda: lc.signal_worker(1, signal.SIGKILL)}
+            out = _answer_with_kills(elastic, SamplingParams(max_new_tokens=16), kills)
             assert out == expected and elastic.world == 2
             assert elastic.loaded.cluster.pushed_bytes == 0  # its shard was there
         finally:
