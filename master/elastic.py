@@ -125,7 +125,11 @@ class ElasticCluster:
                 break
             except ClusterError as e:
                 if e.address is None or _key(e.address) not in {_key(w) for w in self.active}:
-                    raise  # not a worker's fault: nothing to leave out
+                    # Not a worker's fault (e.g. a split made for one world size only):
+                    # the user needs the loss first, then why it cannot be survived.
+                    raise ClusterError(
+                        f"{error}; cannot continue on the survivors: {e}", address=error.address
+                    ) from e
                 lost.add(_key(e.address))  # another one gone (e.g. during the push)
         else:
             raise error

@@ -4,6 +4,7 @@ back when a worker returns. Real worker processes on loopback."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -297,6 +298,26 @@ def test_a_worker_lost_while_its_new_shard_is_pushed_leaves_the_master_alone(
             assert pushes == [[1]] and elastic.world == 1
         finally:
             elastic.loaded.close()
+
+
+def test_a_split_for_one_world_cannot_be_replanned_and_says_so(llama_dir, tmp_path):
+    # A master serving a pre-made split (as the docker cluster does) has no source to
+    # re-split from: the loss is reported first, then why it cannot be survived.
+    from tpi.storage.split import split_model
+
+    split = split_model(llama_dir, tmp_path / "split", [1, 1, 1])
+    with local_workers(2, tmp_path / "w") as lc:
+        elastic = _elastic(split, addresses(lc))
+        kills = {2: lambda: lc.signal_worker(1, signal.SIGKILL)}
+        with pytest.raises(ClusterError) as err:
+            _answer_with_kills(elastic, SamplingParams(max_new_tokens=16), kills)
+        message = str(err.value)
+        killed = addresses(lc)[0]  # worker 1 (1-based), rank 1
+        assert re.search(
+            rf"rank 1 \({killed}\) .*cannot continue on the survivors: .*3 ranks", message
+        )
+        assert err.value.address == killed
+        assert elastic.loaded.cluster is None  # the broken session was closed
 
 
 def test_prestaged_shards_make_a_recovery_push_nothing(llama_dir, tmp_path):

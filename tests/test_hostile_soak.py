@@ -1,7 +1,7 @@
-"""Slow suite: a real master serves 50 generations to 4 concurrent clients while a
-peer that knows no secret hammers every worker with HELLOs, bad AUTHs, fuzzed
-frames and oversized ones. Every answer must be the single-node greedy text or
-a clear error, and no worker may grow by more than 100 MB."""
+"""Slow suite: a real master serves at least 50 generations (for at least 15 s) to 4
+concurrent clients while a peer that knows no secret hammers every worker with HELLOs,
+bad AUTHs, fuzzed frames and oversized ones. Every answer must be the single-node greedy
+text or a clear error, and no worker may grow by more than 100 MB."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ pytestmark = pytest.mark.slow
 
 PROMPTS = ["Once upon", "The cat", "Numbers like", "Hello world", "café 日本"]
 GENERATIONS, CLIENTS = 50, 4
+# Batched serving answers 50 short requests in seconds: the soak runs at least this
+# long (more generations, at most MAX_GENERATIONS) so the abuse is sustained.
+MIN_SOAK_S, MAX_GENERATIONS = 15.0, 2000
 MAX_GROWTH = 100 << 20
 SOAK_LIMIT_S = 600
 
@@ -113,15 +116,19 @@ def test_serving_under_a_hostile_peer_stays_correct_and_bounded(llama_dir, tmp_p
                 h.thread.start()
             outcomes: list[tuple[str, int, dict]] = []
             lock = threading.Lock()
-            todo = list(range(GENERATIONS))
-            deadline = time.monotonic() + SOAK_LIMIT_S
+            started = time.monotonic()
+            deadline = started + SOAK_LIMIT_S
+            issued = 0
 
             def client() -> None:
+                nonlocal issued
                 while time.monotonic() < deadline:
                     with lock:
-                        if not todo:
+                        soaked = time.monotonic() - started >= MIN_SOAK_S
+                        if (issued >= GENERATIONS and soaked) or issued >= MAX_GENERATIONS:
                             return
-                        i = todo.pop()
+                        i = issued
+                        issued += 1
                     prompt = PROMPTS[i % len(PROMPTS)]
                     status, body = _complete(base, prompt)
                     with lock:
@@ -135,12 +142,12 @@ def test_serving_under_a_hostile_peer_stays_correct_and_bounded(llama_dir, tmp_p
             for h in hammers:
                 h.stop()
             grown = [w.memory_info().rss - b for w, b in zip(workers, before, strict=True)]
-    assert len(outcomes) == GENERATIONS
-    assert all(h.sent > 100 for h in hammers)
+    assert len(outcomes) >= GENERATIONS
+    assert all(h.sent > 100 for h in hammers), [h.sent for h in hammers]
     for prompt, status, body in outcomes:
         if status == 200:
             assert body["choices"][0]["text"] == expected[prompt], prompt
         else:  # a clear error, in OpenAI's shape
             assert status in (429, 503) and body["error"]["message"], (status, body)
-    assert sum(status == 200 for _, status, _ in outcomes) >= GENERATIONS * 0.9
+    assert sum(status == 200 for _, status, _ in outcomes) >= len(outcomes) * 0.9
     assert max(grown) <= MAX_GROWTH, [g / 2**20 for g in grown]
