@@ -13,6 +13,7 @@ from tpi import cli_options as opt
 from tpi.cli_options import apply
 from tpi.master.cli_options import (
     ENGINE_OPTIONS,
+    PlanType,
     open_elastic,
     open_from_options,
     sampling_from_options,
@@ -201,9 +202,17 @@ def chat(system, **opts):
 @click.option(
     "--plan",
     "plan_mode",
-    type=click.Choice(["auto", "even"]),
+    type=PlanType(),
     default=None,
-    help="Placement for the command run (see its --plan).",
+    metavar="auto|even|LAYOUT",
+    help='Placement for the command run (see its --plan), e.g. "master,w1 | w2,w3".',
+)
+@click.option(
+    "--pp",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Pipeline stages for the command run (see its --pp).",
 )
 @click.pass_context
 def cluster(
@@ -217,6 +226,7 @@ def cluster(
     link_latency,
     link_bandwidth,
     plan_mode,
+    pp,
 ):
     """Start N local worker daemons on loopback and run a master command against them.
 
@@ -263,6 +273,7 @@ def cluster(
         "cluster_threads": threads,
         "cluster_memory_budget": mem_limit,
         "cluster_plan": plan_mode,
+        "cluster_pp": pp,
     }
     if ctx.invoked_subcommand is None:
         click.echo("workers: " + ",".join(addresses))

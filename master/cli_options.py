@@ -12,6 +12,22 @@ MODEL_HELP = (
     "Default: the embedded SmolLM2-135M-Instruct."
 )
 
+
+class PlanType(click.ParamType):
+    """--plan: 'auto', 'even', or a pipeline layout ("master,w1 | w2,w3")."""
+
+    name = "plan"
+
+    def convert(self, value, param, ctx):
+        from tpi.model.pipeline_plan import is_layout
+
+        if value in ("auto", "even") or is_layout(value):
+            return value
+        self.fail(
+            f"{value!r} is not auto, even or a stage layout such as 'master,w1 | w2'", param, ctx
+        )
+
+
 ENGINE_OPTIONS = [
     click.option("--model", "-m", default=None, metavar="PATH|NAME", help=MODEL_HELP),
     click.option(
@@ -25,13 +41,33 @@ ENGINE_OPTIONS = [
     click.option(
         "--plan",
         "plan_mode",
-        type=click.Choice(["auto", "even"]),
+        type=PlanType(),
         default=None,
+        metavar="auto|even|LAYOUT",
         help="How the model is placed on the workers. auto: measure every node (profiles "
         "cached in $TPI_HOME/profiles), then choose each rank's share, its window and which "
         "devices take part, for the lowest predicted ms/token within every node's memory "
         "('tpi plan' shows the candidates and why). even: every worker, --shares (default "
-        "even). Default: even (and always with --shares or a model split beforehand).",
+        'even), tensor parallel. LAYOUT: pipeline stages, e.g. "master,w1 | w2,w3": each '
+        "group runs its range of layers tensor-parallel, the stages one after the other "
+        "(w1, w2, ... are --workers in order; the master is in the first stage). "
+        "Default: even (and always with --shares or a model split beforehand).",
+    ),
+    click.option(
+        "--pp",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="Pipeline stages: the master and --workers, in order, cut into N groups of "
+        "(nearly) equal size, each running its range of layers tensor-parallel "
+        "(--pp 2 with 3 workers: master,w1 | w2,w3). Default: 1 (tensor parallel only).",
+    ),
+    click.option(
+        "--stage-layers",
+        default=None,
+        metavar="N,N,...",
+        help="Layers per pipeline stage, in order (e.g. 10,20 for a faster second stage). "
+        "Default: as even as the layer count allows.",
     ),
     click.option(
         "--wire-dtype",
@@ -176,11 +212,14 @@ def open_from_options(opts: dict, workers: list[str] | None = None):
     """Load the model (and cluster) the engine options describe; closed with the command.
     `workers` overrides the configured workers (a recovery's survivors)."""
     from tpi.master.loader import MemoryOptions, open_model
+    from tpi.model.pipeline_plan import is_layout
 
     ctx = click.get_current_context()
     parent = ctx.obj or {}  # set by an enclosing `tpi cluster`
     configured = _worker_list(opts)
     worker_list = configured if workers is None else workers
+    replanned = list(worker_list) != configured
+    pipelined = is_layout(opts["plan_mode"] or parent.get("cluster_plan"))
     threads = opts["threads"] or parent.get("cluster_threads")
     if threads:
         import torch
@@ -200,7 +239,13 @@ def open_from_options(opts: dict, workers: list[str] | None = None):
         group_size=int(opts["group_size"]),
         vocab_parallel=opts["vocab_parallel"],
         prefill_chunks=opts["prefill_chunks"],
-        plan_mode=opts["plan_mode"] or parent.get("cluster_plan"),
+        # A re-plan over a recovery's survivors is tensor parallel: a pipeline's
+        # layout names workers that are gone.
+        plan_mode=None
+        if replanned and pipelined
+        else opts["plan_mode"] or parent.get("cluster_plan"),
+        pp=None if replanned else opts["pp"] or parent.get("cluster_pp"),
+        stage_layers=None if replanned else opts["stage_layers"],
         memory=MemoryOptions(
             opts["window"],
             opts["memory_budget"] or parent.get("cluster_memory_budget"),

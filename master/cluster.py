@@ -40,6 +40,8 @@ from tpi.comm.step_broadcast import StepBroadcaster, StepClock
 from tpi.comm.traffic import AllreduceStats
 from tpi.comm.wire import Kind, Message, encode_control
 from tpi.dtypes import DTYPES
+from tpi.master.pipeline import RemoteStage
+from tpi.model.partition import Stage
 from tpi.storage.manifest import MANIFEST_NAME, read_manifest
 from tpi.storage.split import read_split_index
 
@@ -98,6 +100,7 @@ class ClusterSession:
         self.broadcast: StepBroadcaster | None = None
         self.collective: StarMaster | None = None
         self.heads: HeadGatherer | None = None
+        self.stage_drivers: list[RemoteStage] = []  # a pipeline's later stages
 
     def rank_dir(self, rank: int) -> Path:
         return self.split_dir / self.index["ranks"][rank]["dir"]
@@ -201,11 +204,22 @@ class ClusterSession:
         ready = self._expect({Kind.READY}, VERIFY_TIMEOUT_S, ranks, "while loading its shard")
         self.worker_info = {r: m.body for r, m in ready.items()}
         clock, stats = StepClock(), AllreduceStats()
-        self.broadcast = StepBroadcaster(self.links, self.session, clock, stats)
-        self.collective = StarMaster(
-            self.inbox, clock, DTYPES[self.wire_dtype], self.timeout_s, stats
-        )
+        stages = [Stage.from_dict(d) for d in self.index.get("stages") or ()]
+        # Stage 0's group (every worker, without a pipeline) shares rank 0's steps
+        # and allreduces; later stages are driven one after the other (stage_drivers).
+        first = None if not stages else [self.links.links[r - 1] for r in stages[0].ranks[1:]]
+        wire = DTYPES[self.wire_dtype]
+        self.broadcast = StepBroadcaster(self.links, self.session, clock, stats, members=first)
+        self.collective = StarMaster(self.inbox, clock, wire, self.timeout_s, stats, members=first)
         self.heads = HeadGatherer(self.inbox, clock, self.world, stats, self.timeout_s)
+        self.stage_drivers = []
+        for i, st in enumerate(stages[1:], start=1):
+            group = [self.links.links[r - 1] for r in st.ranks]
+            hub = None
+            if len(group) > 1:
+                hub = StarMaster(self.inbox, clock, wire, self.timeout_s, stats, members=group)
+            bc = StepBroadcaster(self.links, self.session, clock, stats, members=group)
+            self.stage_drivers.append(RemoteStage(i, st, group, bc, hub))
 
     def _push_plan(self, rank: int, partial: dict) -> PushState:
         rank_dir = self.rank_dir(rank)

@@ -19,12 +19,14 @@ from tpi.dtypes import COMPUTE_DTYPES
 from tpi.errors import ModelError
 from tpi.master.cluster import ClusterSession
 from tpi.master.engine import Engine, load_engine
+from tpi.master.pipeline import PipelineDecoder
 from tpi.master.planner import PlanRequest, place, plan_mode_for
 from tpi.master.sampling import SamplingParams, defaults_from_generation_config
 from tpi.master.vocab import WholeVocab
 from tpi.model.config import load_config
 from tpi.model.decoder import LocalCollective
 from tpi.model.partition import parse_shares
+from tpi.model.pipeline_plan import Layout, is_layout, parse_counts, parse_layout, pp_layout
 from tpi.planning.solver import Plan
 from tpi.progress import ProgressReporter
 from tpi.quant.quantize import QuantSpec
@@ -88,6 +90,8 @@ def load_rank0(
     # budget (head_bytes).
     head = shard.load_head(dtype)
     collective = cluster.collective if cluster is not None else LocalCollective()
+    if cluster is not None and not cluster.collective.members:
+        collective = LocalCollective()  # alone in the first stage of a pipeline
     runtime = build_rank(
         shard,
         dtype,
@@ -98,7 +102,7 @@ def load_rank0(
         head_bytes=head.nbytes(),
         echo=echo if memory.streaming else None,
     )
-    cfg, partition = shard.config, shard.manifest.partition
+    cfg, partition = shard.manifest.config, shard.manifest.partition
     if partition.vocab_parallel and cluster is not None:
         sizes = [b - a for a, b in (rs.vocab for rs in partition.slices)]
         vocab = SpreadVocab(
@@ -106,7 +110,37 @@ def load_rank0(
         )
     else:
         vocab = WholeVocab(cfg, head, dtype, cluster.broadcast if cluster is not None else None)
-    return Engine(cfg, vocab, runtime.decoder), runtime
+    decoder = runtime.decoder
+    if cluster is not None and cluster.stage_drivers:
+        decoder = PipelineDecoder(decoder, cluster.stage_drivers, cluster.inbox, cluster.timeout_s)
+    return Engine(cfg, vocab, decoder), runtime
+
+
+def pipeline_layout(
+    plan_mode: str | None,
+    pp: int | None,
+    stage_layers: str | None,
+    workers: list[str],
+    vocab_parallel: bool,
+) -> Layout | None:
+    """The pipeline asked for by --plan LAYOUT or --pp N (None: tensor parallel)."""
+    if is_layout(plan_mode):
+        if pp is not None:
+            raise ModelError("give the stages either as --plan LAYOUT or as --pp, not both")
+        layout = parse_layout(plan_mode, workers)
+    elif pp is not None and pp > 1:
+        if plan_mode == "auto":
+            raise ModelError("--plan auto does not plan pipelines yet: use --pp with --plan even")
+        layout = pp_layout(pp, workers)
+    else:
+        if stage_layers:
+            raise ModelError("--stage-layers needs a pipeline (--pp N or --plan LAYOUT)")
+        return None
+    if vocab_parallel:
+        raise ModelError(
+            "a pipeline keeps the embedding and head on the master: drop --vocab-parallel"
+        )
+    return layout
 
 
 def plan_prefill(cluster: ClusterSession, engine: Engine, fixed: int | None) -> PrefillPlanner:
@@ -142,10 +176,14 @@ def open_model(
     vocab_parallel: bool = False,
     prefill_chunks: int | None = None,
     plan_mode: str | None = None,
+    pp: int | None = None,
+    stage_layers: str | None = None,
 ) -> LoadedModel:
     """Resolve --model; with --plan auto, choose shares, windows and which workers
-    take part (tpi.master.planner); split it if a cluster or the sliding window
-    needs per-layer files; connect and load the workers; load rank 0."""
+    take part (tpi.master.planner); with a stage layout (--plan "master,w1 | w2")
+    or --pp, make a pipeline (tpi.model.pipeline_plan); split it if a cluster or
+    the sliding window needs per-layer files; connect and load the workers; load
+    rank 0."""
     memory = memory or MemoryOptions()
     echo = (lambda _m: None) if quiet else _err
     with ProgressReporter("converting") as progress:
@@ -153,6 +191,9 @@ def open_model(
     t0 = time.perf_counter()
     torch_dtype = COMPUTE_DTYPES[dtype]
     workers = workers or []
+    layout = pipeline_layout(plan_mode, pp, stage_layers, workers, vocab_parallel)
+    if layout is not None:
+        workers, plan_mode = list(layout.workers), "even"
     placed = None
     if workers and plan_mode_for(plan_mode, model_dir, shares, vocab_parallel) == "auto":
         placed = place(
@@ -191,6 +232,11 @@ def open_model(
             raise ModelError(
                 "this directory was split without --vocab-parallel; split it again with it"
             )
+        if layout is not None:
+            raise ModelError(
+                "this directory is already split (its stages, if any, are in its split.json): "
+                "give the model itself to make a pipeline"
+            )
     else:
         load_config(model_dir)  # the most telling error first (missing/unsupported model)
         spec = QuantSpec.for_split(quant or "none", group_size)
@@ -206,6 +252,8 @@ def open_model(
                 progress,
                 quant=spec,
                 vocab_parallel=vocab_parallel and world > 1,
+                stage_sizes=list(layout.sizes) if layout is not None else None,
+                stage_layers=parse_counts(stage_layers) if layout is not None else None,
             )
     index = read_split_index(split_dir)
     rank0 = split_dir / index["ranks"][0]["dir"]

@@ -51,6 +51,9 @@ class LoadedRank:
     collective: StarWorker
     head: HeadService | None  # vocabulary-parallel splits only
     load_seconds: float
+    # A pipeline stage's lead after the first stage: its stage's index (it sends the
+    # stage's output to the master); None otherwise.
+    hands_on: int | None = None
 
 
 def load_rank(
@@ -69,7 +72,9 @@ def load_rank(
         raise ShardError(
             f"shard is rank {m.rank}/{m.world}, master asked for {hello.rank}/{hello.world}"
         )
-    collective = StarWorker(channel, hello.session, request.wire_dtype)
+    stage_index, stage = m.partition.stage_of(m.rank)
+    collective = StarWorker(channel, hello.session, request.wire_dtype, solo=len(stage.ranks) == 1)
+    hands_on = stage_index if stage_index > 0 and stage.lead == m.rank else None
     head = None
     if shard.has_head:  # a vocabulary-parallel split: this rank's rows of the head
         head = HeadService(shard.config, shard.load_head(request.dtype), collective)
@@ -85,4 +90,4 @@ def load_rank(
     )
     load_s = time.perf_counter() - t0
     log.info("loaded rank %d/%d in %.2f s", hello.rank, hello.world, load_s)
-    return LoadedRank(runtime, collective, head, load_s)
+    return LoadedRank(runtime, collective, head, load_s, hands_on)

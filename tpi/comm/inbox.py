@@ -54,9 +54,12 @@ class Inbox:
             if time.monotonic() >= deadline and (got := self._take_filed(kinds, ranks)) is None:
                 raise TimeoutError
 
-    def pop(self, kinds: Iterable[Kind]) -> tuple[WorkerLink, Message] | None:
-        """The oldest filed message of `kinds`, without receiving anything."""
-        return self._take_filed(kinds if isinstance(kinds, frozenset) else frozenset(kinds), None)
+    def pop(
+        self, kinds: Iterable[Kind], ranks: set[int] | None = None
+    ) -> tuple[WorkerLink, Message] | None:
+        """The oldest filed message of `kinds` (from `ranks`, if given), without
+        receiving anything."""
+        return self._take_filed(kinds if isinstance(kinds, frozenset) else frozenset(kinds), ranks)
 
     def _take_filed(
         self, kinds: frozenset[Kind], ranks: set[int] | None

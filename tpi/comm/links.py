@@ -212,6 +212,9 @@ class LinkSet:
         poller = self._poller(extra)
         deadline = time.monotonic() + timeout_s
         while True:
+            # A link seen to drop while we waited on others (a pipeline waits on one
+            # stage at a time) has no event left to wake a poll: report it now.
+            self._raise_lost(ranks)
             remaining = deadline - time.monotonic()
             # At least one poll, even with no time left: it also collects link events.
             events = dict(poller.poll(max(0, int(remaining * 1000))))
@@ -219,15 +222,18 @@ class LinkSet:
                 owner = self._by_socket.get(sock)
                 if owner is not None and owner[1]:
                     self._handle_monitor(owner[0])
-            for link in self.links:
-                if link.lost and (ranks is None or link.rank in ranks):
-                    raise LinkLost(link.rank, link.name, link.lost)
+            self._raise_lost(ranks)
             ready = {s for s in extra if s in events}
             arrived = self._drain()
             if arrived or ready:
                 return arrived, ready
             if remaining <= 0:
                 return [], set()
+
+    def _raise_lost(self, ranks: set[int] | None) -> None:
+        for link in self.links:
+            if link.lost and (ranks is None or link.rank in ranks):
+                raise LinkLost(link.rank, link.name, link.lost)
 
     def close(self, linger_ms: int = 0) -> None:
         for link in self.links:

@@ -59,6 +59,7 @@ class StarMaster:
         wire_dtype: torch.dtype,
         timeout_s: float,
         stats: AllreduceStats | None = None,
+        members: list[WorkerLink] | None = None,
     ) -> None:
         self.inbox = inbox
         self.links = inbox.links
@@ -66,7 +67,12 @@ class StarMaster:
         self.clock = clock
         self.wire_dtype = wire_dtype
         self.timeout_s = timeout_s
-        self.world = len(self.links.links) + 1
+        # The workers whose partials are summed: all of them, or a pipeline stage's
+        # group (rank 0 then hubs the group's allreduce, with its own partial or zeros).
+        self.members = list(self.links.links if members is None else members)
+        self._row = {link.rank: i for i, link in enumerate(self.members, start=1)}
+        self._ranks = set(self._row)
+        self.world = len(self.members) + 1
         self.stats = stats or AllreduceStats()
         self.reducer = Reducer(self.world, wire_dtype)
         self._totals: dict[Key, Total] = {}
@@ -112,7 +118,10 @@ class StarMaster:
         while key not in self._totals:
             try:
                 link, msg = self.inbox.take(
-                    PARTIALS, max(0.0, deadline - time.monotonic()), where=_where(key)
+                    PARTIALS,
+                    max(0.0, deadline - time.monotonic()),
+                    self._ranks,
+                    where=_where(key),
                 )
             except TimeoutError:
                 self._timeout(key)
@@ -124,7 +133,7 @@ class StarMaster:
     def _add(self, link: WorkerLink, msg: Message) -> None:
         h = msg.data
         key = (h.step, h.layer, h.phase, h.pos)
-        self.reducer.add(link.rank, key, h.dtype, payload_tensor(msg.payload, h))
+        self.reducer.add(self._row[link.rank], key, h.dtype, payload_tensor(msg.payload, h))
 
     def _send_sums(self, totals: list[Total]) -> dict[Key, Total]:
         """Send each total to every worker (by the thread that owns the sockets)."""
@@ -133,16 +142,14 @@ class StarMaster:
             shape = tuple(t.wire.shape)
             header = DataHeader(self.session, step, pos, layer, phase, t.wire.dtype, shape)
             frames = [encode_data(Kind.SUM, header), tensor_payload(t.wire)]
-            for link in self.links.links:
+            for link in self.members:
                 link.send(frames)
         return {t.key: t for t in totals}
 
     def _timeout(self, key: Key) -> None:
         missing = [r for r in self.reducer.missing(key) if r != 0] or [1]
-        r = missing[0]
-        raise LinkLost(
-            r, self.links.links[r - 1].name, f"no reply in {self.timeout_s:g} s", _where(key)
-        )
+        link = self.members[missing[0] - 1]
+        raise LinkLost(link.rank, link.name, f"no reply in {self.timeout_s:g} s", _where(key))
 
     # --- overlap: a reducer thread owns the sockets ----------------------------------------
 
@@ -205,7 +212,7 @@ class StarMaster:
                     while not self._handoff.empty():
                         key, partial = self._handoff.get_nowait()
                         self.reducer.own(key, partial)
-                    while (got := self.inbox.pop(PARTIALS)) is not None:
+                    while (got := self.inbox.pop(PARTIALS, self._ranks)) is not None:
                         self._add(*got)
                     totals = self.reducer.ready()
                 if totals:

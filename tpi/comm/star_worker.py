@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -30,13 +31,23 @@ class MasterChannel(Protocol):
     def wait_sum(self, expected: DataHeader) -> Message: ...
 
 
+@dataclass(frozen=True)
+class _Summed:
+    total: torch.Tensor  # a solo stage rank's partial: nothing to add it to
+
+
 class StarWorker:
     """The Collective of a worker (see tpi.model.decoder)."""
 
-    def __init__(self, channel: MasterChannel, session: int, wire_dtype: torch.dtype) -> None:
+    def __init__(
+        self, channel: MasterChannel, session: int, wire_dtype: torch.dtype, solo: bool = False
+    ) -> None:
         self.channel = channel
         self.session = session
         self.wire_dtype = wire_dtype
+        # Alone in its pipeline stage: a partial is already the stage's sum, and
+        # nothing goes on the wire until the stage's output (send_hidden).
+        self.solo = solo
         self.step = 0
         self.pos = 0
         self.stats = AllreduceStats()
@@ -45,7 +56,9 @@ class StarWorker:
     def allreduce(self, partial: torch.Tensor, layer: int, phase: int) -> torch.Tensor:
         return self.wait(self.start(partial, layer, phase, self.pos))
 
-    def start(self, partial: torch.Tensor, layer: int, phase: int, pos: int) -> Pending:
+    def start(self, partial: torch.Tensor, layer: int, phase: int, pos: int) -> Pending | _Summed:
+        if self.solo:
+            return _Summed(partial)
         t0 = time.perf_counter()
         wire = partial.to(wire_dtype_for(phase, self.wire_dtype)).contiguous()
         header = DataHeader(
@@ -57,7 +70,9 @@ class StarWorker:
         self.stats.seconds += time.perf_counter() - t0
         return Pending(key)
 
-    def wait(self, pending: Pending) -> torch.Tensor:
+    def wait(self, pending: Pending | _Summed) -> torch.Tensor:
+        if isinstance(pending, _Summed):
+            return pending.total
         t0 = time.perf_counter()
         header, dtype = self._started.pop(pending.key)
         msg = self.channel.wait_sum(header)
@@ -87,4 +102,11 @@ class StarWorker:
             mode=mode,
         )
         self.channel.send([encode_data(Kind.HEAD, header), tensor_payload(out)])
+        self.stats.bytes_sent += header.nbytes()
+
+    def send_hidden(self, h: torch.Tensor, stage: int, pos: int) -> None:
+        """A pipeline stage's output, from its lead rank to the master (HIDDEN)."""
+        out = h.contiguous()
+        header = DataHeader(self.session, self.step, pos, stage, 0, out.dtype, tuple(out.shape))
+        self.channel.send([encode_data(Kind.HIDDEN, header), tensor_payload(out)])
         self.stats.bytes_sent += header.nbytes()

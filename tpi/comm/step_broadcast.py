@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 
-from tpi.comm.links import LinkSet
+from tpi.comm.links import LinkSet, WorkerLink
 from tpi.comm.traffic import AllreduceStats
 from tpi.comm.wire import DataHeader, Kind, encode_control, encode_data, ids_payload, tensor_payload
 
@@ -32,27 +32,37 @@ class StepClock:
 
 class StepBroadcaster:
     def __init__(
-        self, links: LinkSet, session: int, clock: StepClock, stats: AllreduceStats
+        self,
+        links: LinkSet,
+        session: int,
+        clock: StepClock,
+        stats: AllreduceStats,
+        members: list[WorkerLink] | None = None,
     ) -> None:
         self.links = links
         self.session = session
         self.clock = clock
         self.stats = stats
+        # Who a step starts on: every worker, or one pipeline stage's group.
+        self.members = list(links.links if members is None else members)
 
     def _send_all(self, frames: list, nbytes: int) -> None:
-        for link in self.links.links:
+        for link in self.members:
             link.send(frames)
-        self.stats.bytes_sent += len(self.links.links) * nbytes
+        self.stats.bytes_sent += len(self.members) * nbytes
 
     def _advance(self, pos: int) -> int:
         self.clock.step += 1
         self.clock.pos = pos
         return self.clock.step
 
-    def hidden(self, h: torch.Tensor, plan: StepPlan, pieces: int = 1) -> None:
-        """A step whose input is rank 0's embedded hidden states (STEP)."""
+    def hidden(
+        self, h: torch.Tensor, plan: StepPlan, pieces: int = 1, advance: bool = True
+    ) -> None:
+        """A step whose input is rank 0's embedded hidden states (STEP); with
+        `advance` False, the current step's input to a later pipeline stage."""
         pos = plan.first_pos
-        step = self._advance(pos)
+        step = self._advance(pos) if advance else self.clock.step
         header = DataHeader(
             self.session,
             step,

@@ -34,7 +34,7 @@ import torch
 from tpi.errors import TpiError
 
 MAGIC = b"TP"
-PROTOCOL_VERSION = 4  # 4: batches (a STEP carries its plan, a HEAD its row)
+PROTOCOL_VERSION = 5  # 4: batches (a STEP carries its plan, a HEAD its row); 5: HIDDEN
 MAX_CONTROL_BYTES = 64 * 1024
 # No tensor frame is larger: the master cuts longer passes into pieces
 # (tpi.master.engine), so a worker can refuse anything bigger before it is
@@ -73,6 +73,7 @@ class Kind(IntEnum):
     HEAD_MORE = 22  # master -> workers: more top-p candidates for this step
     PROFILE_REQUEST = 23  # master -> worker: measure yourself (tpi.planning.request)
     PROFILE = 24  # worker -> master: the measurements
+    HIDDEN = 25  # worker -> master: a pipeline stage's output hidden states (data)
 
 
 class Phase(IntEnum):
@@ -90,7 +91,7 @@ class HeadMode(IntEnum):
     CANDIDATES = 2  # float64 token candidates (tpi.model.vocab_head)
 
 
-DATA_KINDS = frozenset({Kind.STEP, Kind.PARTIAL, Kind.SUM, Kind.HEAD})
+DATA_KINDS = frozenset({Kind.STEP, Kind.PARTIAL, Kind.SUM, Kind.HEAD, Kind.HIDDEN})
 # HELLO and REFUSE keep their layout in every protocol version, so peers of
 # different versions can still tell each other why they cannot talk.
 VERSION_FREE_KINDS = frozenset({Kind.HELLO, Kind.REFUSE})
@@ -145,6 +146,7 @@ _FIELDS: dict[Kind, tuple[str, ...]] = {
     Kind.PARTIAL: ("session", "step", "pos", "layer", "phase"),
     Kind.SUM: ("session", "step", "pos", "layer", "phase"),
     Kind.HEAD: ("session", "step", "pos", "round", "mode"),
+    Kind.HIDDEN: ("session", "step", "pos", "layer"),  # layer: the stage's index
 }
 _CODES = {
     "session": "Q",
@@ -228,6 +230,7 @@ _BUILDERS = {
     Kind.PARTIAL: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], v[3], v[4], dt, sh),
     Kind.SUM: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], v[3], v[4], dt, sh),
     Kind.HEAD: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], 0, 0, dt, sh, round=v[3], mode=v[4]),
+    Kind.HIDDEN: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], v[3], 0, dt, sh),
 }
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,20 @@ class ModelConfig:
 
     def layer_is_moe(self, layer: int) -> bool:
         return self.num_experts > 0 and self.moe_layers[layer]
+
+    def layers_view(self, first: int, end: int) -> ModelConfig:
+        """The model as a pipeline stage holding layers [first, end) sees it: those
+        layers, renumbered from 0, with their per-layer settings (windows, experts)."""
+        if not 0 <= first < end <= self.num_layers:
+            raise ModelError(
+                f"layers [{first}, {end}) are not within the model's {self.num_layers}"
+            )
+        return replace(
+            self,
+            num_layers=end - first,
+            sliding_windows=self.sliding_windows[first:end],
+            moe_layers=self.moe_layers[first:end] if self.moe_layers else (),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

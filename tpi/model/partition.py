@@ -48,6 +48,9 @@ class RankSlice:
     # A mixture of experts: [start, end) experts held, and [start, end) columns of each.
     experts: tuple[int, int] | None = None
     expert_cols: tuple[int, int] | None = None
+    # A pipeline stage's rank: [start, end) the layers it holds (None: every layer).
+    # Its heads and columns are then its share within the stage's group.
+    layers: tuple[int, int] | None = None
 
     @property
     def n_q(self) -> int:
@@ -67,7 +70,7 @@ class RankSlice:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        for k in ("vocab", "experts", "expert_cols"):
+        for k in ("vocab", "experts", "expert_cols", "layers"):
             if d[k] is None:  # splits without them keep their manifests (and hashes)
                 del d[k]
         return d
@@ -82,6 +85,7 @@ class RankSlice:
             vocab=tuple(d["vocab"]) if d.get("vocab") is not None else None,
             experts=tuple(d["experts"]) if d.get("experts") is not None else None,
             expert_cols=tuple(d["expert_cols"]) if d.get("expert_cols") is not None else None,
+            layers=tuple(d["layers"]) if d.get("layers") is not None else None,
         )
 
 
@@ -132,28 +136,66 @@ def mlp_blocks(cfg: ModelConfig, world: int) -> int:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: layers [start, end) run tensor-parallel by `ranks`
+    (rank 0, the master, is always in the first stage)."""
+
+    layers: tuple[int, int]
+    ranks: tuple[int, ...]
+
+    @property
+    def lead(self) -> int:
+        """The rank that hands the stage's output on (the master in stage 0)."""
+        return self.ranks[0]
+
+    def to_dict(self) -> dict:
+        return {"layers": list(self.layers), "ranks": list(self.ranks)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Stage:
+        return cls(layers=tuple(d["layers"]), ranks=tuple(int(r) for r in d["ranks"]))
+
+
+@dataclass(frozen=True)
 class Partition:
     world: int
     shares: tuple[float, ...]
     slices: tuple[RankSlice, ...]
+    # A pipeline (tpi.model.pipeline_plan): its stages in order; None: one stage of all.
+    stages: tuple[Stage, ...] | None = None
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "world": self.world,
             "shares": list(self.shares),
             "slices": [s.to_dict() for s in self.slices],
         }
+        if self.stages is not None:  # tensor-parallel splits keep their manifests
+            d["stages"] = [st.to_dict() for st in self.stages]
+        return d
 
     @property
     def vocab_parallel(self) -> bool:
         return self.slices[0].vocab is not None
 
+    def stage_of(self, rank: int) -> tuple[int, Stage]:
+        """The index and stage of `rank` (a plain split: one stage of every rank)."""
+        if self.stages is None:
+            layers = (0, 0) if self.slices[rank].layers is None else self.slices[rank].layers
+            return 0, Stage(layers, tuple(range(self.world)))
+        for i, st in enumerate(self.stages):
+            if rank in st.ranks:
+                return i, st
+        raise PartitionError(f"rank {rank} is in no stage of this split")
+
     @classmethod
     def from_dict(cls, d: dict) -> Partition:
+        stages = d.get("stages")
         return cls(
             world=int(d["world"]),
             shares=tuple(float(x) for x in d["shares"]),
             slices=tuple(RankSlice.from_dict(s) for s in d["slices"]),
+            stages=tuple(Stage.from_dict(st) for st in stages) if stages is not None else None,
         )
 
 

@@ -32,7 +32,7 @@ from tpi.quant.int4_pack import Int4Layout, native_layout, to_native
 from tpi.quant.quantize import LINEAR_NAMES, memory_dtype
 from tpi.runtime.expert_stream import ExpertLayouts, ExpertStore
 from tpi.storage.expert_file import ExpertFileLayout
-from tpi.storage.manifest import ShardError, layer_file
+from tpi.storage.manifest import ShardError
 from tpi.storage.read_check import FileCheck, file_check
 from tpi.storage.shard_reader import RankShard
 from tpi.storage.tensor_file import ALIGN, SafetensorsFile, read_span, tensor_views
@@ -122,7 +122,7 @@ class StreamLayout:
         layouts = tuple(
             layer_layout(
                 shard.layer_path(i),
-                files.get(layer_file(i), {}).get("crc32"),
+                files.get(shard.layer_path(i).name, {}).get("crc32"),
                 shard.manifest_sha256,
             )
             for i in range(shard.config.num_layers)

@@ -24,14 +24,22 @@ class RankShard:
 
     @property
     def config(self):
-        return self.manifest.config
+        """The model as this rank runs it: a pipeline stage's rank sees only its
+        layers, numbered from 0 (the whole model is `manifest.config`)."""
+        layers = self.manifest.rank_slice.layers
+        return self.manifest.config if layers is None else self.manifest.config.layers_view(*layers)
 
     @property
     def rank_slice(self):
         return self.manifest.rank_slice
 
+    def _global(self, i: int) -> int:
+        """The model's number of this rank's layer i (files keep the model's numbers)."""
+        layers = self.manifest.rank_slice.layers
+        return i if layers is None else layers[0] + i
+
     def layer_path(self, i: int) -> Path:
-        return self.dir / layer_file(i)
+        return self.dir / layer_file(self._global(i))
 
     def _load(self, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         path = self.dir / name
@@ -58,14 +66,14 @@ class RankShard:
 
     def experts_path(self, i: int) -> Path | None:
         """Layer i's experts file, for a mixture-of-experts layer (else None)."""
-        name = experts_file(i)
+        name = experts_file(self._global(i))
         return self.dir / name if name in self.manifest.files else None
 
     def load_layer(self, i: int, dtype: torch.dtype) -> LayerWeights:
         """Layer i with all its experts in memory."""
-        tensors = self._load(layer_file(i), dtype)
+        tensors = self._load(layer_file(self._global(i)), dtype)
         if self.experts_path(i) is not None:
-            tensors.update(self._load(experts_file(i), dtype))
+            tensors.update(self._load(experts_file(self._global(i)), dtype))
         return LayerWeights.from_tensors(tensors)
 
     @property

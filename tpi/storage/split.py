@@ -19,6 +19,7 @@ from tpi.dtypes import DTYPES, STORED_NAMES
 from tpi.errors import ModelError
 from tpi.model.config import ModelConfig, load_config
 from tpi.model.partition import DEFAULT_MOE_SPLIT, Partition, plan_partition
+from tpi.model.pipeline_plan import plan_pipeline
 from tpi.model.weights import EMBED, FINAL_NORM, LM_HEAD, head_tensors, slice_head, slice_layer
 from tpi.quant.int4_rows import GGUF_GROUP
 from tpi.quant.quantize import LINEAR_NAMES, QuantSpec, quantize_embedding, quantize_tensors
@@ -71,16 +72,25 @@ def split_model(
     quant: QuantSpec | None = None,
     vocab_parallel: bool = False,
     moe_split: str = DEFAULT_MOE_SPLIT,
+    stage_sizes: list[int] | None = None,
+    stage_layers: list[int] | None = None,
 ) -> Path:
     """Write OUT/rank{r}/ for every rank plus OUT/split.json; returns OUT.
 
     `quant` stores the matmul weights quantized (see tpi.quant.quantize);
     `vocab_parallel` gives every rank its vocabulary rows of the embedding and LM
     head instead of all of them to rank 0; `moe_split` how experts are cut
-    (tpi.model.partition)."""
+    (tpi.model.partition). `stage_sizes` makes a pipeline (ranks per stage, see
+    tpi.model.pipeline_plan; `stage_layers`: layers per stage, default even): a
+    rank's shard then holds only its stage's layers."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg = load_config(model_dir)
-    partition = plan_partition(cfg, shares, vocab_parallel, moe_split)
+    if stage_sizes is not None:
+        if vocab_parallel:
+            raise ModelError("a pipeline split keeps the embedding and head on the master")
+        partition = plan_pipeline(cfg, stage_sizes, stage_layers, shares, moe_split)
+    else:
+        partition = plan_partition(cfg, shares, vocab_parallel, moe_split)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ModelError(f"output directory {out_dir} is not empty (use --force to replace it)")
     if dtype != "keep" and dtype not in DTYPES:
@@ -112,6 +122,8 @@ def split_model(
                     return cache[name]
 
                 for rs in partition.slices:
+                    if rs.layers is not None and not rs.layers[0] <= i < rs.layers[1]:
+                        continue  # another stage's layer
                     tensors = quantize_tensors(slice_layer(get, cfg, i, rs), LINEAR_NAMES, quant)
                     files[rs.rank].update(write_layer_files(tmp / f"rank{rs.rank}", i, tensors))
                     del tensors
@@ -192,6 +204,8 @@ def write_split_metadata(
         "vocab_parallel": partition.vocab_parallel,
         "ranks": ranks,
     }
+    if partition.stages is not None:
+        index["stages"] = [st.to_dict() for st in partition.stages]
     (tmp / SPLIT_INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
 
 
@@ -217,8 +231,11 @@ def ensure_split(
     progress: Callable[[int, int, str], None] | None = None,
     quant: QuantSpec | None = None,
     vocab_parallel: bool = False,
+    stage_sizes: list[int] | None = None,
+    stage_layers: list[int] | None = None,
 ) -> Path:
-    """A split of `model_dir` for these shares in $TPI_HOME/splits, made once."""
+    """A split of `model_dir` for these shares (and pipeline stages) in
+    $TPI_HOME/splits, made once."""
     from tpi.paths import tpi_home
     from tpi.storage.file_lock import file_lock
 
@@ -230,6 +247,10 @@ def ensure_split(
         )
     if vocab_parallel:
         tag += "-vp"
+    if stage_sizes is not None:
+        tag += "-pp" + ".".join(map(str, stage_sizes))
+        if stage_layers is not None:
+            tag += "-L" + ".".join(map(str, stage_layers))
     root = tpi_home() / "splits"
     # SPLIT_LAYOUT names what a cached split holds, so a newer tpi makes a fresh
     # one instead of reusing a split without, e.g., per-read checksums.
@@ -249,5 +270,7 @@ def ensure_split(
                 overwrite=True,
                 quant=quant,
                 vocab_parallel=vocab_parallel,
+                stage_sizes=stage_sizes,
+                stage_layers=stage_layers,
             )
     return target

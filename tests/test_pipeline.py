@@ -1,0 +1,241 @@
+"""Pipeline and hybrid (TP x PP) plans: stage layouts, stage-only shards, and the
+same tokens and logits as a single node through real worker processes."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from tests.cluster_helpers import addresses, cluster_model, local_workers
+from tests.factories import load_reference, make_model
+from tests.stepping import greedy, hf_step_logits, step_logits
+from tpi.comm.links import ClusterError
+from tpi.errors import ModelError
+from tpi.master.engine import BatchRow, load_engine
+from tpi.master.generation import generate_tokens
+from tpi.master.loader import MemoryOptions, open_model, pipeline_layout
+from tpi.master.sampling import Sampler, SamplingParams
+from tpi.model.config import load_config
+from tpi.model.partition import PartitionError
+from tpi.model.pipeline_plan import parse_layout, plan_pipeline, pp_layout, stage_layers
+from tpi.storage.manifest import read_manifest
+from tpi.storage.split import read_split_index, split_model
+
+PROMPT = list(range(5, 25))
+FOLLOW = list(range(40, 52))
+W = ["a:1", "b:2", "c:3"]
+
+
+# --- plans ------------------------------------------------------------------------------
+
+
+def test_a_layout_orders_workers_by_stage_and_names_them_by_index_or_address():
+    lay = parse_layout("w2 , master | c:3,w1", W)
+    assert lay.workers == ("b:2", "c:3", "a:1") and lay.sizes == (2, 2)
+    assert lay.groups() == [(0, 1), (2, 3)]
+    assert lay.describe() == "master,b:2 | c:3,a:1"
+    assert pp_layout(2, W).sizes == (2, 2) and pp_layout(3, W).sizes == (2, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("w1 | master,w2,w3", "first stage"),
+        ("master,w1 | w2", "leaves out worker"),
+        ("master,w1 | w1,w2,w3", "twice"),
+        ("master,w9 | w1,w2,w3", "not w1..w3"),
+        ("master || w1,w2,w3", "empty stage"),
+    ],
+)
+def test_bad_layouts_are_refused_with_the_reason(text, message):
+    with pytest.raises(PartitionError, match=message):
+        parse_layout(text, W)
+
+
+def test_stage_layers_are_contiguous_even_or_as_counted():
+    assert stage_layers(30, 4) == [(0, 8), (8, 16), (16, 23), (23, 30)]
+    assert stage_layers(6, 2, [1, 5]) == [(0, 1), (1, 6)]
+    with pytest.raises(PartitionError, match="add up"):
+        stage_layers(6, 2, [2, 2])
+    with pytest.raises(PartitionError, match="2 counts for 3 stages"):
+        stage_layers(6, 3, [3, 3])
+
+
+def test_a_stage_is_cut_for_its_group_only(llama_dir):
+    cfg = load_config(llama_dir)  # 3 layers, 8 heads, 2 KV heads
+    p = plan_pipeline(cfg, [1, 3], [1, 2])
+    assert [st.to_dict() for st in p.stages] == [
+        {"layers": [0, 1], "ranks": [0]},
+        {"layers": [1, 3], "ranks": [1, 2, 3]},
+    ]
+    master, *group = p.slices
+    assert master.layers == (0, 1) and master.q_heads == (0, cfg.num_heads)
+    assert [s.layers for s in group] == [(1, 3)] * 3
+    # Three ranks over 2 KV heads: query heads are split, KV heads replicated.
+    assert sum(s.n_q for s in group) == cfg.num_heads
+    assert [s.rank for s in group] == [1, 2, 3]
+
+
+def test_a_pipeline_shard_holds_only_its_stages_layers(llama_dir, tmp_path):
+    out = split_model(
+        llama_dir, tmp_path / "pp", [1.0] * 3, stage_sizes=[2, 1], stage_layers=[2, 1]
+    )
+    index = read_split_index(out)
+    assert index["stages"] == [
+        {"layers": [0, 2], "ranks": [0, 1]},
+        {"layers": [2, 3], "ranks": [2]},
+    ]
+    layer_files = {
+        r: sorted(f for f in read_manifest(out / f"rank{r}")[0].files if f.startswith("layer_"))
+        for r in range(3)
+    }
+    assert layer_files[0] == layer_files[1] == ["layer_000.safetensors", "layer_001.safetensors"]
+    assert layer_files[2] == ["layer_002.safetensors"]
+
+
+# --- real workers -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deep_llama(tmp_path_factory):
+    """Six layers (enough for four stages), 8 query / 2 KV heads."""
+    return make_model(tmp_path_factory.mktemp("deep_llama"), "llama", layers=6, tied=False)
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+    with local_workers(3, tmp_path_factory.mktemp("pp_workers")) as lc:
+        yield lc
+
+
+def _expected(model_dir, steps: int = 32):
+    single = load_engine(model_dir)
+    logits = step_logits(single, PROMPT, FOLLOW)
+    single.reset()
+    return logits, greedy(single, PROMPT, steps)
+
+
+PLANS = {
+    "pp2": dict(pp=2, n=1),
+    "pp3": dict(pp=3, n=2),
+    "pp4": dict(pp=4, n=3),
+    "tp2xpp2": dict(plan_mode="master,w1 | w2,w3", n=3),
+    "uneven": dict(pp=3, stage_layers="1,4,1", n=2),
+    "group_over_kv_heads": dict(plan_mode="master | w1,w2,w3", n=3),
+    "window1": dict(pp=2, n=3, memory=MemoryOptions(window=1)),
+    "int8": dict(plan_mode="master,w1 | w2,w3", quant="int8", n=3),
+    "chunked_prefill": dict(plan_mode="master,w1 | w2,w3", prefill_chunks=3, n=3),
+}
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_pipeline_plans_match_the_single_node(name, deep_llama, workers):
+    kw = dict(PLANS[name])
+    n = kw.pop("n")
+    expected_logits, expected_tokens = _expected(deep_llama)
+    if "quant" in kw:
+        # int8 kernels return bf16, so partials are rounded before their sum: the
+        # reference is tensor parallelism over 2 ranks, which cuts every layer as
+        # both 2-rank stages do (and is itself checked against one node, test_quant).
+        with cluster_model(deep_llama, addresses(workers)[:1], quant=kw["quant"]) as one:
+            expected_logits = step_logits(one.engine, PROMPT, FOLLOW)
+            one.engine.reset()
+            expected_tokens = greedy(one.engine, PROMPT, 32)
+    with cluster_model(deep_llama, addresses(workers)[:n], **kw) as lm:
+        assert lm.cluster.stage_drivers, "no pipeline was made"
+        got = step_logits(lm.engine, PROMPT, FOLLOW)
+        assert (got - expected_logits).abs().max() <= 1e-4
+        lm.engine.reset()
+        assert greedy(lm.engine, PROMPT, 32) == expected_tokens
+
+
+def test_qwen2_through_a_hybrid_plan_matches_transformers(qwen2_dir, workers):
+    expected_logits, expected_tokens = _expected(qwen2_dir)
+    with cluster_model(qwen2_dir, addresses(workers), plan_mode="master,w1 | w2,w3") as lm:
+        got = step_logits(lm.engine, PROMPT, FOLLOW)
+        assert (got - expected_logits).abs().max() <= 1e-4
+        oracle = hf_step_logits(load_reference(qwen2_dir), PROMPT, FOLLOW)
+        assert (got - oracle).abs().max() <= 1e-4
+        lm.engine.reset()
+        assert greedy(lm.engine, PROMPT, 32) == expected_tokens
+
+
+def test_a_batch_of_sequences_flows_through_every_stage(deep_llama, workers):
+    prompts = [PROMPT, list(range(60, 67)), list(range(100, 113))]
+    single = load_engine(deep_llama)
+    want = []
+    for p in prompts:
+        single.reset()
+        want.append(single.forward(p, 0))
+    with cluster_model(deep_llama, addresses(workers), pp=3) as lm:
+        rows = [BatchRow(slot, p, 0) for slot, p in enumerate(prompts)]
+        got = lm.engine.step_logits(rows)
+        for g, w in zip(got, want, strict=True):
+            assert (g - w).abs().max() <= 1e-4
+        # And a decode step of all three at their own positions.
+        nxt = [int(g.argmax()) for g in got]
+        sampler = Sampler(SamplingParams())
+        step = [
+            BatchRow(s, [t], len(p), sampler)
+            for s, (t, p) in enumerate(zip(nxt, prompts, strict=True))
+        ]
+        tokens = lm.engine.step(step)
+    for s, (t, p) in enumerate(zip(nxt, prompts, strict=True)):
+        single.reset()
+        single.forward(p, 0)
+        assert tokens[s] == int(single.forward([t], len(p)).argmax())
+
+
+def test_smollm2_through_a_hybrid_plan_keeps_its_greedy_tokens(smollm_dir, workers):
+    prompt = list(range(1000, 1016))
+    single = load_engine(smollm_dir)
+    expected = step_logits(single, prompt, FOLLOW[:4])
+    single.reset()
+    tokens = greedy(single, prompt, 32)
+    with cluster_model(smollm_dir, addresses(workers), plan_mode="master,w1 | w2,w3") as lm:
+        assert (step_logits(lm.engine, prompt, FOLLOW[:4]) - expected).abs().max() <= 1e-4
+        lm.engine.reset()
+        assert greedy(lm.engine, prompt, 32) == tokens
+
+
+@pytest.mark.parametrize("victim", [1, 3])  # in the master's stage; alone in a later one
+def test_a_killed_rank_in_any_stage_is_named_within_seconds(deep_llama, tmp_path, victim):
+    with (
+        local_workers(3, tmp_path) as lc,
+        cluster_model(deep_llama, addresses(lc), plan_mode="master,w1 | w2 | w3") as lm,
+    ):
+        named = f"rank {victim} ({addresses(lc)[victim - 1]})"
+        lm.engine.prefill(PROMPT)
+        lc.signal_worker(victim, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(ClusterError) as err:
+            for i in range(50):
+                lm.engine.forward([7], len(PROMPT) + i)
+        took = time.monotonic() - t0
+    assert named in str(err.value)
+    assert took < 10, took
+
+
+def test_pipeline_options_that_cannot_work_are_refused(deep_llama, workers):
+    ws = addresses(workers)
+    with pytest.raises(ModelError, match="drop --vocab-parallel"):
+        pipeline_layout(None, 2, None, ws, vocab_parallel=True)
+    with pytest.raises(ModelError, match="--stage-layers needs a pipeline"):
+        pipeline_layout(None, None, "3,3", ws, vocab_parallel=False)
+    with pytest.raises(ModelError, match="either as --plan LAYOUT or as --pp"):
+        pipeline_layout("master | w1,w2,w3", 2, None, ws, vocab_parallel=False)
+    with pytest.raises(PartitionError, match="between 1 and 4"):
+        pipeline_layout(None, 5, None, ws, vocab_parallel=False)
+    with pytest.raises(PartitionError, match="at least one layer"):
+        open_model(str(deep_llama), "fp32", quiet=True, workers=ws, pp=2, stage_layers="0,6")
+
+
+def test_sampling_params_are_unchanged_by_a_pipeline(deep_llama, workers):
+    # Seeded sampling draws its noise from seed and position: the same tokens.
+    params = SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_new_tokens=12)
+    single = load_engine(deep_llama)
+    want = list(generate_tokens(single, PROMPT, params))
+    with cluster_model(deep_llama, addresses(workers), pp=2) as lm:
+        assert list(generate_tokens(lm.engine, PROMPT, params)) == want
