@@ -1,37 +1,52 @@
-"""The master's side of a pipeline: its own stage, then every later stage in turn.
+"""The master's side of a pipeline: its own stage, then every later stage.
 
 Stage 0 (the master and its group) runs as a tensor-parallel decoder whose star
-allreduce spans only that group. Each later stage is started with the current
-hidden states (STEP to its group); a group of several ranks sums its partials
-through the master, which hubs that allreduce with zeros as its own partial
-(workers have no links to each other: every link is the master's, authenticated
-and optionally encrypted); the stage's lead rank returns the stage's output
-(HIDDEN), which starts the next stage or goes to the head.
+allreduce spans only that group. Each later stage is started with the hidden
+states entering it (STEP to its group); a group of several ranks sums its
+partials through the master, which hubs that allreduce with zeros as its own
+partial (workers have no links to each other: every link is the master's,
+authenticated and optionally encrypted); the stage's lead rank returns the
+stage's output (HIDDEN), which starts the next stage or goes to the head.
 
 A stage of one rank runs its layers with no message at all until its output:
 that is what crosses a slow link once per token instead of twice per layer.
 The price of routing through the master is a hop: stage k's output reaches
 stage k+1 through the master, not directly (two link crossings instead of one).
+
+GPipe: a pass cut into pieces (chunks of a prompt, groups of a batch's
+sequences) becomes one step per piece, and the pieces flow through the stages
+one behind the other: while the master computes piece k+1 of stage 0, stage 1
+works on piece k. A router thread then owns every link socket (ZeroMQ sockets
+are single-threaded): it sums stage 0's allreduces from partials the compute
+thread hands over, hubs the later groups' allreduces, and passes each stage's
+output on to the next stage as it arrives.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import queue
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import zmq
 
 from tpi.comm.inbox import Inbox
 from tpi.comm.links import LinkLost, WorkerLink
 from tpi.comm.star_master import StarMaster
 from tpi.comm.step_broadcast import StepBroadcaster
-from tpi.comm.wire import Kind, Phase, payload_tensor
+from tpi.comm.wire import Kind, Message, payload_tensor
 from tpi.model.batch import BatchPlan
 from tpi.model.decoder import Decoder
 from tpi.model.partition import Stage
 
 HIDDEN = frozenset({Kind.HIDDEN})
-_PHASES = (Phase.ATTENTION, Phase.MLP)
+STAGE_TRAFFIC = frozenset({Kind.PARTIAL, Kind.HIDDEN})
+ROUTER_POLL_S = 0.05  # the router re-checks for a stop request this often
+_wake_ids = itertools.count()
 
 
 @dataclass
@@ -43,44 +58,57 @@ class RemoteStage:
     links: list[WorkerLink]  # the stage's group, lead first
     broadcast: StepBroadcaster  # STEP to the group
     hub: StarMaster | None  # the group's allreduce (None: a stage of one rank)
+    ranks: set[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ranks = {link.rank for link in self.links}
 
     @property
-    def num_layers(self) -> int:
-        return self.stage.layers[1] - self.stage.layers[0]
+    def lead(self) -> WorkerLink:
+        return self.links[0]
 
-    def run(self, h: torch.Tensor, plan: BatchPlan, pieces: int, inbox: Inbox, timeout_s: float):
-        self.broadcast.hidden(h, plan, pieces, advance=False)
-        if self.hub is not None:
-            self._hub_allreduces(h, plan, pieces)
-        lead = self.links[0]
-        try:
-            _, msg = inbox.take(HIDDEN, timeout_s, {lead.rank}, where=self._where())
-        except TimeoutError:
-            raise LinkLost(
-                lead.rank, lead.name, f"no reply in {timeout_s:g} s", self._where()
-            ) from None
-        got = msg.data
-        if got.step != self.broadcast.clock.step or got.layer != self.index or got.shape != h.shape:
-            raise LinkLost(lead.rank, lead.name, f"sent a wrong stage output {got}", self._where())
-        return payload_tensor(msg.payload, got).to(h.dtype)
-
-    def _where(self) -> str:
+    def where(self) -> str:
         first, end = self.stage.layers
         return f"in pipeline stage {self.index} (layers {first}-{end - 1})"
 
-    def _hub_allreduces(self, h: torch.Tensor, plan: BatchPlan, pieces: int) -> None:
-        """Sum the group's partials of every layer and phase, in the order its ranks
-        start them (tpi.model.decoder: every piece's attention, then every MLP)."""
-        parts = plan.pieces(pieces)
-        zeros = [torch.zeros((p.end - p.start, h.shape[1]), dtype=h.dtype) for p in parts]
-        hub = self.hub
-        for layer in range(self.num_layers):
-            for phase in _PHASES:
-                pending = [
-                    hub.start(z, layer, phase, p.start) for z, p in zip(zeros, parts, strict=True)
-                ]
-                for pend in pending:
-                    hub.wait(pend)
+    def start(self, h: torch.Tensor, plan: BatchPlan, step: int, pieces: int = 1) -> None:
+        """Send the stage its input for `step` (its group then works on its own)."""
+        self.broadcast.hidden(h, plan, pieces, step=step)
+
+    def output(self, link: WorkerLink, msg: Message, step: int, shape) -> torch.Tensor:
+        """The stage's output from a HIDDEN message, checked."""
+        got = msg.data
+        if link.rank != self.lead.rank or got.layer != self.index or got.step != step:
+            raise LinkLost(
+                link.rank, link.name, f"sent a stage output it does not owe {got}", self.where()
+            )
+        if tuple(got.shape) != tuple(shape):
+            raise LinkLost(
+                link.rank, link.name, f"sent a stage output of shape {got.shape}", self.where()
+            )
+        return payload_tensor(msg.payload, got)
+
+    def run(self, h: torch.Tensor, plan: BatchPlan, pieces: int, inbox: Inbox, timeout_s: float):
+        """The stage, start to output, for the step in progress (nothing else in flight)."""
+        step = self.broadcast.clock.step
+        if self.hub is not None:
+            self.hub.reducer.expect(step)
+        self.start(h, plan, step, pieces)
+        while True:
+            try:
+                link, msg = inbox.take(STAGE_TRAFFIC, timeout_s, self.ranks, where=self.where())
+            except TimeoutError:
+                raise LinkLost(
+                    self.lead.rank, self.lead.name, f"no reply in {timeout_s:g} s", self.where()
+                ) from None
+            if msg.kind == Kind.PARTIAL and self.hub is not None:
+                self.hub.absorb(link, msg)
+            elif msg.kind == Kind.HIDDEN:
+                return self.output(link, msg, step, h.shape).to(h.dtype)
+            else:
+                raise LinkLost(
+                    link.rank, link.name, "sent a partial in a stage of one", self.where()
+                )
 
 
 class PipelineDecoder:
@@ -96,6 +124,10 @@ class PipelineDecoder:
         self.inbox = inbox
         self.timeout_s = timeout_s
         self.remote_seconds = 0.0  # waiting for later stages (their compute and links)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages) + 1
 
     # The engine's view of rank 0's own decoder.
     @property
@@ -127,6 +159,7 @@ class PipelineDecoder:
         return self.local.layers
 
     def run(self, h: torch.Tensor, plan: BatchPlan, pieces: int = 1) -> torch.Tensor:
+        """Every stage in turn for the step just started (stage 0 got its STEP)."""
         h = self.local.run(h, plan, pieces)
         t0 = time.perf_counter()
         for stage in self.stages:
@@ -136,3 +169,165 @@ class PipelineDecoder:
 
     def forward(self, h: torch.Tensor, pos: int, chunks: int = 1) -> torch.Tensor:
         return self.run(h, BatchPlan.single(pos, h.shape[0]), chunks)
+
+    def gpipe(
+        self, vocab, ids: list[int], plan: BatchPlan, pieces: int, want: dict
+    ) -> torch.Tensor:
+        """Final hidden states of a pass cut into `pieces` micro-batches that flow
+        through the stages one behind the other (one step each)."""
+        parts = plan.pieces(pieces)
+        subs = [BatchPlan(p.segments, plan.release if k == 0 else ()) for k, p in enumerate(parts)]
+        # Every STEP of stage 0 leaves now, before a router owns the sockets: its
+        # workers run them in order, as the master does.
+        inputs, steps = [], []
+        for p, sub in zip(parts, subs, strict=True):
+            inputs.append(vocab.start(ids[p.start : p.end], sub, 1, want))
+            steps.append(self.stages[0].broadcast.clock.step)
+        router = _Router(self, dict(zip(steps, subs, strict=True)))
+        outs = []
+        with router.running():
+            for h, step, sub in zip(inputs, steps, subs, strict=True):
+                router.clock.step = step  # stage 0's allreduce keys
+                router.submit(step, self.local.run(h, sub, 1))
+            t0 = time.perf_counter()
+            for step in steps:
+                outs.append(router.result(step))
+            self.remote_seconds += time.perf_counter() - t0
+        return torch.cat(outs).to(self.dtype)
+
+
+class _Router:
+    """Owns the link sockets during a GPipe pass (see the module docstring)."""
+
+    def __init__(self, decoder: PipelineDecoder, plans: dict[int, BatchPlan]) -> None:
+        self.decoder = decoder
+        self.stages = decoder.stages
+        self.inbox = decoder.inbox
+        self.timeout_s = decoder.timeout_s
+        self.plans = plans
+        self.clock = self.stages[0].broadcast.clock
+        first = decoder.local.collective
+        self.first = first if isinstance(first, StarMaster) else None
+        self._handoff: queue.SimpleQueue = queue.SimpleQueue()
+        self._cond = threading.Condition()
+        self._results: dict[int, torch.Tensor] = {}
+        self._at: dict[int, int] = {}  # step -> index into stages of where it is
+        self._error: BaseException | None = None
+        self._stop = False
+
+    def running(self):
+        return _RouterRun(self)
+
+    def submit(self, step: int, h: torch.Tensor) -> None:
+        """Stage 0's output of `step`: on to stage 1 (by the router thread)."""
+        self._handoff.put((step, h))
+        self._nudge()
+
+    def result(self, step: int) -> torch.Tensor:
+        """The last stage's output of `step` (waits; raises what broke)."""
+        deadline = time.monotonic() + self.timeout_s
+        with self._cond:
+            while step not in self._results:
+                if self._error is not None:
+                    raise self._error
+                if not self._cond.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    stage = self.stages[self._at.get(step, 0)]
+                    lead = stage.lead
+                    raise LinkLost(
+                        lead.rank, lead.name, f"no reply in {self.timeout_s:g} s", stage.where()
+                    )
+            return self._results.pop(step)
+
+    # --- the router thread ------------------------------------------------------------
+
+    def _nudge(self) -> None:
+        with contextlib.suppress(zmq.Again):  # a wake-up already queued is enough
+            self._wake_tx.send(b"", zmq.NOBLOCK)
+
+    def drive(self, wake: zmq.Socket) -> None:
+        try:
+            while True:
+                ready = self.inbox.receive(ROUTER_POLL_S, where="in a pipelined pass", extra=[wake])
+                if wake in ready:
+                    while wake.poll(0):
+                        wake.recv()
+                if self.first is not None:
+                    self.first.pump()
+                while not self._handoff.empty():
+                    step, h = self._handoff.get_nowait()
+                    self._forward(0, step, h)
+                for stage in self.stages:
+                    if stage.hub is not None:
+                        while (got := self.inbox.pop({Kind.PARTIAL}, stage.ranks)) is not None:
+                            stage.hub.absorb(*got)
+                while (got := self.inbox.pop(HIDDEN)) is not None:
+                    self._arrived(*got)
+                if self._stop and self._handoff.empty():
+                    return
+        except BaseException as e:  # handed to the compute thread
+            if self.first is not None:
+                self.first.fail(e)
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+        finally:
+            wake.close(linger=0)
+
+    def _forward(self, index: int, step: int, h: torch.Tensor) -> None:
+        self._at[step] = index
+        self.stages[index].start(h, self.plans[step], step)
+
+    def _arrived(self, link: WorkerLink, msg: Message) -> None:
+        step = msg.data.step
+        if step not in self._at:
+            raise LinkLost(link.rank, link.name, f"sent an output of step {step}, not in flight")
+        index = self._at[step]
+        stage = self.stages[index]
+        rows = sum(s.length for s in self.plans[step].segments)
+        h = stage.output(link, msg, step, (rows, msg.data.shape[-1]))
+        if index + 1 < len(self.stages):
+            self._forward(index + 1, step, h)
+        else:
+            with self._cond:
+                self._results[step] = h.clone()  # the frame's buffer goes back to zmq
+                del self._at[step]
+                self._cond.notify_all()
+
+
+class _RouterRun:
+    """The router thread's lifetime: every socket is its own while inside."""
+
+    def __init__(self, router: _Router) -> None:
+        self.router = router
+
+    def __enter__(self) -> _Router:
+        r = self.router
+        ctx = r.inbox.links.ctx
+        address = f"inproc://tpi-pipeline-{next(_wake_ids)}"
+        self._rx = ctx.socket(zmq.PAIR)
+        self._rx.bind(address)
+        r._wake_tx = ctx.socket(zmq.PAIR)
+        r._wake_tx.connect(address)
+        steps = sorted(r.plans)
+        for reducer_owner in [r.first, *(s.hub for s in r.stages)]:
+            if reducer_owner is not None:
+                reducer_owner.reducer.expect(steps[0], steps[-1])
+        self._handed = r.first.handed_over(r._nudge) if r.first is not None else None
+        if self._handed is not None:
+            self._handed.__enter__()
+        self._thread = threading.Thread(
+            target=r.drive, args=(self._rx,), name="tpi-pipeline-router", daemon=True
+        )
+        self._thread.start()
+        return r
+
+    def __exit__(self, *exc) -> None:
+        r = self.router
+        r._stop = True
+        r._nudge()
+        self._thread.join()
+        r._wake_tx.close(linger=0)
+        if self._handed is not None:
+            self._handed.__exit__(*exc)
+        if r._error is not None and exc[0] is None:
+            raise r._error

@@ -239,3 +239,63 @@ def test_sampling_params_are_unchanged_by_a_pipeline(deep_llama, workers):
     want = list(generate_tokens(single, PROMPT, params))
     with cluster_model(deep_llama, addresses(workers), pp=2) as lm:
         assert list(generate_tokens(lm.engine, PROMPT, params)) == want
+
+
+def test_micro_batches_flow_through_the_stages_one_behind_the_other(
+    deep_llama, workers, monkeypatch
+):
+    # GPipe: stage 1 gets piece k's input before the master has finished piece k+1
+    # of stage 0 (which needs 2 x 3 allreduces with w1 through the router thread).
+    import tpi.master.pipeline as pipeline
+
+    events: list[tuple[str, int, int]] = []
+    start, submit = pipeline.RemoteStage.start, pipeline._Router.submit
+
+    def spy_start(self, h, plan, step, pieces=1):
+        events.append(("stage", self.index, step))
+        return start(self, h, plan, step, pieces)
+
+    def spy_submit(self, step, h):
+        events.append(("stage0 done", 0, step))
+        return submit(self, step, h)
+
+    monkeypatch.setattr(pipeline.RemoteStage, "start", spy_start)
+    monkeypatch.setattr(pipeline._Router, "submit", spy_submit)
+    with cluster_model(deep_llama, addresses(workers), plan_mode="master,w1 | w2 | w3") as lm:
+        before = {r: s["steps"] for r, s in lm.cluster.stats().items()}
+        lm.engine.prefill(PROMPT)  # 20 tokens: at least 3 micro-batches
+        after = {r: s["steps"] for r, s in lm.cluster.stats().items()}
+    steps = sorted({s for _, _, s in events})
+    assert len(steps) >= 3
+    assert all(after[r] - before[r] == len(steps) for r in after)  # one step per piece, every rank
+    for k in range(len(steps) - 1):
+        handed_on = events.index(("stage", 1, steps[k]))
+        assert handed_on < events.index(("stage0 done", 0, steps[k + 1])), events
+    # Every piece passes every later stage in order.
+    for index in (1, 2):
+        assert [s for e, i, s in events if e == "stage" and i == index] == steps
+
+
+@pytest.mark.parametrize(
+    "plan, nano",
+    [("master,w1 | w2,w3", None), ("master | w1 | w2 | w3", None), ("master,w1 | w2,w3", 2)],
+)
+def test_continuous_batching_through_a_pipeline_gives_each_sequence_its_tokens(
+    plan, nano, deep_llama, workers
+):
+    from tests.test_batching import PROMPTS, alone, batched, seqs_for
+
+    sampled = [
+        SamplingParams(max_new_tokens=24),
+        SamplingParams(temperature=0.8, top_p=0.5, seed=7, max_new_tokens=24),
+        SamplingParams(max_new_tokens=24),
+        SamplingParams(temperature=1.0, top_k=5, seed=9, max_new_tokens=12),
+    ]
+    single = load_engine(deep_llama)
+    expected = [alone(single, p, prm) for p, prm in zip(PROMPTS, sampled, strict=True)]
+    with cluster_model(deep_llama, addresses(workers), plan_mode=plan) as lm:
+        if nano:  # batches cut into micro-batches that flow through the stages
+            lm.engine.planner.fixed_nano = nano
+        seqs = seqs_for(sampled)
+        batched(lm.engine, seqs, join_late={2: 4}, max_batch=4, prefill_chunk=8)
+        assert [s.tokens for s in seqs] == expected

@@ -53,7 +53,7 @@ def test_sums_in_rank_order_whatever_the_arrival_order():
         expected += p
     for order in ([1, 2, 3], [3, 2, 1], [2, 3, 1]):
         red = Reducer(4, torch.float32)
-        red.step = 1
+        red.expect(1)
         key = (1, 0, Phase.ATTENTION, 0)
         red.own(key, parts[0])
         for r in order:
@@ -65,7 +65,7 @@ def test_sums_in_rank_order_whatever_the_arrival_order():
 
 def test_totals_leave_in_pass_order_embedding_first():
     red = Reducer(2, torch.float32)
-    red.step = 3
+    red.expect(3)
     keys = [(3, 1, Phase.ATTENTION, 0), (3, 0, Phase.MLP, 0), (3, 0, Phase.EMBED, 0)]
     for k in keys:
         red.own(k, torch.ones(2))
@@ -80,7 +80,7 @@ def test_totals_leave_in_pass_order_embedding_first():
 
 def test_late_and_duplicate_frames_are_ignored():
     red = Reducer(2, torch.float32)
-    red.step = 1
+    red.expect(1)
     key = (1, 0, Phase.ATTENTION, 0)
     red.own(key, torch.ones(2))
     assert red.add(1, key, torch.float32, torch.ones(2))
@@ -94,7 +94,7 @@ def test_late_and_duplicate_frames_are_ignored():
 
 def test_out_of_step_wrong_dtype_and_shape_are_protocol_errors():
     red = Reducer(2, torch.bfloat16)
-    red.step = 5
+    red.expect(5)
     with pytest.raises(ProtocolError, match="step 6 during step 5"):
         red.add(1, (6, 0, Phase.ATTENTION, 0), torch.bfloat16, torch.ones(2))
     with pytest.raises(ProtocolError, match="expected torch.bfloat16"):
@@ -104,11 +104,31 @@ def test_out_of_step_wrong_dtype_and_shape_are_protocol_errors():
         red.add(1, (5, 1, Phase.MLP, 0), torch.bfloat16, torch.ones(3))
 
 
+def test_a_pipelined_pass_accepts_its_steps_in_order_and_a_hub_adds_zeros():
+    red = Reducer(3, torch.float32)
+    red.expect(4, 6)  # three micro-batches in flight
+    with pytest.raises(ProtocolError, match="step 3 during step 6"):
+        red.add(1, (3, 0, Phase.ATTENTION, 0), torch.float32, torch.ones(2))
+    with pytest.raises(ProtocolError, match="step 7 during step 6"):
+        red.add(1, (7, 0, Phase.ATTENTION, 0), torch.float32, torch.ones(2))
+    for step in (4, 5):
+        key = (step, 0, Phase.ATTENTION, 0)
+        red.own_zeros(key, (2,))  # rank 0 hubs a group it computes nothing for
+        red.own_zeros(key, (2,))  # once per key
+        assert red.add(1, key, torch.float32, torch.full((2,), 1.5))
+        assert red.add(2, key, torch.float32, torch.full((2,), 2.0))
+        (total,) = red.ready()
+        assert torch.equal(total.wire, torch.full((2,), 3.5))
+        red.release(key)
+    # Back to step 4 after step 5 is summed: late, ignored.
+    assert not red.add(1, (4, 1, Phase.ATTENTION, 0), torch.float32, torch.ones(2))
+
+
 def test_wire_rounding_is_the_same_for_every_rank():
     """Rank 0's own partial is rounded to the wire dtype like a worker's, and the
     embedding sum always travels in fp32."""
     red = Reducer(2, torch.bfloat16)
-    red.step = 1
+    red.expect(1)
     x = torch.tensor([1.0 + 2**-10, 3.0])
     red.own((1, 0, Phase.ATTENTION, 0), x)
     red.add(1, (1, 0, Phase.ATTENTION, 0), torch.bfloat16, x.to(torch.bfloat16))

@@ -5,8 +5,9 @@ Everything the worker receives passes here first: strangers are answered
 frames of earlier sessions are dropped, END and a vanished master end the
 session. What remains is handed out by kind: the star allreduce takes only
 SUMs (`wait_sum`), the session loop takes everything else (`next`); a request
-that arrives while an allreduce waits (e.g. STATS_REQUEST) is kept for the loop
-and served between steps, never in the middle of one.
+or a next step that arrives while an allreduce waits (e.g. STATS_REQUEST, or the
+STEP of a pipeline's next micro-batch) is kept for the loop and served between
+steps, never in the middle of one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from tpi.comm.reducer import pass_order
 from tpi.comm.wire import DataHeader, Kind, Message, ProtocolError, decode, encode_control
 from tpi.worker.watchdog import beat
 
+# Kinds that may arrive while an allreduce waits, served after the step: requests,
+# and the next steps of a pipelined pass (the master sends a stage's micro-batches
+# one behind the other, without waiting for each to finish).
+BETWEEN_STEPS = frozenset({Kind.STATS_REQUEST, Kind.PROFILE_REQUEST, Kind.STEP})
 MID_STEP_TIMEOUT_S = 300.0  # backstop only: disconnects are noticed within seconds
 POLL_S = 0.5
 
@@ -70,8 +75,8 @@ class MasterChannel:
         want = (expected.step, expected.layer, expected.phase, expected.pos)
         while True:
             msg = self._receive(MID_STEP_TIMEOUT_S)
-            if msg.kind in (Kind.STATS_REQUEST, Kind.PROFILE_REQUEST):
-                self._kept.append(msg)  # answered between steps
+            if msg.kind in BETWEEN_STEPS:
+                self._kept.append(msg)  # served after this step, in order
                 continue
             if msg.kind != Kind.SUM:
                 raise SessionEnded(f"expected SUM, got {msg.kind.name}")

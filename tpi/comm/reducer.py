@@ -82,7 +82,10 @@ class Reducer:
     def __init__(self, world: int, wire_dtype: torch.dtype) -> None:
         self.world = world
         self.wire_dtype = wire_dtype
-        self.step = 0  # the step partials may belong to
+        self.step = 0  # the (last) step partials may belong to
+        # A pipelined pass sends several steps (micro-batches) at once: partials of
+        # steps first_step..step are accepted, in pass order.
+        self.first_step = 0
         self._open: dict[Key, _Reduction] = {}
         self._done: Key = (0, 0, 0, 0)  # pass_order of the last key summed
         self._pool: dict[tuple[int, torch.dtype], list[_Slots]] = {}
@@ -107,12 +110,24 @@ class Reducer:
         red.have.add(0)
         red.own_dtype = partial.dtype
 
+    def expect(self, first: int, last: int | None = None) -> None:
+        """Partials of steps first..last (default: first alone) may arrive now."""
+        self.first_step, self.step = first, first if last is None else last
+
+    def own_zeros(self, key: Key, shape: tuple[int, ...]) -> None:
+        """Rank 0 as the hub of a group it computes nothing for: its row is zero."""
+        red = self._reduction(key, shape)
+        if 0 not in red.have:
+            red.slots.rows[0].zero_()
+            red.have.add(0)
+            red.own_dtype = red.wire
+
     def add(self, rank: int, key: Key, dtype: torch.dtype, tensor: torch.Tensor) -> bool:
         """A worker's partial (any shape view of its values); False if it was late
         or a duplicate (ignored)."""
         if pass_order(key) <= self._done:
             return False
-        if key[0] != self.step:
+        if not self.first_step <= key[0] <= self.step:
             raise ProtocolError(
                 f"rank {rank} sent a partial of step {key[0]} during step {self.step}"
             )

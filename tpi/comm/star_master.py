@@ -20,7 +20,7 @@ import itertools
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import zmq
@@ -79,7 +79,7 @@ class StarMaster:
         # Set while a reducer thread owns the sockets (an overlapped prefill).
         self._cond = threading.Condition()
         self._handoff: queue.SimpleQueue | None = None
-        self._wake: zmq.Socket | None = None
+        self._wake: Callable[[], None] | None = None
         self._error: BaseException | None = None
 
     # --- Collective ------------------------------------------------------------------
@@ -96,7 +96,7 @@ class StarMaster:
             self._handoff.put((key, partial))
             self._wake_reducer()
         else:
-            self.reducer.step = self.clock.step
+            self.reducer.expect(self.clock.step)
             self.reducer.own(key, partial)
             self._totals.update(self._send_sums(self.reducer.ready()))
         self.stats.seconds += time.perf_counter() - t0
@@ -159,34 +159,76 @@ class StarMaster:
         address = f"inproc://tpi-reducer-{next(_wake_ids)}"
         wake_rx = ctx.socket(zmq.PAIR)
         wake_rx.bind(address)
-        self._wake = ctx.socket(zmq.PAIR)
-        self._wake.connect(address)
-        self.reducer.step = self.clock.step
-        self._error = None
+        wake = ctx.socket(zmq.PAIR)
+        wake.connect(address)
+        self.reducer.expect(self.clock.step)
         self._stop = False
+        with self.handed_over(lambda: _nudge(wake)):
+            thread = threading.Thread(
+                target=self._drive, args=(wake_rx,), name="tpi-star-reducer", daemon=True
+            )
+            thread.start()  # from here until join, only that thread touches the link sockets
+            try:
+                yield
+            finally:
+                self._stop = True
+                _nudge(wake)
+                thread.join()
+                wake.close(linger=0)
+
+    @contextlib.contextmanager
+    def handed_over(self, wake: Callable[[], None]) -> Iterator[None]:
+        """While inside, another thread owns the link sockets and calls `pump`: the
+        compute thread's partials go through a queue, and `wake` tells that thread."""
+        self._error = None
         self._handoff = queue.SimpleQueue()
-        thread = threading.Thread(
-            target=self._drive, args=(wake_rx,), name="tpi-star-reducer", daemon=True
-        )
-        thread.start()  # from here until join, only that thread touches the link sockets
+        self._wake = wake
         try:
             yield
         finally:
-            self._stop = True
-            self._wake_reducer()
-            thread.join()
-            self._wake.close(linger=0)
             self._wake = None
             self._handoff = None
             if self._error is not None:
                 err, self._error = self._error, None
                 raise err
 
+    def pump(self) -> None:
+        """The socket owner's turn (a reducer or pipeline thread): take the partials
+        handed over and received, and send every total now complete."""
+        with self._cond:
+            while not self._handoff.empty():
+                key, partial = self._handoff.get_nowait()
+                self.reducer.own(key, partial)
+            while (got := self.inbox.pop(PARTIALS, self._ranks)) is not None:
+                self._add(*got)
+            totals = self.reducer.ready()
+        if totals:
+            sent = self._send_sums(totals)  # outside the lock: the sockets are ours
+            with self._cond:
+                self._totals.update(sent)
+                self._cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        """The socket owner broke: whoever waits for a total gets `error`."""
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+
+    # --- hub: rank 0 sums a group it computes nothing for ------------------------------------
+
+    def absorb(self, link: WorkerLink, msg: Message) -> None:
+        """A group member's partial: summed with the others' (rank 0 adds zeros), and
+        each total sent back as soon as it is complete (nobody on rank 0 waits for it)."""
+        h = msg.data
+        self.reducer.own_zeros((h.step, h.layer, h.phase, h.pos), tuple(h.shape))
+        self._add(link, msg)
+        for t in self._send_sums(self.reducer.ready()).values():
+            self.reducer.release(t.key)
+            nbytes = t.wire.numel() * t.wire.element_size()
+            self.stats.record(0.0, len(self.members) * nbytes, t.received)
+
     def _wake_reducer(self) -> None:
-        # A wake-up already queued is enough, and a reducer that stopped on an
-        # error reads no more: neither may block the compute thread.
-        with contextlib.suppress(zmq.Again):
-            self._wake.send(b"", zmq.NOBLOCK)
+        self._wake()
 
     def _wait_threaded(self, key: Key) -> Total:
         deadline = time.monotonic() + self.timeout_s
@@ -208,23 +250,17 @@ class StarMaster:
                 if wake in ready:
                     while wake.poll(0):
                         wake.recv()
-                with self._cond:
-                    while not self._handoff.empty():
-                        key, partial = self._handoff.get_nowait()
-                        self.reducer.own(key, partial)
-                    while (got := self.inbox.pop(PARTIALS, self._ranks)) is not None:
-                        self._add(*got)
-                    totals = self.reducer.ready()
-                if totals:
-                    sent = self._send_sums(totals)  # outside the lock: the sockets are ours
-                    with self._cond:
-                        self._totals.update(sent)
-                        self._cond.notify_all()
+                self.pump()
                 if self._stop and self._handoff.empty():
                     return
         except BaseException as e:  # handed to the compute thread in wait()
-            with self._cond:
-                self._error = e
-                self._cond.notify_all()
+            self.fail(e)
         finally:
             wake.close(linger=0)
+
+
+def _nudge(wake: zmq.Socket) -> None:
+    # A wake-up already queued is enough, and a reducer that stopped on an error
+    # reads no more: neither may block the compute thread.
+    with contextlib.suppress(zmq.Again):
+        wake.send(b"", zmq.NOBLOCK)

@@ -57,12 +57,12 @@ class StepBroadcaster:
         return self.clock.step
 
     def hidden(
-        self, h: torch.Tensor, plan: StepPlan, pieces: int = 1, advance: bool = True
+        self, h: torch.Tensor, plan: StepPlan, pieces: int = 1, step: int | None = None
     ) -> None:
-        """A step whose input is rank 0's embedded hidden states (STEP); with
-        `advance` False, the current step's input to a later pipeline stage."""
+        """A new step whose input is rank 0's embedded hidden states (STEP); with
+        `step`, that step's input to a later pipeline stage."""
         pos = plan.first_pos
-        step = self._advance(pos) if advance else self.clock.step
+        step = self._advance(pos) if step is None else step
         header = DataHeader(
             self.session,
             step,
