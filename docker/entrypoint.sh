@@ -84,6 +84,10 @@ fi
 keys="${TPI_KEYS:-/models/keys}"
 vocab=""  # TPI_VOCAB_PARALLEL=1: embedding and LM head split by vocabulary rows too
 [ "${TPI_VOCAB_PARALLEL:-0}" = "1" ] && vocab="--vocab-parallel"
+stages=""  # TPI_STAGES=2,2 (ranks per stage, master first) or TPI_PP=N: a pipeline split
+[ -n "${TPI_PP:-}" ] && stages="--pp ${TPI_PP}"
+[ -n "${TPI_STAGES:-}" ] && stages="--stages ${TPI_STAGES}"
+[ -n "${TPI_STAGE_LAYERS:-}" ] && stages="${stages} --stage-layers ${TPI_STAGE_LAYERS}"
 security="--secret-file ${keys}/secret"
 [ "${TPI_CURVE:-0}" = "1" ] && security="${security} --curve ${keys}"
 
@@ -92,7 +96,7 @@ case "$role" in
         [ -f "${keys}/secret" ] || $run tpi keygen "$keys"
         # shellcheck disable=SC2086
         exec $run tpi split ${TPI_MODEL:-} --world "${TPI_WORLD:?set TPI_WORLD}" --out "$split_dir" \
-            --quant "${TPI_QUANT:-none}" $vocab --force "$@"
+            --quant "${TPI_QUANT:-none}" $vocab $stages --force "$@"
         ;;
     worker)
         # shellcheck disable=SC2086

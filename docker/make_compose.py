@@ -49,6 +49,10 @@ services:
       TPI_MODEL: ${{TPI_MODEL:-}}
       TPI_QUANT: ${{TPI_QUANT:-none}}
       TPI_VOCAB_PARALLEL: ${{TPI_VOCAB_PARALLEL:-0}}
+      # A pipeline: TPI_PP=N stages, or TPI_STAGES=2,2 ranks per stage (master first)
+      TPI_PP: ${{TPI_PP:-}}
+      TPI_STAGES: ${{TPI_STAGES:-}}
+      TPI_STAGE_LAYERS: ${{TPI_STAGE_LAYERS:-}}
     volumes:
       - models:/models
     restart: "no"

@@ -7,7 +7,8 @@
 #                [--bandwidth 100mbit] [--port 8000] [--project tpi] [--no-build]
 #                [--timeout 900]
 # Other settings pass through the environment (TPI_MEMORY_BUDGET, TPI_WINDOW,
-# TPI_MODEL, TPI_QUANT, TPI_CURVE, TPI_LINK_METHOD; see docker-compose.yml).
+# TPI_MODEL, TPI_QUANT, TPI_CURVE, TPI_LINK_METHOD, TPI_PP / TPI_STAGES; see
+# docker-compose.yml).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 

@@ -212,6 +212,12 @@ class ClusterSession:
         self.broadcast = StepBroadcaster(self.links, self.session, clock, stats, members=first)
         self.collective = StarMaster(self.inbox, clock, wire, self.timeout_s, stats, members=first)
         self.heads = HeadGatherer(self.inbox, clock, self.world, stats, self.timeout_s)
+        # A pipeline's vocabulary-parallel head spans every rank: token ids, the
+        # embedding sum and the final states reach all of them.
+        self.world_broadcast, self.world_collective = self.broadcast, self.collective
+        if stages:
+            self.world_broadcast = StepBroadcaster(self.links, self.session, clock, stats)
+            self.world_collective = StarMaster(self.inbox, clock, wire, self.timeout_s, stats)
         self.stage_drivers = []
         for i, st in enumerate(stages[1:], start=1):
             group = [self.links.links[r - 1] for r in st.ranks]

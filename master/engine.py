@@ -114,7 +114,7 @@ class Engine:
             pieces = self.planner.chunks(tokens)
         else:
             pieces = self.planner.nano_batches(len(rows), tokens)
-        gpipe = getattr(self.decoder, "gpipe", None)
+        gpipe = self.decoder.gpipe if getattr(self.decoder, "can_gpipe", False) else None
         if gpipe is not None and len(rows) == 1 and tokens > 1:
             # A prompt through a pipeline: at least one micro-batch per stage, so that
             # the stages work at once (GPipe). A batch of sequences is cut as the

@@ -14,6 +14,7 @@ import torch
 from tpi.comm.auth import require_secret
 from tpi.comm.curve import CurveKeys
 from tpi.comm.links import ClusterError
+from tpi.comm.step_broadcast import StepBroadcaster
 from tpi.comm.wire import MAX_FRAME_BYTES
 from tpi.dtypes import COMPUTE_DTYPES
 from tpi.errors import ModelError
@@ -106,13 +107,32 @@ def load_rank0(
     if partition.vocab_parallel and cluster is not None:
         sizes = [b - a for a, b in (rs.vocab for rs in partition.slices)]
         vocab = SpreadVocab(
-            cfg, head, dtype, cluster.broadcast, cluster.collective, cluster.heads, sizes
+            cfg,
+            head,
+            dtype,
+            cluster.world_broadcast,
+            cluster.world_collective,
+            cluster.heads,
+            sizes,
         )
     else:
         vocab = WholeVocab(cfg, head, dtype, cluster.broadcast if cluster is not None else None)
     decoder = runtime.decoder
     if cluster is not None and cluster.stage_drivers:
-        decoder = PipelineDecoder(decoder, cluster.stage_drivers, cluster.inbox, cluster.timeout_s)
+        final = None
+        if partition.vocab_parallel:  # ranks outside the last stage need the final states
+            last = set(partition.stages[-1].ranks)
+            outside = [link for link in cluster.links.links if link.rank not in last]
+            final = StepBroadcaster(
+                cluster.links,
+                cluster.session,
+                cluster.broadcast.clock,
+                cluster.broadcast.stats,
+                outside,
+            )
+        decoder = PipelineDecoder(
+            decoder, cluster.stage_drivers, cluster.inbox, cluster.timeout_s, final
+        )
     return Engine(cfg, vocab, decoder), runtime
 
 
@@ -136,10 +156,6 @@ def pipeline_layout(
         if stage_layers:
             raise ModelError("--stage-layers needs a pipeline (--pp N or --plan LAYOUT)")
         return None
-    if vocab_parallel:
-        raise ModelError(
-            "a pipeline keeps the embedding and head on the master: drop --vocab-parallel"
-        )
     return layout
 
 

@@ -117,13 +117,27 @@ class PipelineDecoder:
     master's cache and window for what it asks of them."""
 
     def __init__(
-        self, local: Decoder, stages: list[RemoteStage], inbox: Inbox, timeout_s: float
+        self,
+        local: Decoder,
+        stages: list[RemoteStage],
+        inbox: Inbox,
+        timeout_s: float,
+        final: StepBroadcaster | None = None,
     ) -> None:
         self.local = local
         self.stages = stages
         self.inbox = inbox
         self.timeout_s = timeout_s
+        # A vocabulary-parallel head across stages: the final states go to the ranks
+        # outside the last stage too (FINAL), each computing its vocabulary rows.
+        self.final = final
         self.remote_seconds = 0.0  # waiting for later stages (their compute and links)
+
+    @property
+    def can_gpipe(self) -> bool:
+        """Micro-batches through the stages: not with a head over every rank, whose
+        ranks take a pass's token ids, stage input and final states in turn."""
+        return self.final is None
 
     @property
     def num_stages(self) -> int:
@@ -164,6 +178,8 @@ class PipelineDecoder:
         t0 = time.perf_counter()
         for stage in self.stages:
             h = stage.run(h, plan, pieces, self.inbox, self.timeout_s)
+        if self.final is not None:
+            self.final.final(h)
         self.remote_seconds += time.perf_counter() - t0
         return h
 

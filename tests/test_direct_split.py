@@ -20,6 +20,7 @@ from tests.factories import make_tokenizer
 from tpi.errors import ModelError
 from tpi.model.config import parse_config
 from tpi.model.partition import plan_partition
+from tpi.model.pipeline_plan import plan_pipeline
 from tpi.model.weights import EMBED, LM_HEAD, hf_layer_name
 from tpi.quant.quantize import QuantSpec
 from tpi.sources.synthetic import LAYOUT, SyntheticInt4Model
@@ -81,8 +82,11 @@ def synthetic(tmp_path_factory):
     return model, ckpt
 
 
-def _direct(model, ckpt, out, shares, vocab_parallel=False, progress=None):
-    partition = plan_partition(model.cfg, shares, vocab_parallel)
+def _direct(model, ckpt, out, shares, vocab_parallel=False, progress=None, stages=None):
+    if stages is not None:
+        partition = plan_pipeline(model.cfg, stages, shares=shares)
+    else:
+        partition = plan_partition(model.cfg, shares, vocab_parallel)
     return write_split(
         out,
         model.cfg,
@@ -98,21 +102,33 @@ def _direct(model, ckpt, out, shares, vocab_parallel=False, progress=None):
 
 
 @pytest.mark.parametrize(
-    "shares,vocab_parallel",
-    [([1.0], False), ([1.0, 1.0], False), ([1.0] * 4, False), ([1.0, 1.0], True)],
-    ids=["world1", "world2", "world4", "world2-vocab-parallel"],
+    "shares,vocab_parallel,stages",
+    [
+        ([1.0], False, None),
+        ([1.0, 1.0], False, None),
+        ([1.0] * 4, False, None),
+        ([1.0, 1.0], True, None),
+        ([1.0] * 3, False, [2, 1]),
+    ],
+    ids=["world1", "world2", "world4", "world2-vocab-parallel", "pipeline-2x1"],
 )
 def test_direct_split_equals_tpi_split_of_the_same_weights(
-    synthetic, tmp_path, shares, vocab_parallel
+    synthetic, tmp_path, shares, vocab_parallel, stages
 ):
     model, ckpt = synthetic
-    ours = _direct(model, ckpt, tmp_path / "direct", shares, vocab_parallel)
+    ours = _direct(model, ckpt, tmp_path / "direct", shares, vocab_parallel, stages=stages)
     theirs = split_model(
-        ckpt, tmp_path / "split", shares, quant=QUANT, vocab_parallel=vocab_parallel
+        ckpt,
+        tmp_path / "split",
+        shares,
+        quant=QUANT,
+        vocab_parallel=vocab_parallel,
+        stage_sizes=stages,
     )
     a, b = read_split_index(ours), read_split_index(theirs)
-    for key in ("format", "format_version", "world", "shares", "dtype", "quant", "vocab_parallel"):
-        assert a[key] == b[key], key
+    keys = ("format", "format_version", "world", "shares", "dtype", "quant", "vocab_parallel")
+    for key in (*keys, "stages"):
+        assert a.get(key) == b.get(key), key
     for r in range(len(shares)):
         m_ours, _ = read_manifest(ours / f"rank{r}")
         m_theirs, _ = read_manifest(theirs / f"rank{r}")
@@ -121,7 +137,7 @@ def test_direct_split_equals_tpi_split_of_the_same_weights(
         assert dataclasses.replace(m_theirs, model_id=m_ours.model_id) == m_ours
         verify_files(ours / f"rank{r}", m_ours)
         s_ours, s_theirs = RankShard(ours / f"rank{r}"), RankShard(theirs / f"rank{r}")
-        for i in range(model.cfg.num_layers):
+        for i in range(s_ours.config.num_layers):  # a stage's rank: its layers only
             x, y = s_ours.load_layer(i, torch.float32), s_theirs.load_layer(i, torch.float32)
             for field in dataclasses.fields(x):
                 _assert_same(getattr(x, field.name), getattr(y, field.name))

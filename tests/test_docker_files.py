@@ -80,7 +80,11 @@ def test_environment_variable_flags_exist():
     text = (DOCKER / "entrypoint.sh").read_text()
     flags = re.findall(r"(--[a-z-]+) \$\{", text)
     assert {"--memory-budget", "--window", "--secret-file", "--curve"} <= set(flags)
-    for flag in flags:
+    split_only = {"--pp", "--stages", "--stage-layers"}  # $stages: the prepare step's split
+    assert split_only <= set(flags)
+    split_opts = {o for p in _command("split").params for o in getattr(p, "opts", [])}
+    assert split_only <= split_opts
+    for flag in set(flags) - split_only:
         for n in ("worker", "serve", "chat", "generate", "bench"):
             opts = {o for p in _command(n).params for o in getattr(p, "opts", [])}
             assert flag in opts, f"tpi {n} has no {flag}"
@@ -311,6 +315,48 @@ def test_master_without_netem_talks_to_workers_through_the_relay(tmp_path):
         assert "latency 5ms each way" in said.read_text()
     finally:
         _stop_processes_mentioning(str(ready))
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"TPI_PP": "2"}, ["--pp", "2"]),
+        (
+            {"TPI_STAGES": "3,1", "TPI_STAGE_LAYERS": "20,10"},
+            ["--stages", "3,1", "--stage-layers", "20,10"],
+        ),
+        ({}, []),
+    ],
+)
+def test_the_prepare_step_splits_the_pipeline_asked_for(tmp_path, env, expected):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in {"id": "echo 1000", "tpi": 'echo "$@" >> "$TMPDIR/tpi-args"'}.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "secret").write_text("x")
+    run_env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        TMPDIR=str(tmp_path),
+        TPI_WORLD="4",
+        TPI_KEYS=str(tmp_path / "keys"),
+        TPI_SPLIT_DIR=str(tmp_path / "split"),
+        **env,
+    )
+    res = subprocess.run(
+        ["sh", str(DOCKER / "entrypoint.sh"), "prepare"],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    (split,) = [line.split() for line in (tmp_path / "tpi-args").read_text().splitlines()]
+    assert split[0] == "split"
+    tail = split[split.index("--quant") + 2 :]
+    assert [a for a in tail if a != "--force"] == expected
 
 
 def _stop_processes_mentioning(text: str) -> None:

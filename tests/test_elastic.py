@@ -195,10 +195,14 @@ def _wait(predicate, seconds: float) -> bool:
 
 
 @pytest.mark.slow  # 200 SmolLM2 tokens on 3 ranks, twice: minutes on 2 shared cores
-def test_tpi_generate_streams_on_through_a_kill(tmp_path, smollm_dir):
+@pytest.mark.parametrize(
+    "plan", [[], ["--plan", "master | w1 | w2"]], ids=["tensor-parallel", "pipeline"]
+)
+def test_tpi_generate_streams_on_through_a_kill(tmp_path, smollm_dir, plan):
     """The CLI, streaming a 200-token greedy answer of SmolLM2 from master + 2
     workers: one worker is killed mid-answer; the answer completes and equals a
-    single-node run's, and stderr says what happened."""
+    single-node run's, and stderr says what happened. (A pipeline re-plans over
+    the survivors as tensor parallelism: its layout names the lost worker.)"""
     alone = subprocess.run(
         [TPI, "generate", "-t", "0", "-n", "200", "--raw", "Once upon a time"],
         capture_output=True,
@@ -208,7 +212,7 @@ def test_tpi_generate_streams_on_through_a_kill(tmp_path, smollm_dir):
     assert alone.returncode == 0
     with local_workers(2, tmp_path / "w") as lc:
         cmd = [TPI, "generate", "-t", "0", "-n", "200", "--raw"]
-        cmd += ["--workers", ",".join(addresses(lc)), "Once upon a time"]
+        cmd += ["--workers", ",".join(addresses(lc)), *plan, "Once upon a time"]
         # Unbuffered: communicate() reads the pipe itself, past any reader's buffer.
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
         try:

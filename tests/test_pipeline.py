@@ -78,6 +78,15 @@ def test_a_stage_is_cut_for_its_group_only(llama_dir):
     assert [s.rank for s in group] == [1, 2, 3]
 
 
+def test_a_vocabulary_parallel_pipeline_deals_the_vocabulary_over_every_stage(llama_dir):
+    cfg = load_config(llama_dir)
+    p = plan_pipeline(cfg, [2, 1, 1], [1, 1, 1], vocab_parallel=True)
+    rows = [rs.vocab for rs in p.slices]
+    assert rows[0][0] == 0 and rows[-1][1] == cfg.vocab_size
+    assert all(a[1] == b[0] for a, b in zip(rows, rows[1:], strict=False))  # contiguous
+    assert all(b - a > 0 for a, b in rows)
+
+
 def test_a_pipeline_shard_holds_only_its_stages_layers(llama_dir, tmp_path):
     out = split_model(
         llama_dir, tmp_path / "pp", [1.0] * 3, stage_sizes=[2, 1], stage_layers=[2, 1]
@@ -127,6 +136,8 @@ PLANS = {
     "window1": dict(pp=2, n=3, memory=MemoryOptions(window=1)),
     "int8": dict(plan_mode="master,w1 | w2,w3", quant="int8", n=3),
     "chunked_prefill": dict(plan_mode="master,w1 | w2,w3", prefill_chunks=3, n=3),
+    "vocab_parallel": dict(plan_mode="master,w1 | w2,w3", vocab_parallel=True, n=3),
+    "vocab_parallel_pp4": dict(pp=4, vocab_parallel=True, n=3),
 }
 
 
@@ -220,24 +231,24 @@ def test_a_killed_rank_in_any_stage_is_named_within_seconds(deep_llama, tmp_path
 
 def test_pipeline_options_that_cannot_work_are_refused(deep_llama, workers):
     ws = addresses(workers)
-    with pytest.raises(ModelError, match="drop --vocab-parallel"):
-        pipeline_layout(None, 2, None, ws, vocab_parallel=True)
     with pytest.raises(ModelError, match="--stage-layers needs a pipeline"):
         pipeline_layout(None, None, "3,3", ws, vocab_parallel=False)
     with pytest.raises(ModelError, match="either as --plan LAYOUT or as --pp"):
         pipeline_layout("master | w1,w2,w3", 2, None, ws, vocab_parallel=False)
     with pytest.raises(PartitionError, match="between 1 and 4"):
         pipeline_layout(None, 5, None, ws, vocab_parallel=False)
-    with pytest.raises(PartitionError, match="at least one layer"):
+    with pytest.raises(PartitionError, match="positive integers"):
         open_model(str(deep_llama), "fp32", quiet=True, workers=ws, pp=2, stage_layers="0,6")
 
 
-def test_sampling_params_are_unchanged_by_a_pipeline(deep_llama, workers):
-    # Seeded sampling draws its noise from seed and position: the same tokens.
+@pytest.mark.parametrize("vocab_parallel", [False, True])
+def test_seeded_sampling_is_unchanged_by_a_pipeline(deep_llama, workers, vocab_parallel):
+    # Seeded sampling draws its noise from seed and position: the same tokens (with
+    # the head over every rank, top-p rounds ask the ranks of every stage for more).
     params = SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_new_tokens=12)
     single = load_engine(deep_llama)
     want = list(generate_tokens(single, PROMPT, params))
-    with cluster_model(deep_llama, addresses(workers), pp=2) as lm:
+    with cluster_model(deep_llama, addresses(workers), pp=2, vocab_parallel=vocab_parallel) as lm:
         assert list(generate_tokens(lm.engine, PROMPT, params)) == want
 
 
@@ -299,3 +310,45 @@ def test_continuous_batching_through_a_pipeline_gives_each_sequence_its_tokens(
         seqs = seqs_for(sampled)
         batched(lm.engine, seqs, join_late={2: 4}, max_batch=4, prefill_chunk=8)
         assert [s.tokens for s in seqs] == expected
+
+
+# --- the command line -------------------------------------------------------------------
+
+
+def test_tpi_split_makes_a_pipeline_that_tpi_cluster_runs(deep_llama, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from tpi.cli import cli
+
+    out = tmp_path / "pp"
+    args = ["split", str(deep_llama), "--world", "3", "--stages", "1,2", "--stage-layers", "2,4"]
+    r = CliRunner().invoke(cli, [*args, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert read_split_index(out)["stages"] == [
+        {"layers": [0, 2], "ranks": [0]},
+        {"layers": [2, 6], "ranks": [1, 2]},
+    ]
+    bad = CliRunner().invoke(cli, [*args[:4], "--stages", "2,2", "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "adds up to 4 ranks, not --world 3" in bad.output
+    tpi = str(Path(sys.executable).parent / "tpi")
+    run = [tpi, "cluster", "--workers", "2", "--dir", str(tmp_path / "c"), "generate"]
+    run += ["-t", "0", "-n", "8", "--raw", "Hello world"]
+    single = subprocess.run(
+        [tpi, "generate", "--model", str(deep_llama), "-t", "0", "-n", "8", "--raw", "Hello world"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    for model_args in (
+        ["--model", str(out)],
+        ["--model", str(deep_llama), "--plan", "master | w1,w2"],
+    ):
+        got = subprocess.run(
+            run[:-6] + model_args + run[-6:], capture_output=True, text=True, timeout=300
+        )
+        assert got.returncode == 0, got.stderr[-2000:]
+        assert got.stdout == single.stdout

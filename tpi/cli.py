@@ -150,6 +150,27 @@ def convert_gguf_cmd(
     "Give every rank its vocabulary rows of the embedding and LM head (by the same shares) "
     "instead of all of them to rank 0."
 )
+@click.option(
+    "--pp",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Pipeline stages: the ranks in order, cut into N groups of (nearly) equal size; "
+    "each rank's shard then holds only its stage's layers.",
+)
+@click.option(
+    "--stages",
+    default=None,
+    metavar="N,N,...",
+    help="Ranks per pipeline stage, in order (e.g. 3,1: master and workers 1-2, then worker 3 "
+    "alone); instead of --pp.",
+)
+@click.option(
+    "--stage-layers",
+    default=None,
+    metavar="N,N,...",
+    help="Layers per pipeline stage (default: as even as the layer count allows).",
+)
 @click.option("--force", is_flag=True, help="Replace --out if it already holds files.")
 def split_cmd(
     model: str | None,
@@ -160,6 +181,9 @@ def split_cmd(
     quant: str,
     group_size: str,
     vocab_parallel: bool,
+    pp: int | None,
+    stages: str | None,
+    stage_layers: str | None,
     force: bool,
 ) -> None:
     """Cut a model into one shard directory per rank.
@@ -171,10 +195,27 @@ def split_cmd(
     (attention heads by KV group, MLP columns) and a manifest with sha256 of every
     file; rank 0 also gets the embedding, final norm, LM head and tokenizer.
     Copy rankN/ to worker N (or let the master push it). Streams layer by layer.
+    With --pp or --stages, a pipeline: the master then runs it with --workers in
+    rank order (the stages are in split.json).
     """
     from pathlib import Path
 
     from tpi.model.partition import parse_shares
+    from tpi.model.pipeline_plan import parse_counts, pp_layout
+
+    sizes = None
+    if pp is not None and stages is not None:
+        raise click.UsageError("give --pp or --stages, not both")
+    if pp is not None:
+        sizes = list(pp_layout(pp, ["w"] * (world - 1)).sizes)
+    elif stages is not None:
+        sizes = parse_counts(stages, "--stages")
+        if sum(sizes) != world:
+            raise click.UsageError(
+                f"--stages {stages} adds up to {sum(sizes)} ranks, not --world {world}"
+            )
+    elif stage_layers:
+        raise click.UsageError("--stage-layers needs --pp or --stages")
     from tpi.progress import ProgressReporter
     from tpi.quant.quantize import QuantSpec
     from tpi.sources.model_registry import resolve_model
@@ -193,6 +234,8 @@ def split_cmd(
             force,
             quant=spec,
             vocab_parallel=vocab_parallel,
+            stage_sizes=sizes,
+            stage_layers=parse_counts(stage_layers) if sizes is not None else None,
         )
     click.echo(f"wrote {out}")
 

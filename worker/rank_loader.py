@@ -54,6 +54,8 @@ class LoadedRank:
     # A pipeline stage's lead after the first stage: its stage's index (it sends the
     # stage's output to the master); None otherwise.
     hands_on: int | None = None
+    stage: int = 0  # its pipeline stage (0 without a pipeline)
+    last_stage: bool = True  # whether its stage ends the model (it holds the final states)
 
 
 def load_rank(
@@ -90,4 +92,6 @@ def load_rank(
     )
     load_s = time.perf_counter() - t0
     log.info("loaded rank %d/%d in %.2f s", hello.rank, hello.world, load_s)
-    return LoadedRank(runtime, collective, head, load_s, hands_on)
+    stages = m.partition.stages
+    last = stages is None or stage_index == len(stages) - 1
+    return LoadedRank(runtime, collective, head, load_s, hands_on, stage_index, last)

@@ -7,6 +7,8 @@ import contextlib
 import logging
 import time
 
+import torch
+
 from tpi.comm.links import Inbound, WorkerEndpoint
 from tpi.comm.wire import Kind, Message, ProtocolError, encode_control, payload_ids, payload_tensor
 from tpi.errors import TpiError
@@ -16,7 +18,7 @@ from tpi.quant.formats import weight_nbytes
 from tpi.runtime.node_stats import node_stats
 from tpi.storage.read_check import CorruptShard
 from tpi.worker.handshake import Hello, Refused, admit
-from tpi.worker.master_channel import MasterChannel, SessionEnded
+from tpi.worker.master_channel import MID_STEP_TIMEOUT_S, MasterChannel, SessionEnded
 from tpi.worker.options import WorkerOptions
 from tpi.worker.profile_service import serve_profile
 from tpi.worker.rank_loader import LoadedRank, LoadRequest, load_rank
@@ -159,10 +161,32 @@ class Session:
         loaded.collective.step, loaded.collective.pos = b["step"], pos
         t0 = time.perf_counter()
         x = loaded.head.embed(ids, decoder.dtype)
-        h = decoder.run(x, plan, b["chunks"])
+        if loaded.stage == 0:
+            h = decoder.run(x, plan, b["chunks"])
+        else:  # a later pipeline stage: its input comes when the stages before are done
+            h = self._stage_input(x.shape, b["step"], decoder.dtype)
+            h = decoder.run(h, plan, 1)
+            if loaded.hands_on is not None:
+                loaded.collective.send_hidden(h, loaded.hands_on, pos)
+        if not loaded.last_stage:  # the final states, for this rank's head rows
+            h = self._expect_data(Kind.FINAL, x.shape, b["step"]).to(decoder.dtype)
         loaded.head.answer(h, b["head"])
         self.compute_seconds += time.perf_counter() - t0
         self.steps += 1
+
+    def _stage_input(self, shape, step: int, dtype) -> torch.Tensor:
+        return self._expect_data(Kind.STEP, shape, step).to(dtype, copy=True)
+
+    def _expect_data(self, kind: Kind, shape, step: int) -> torch.Tensor:
+        """The next message, which must be `kind` of this step and shape (a pipeline
+        stage's input, or its final states)."""
+        msg = self.channel.next(MID_STEP_TIMEOUT_S)
+        if msg.kind != kind:
+            raise ProtocolError(f"expected {kind.name} of step {step}, got {msg.kind.name}")
+        h = msg.data
+        if h.step != step or tuple(h.shape) != tuple(shape):
+            raise ProtocolError(f"{kind.name} of step {h.step} {h.shape}, expected {step} {shape}")
+        return payload_tensor(msg.payload, h)
 
     def send_stats(self) -> None:
         loaded = self.loaded

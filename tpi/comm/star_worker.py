@@ -17,6 +17,7 @@ from tpi.comm.wire import (
     HeadMode,
     Kind,
     Message,
+    Phase,
     encode_data,
     payload_tensor,
     tensor_payload,
@@ -57,7 +58,7 @@ class StarWorker:
         return self.wait(self.start(partial, layer, phase, self.pos))
 
     def start(self, partial: torch.Tensor, layer: int, phase: int, pos: int) -> Pending | _Summed:
-        if self.solo:
+        if self.solo and phase != Phase.EMBED:  # the embedding is summed over every rank
             return _Summed(partial)
         t0 = time.perf_counter()
         wire = partial.to(wire_dtype_for(phase, self.wire_dtype)).contiguous()

@@ -78,6 +78,15 @@ class StepBroadcaster:
             [encode_data(Kind.STEP, header), tensor_payload(h)], h.numel() * h.element_size()
         )
 
+    def final(self, h: torch.Tensor) -> None:
+        """A pipeline's final hidden states of the step in progress, to ranks outside
+        its last stage, for their vocabulary rows of the head (FINAL)."""
+        step, pos = self.clock.step, self.clock.pos
+        header = DataHeader(self.session, step, pos, 0, 0, h.dtype, tuple(h.shape))
+        self._send_all(
+            [encode_data(Kind.FINAL, header), tensor_payload(h)], h.numel() * h.element_size()
+        )
+
     def tokens(self, ids: list[int], plan: StepPlan, pieces: int, head: dict) -> None:
         """A vocabulary-parallel step: only the token ids and what the head should return."""
         step = self._advance(plan.first_pos)

@@ -74,6 +74,7 @@ class Kind(IntEnum):
     PROFILE_REQUEST = 23  # master -> worker: measure yourself (tpi.planning.request)
     PROFILE = 24  # worker -> master: the measurements
     HIDDEN = 25  # worker -> master: a pipeline stage's output hidden states (data)
+    FINAL = 26  # master -> workers: a pipeline's final hidden states, for their head rows (data)
 
 
 class Phase(IntEnum):
@@ -91,7 +92,7 @@ class HeadMode(IntEnum):
     CANDIDATES = 2  # float64 token candidates (tpi.model.vocab_head)
 
 
-DATA_KINDS = frozenset({Kind.STEP, Kind.PARTIAL, Kind.SUM, Kind.HEAD, Kind.HIDDEN})
+DATA_KINDS = frozenset({Kind.STEP, Kind.PARTIAL, Kind.SUM, Kind.HEAD, Kind.HIDDEN, Kind.FINAL})
 # HELLO and REFUSE keep their layout in every protocol version, so peers of
 # different versions can still tell each other why they cannot talk.
 VERSION_FREE_KINDS = frozenset({Kind.HELLO, Kind.REFUSE})
@@ -147,6 +148,7 @@ _FIELDS: dict[Kind, tuple[str, ...]] = {
     Kind.SUM: ("session", "step", "pos", "layer", "phase"),
     Kind.HEAD: ("session", "step", "pos", "round", "mode"),
     Kind.HIDDEN: ("session", "step", "pos", "layer"),  # layer: the stage's index
+    Kind.FINAL: ("session", "step", "pos"),
 }
 _CODES = {
     "session": "Q",
@@ -231,6 +233,7 @@ _BUILDERS = {
     Kind.SUM: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], v[3], v[4], dt, sh),
     Kind.HEAD: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], 0, 0, dt, sh, round=v[3], mode=v[4]),
     Kind.HIDDEN: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], v[3], 0, dt, sh),
+    Kind.FINAL: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], 0, 0, dt, sh),
 }
 
 

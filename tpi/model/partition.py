@@ -235,6 +235,15 @@ def _expert_ranges(cfg: ModelConfig, shares: list[float], how: str) -> tuple[lis
     )
 
 
+def vocab_ranges(cfg: ModelConfig, shares: list[float]) -> list[tuple[int, int]]:
+    """[start, end) vocabulary rows of the embedding and LM head per rank, by shares."""
+    vunit = _unit(cfg.vocab_size, len(shares))
+    out = _ranges(apportion(cfg.vocab_size // vunit, shares, "vocabulary blocks"), vunit)
+    # A vocabulary that is not a multiple of the block: the last rank takes the rest.
+    out[-1] = (out[-1][0], cfg.vocab_size)
+    return out
+
+
 def plan_partition(
     cfg: ModelConfig,
     shares: list[float],
@@ -255,14 +264,7 @@ def plan_partition(
     mlp_ranges = _ranges(
         apportion(cfg.intermediate_size // unit, shares, "MLP column blocks"), unit
     )
-    vocab_ranges: list = [None] * world
-    if vocab_parallel:
-        vunit = _unit(cfg.vocab_size, world)
-        vocab_ranges = _ranges(
-            apportion(cfg.vocab_size // vunit, shares, "vocabulary blocks"), vunit
-        )
-        # A vocabulary that is not a multiple of the block: the last rank takes the rest.
-        vocab_ranges[-1] = (vocab_ranges[-1][0], cfg.vocab_size)
+    vocab = vocab_ranges(cfg, shares) if vocab_parallel else [None] * world
     expert_ranges, col_ranges = _expert_ranges(cfg, shares, moe_split)
     slices = tuple(
         RankSlice(
@@ -270,7 +272,7 @@ def plan_partition(
             q_heads=q_ranges[r],
             kv_heads=kv_ranges[r],
             mlp=mlp_ranges[r],
-            vocab=vocab_ranges[r],
+            vocab=vocab[r],
             experts=expert_ranges[r],
             expert_cols=col_ranges[r],
         )

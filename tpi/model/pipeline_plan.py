@@ -25,6 +25,7 @@ from tpi.model.partition import (
     Stage,
     apportion,
     plan_partition,
+    vocab_ranges,
 )
 
 MASTER = "master"
@@ -127,16 +128,17 @@ def stage_layers(
     return out
 
 
-def parse_counts(text: str | None) -> list[int] | None:
+def parse_counts(text: str | None, what: str = "--stage-layers") -> list[int] | None:
     """'10,20' -> [10, 20]; None -> None (even)."""
     if not text:
         return None
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        counts = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise PartitionError(
-            f"--stage-layers must be comma-separated integers, got {text!r}"
-        ) from None
+        raise PartitionError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not counts or any(c < 1 for c in counts):
+        raise PartitionError(f"{what} must be positive integers, got {text!r}")
+    return counts
 
 
 def plan_pipeline(
@@ -145,9 +147,12 @@ def plan_pipeline(
     layer_counts: list[int] | None = None,
     shares: list[float] | None = None,
     moe_split: str = DEFAULT_MOE_SPLIT,
+    vocab_parallel: bool = False,
 ) -> Partition:
     """Every rank's slice of a pipeline: stage s holds its layer range, cut for its
-    group by `shares` (one per rank, in rank order; default even)."""
+    group by `shares` (one per rank, in rank order; default even). With
+    `vocab_parallel`, the embedding and LM head rows are dealt over the ranks of
+    every stage (Vocabulary Parallelism): no stage carries the whole vocabulary."""
     world = sum(sizes)
     shares = shares or [1.0] * world
     if len(shares) != world:
@@ -162,4 +167,7 @@ def plan_pipeline(
             slices.append(replace(local, rank=rank + local.rank, layers=(first, end)))
         stages.append(Stage((first, end), tuple(range(rank, rank + n))))
         rank += n
+    if vocab_parallel:
+        rows = vocab_ranges(cfg, shares)
+        slices = [replace(rs, vocab=rows[rs.rank]) for rs in slices]
     return Partition(world, tuple(shares), tuple(slices), tuple(stages))

@@ -151,11 +151,17 @@ def write_split(
     for r in range(partition.world):
         (tmp / f"rank{r}").mkdir(parents=True, exist_ok=True)
     total = cfg.num_layers + 1
-    jobs = [(i, rs) for i in range(done, cfg.num_layers) for rs in partition.slices]
+    jobs = [
+        (i, rs)
+        for i in range(done, cfg.num_layers)
+        for rs in partition.slices
+        if rs.layers is None or rs.layers[0] <= i < rs.layers[1]  # a pipeline stage's layers
+    ]
+    last_rank = {i: rs.rank for i, rs in jobs}  # the layer's last file, in job order
     for (i, rs), tensors in _made_ahead(jobs, layer_tensors):
         files[rs.rank].update(write_layer_files(tmp / f"rank{rs.rank}", i, tensors))
         del tensors
-        if rs.rank == partition.world - 1:  # the layer is complete on every rank
+        if rs.rank == last_rank[i]:  # the layer is complete on every rank that holds it
             atomic_write_text(
                 tmp / JOURNAL,
                 json.dumps({"identity": identity, "layers_done": i + 1, "files": files}),

@@ -86,9 +86,7 @@ def split_model(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg = load_config(model_dir)
     if stage_sizes is not None:
-        if vocab_parallel:
-            raise ModelError("a pipeline split keeps the embedding and head on the master")
-        partition = plan_pipeline(cfg, stage_sizes, stage_layers, shares, moe_split)
+        partition = plan_pipeline(cfg, stage_sizes, stage_layers, shares, moe_split, vocab_parallel)
     else:
         partition = plan_partition(cfg, shares, vocab_parallel, moe_split)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
