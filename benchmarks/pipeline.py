@@ -8,7 +8,10 @@ one on 10 ms). Plans:
   tp4      every layer cut over all four ranks (2 allreduces per layer per token)
   pp4      four stages of a quarter of the layers each (one hop per stage per token)
   tp2xpp2  "master,w1 | w2,w3": two stages of two ranks each
-  hybrid   (slow link) "master,w1,w2 | w3": the far device alone in the last stage
+  hybrid   (slow link) "master,w1,w2 | w3": the far device alone in the last stage,
+           with a quarter of the layers (--stage-layers)
+  pp4-nano4  pp4 with 8 requests cut into 4 micro-batches that flow through the
+           stages within each decode step (0 and 5 ms)
 
 For each: single-sequence decode ms/token (`tpi bench`), the aggregate tokens/s
 of 8 concurrent requests (`tpi bench --concurrency 8`, continuous batching), and
@@ -48,12 +51,14 @@ PLANS = {
     "pp4": ["--pp", "4"],
     "tp2xpp2": ["--plan", "master,w1 | w2,w3"],
 }
-SLOW_PLANS = {
-    **{k: v for k, v in PLANS.items() if k != "tp2xpp2"},
-    "hybrid": ["--plan", "master,w1,w2 | w3"],
-}
+# The far device alone in the last stage, with a quarter of the layers (SmolLM2: 30).
+HYBRID = ["--plan", "master,w1,w2 | w3", "--stage-layers", "22,8"]
+SLOW_PLANS = {**{k: v for k, v in PLANS.items() if k != "tp2xpp2"}, "hybrid": HYBRID}
+# Decode micro-batches through the stages (GPipe within a batched step), 8 requests.
+NANO = {"pp4-nano4": ["--pp", "4", "--nano-batches", "4"]}
 # Stage sizes of each plan (None: tensor parallel), for the directly written 7B splits.
 SIZES = {"tp4": None, "pp4": [1, 1, 1, 1], "tp2xpp2": [2, 2], "hybrid": [3, 1]}
+LAYERS_7B = {"hybrid": [24, 8]}  # a quarter of the 32 layers for the far device
 LLAMA2_7B = {
     **LLAMA2_70B,
     "hidden_size": 4096,
@@ -64,11 +69,12 @@ LLAMA2_7B = {
 }
 
 
-def _cases() -> list[tuple[str, str, list[str]]]:
-    """(latency label, --link-latency value, plan) for every configuration."""
-    out = [(lat, lat, plan) for lat in LATENCIES for plan in PLANS]
-    out += [("slow", SLOW, plan) for plan in SLOW_PLANS]
-    return out
+def _cases(only: set[str] | None) -> list[tuple[str, str, str, tuple[int, ...]]]:
+    """(latency label, --link-latency value, plan, concurrencies) per configuration."""
+    out = [(lat, lat, plan, (1, 8)) for lat in LATENCIES for plan in PLANS]
+    out += [("slow", SLOW, plan, (1, 8)) for plan in SLOW_PLANS]
+    out += [(lat, lat, plan, (8,)) for lat in ("0ms", "5ms") for plan in NANO]
+    return [c for c in out if only is None or c[2] in only]
 
 
 def _run(
@@ -132,7 +138,10 @@ def _write_7b(work: Path, plan: str) -> Path:
         make_tokenizer(card)
     cfg = parse_config(LLAMA2_7B)
     sizes = SIZES[plan]
-    partition = plan_partition(cfg, [1.0] * 4) if sizes is None else plan_pipeline(cfg, sizes)
+    if sizes is None:
+        partition = plan_partition(cfg, [1.0] * 4)
+    else:
+        partition = plan_pipeline(cfg, sizes, LAYERS_7B.get(plan))
     out = work / f"7b-int4-{plan}"
     with ProgressReporter(f"writing the {plan} split") as progress:
         write_split(
@@ -188,9 +197,12 @@ def _summarize(samples: dict) -> dict:
     help="Work directory for the 7B-shaped int4 splits (written per plan, then removed).",
 )
 @click.option("--only-big", is_flag=True)
+@click.option("--only", default=None, help="Comma-separated plans to run (default: all).")
 @click.option("--out", default=None)
-def main(rounds, prompt_tokens, new_tokens, lock, big, only_big, out):
+def main(rounds, prompt_tokens, new_tokens, lock, big, only_big, only, out):
+    only = set(only.split(",")) if only else None
     env = dict(os.environ)
+    own_home = "TPI_HOME" not in env  # then its splits are removed at the end
     env.setdefault("TPI_HOME", tempfile.mkdtemp(prefix="tpi-pipeline-bench-"))
     if not env.get("TPI_SECRET"):
         from tpi.comm.auth import new_secret
@@ -200,10 +212,10 @@ def main(rounds, prompt_tokens, new_tokens, lock, big, only_big, out):
     samples: dict[str, list] = {}
     if not only_big:
         for r in range(rounds):
-            cases = _cases() if r % 2 == 0 else list(reversed(_cases()))
-            for label, latency, plan in cases:
-                plan_args = (PLANS | SLOW_PLANS)[plan]
-                for conc in (1, 8):
+            cases = _cases(only) if r % 2 == 0 else list(reversed(_cases(only)))
+            for label, latency, plan, concurrencies in cases:
+                plan_args = (PLANS | SLOW_PLANS | NANO)[plan]
+                for conc in concurrencies:
                     bench = single + (["--concurrency", "8"] if conc == 8 else [])
                     fig = _figures(_run(latency, plan_args, bench, lock, dict(env)))
                     key = f"smollm2/{label}/{plan}/c{conc}"
@@ -213,7 +225,7 @@ def main(rounds, prompt_tokens, new_tokens, lock, big, only_big, out):
         big.mkdir(parents=True, exist_ok=True)
         cluster_dir = big / "cluster"
         small = ["--prompt-tokens", "16", "--new-tokens", "4"]
-        for plan in ("tp4", "pp4", "tp2xpp2", "hybrid"):
+        for plan in [p for p in ("tp4", "pp4", "tp2xpp2", "hybrid") if only is None or p in only]:
             with machine_lock(Path(lock) if lock else None, f"writing the 7B {plan} split"):
                 split = _write_7b(big, plan)
             link_worker_stores(cluster_dir, split, 4)
@@ -230,6 +242,8 @@ def main(rounds, prompt_tokens, new_tokens, lock, big, only_big, out):
                     samples.setdefault(key, []).append(fig)
                     print(f"{key}: {fig}", flush=True)
             shutil.rmtree(split)
+    if own_home:
+        shutil.rmtree(env["TPI_HOME"], ignore_errors=True)
     results = _summarize(samples)
     write_result(
         "pipeline",

@@ -85,6 +85,10 @@ keys="${TPI_KEYS:-/models/keys}"
 vocab=""  # TPI_VOCAB_PARALLEL=1: embedding and LM head split by vocabulary rows too
 [ "${TPI_VOCAB_PARALLEL:-0}" = "1" ] && vocab="--vocab-parallel"
 stages=""  # TPI_STAGES=2,2 (ranks per stage, master first) or TPI_PP=N: a pipeline split
+if [ -n "${TPI_PP:-}" ] && [ -n "${TPI_STAGES:-}" ]; then
+    echo "tpi docker: set TPI_PP or TPI_STAGES, not both" >&2
+    exit 2
+fi
 [ -n "${TPI_PP:-}" ] && stages="--pp ${TPI_PP}"
 [ -n "${TPI_STAGES:-}" ] && stages="--stages ${TPI_STAGES}"
 [ -n "${TPI_STAGE_LAYERS:-}" ] && stages="${stages} --stage-layers ${TPI_STAGE_LAYERS}"

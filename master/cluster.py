@@ -219,12 +219,17 @@ class ClusterSession:
             self.world_broadcast = StepBroadcaster(self.links, self.session, clock, stats)
             self.world_collective = StarMaster(self.inbox, clock, wire, self.timeout_s, stats)
         self.stage_drivers = []
+        # What rank 0 relays for later stages (their steps and allreduces) is counted
+        # apart from its own traffic; a pipeline's router thread updates these.
+        self.relay_stats = AllreduceStats()
         for i, st in enumerate(stages[1:], start=1):
             group = [self.links.links[r - 1] for r in st.ranks]
             hub = None
             if len(group) > 1:
-                hub = StarMaster(self.inbox, clock, wire, self.timeout_s, stats, members=group)
-            bc = StepBroadcaster(self.links, self.session, clock, stats, members=group)
+                hub = StarMaster(
+                    self.inbox, clock, wire, self.timeout_s, self.relay_stats, members=group
+                )
+            bc = StepBroadcaster(self.links, self.session, clock, self.relay_stats, members=group)
             self.stage_drivers.append(RemoteStage(i, st, group, bc, hub))
 
     def _push_plan(self, rank: int, partial: dict) -> PushState:

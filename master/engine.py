@@ -126,6 +126,8 @@ class Engine:
         t0 = time.perf_counter()
         if gpipe is not None and pieces > 1:
             h = gpipe(self.vocab, ids, plan, pieces, want)
+        elif hasattr(self.decoder, "stages"):  # a pipeline: the head's wish decides FINAL
+            h = self.decoder.run(self.vocab.start(ids, plan, pieces, want), plan, pieces, want)
         else:
             h = self.vocab.start(ids, plan, pieces, want)
             h = self.decoder.run(h, plan, pieces)
@@ -134,7 +136,8 @@ class Engine:
         self.forward_seconds += elapsed
         if self.planner is not None:
             compute = elapsed - (self._waiting_seconds() - waited)
-            self.planner.observe(tokens, 2 * self.cfg.num_layers, compute)
+            # This node's own layers (a pipeline's master runs only its stage's).
+            self.planner.observe(tokens, 2 * self.decoder.cfg.num_layers, compute)
         self.steps += 1
         for r, cached in zip(rows, caches, strict=True):
             cached.extend(r.ids)
@@ -142,7 +145,8 @@ class Engine:
 
     def _waiting_seconds(self) -> float:
         """Time this node has spent waiting for the network and the disk so far."""
-        total = 0.0
+        # A pipeline's master also waits for its later stages.
+        total = getattr(self.decoder, "remote_seconds", 0.0)
         for source in (self.decoder.collective, self.decoder.layers):
             stats = getattr(source, "stats", None)
             total += getattr(stats, "seconds", 0.0) + getattr(stats, "blocked_seconds", 0.0)

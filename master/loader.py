@@ -141,7 +141,6 @@ def pipeline_layout(
     pp: int | None,
     stage_layers: str | None,
     workers: list[str],
-    vocab_parallel: bool,
 ) -> Layout | None:
     """The pipeline asked for by --plan LAYOUT or --pp N (None: tensor parallel)."""
     if is_layout(plan_mode):
@@ -207,7 +206,7 @@ def open_model(
     t0 = time.perf_counter()
     torch_dtype = COMPUTE_DTYPES[dtype]
     workers = workers or []
-    layout = pipeline_layout(plan_mode, pp, stage_layers, workers, vocab_parallel)
+    layout = pipeline_layout(plan_mode, pp, stage_layers, workers)
     if layout is not None:
         workers, plan_mode = list(layout.workers), "even"
     placed = None

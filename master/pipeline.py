@@ -25,28 +25,28 @@ output on to the next stage as it arrives.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-import zmq
 
 from tpi.comm.inbox import Inbox
 from tpi.comm.links import LinkLost, WorkerLink
 from tpi.comm.star_master import StarMaster
 from tpi.comm.step_broadcast import StepBroadcaster
+from tpi.comm.wake import WakePair
 from tpi.comm.wire import Kind, Message, payload_tensor
 from tpi.model.batch import BatchPlan
 from tpi.model.decoder import Decoder
 from tpi.model.partition import Stage
 
 HIDDEN = frozenset({Kind.HIDDEN})
+PARTIALS = frozenset({Kind.PARTIAL})
 STAGE_TRAFFIC = frozenset({Kind.PARTIAL, Kind.HIDDEN})
 ROUTER_POLL_S = 0.05  # the router re-checks for a stop request this often
-_wake_ids = itertools.count()
 
 
 @dataclass
@@ -70,6 +70,27 @@ class RemoteStage:
     def where(self) -> str:
         first, end = self.stage.layers
         return f"in pipeline stage {self.index} (layers {first}-{end - 1})"
+
+    def patience(self, timeout_s: float) -> float:
+        """How long the stage may stay silent: a group's allreduces arrive every
+        phase, a stage of one rank says nothing until its output (2 phases a layer).
+        Dead or frozen ranks are noticed sooner, by their links (heartbeats)."""
+        return timeout_s if self.hub is not None else timeout_s * 2 * self.num_layers
+
+    def blame(self, timeout_s: float) -> LinkLost:
+        """The rank to name when the stage stays silent: one whose partial is missing
+        from the oldest open sum, else the lead (which owes the output)."""
+        culprit = self.lead
+        key = self.hub.reducer.oldest_open() if self.hub is not None else None
+        if key is not None:
+            missing = [r for r in self.hub.reducer.missing(key) if r != 0]
+            if missing:
+                culprit = self.hub.members[missing[0] - 1]
+        return LinkLost(culprit.rank, culprit.name, f"no reply in {timeout_s:g} s", self.where())
+
+    @property
+    def num_layers(self) -> int:
+        return self.stage.layers[1] - self.stage.layers[0]
 
     def start(self, h: torch.Tensor, plan: BatchPlan, step: int, pieces: int = 1) -> None:
         """Send the stage its input for `step` (its group then works on its own)."""
@@ -96,11 +117,11 @@ class RemoteStage:
         self.start(h, plan, step, pieces)
         while True:
             try:
-                link, msg = inbox.take(STAGE_TRAFFIC, timeout_s, self.ranks, where=self.where())
+                link, msg = inbox.take(
+                    STAGE_TRAFFIC, self.patience(timeout_s), self.ranks, where=self.where()
+                )
             except TimeoutError:
-                raise LinkLost(
-                    self.lead.rank, self.lead.name, f"no reply in {timeout_s:g} s", self.where()
-                ) from None
+                raise self.blame(timeout_s) from None
             if msg.kind == Kind.PARTIAL and self.hub is not None:
                 self.hub.absorb(link, msg)
             elif msg.kind == Kind.HIDDEN:
@@ -135,9 +156,11 @@ class PipelineDecoder:
 
     @property
     def can_gpipe(self) -> bool:
-        """Micro-batches through the stages: not with a head over every rank, whose
-        ranks take a pass's token ids, stage input and final states in turn."""
-        return self.final is None
+        """Whether a pass may become micro-batches through the stages: not with a
+        head over every rank (its ranks take a pass's token ids, stage input and
+        final states in turn), nor with LongRoPE, whose table is chosen by where a
+        pass ends (each micro-batch would choose for itself)."""
+        return self.final is None and not self.local.cfg.rope.long_factor
 
     @property
     def num_stages(self) -> int:
@@ -172,13 +195,16 @@ class PipelineDecoder:
     def layers(self):
         return self.local.layers
 
-    def run(self, h: torch.Tensor, plan: BatchPlan, pieces: int = 1) -> torch.Tensor:
-        """Every stage in turn for the step just started (stage 0 got its STEP)."""
+    def run(
+        self, h: torch.Tensor, plan: BatchPlan, pieces: int = 1, want: dict | None = None
+    ) -> torch.Tensor:
+        """Every stage in turn for the step just started (stage 0 got its STEP);
+        `want`: what the head is asked for (no final states are sent for none)."""
         h = self.local.run(h, plan, pieces)
         t0 = time.perf_counter()
         for stage in self.stages:
             h = stage.run(h, plan, pieces, self.inbox, self.timeout_s)
-        if self.final is not None:
+        if self.final is not None and (want or {}).get("mode") != "none":
             self.final.final(h)
         self.remote_seconds += time.perf_counter() - t0
         return h
@@ -216,12 +242,14 @@ class _Router:
     """Owns the link sockets during a GPipe pass (see the module docstring)."""
 
     def __init__(self, decoder: PipelineDecoder, plans: dict[int, BatchPlan]) -> None:
-        self.decoder = decoder
         self.stages = decoder.stages
         self.inbox = decoder.inbox
-        self.timeout_s = decoder.timeout_s
+        self.hidden_size = decoder.cfg.hidden_size
         self.plans = plans
         self.clock = self.stages[0].broadcast.clock
+        # A micro-batch may wait for every later stage: each may take its patience.
+        self.patience = sum(st.patience(decoder.timeout_s) for st in self.stages)
+        self.timeout_s = decoder.timeout_s
         first = decoder.local.collective
         self.first = first if isinstance(first, StarMaster) else None
         self._handoff: queue.SimpleQueue = queue.SimpleQueue()
@@ -230,43 +258,59 @@ class _Router:
         self._at: dict[int, int] = {}  # step -> index into stages of where it is
         self._error: BaseException | None = None
         self._stop = False
+        self._wake: WakePair | None = None
 
-    def running(self):
-        return _RouterRun(self)
+    @contextlib.contextmanager
+    def running(self) -> Iterator[_Router]:
+        """The router thread's lifetime: every link socket is its own while inside."""
+        self._wake = WakePair(self.inbox.links, "pipeline")
+        steps = sorted(self.plans)
+        for owner in [self.first, *(st.hub for st in self.stages)]:
+            if owner is not None:
+                owner.reducer.expect(steps[0], steps[-1])
+        handed = self.first.handed_over(self._wake.nudge) if self.first is not None else None
+        try:
+            with handed if handed is not None else contextlib.nullcontext():
+                thread = threading.Thread(
+                    target=self._drive, name="tpi-pipeline-router", daemon=True
+                )
+                thread.start()
+                try:
+                    yield self
+                finally:
+                    self._stop = True
+                    self._wake.nudge()
+                    thread.join()
+            if self._error is not None:
+                raise self._error
+        finally:
+            self._wake.close()
 
     def submit(self, step: int, h: torch.Tensor) -> None:
         """Stage 0's output of `step`: on to stage 1 (by the router thread)."""
         self._handoff.put((step, h))
-        self._nudge()
+        self._wake.nudge()
 
     def result(self, step: int) -> torch.Tensor:
         """The last stage's output of `step` (waits; raises what broke)."""
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + self.patience
         with self._cond:
             while step not in self._results:
                 if self._error is not None:
                     raise self._error
                 if not self._cond.wait(timeout=max(0.0, deadline - time.monotonic())):
-                    stage = self.stages[self._at.get(step, 0)]
-                    lead = stage.lead
-                    raise LinkLost(
-                        lead.rank, lead.name, f"no reply in {self.timeout_s:g} s", stage.where()
-                    )
+                    raise self.stages[self._at.get(step, 0)].blame(self.timeout_s)
             return self._results.pop(step)
 
     # --- the router thread ------------------------------------------------------------
 
-    def _nudge(self) -> None:
-        with contextlib.suppress(zmq.Again):  # a wake-up already queued is enough
-            self._wake_tx.send(b"", zmq.NOBLOCK)
-
-    def drive(self, wake: zmq.Socket) -> None:
+    def _drive(self) -> None:
         try:
             while True:
-                ready = self.inbox.receive(ROUTER_POLL_S, where="in a pipelined pass", extra=[wake])
-                if wake in ready:
-                    while wake.poll(0):
-                        wake.recv()
+                ready = self.inbox.receive(
+                    ROUTER_POLL_S, where="in a pipelined pass", extra=[self._wake.rx]
+                )
+                self._wake.drain(ready)
                 if self.first is not None:
                     self.first.pump()
                 while not self._handoff.empty():
@@ -274,7 +318,7 @@ class _Router:
                     self._forward(0, step, h)
                 for stage in self.stages:
                     if stage.hub is not None:
-                        while (got := self.inbox.pop({Kind.PARTIAL}, stage.ranks)) is not None:
+                        while (got := self.inbox.pop(PARTIALS, stage.ranks)) is not None:
                             stage.hub.absorb(*got)
                 while (got := self.inbox.pop(HIDDEN)) is not None:
                     self._arrived(*got)
@@ -286,8 +330,6 @@ class _Router:
             with self._cond:
                 self._error = e
                 self._cond.notify_all()
-        finally:
-            wake.close(linger=0)
 
     def _forward(self, index: int, step: int, h: torch.Tensor) -> None:
         self._at[step] = index
@@ -298,9 +340,8 @@ class _Router:
         if step not in self._at:
             raise LinkLost(link.rank, link.name, f"sent an output of step {step}, not in flight")
         index = self._at[step]
-        stage = self.stages[index]
-        rows = sum(s.length for s in self.plans[step].segments)
-        h = stage.output(link, msg, step, (rows, msg.data.shape[-1]))
+        rows = self.plans[step].tokens
+        h = self.stages[index].output(link, msg, step, (rows, self.hidden_size))
         if index + 1 < len(self.stages):
             self._forward(index + 1, step, h)
         else:
@@ -308,42 +349,3 @@ class _Router:
                 self._results[step] = h.clone()  # the frame's buffer goes back to zmq
                 del self._at[step]
                 self._cond.notify_all()
-
-
-class _RouterRun:
-    """The router thread's lifetime: every socket is its own while inside."""
-
-    def __init__(self, router: _Router) -> None:
-        self.router = router
-
-    def __enter__(self) -> _Router:
-        r = self.router
-        ctx = r.inbox.links.ctx
-        address = f"inproc://tpi-pipeline-{next(_wake_ids)}"
-        self._rx = ctx.socket(zmq.PAIR)
-        self._rx.bind(address)
-        r._wake_tx = ctx.socket(zmq.PAIR)
-        r._wake_tx.connect(address)
-        steps = sorted(r.plans)
-        for reducer_owner in [r.first, *(s.hub for s in r.stages)]:
-            if reducer_owner is not None:
-                reducer_owner.reducer.expect(steps[0], steps[-1])
-        self._handed = r.first.handed_over(r._nudge) if r.first is not None else None
-        if self._handed is not None:
-            self._handed.__enter__()
-        self._thread = threading.Thread(
-            target=r.drive, args=(self._rx,), name="tpi-pipeline-router", daemon=True
-        )
-        self._thread.start()
-        return r
-
-    def __exit__(self, *exc) -> None:
-        r = self.router
-        r._stop = True
-        r._nudge()
-        self._thread.join()
-        r._wake_tx.close(linger=0)
-        if self._handed is not None:
-            self._handed.__exit__(*exc)
-        if r._error is not None and exc[0] is None:
-            raise r._error

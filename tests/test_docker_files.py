@@ -326,6 +326,7 @@ def test_master_without_netem_talks_to_workers_through_the_relay(tmp_path):
             ["--stages", "3,1", "--stage-layers", "20,10"],
         ),
         ({}, []),
+        ({"TPI_PP": "2", "TPI_STAGES": "3,1"}, None),  # refused: one or the other
     ],
 )
 def test_the_prepare_step_splits_the_pipeline_asked_for(tmp_path, env, expected):
@@ -352,6 +353,9 @@ def test_the_prepare_step_splits_the_pipeline_asked_for(tmp_path, env, expected)
         text=True,
         timeout=60,
     )
+    if expected is None:
+        assert res.returncode != 0 and "not both" in res.stderr
+        return
     assert res.returncode == 0, res.stderr
     (split,) = [line.split() for line in (tmp_path / "tpi-args").read_text().splitlines()]
     assert split[0] == "split"

@@ -87,6 +87,49 @@ def test_a_vocabulary_parallel_pipeline_deals_the_vocabulary_over_every_stage(ll
     assert all(b - a > 0 for a, b in rows)
 
 
+def test_a_plan_value_is_a_layout_only_if_it_names_the_master_or_has_stages():
+    from tpi.model.pipeline_plan import is_layout
+
+    assert is_layout("master,w1 | w2") and is_layout("w1,master") and is_layout("master")
+    assert not is_layout("auto") and not is_layout("even") and not is_layout("masterx,w1")
+
+
+def test_a_silent_group_blames_the_rank_whose_partial_is_missing():
+    from types import SimpleNamespace
+
+    import torch
+
+    from tpi.comm.reducer import Reducer
+    from tpi.comm.wire import Phase
+    from tpi.master.pipeline import RemoteStage
+    from tpi.model.partition import Stage
+
+    links = [SimpleNamespace(rank=r, name=f"10.0.0.{r}:5555") for r in (2, 3)]
+    reducer = Reducer(3, torch.float32)
+    reducer.expect(7)
+    hub = SimpleNamespace(reducer=reducer, members=links)
+    stage = RemoteStage(1, Stage((3, 6), (2, 3)), links, broadcast=None, hub=hub)
+    key = (7, 1, Phase.MLP, 0)
+    reducer.own_zeros(key, (2,))
+    reducer.add(1, key, torch.float32, torch.ones(2))  # rank 2's partial is in, rank 3's not
+    err = stage.blame(5.0)
+    assert err.rank == 3 and "10.0.0.3:5555" in str(err) and "layers 3-5" in str(err)
+    assert stage.patience(5.0) == 5.0  # a group's partials come every phase
+    solo = RemoteStage(2, Stage((6, 9), (4,)), [links[0]], broadcast=None, hub=None)
+    assert solo.patience(5.0) == 5.0 * 2 * 3  # a stage of one says nothing until its output
+    assert solo.blame(5.0).rank == 2  # its lead owes the output
+
+
+def test_phi3_longrope_through_a_pipeline_runs_whole_passes(phi3_dir, workers):
+    # LongRoPE picks its table by where a pass ends: no micro-batches through stages.
+    expected_logits, expected_tokens = _expected(phi3_dir)
+    with cluster_model(phi3_dir, addresses(workers)[:1], pp=2) as lm:
+        assert not lm.engine.decoder.can_gpipe
+        assert (step_logits(lm.engine, PROMPT, FOLLOW) - expected_logits).abs().max() <= 1e-4
+        lm.engine.reset()
+        assert greedy(lm.engine, PROMPT, 32) == expected_tokens
+
+
 def test_a_pipeline_shard_holds_only_its_stages_layers(llama_dir, tmp_path):
     out = split_model(
         llama_dir, tmp_path / "pp", [1.0] * 3, stage_sizes=[2, 1], stage_layers=[2, 1]
@@ -136,6 +179,7 @@ PLANS = {
     "window1": dict(pp=2, n=3, memory=MemoryOptions(window=1)),
     "int8": dict(plan_mode="master,w1 | w2,w3", quant="int8", n=3),
     "chunked_prefill": dict(plan_mode="master,w1 | w2,w3", prefill_chunks=3, n=3),
+    "bf16_wire": dict(plan_mode="master,w1 | w2,w3", wire_dtype="bf16", n=3),
     "vocab_parallel": dict(plan_mode="master,w1 | w2,w3", vocab_parallel=True, n=3),
     "vocab_parallel_pp4": dict(pp=4, vocab_parallel=True, n=3),
 }
@@ -146,11 +190,12 @@ def test_pipeline_plans_match_the_single_node(name, deep_llama, workers):
     kw = dict(PLANS[name])
     n = kw.pop("n")
     expected_logits, expected_tokens = _expected(deep_llama)
-    if "quant" in kw:
-        # int8 kernels return bf16, so partials are rounded before their sum: the
-        # reference is tensor parallelism over 2 ranks, which cuts every layer as
-        # both 2-rank stages do (and is itself checked against one node, test_quant).
-        with cluster_model(deep_llama, addresses(workers)[:1], quant=kw["quant"]) as one:
+    rounded = {k: kw[k] for k in ("quant", "wire_dtype") if k in kw}
+    if rounded:
+        # int8 kernels return bf16, and a bf16 wire rounds partials, before their sum:
+        # the reference is tensor parallelism over 2 ranks, which cuts every layer as
+        # both 2-rank stages do (and is itself checked against one node elsewhere).
+        with cluster_model(deep_llama, addresses(workers)[:1], **rounded) as one:
             expected_logits = step_logits(one.engine, PROMPT, FOLLOW)
             one.engine.reset()
             expected_tokens = greedy(one.engine, PROMPT, 32)
@@ -211,6 +256,25 @@ def test_smollm2_through_a_hybrid_plan_keeps_its_greedy_tokens(smollm_dir, worke
         assert greedy(lm.engine, prompt, 32) == tokens
 
 
+def test_a_pipeline_over_curve_encrypted_links(deep_llama, tmp_path):
+    from click.testing import CliRunner
+
+    from tpi.cli import cli
+
+    keys = tmp_path / "keys"
+    assert CliRunner().invoke(cli, ["keygen", str(keys)]).exit_code == 0
+    expected_logits, expected_tokens = _expected(deep_llama, 8)
+    with (
+        local_workers(2, tmp_path / "w", extra_args=["--curve", str(keys)]) as lc,
+        cluster_model(
+            deep_llama, addresses(lc), plan_mode="master | w1 | w2", curve_dir=str(keys)
+        ) as lm,
+    ):
+        assert (step_logits(lm.engine, PROMPT, FOLLOW) - expected_logits).abs().max() <= 1e-4
+        lm.engine.reset()
+        assert greedy(lm.engine, PROMPT, 8) == expected_tokens
+
+
 @pytest.mark.parametrize("victim", [1, 3])  # in the master's stage; alone in a later one
 def test_a_killed_rank_in_any_stage_is_named_within_seconds(deep_llama, tmp_path, victim):
     with (
@@ -232,11 +296,11 @@ def test_a_killed_rank_in_any_stage_is_named_within_seconds(deep_llama, tmp_path
 def test_pipeline_options_that_cannot_work_are_refused(deep_llama, workers):
     ws = addresses(workers)
     with pytest.raises(ModelError, match="--stage-layers needs a pipeline"):
-        pipeline_layout(None, None, "3,3", ws, vocab_parallel=False)
+        pipeline_layout(None, None, "3,3", ws)
     with pytest.raises(ModelError, match="either as --plan LAYOUT or as --pp"):
-        pipeline_layout("master | w1,w2,w3", 2, None, ws, vocab_parallel=False)
+        pipeline_layout("master | w1,w2,w3", 2, None, ws)
     with pytest.raises(PartitionError, match="between 1 and 4"):
-        pipeline_layout(None, 5, None, ws, vocab_parallel=False)
+        pipeline_layout(None, 5, None, ws)
     with pytest.raises(PartitionError, match="positive integers"):
         open_model(str(deep_llama), "fp32", quiet=True, workers=ws, pp=2, stage_layers="0,6")
 
@@ -288,11 +352,17 @@ def test_micro_batches_flow_through_the_stages_one_behind_the_other(
 
 
 @pytest.mark.parametrize(
-    "plan, nano",
-    [("master,w1 | w2,w3", None), ("master | w1 | w2 | w3", None), ("master,w1 | w2,w3", 2)],
+    "plan, nano, vocab_parallel",
+    [
+        ("master,w1 | w2,w3", None, False),
+        ("master | w1 | w2 | w3", None, False),
+        ("master,w1 | w2,w3", 2, False),
+        # Prompt chunks before the last ask the head nothing: no final states are sent.
+        ("master | w1 | w2,w3", None, True),
+    ],
 )
 def test_continuous_batching_through_a_pipeline_gives_each_sequence_its_tokens(
-    plan, nano, deep_llama, workers
+    plan, nano, vocab_parallel, deep_llama, workers
 ):
     from tests.test_batching import PROMPTS, alone, batched, seqs_for
 
@@ -304,7 +374,9 @@ def test_continuous_batching_through_a_pipeline_gives_each_sequence_its_tokens(
     ]
     single = load_engine(deep_llama)
     expected = [alone(single, p, prm) for p, prm in zip(PROMPTS, sampled, strict=True)]
-    with cluster_model(deep_llama, addresses(workers), plan_mode=plan) as lm:
+    with cluster_model(
+        deep_llama, addresses(workers), plan_mode=plan, vocab_parallel=vocab_parallel
+    ) as lm:
         if nano:  # batches cut into micro-batches that flow through the stages
             lm.engine.planner.fixed_nano = nano
         seqs = seqs_for(sampled)

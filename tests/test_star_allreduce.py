@@ -107,9 +107,9 @@ def test_out_of_step_wrong_dtype_and_shape_are_protocol_errors():
 def test_a_pipelined_pass_accepts_its_steps_in_order_and_a_hub_adds_zeros():
     red = Reducer(3, torch.float32)
     red.expect(4, 6)  # three micro-batches in flight
-    with pytest.raises(ProtocolError, match="step 3 during step 6"):
+    with pytest.raises(ProtocolError, match="step 3 during step 4..6"):
         red.add(1, (3, 0, Phase.ATTENTION, 0), torch.float32, torch.ones(2))
-    with pytest.raises(ProtocolError, match="step 7 during step 6"):
+    with pytest.raises(ProtocolError, match="step 7 during step 4..6"):
         red.add(1, (7, 0, Phase.ATTENTION, 0), torch.float32, torch.ones(2))
     for step in (4, 5):
         key = (step, 0, Phase.ATTENTION, 0)
@@ -121,7 +121,9 @@ def test_a_pipelined_pass_accepts_its_steps_in_order_and_a_hub_adds_zeros():
         assert torch.equal(total.wire, torch.full((2,), 3.5))
         red.release(key)
     # Back to step 4 after step 5 is summed: late, ignored.
+    assert red.is_late((4, 1, Phase.ATTENTION, 0))
     assert not red.add(1, (4, 1, Phase.ATTENTION, 0), torch.float32, torch.ones(2))
+    assert red.oldest_open() is None
 
 
 def test_wire_rounding_is_the_same_for_every_rank():
@@ -158,7 +160,7 @@ class FakeLink:
 
 
 class FakeLinks:
-    """What the inbox needs of a LinkSet: links, a context, and `receive`."""
+    """What the inbox needs of a LinkSet: links, a context, `receive` and `forget`."""
 
     def __init__(self, world: int) -> None:
         self.ctx = zmq.Context.instance()
@@ -166,6 +168,9 @@ class FakeLinks:
         self.script: list[tuple[float, int, Message]] = []  # (due, rank, message)
         self.receiving_threads: set[str] = set()
         self._lock = threading.Lock()
+
+    def forget(self, extra) -> None:
+        self.forgotten = extra  # a closed wake socket's poller (LinkSet keeps one per socket)
 
     def deliver(self, rank: int, msg: Message, after_s: float = 0.0) -> None:
         with self._lock:
@@ -301,3 +306,22 @@ def test_overlap_timeout_names_the_missing_rank():
         p = master.start(torch.ones(2), 2, Phase.MLP, 0)
         fake.deliver(2, partial_msg(1, 2, 1, 0, torch.ones(2)))
         master.wait(p)
+
+
+def test_a_closed_wake_socket_leaves_no_poller_behind():
+    # Every overlapped pass polls the links with a wake socket of its own; a long
+    # running server must not keep one poller per pass for good.
+    from tpi.comm.links import LinkSet
+    from tpi.comm.wake import WakePair
+
+    links = LinkSet(zmq.Context.instance())
+    for _ in range(3):
+        wake = WakePair(links, "test")
+        links.receive(0.0, extra=[wake.rx])
+        wake.nudge()
+        ready = links.receive(0.5, extra=[wake.rx])[1]
+        assert wake.rx in ready
+        wake.drain(ready)
+        assert not wake.rx.poll(0)
+        wake.close()
+    assert links._extra_pollers == {}

@@ -20,10 +20,8 @@ from tpi.comm.reducer import pass_order
 from tpi.comm.wire import DataHeader, Kind, Message, ProtocolError, decode, encode_control
 from tpi.worker.watchdog import beat
 
-# Kinds that may arrive while an allreduce waits, served after the step: requests,
-# and the next steps of a pipelined pass (the master sends a stage's micro-batches
-# one behind the other, without waiting for each to finish).
-BETWEEN_STEPS = frozenset({Kind.STATS_REQUEST, Kind.PROFILE_REQUEST, Kind.STEP})
+# Requests that may arrive while an allreduce waits, served after the step.
+BETWEEN_STEPS = frozenset({Kind.STATS_REQUEST, Kind.PROFILE_REQUEST})
 MID_STEP_TIMEOUT_S = 300.0  # backstop only: disconnects are noticed within seconds
 POLL_S = 0.5
 
@@ -52,6 +50,9 @@ class MasterChannel:
         self.session = session
         self.rank = rank
         self._kept: deque[Message] = deque()
+        # A pipeline's rank: the master sends a stage's micro-batches one behind the
+        # other, so the next STEP may arrive while this one's allreduce waits.
+        self.keep_steps = False
 
     # --- sending ---------------------------------------------------------------------
 
@@ -75,7 +76,7 @@ class MasterChannel:
         want = (expected.step, expected.layer, expected.phase, expected.pos)
         while True:
             msg = self._receive(MID_STEP_TIMEOUT_S)
-            if msg.kind in BETWEEN_STEPS:
+            if msg.kind in BETWEEN_STEPS or (self.keep_steps and msg.kind == Kind.STEP):
                 self._kept.append(msg)  # served after this step, in order
                 continue
             if msg.kind != Kind.SUM:

@@ -56,6 +56,7 @@ class LoadedRank:
     hands_on: int | None = None
     stage: int = 0  # its pipeline stage (0 without a pipeline)
     last_stage: bool = True  # whether its stage ends the model (it holds the final states)
+    stage_layers: tuple[int, int] | None = None  # a pipeline rank's layers (None: all)
 
 
 def load_rank(
@@ -75,8 +76,11 @@ def load_rank(
             f"shard is rank {m.rank}/{m.world}, master asked for {hello.rank}/{hello.world}"
         )
     stage_index, stage = m.partition.stage_of(m.rank)
-    collective = StarWorker(channel, hello.session, request.wire_dtype, solo=len(stage.ranks) == 1)
-    hands_on = stage_index if stage_index > 0 and stage.lead == m.rank else None
+    solo = stage is not None and len(stage.ranks) == 1
+    collective = StarWorker(channel, hello.session, request.wire_dtype, solo=solo)
+    hands_on = (
+        stage_index if stage is not None and stage_index > 0 and stage.lead == m.rank else None
+    )
     head = None
     if shard.has_head:  # a vocabulary-parallel split: this rank's rows of the head
         head = HeadService(shard.config, shard.load_head(request.dtype), collective)
@@ -94,4 +98,6 @@ def load_rank(
     log.info("loaded rank %d/%d in %.2f s", hello.rank, hello.world, load_s)
     stages = m.partition.stages
     last = stages is None or stage_index == len(stages) - 1
-    return LoadedRank(runtime, collective, head, load_s, hands_on, stage_index, last)
+    return LoadedRank(
+        runtime, collective, head, load_s, hands_on, stage_index, last, stage and stage.layers
+    )

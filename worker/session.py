@@ -18,7 +18,7 @@ from tpi.quant.formats import weight_nbytes
 from tpi.runtime.node_stats import node_stats
 from tpi.storage.read_check import CorruptShard
 from tpi.worker.handshake import Hello, Refused, admit
-from tpi.worker.master_channel import MID_STEP_TIMEOUT_S, MasterChannel, SessionEnded
+from tpi.worker.master_channel import MasterChannel, SessionEnded
 from tpi.worker.options import WorkerOptions
 from tpi.worker.profile_service import serve_profile
 from tpi.worker.rank_loader import LoadedRank, LoadRequest, load_rank
@@ -66,6 +66,7 @@ class Session:
                 self.store,
                 self.options,
             )
+            channel.keep_steps = self.loaded.stage_layers is not None
             plan = self.loaded.runtime.plan
             channel.control(
                 Kind.READY,
@@ -168,7 +169,8 @@ class Session:
             h = decoder.run(h, plan, 1)
             if loaded.hands_on is not None:
                 loaded.collective.send_hidden(h, loaded.hands_on, pos)
-        if not loaded.last_stage:  # the final states, for this rank's head rows
+        if not loaded.last_stage and b["head"].get("mode") != "none":
+            # The final states, for this rank's head rows.
             h = self._expect_data(Kind.FINAL, x.shape, b["step"]).to(decoder.dtype)
         loaded.head.answer(h, b["head"])
         self.compute_seconds += time.perf_counter() - t0
@@ -179,8 +181,9 @@ class Session:
 
     def _expect_data(self, kind: Kind, shape, step: int) -> torch.Tensor:
         """The next message, which must be `kind` of this step and shape (a pipeline
-        stage's input, or its final states)."""
-        msg = self.channel.next(MID_STEP_TIMEOUT_S)
+        stage's input, or its final states). The stages before may take long; a
+        master that vanishes meanwhile is noticed by its link."""
+        msg = self.channel.next(None)
         if msg.kind != kind:
             raise ProtocolError(f"expected {kind.name} of step {step}, got {msg.kind.name}")
         h = msg.data

@@ -7,7 +7,8 @@ stashed on the side. A worker's ERROR is raised to whoever is waiting, whatever
 they wait for: the session is broken either way.
 
 An Inbox drives the link sockets, so exactly one thread may use it at a time
-(the compute thread, or the reducer thread during an overlapped prefill).
+(the compute thread, or the reducer thread during an overlapped prefill, or a
+pipeline's router thread during a micro-batched pass).
 """
 
 from __future__ import annotations

@@ -230,6 +230,10 @@ class LinkSet:
             if remaining <= 0:
                 return [], set()
 
+    def forget(self, extra: tuple[zmq.Socket, ...]) -> None:
+        """Drop the poller kept for these extra sockets (they are being closed)."""
+        self._extra_pollers.pop(extra, None)
+
     def _raise_lost(self, ranks: set[int] | None) -> None:
         for link in self.links:
             if link.lost and (ranks is None or link.rank in ranks):

@@ -13,8 +13,8 @@ vocabulary-parallel step always travels in fp32: it is a gather, not a sum of
 approximations, and must arrive exact.)
 
 A frame for a key already summed is late or a duplicate and is ignored; a
-partial of another step than the current one, or of the wrong shape or dtype,
-is a protocol error.
+partial of a step not in flight (the current one, or those of a pipelined pass:
+`expect`), or of the wrong shape or dtype, is a protocol error.
 """
 
 from __future__ import annotations
@@ -122,15 +122,18 @@ class Reducer:
             red.have.add(0)
             red.own_dtype = red.wire
 
+    def is_late(self, key: Key) -> bool:
+        """Whether `key` was already summed (a frame for it is late or a duplicate)."""
+        return pass_order(key) <= self._done
+
     def add(self, rank: int, key: Key, dtype: torch.dtype, tensor: torch.Tensor) -> bool:
         """A worker's partial (any shape view of its values); False if it was late
         or a duplicate (ignored)."""
-        if pass_order(key) <= self._done:
+        if self.is_late(key):
             return False
         if not self.first_step <= key[0] <= self.step:
-            raise ProtocolError(
-                f"rank {rank} sent a partial of step {key[0]} during step {self.step}"
-            )
+            steps = f"{self.first_step}..{self.step}" if self.first_step < self.step else self.step
+            raise ProtocolError(f"rank {rank} sent a partial of step {key[0]} during step {steps}")
         red = self._reduction(key, tuple(tensor.shape))
         if rank in red.have:
             return False

@@ -11,25 +11,30 @@ hands its partials over a queue and wakes the reducer through an inproc socket
 of its own, and never touches a link socket, because ZeroMQ sockets must not
 be used by two threads. The reducer receives partials and sends each total the
 moment its last partial is in, while the compute thread works on the next chunk.
+A pipeline's router thread (tpi.master.pipeline) takes the reducer's place the
+same way (`handed_over`, `pump`) during a micro-batched pass.
+
+In a pipeline, a StarMaster sums one stage's group (`members`): stage 0's with
+rank 0's own partials, a later stage's as its hub (`absorb`: rank 0 computes
+nothing for that group and adds zeros).
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import torch
-import zmq
 
 from tpi.comm.inbox import Inbox
 from tpi.comm.links import LinkLost, WorkerLink
 from tpi.comm.reducer import Key, Pending, Reducer, Total
 from tpi.comm.step_broadcast import StepClock
 from tpi.comm.traffic import AllreduceStats
+from tpi.comm.wake import WakePair
 from tpi.comm.wire import (
     DataHeader,
     Kind,
@@ -42,7 +47,6 @@ from tpi.comm.wire import (
 
 PARTIALS = frozenset({Kind.PARTIAL})
 REDUCER_POLL_S = 0.05  # the reducer thread re-checks for a stop request this often
-_wake_ids = itertools.count()
 
 
 def _where(key: Key) -> str:
@@ -155,26 +159,23 @@ class StarMaster:
 
     @contextlib.contextmanager
     def pipelined(self) -> Iterator[None]:
-        ctx = self.links.ctx
-        address = f"inproc://tpi-reducer-{next(_wake_ids)}"
-        wake_rx = ctx.socket(zmq.PAIR)
-        wake_rx.bind(address)
-        wake = ctx.socket(zmq.PAIR)
-        wake.connect(address)
+        wake = WakePair(self.links, "reducer")
         self.reducer.expect(self.clock.step)
         self._stop = False
-        with self.handed_over(lambda: _nudge(wake)):
-            thread = threading.Thread(
-                target=self._drive, args=(wake_rx,), name="tpi-star-reducer", daemon=True
-            )
-            thread.start()  # from here until join, only that thread touches the link sockets
-            try:
-                yield
-            finally:
-                self._stop = True
-                _nudge(wake)
-                thread.join()
-                wake.close(linger=0)
+        try:
+            with self.handed_over(wake.nudge):
+                thread = threading.Thread(
+                    target=self._drive, args=(wake,), name="tpi-star-reducer", daemon=True
+                )
+                thread.start()  # from here until join, only that thread touches the link sockets
+                try:
+                    yield
+                finally:
+                    self._stop = True
+                    wake.nudge()
+                    thread.join()
+        finally:
+            wake.close()
 
     @contextlib.contextmanager
     def handed_over(self, wake: Callable[[], None]) -> Iterator[None]:
@@ -220,7 +221,10 @@ class StarMaster:
         """A group member's partial: summed with the others' (rank 0 adds zeros), and
         each total sent back as soon as it is complete (nobody on rank 0 waits for it)."""
         h = msg.data
-        self.reducer.own_zeros((h.step, h.layer, h.phase, h.pos), tuple(h.shape))
+        key = (h.step, h.layer, h.phase, h.pos)
+        if self.reducer.is_late(key):
+            return  # late or duplicate: opening a reduction for it would stall the rest
+        self.reducer.own_zeros(key, tuple(h.shape))
         self._add(link, msg)
         for t in self._send_sums(self.reducer.ready()).values():
             self.reducer.release(t.key)
@@ -241,26 +245,15 @@ class StarMaster:
             self.reducer.release(key)
             return self._totals.pop(key)
 
-    def _drive(self, wake: zmq.Socket) -> None:
+    def _drive(self, wake: WakePair) -> None:
         try:
             while True:
                 ready = self.inbox.receive(
-                    REDUCER_POLL_S, where="during an overlapped prefill", extra=[wake]
+                    REDUCER_POLL_S, where="during an overlapped prefill", extra=[wake.rx]
                 )
-                if wake in ready:
-                    while wake.poll(0):
-                        wake.recv()
+                wake.drain(ready)
                 self.pump()
                 if self._stop and self._handoff.empty():
                     return
         except BaseException as e:  # handed to the compute thread in wait()
             self.fail(e)
-        finally:
-            wake.close(linger=0)
-
-
-def _nudge(wake: zmq.Socket) -> None:
-    # A wake-up already queued is enough, and a reducer that stopped on an error
-    # reads no more: neither may block the compute thread.
-    with contextlib.suppress(zmq.Again):
-        wake.send(b"", zmq.NOBLOCK)

@@ -56,6 +56,10 @@ class RankSlice:
     def n_q(self) -> int:
         return self.q_heads[1] - self.q_heads[0]
 
+    def holds(self, layer: int) -> bool:
+        """Whether this rank holds (its slice of) `layer`."""
+        return self.layers is None or self.layers[0] <= layer < self.layers[1]
+
     @property
     def n_kv(self) -> int:
         return self.kv_heads[1] - self.kv_heads[0]
@@ -178,11 +182,10 @@ class Partition:
     def vocab_parallel(self) -> bool:
         return self.slices[0].vocab is not None
 
-    def stage_of(self, rank: int) -> tuple[int, Stage]:
-        """The index and stage of `rank` (a plain split: one stage of every rank)."""
+    def stage_of(self, rank: int) -> tuple[int, Stage | None]:
+        """The index and stage of `rank`; (0, None) for a split without stages."""
         if self.stages is None:
-            layers = (0, 0) if self.slices[rank].layers is None else self.slices[rank].layers
-            return 0, Stage(layers, tuple(range(self.world)))
+            return 0, None
         for i, st in enumerate(self.stages):
             if rank in st.ranks:
                 return i, st

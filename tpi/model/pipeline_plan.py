@@ -39,10 +39,6 @@ class Layout:
     workers: tuple[str, ...]
     sizes: tuple[int, ...]
 
-    @property
-    def world(self) -> int:
-        return len(self.workers) + 1
-
     def groups(self) -> list[tuple[int, ...]]:
         out, start = [], 0
         for n in self.sizes:
@@ -56,8 +52,11 @@ class Layout:
 
 
 def is_layout(text: str | None) -> bool:
-    """Whether a --plan value is a stage layout (rather than 'auto' or 'even')."""
-    return bool(text) and ("|" in text or MASTER in text.split(",")[0].strip())
+    """Whether a --plan value is a stage layout (rather than 'auto' or 'even'): it
+    has stages ("|") or names the master."""
+    if not text:
+        return False
+    return "|" in text or MASTER in {n.strip() for n in text.split(",")}
 
 
 def parse_layout(text: str, workers: list[str]) -> Layout:

@@ -141,7 +141,12 @@ def write_split(
     identity = _identity(model_id, partition, dtype_name, quant)
     if is_split_dir(out_dir):
         index = read_split_index(out_dir)
-        if index["model_id"] == model_id and index["shares"] == list(partition.shares):
+        same_stages = index.get("stages") == partition.to_dict().get("stages")
+        if (
+            index["model_id"] == model_id
+            and index["shares"] == list(partition.shares)
+            and same_stages
+        ):
             return out_dir
         raise ModelError(f"{out_dir} holds another split; remove it first")
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -155,7 +160,7 @@ def write_split(
         (i, rs)
         for i in range(done, cfg.num_layers)
         for rs in partition.slices
-        if rs.layers is None or rs.layers[0] <= i < rs.layers[1]  # a pipeline stage's layers
+        if rs.holds(i)  # a pipeline stage's rank holds only its stage's layers
     ]
     last_rank = {i: rs.rank for i, rs in jobs}  # the layer's last file, in job order
     for (i, rs), tensors in _made_ahead(jobs, layer_tensors):

@@ -120,8 +120,8 @@ def split_model(
                     return cache[name]
 
                 for rs in partition.slices:
-                    if rs.layers is not None and not rs.layers[0] <= i < rs.layers[1]:
-                        continue  # another stage's layer
+                    if not rs.holds(i):
+                        continue  # another pipeline stage's layer
                     tensors = quantize_tensors(slice_layer(get, cfg, i, rs), LINEAR_NAMES, quant)
                     files[rs.rank].update(write_layer_files(tmp / f"rank{rs.rank}", i, tensors))
                     del tensors
