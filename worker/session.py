@@ -184,6 +184,9 @@ class Session:
         stage's input, or its final states). The stages before may take long; a
         master that vanishes meanwhile is noticed by its link."""
         msg = self.channel.next(None)
+        while msg.kind in (Kind.STATS_REQUEST, Kind.PROFILE_REQUEST):  # kept from an allreduce
+            self._serve(msg)
+            msg = self.channel.next(None)
         if msg.kind != kind:
             raise ProtocolError(f"expected {kind.name} of step {step}, got {msg.kind.name}")
         h = msg.data
