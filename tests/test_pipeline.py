@@ -424,3 +424,18 @@ def test_tpi_split_makes_a_pipeline_that_tpi_cluster_runs(deep_llama, tmp_path):
         )
         assert got.returncode == 0, got.stderr[-2000:]
         assert got.stdout == single.stdout
+
+
+def test_the_cluster_view_shows_each_ranks_stage(deep_llama, tmp_path):
+    import httpx
+
+    from tests.serve_helpers import live_server
+
+    prefix = ["cluster", "--workers", "2", "--dir", str(tmp_path / "c")]
+    args = ["--model", str(deep_llama), "-t", "0", "--plan", "master | w1,w2"]
+    with live_server(args, prefix=prefix) as base:
+        nodes = httpx.get(base + "/cluster").json()["nodes"]
+    assert [(n["first_layer"], n["layers"]) for n in nodes] == [(0, 3), (3, 3), (3, 3)]
+    # Shares are of the whole model: the master holds half (its 3 layers whole), the
+    # workers the other half (160 columns in blocks of 32: 3 and 2 blocks of 3 layers).
+    assert [n["mlp_share"] for n in nodes] == [0.5, 0.3, 0.2]

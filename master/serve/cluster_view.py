@@ -137,7 +137,8 @@ def _master_stats(loaded) -> dict:
 
 
 def _static(loaded) -> list[dict]:
-    """Per rank: its address, share of the heads and MLP columns, window and limit."""
+    """Per rank: its address, share of the heads and MLP columns (of the whole model:
+    a pipeline stage's rank holds only its layers), layers held, window and limit."""
     cluster, cfg = loaded.cluster, loaded.engine.cfg
     out = []
     world = cluster.world if cluster is not None else 1
@@ -153,6 +154,9 @@ def _static(loaded) -> list[dict]:
             else (cluster.worker_info.get(r, {}).get("plan") if cluster is not None else None)
         )
         link = cluster.links.links[r - 1] if cluster is not None and r > 0 else None
+        # A pipeline stage's rank holds only its layers: its share is of the whole model.
+        first, end = rs.layers if rs is not None and rs.layers else (0, cfg.num_layers)
+        cols = rs.n_mlp if rs else cfg.intermediate_size
         out.append(
             {
                 "rank": r,
@@ -160,12 +164,13 @@ def _static(loaded) -> list[dict]:
                 "state": "ok" if link is None else ("lost" if link.lost else "ok"),
                 "q_heads": rs.n_q if rs else cfg.num_heads,
                 "kv_heads": rs.n_kv if rs else cfg.num_kv_heads,
-                "mlp_columns": rs.n_mlp if rs else cfg.intermediate_size,
+                "mlp_columns": cols,
                 "mlp_share": round(
-                    (rs.n_mlp if rs else cfg.intermediate_size) / cfg.intermediate_size, 4
+                    cols * (end - first) / (cfg.intermediate_size * cfg.num_layers), 4
                 ),
-                "window": plan["window"] if plan else cfg.num_layers,
-                "layers": cfg.num_layers,
+                "window": plan["window"] if plan else end - first,
+                "layers": end - first,
+                "first_layer": first,
                 "limit_bytes": plan.get("budget_bytes") if plan else None,
                 "limit_source": plan.get("budget_source") if plan else None,
                 "planned_bytes": plan.get("need_bytes") if plan else None,
