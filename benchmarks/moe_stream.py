@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import write_result  # noqa: E402
 from benchmarks.scale_70b import drop_page_cache, machine_lock, run_world  # noqa: E402
+from benchmarks.synthetic_split import model_card, write_int4_split  # noqa: E402
 
 SEED = 30
 QWEN3_MOE_30B_A3B = {
@@ -65,42 +66,18 @@ MODELS = {"moe": QWEN3_MOE_30B_A3B, "dense": DENSE_SAME_SIZE}
 
 
 def make_split(work: Path, kind: str, layers: int, world: int) -> Path:
-    import torch
-
-    from tests.factories import make_tokenizer
-    from tpi.model.config import parse_config
     from tpi.model.partition import plan_partition
-    from tpi.progress import ProgressReporter
-    from tpi.quant.quantize import QuantSpec
-    from tpi.sources.synthetic import LAYOUT, SyntheticInt4Model
-    from tpi.storage.direct_split import write_split
 
     raw = {**MODELS[kind], "num_hidden_layers": layers}
-    card = work / f"card-{kind}"
-    if not (card / "tokenizer.json").is_file():
-        card.mkdir(parents=True, exist_ok=True)
-        (card / "config.json").write_text(json.dumps(raw, indent=1))
-        make_tokenizer(card)
-    cfg = parse_config(raw)
-    model = SyntheticInt4Model(cfg, seed=SEED)
-    out = work / f"{kind}-L{layers}-w{world}"
-    t0 = time.perf_counter()
-    with ProgressReporter(f"writing the {kind} {world}-rank split") as progress:
-        write_split(
-            out,
-            cfg,
-            plan_partition(cfg, [1.0] * world),
-            model.layer,
-            model.head,
-            model_id=f"synthetic-qwen3-30b-a3b-{kind}-L{layers}-int4g32-seed{SEED}",
-            dtype=torch.float32,
-            quant=QuantSpec("int4", 32, LAYOUT.name),
-            master_dir=card,
-            progress=progress,
-        )
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    click.echo(f"split {out}: {size / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s", err=True)
-    return out
+    return write_int4_split(
+        work / f"{kind}-L{layers}-w{world}",
+        raw,
+        lambda cfg: plan_partition(cfg, [1.0] * world),
+        card=model_card(work, kind, raw),
+        model_id=f"synthetic-qwen3-30b-a3b-{kind}-L{layers}-int4g32-seed{SEED}",
+        seed=SEED,
+        what=f"the {kind} {world}-rank split",
+    )
 
 
 def split_bytes(split: Path) -> dict:

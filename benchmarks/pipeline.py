@@ -41,7 +41,9 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import median, write_result  # noqa: E402
-from benchmarks.scale_70b import LLAMA2_70B, link_worker_stores, machine_lock  # noqa: E402
+from benchmarks.make_synthetic import LLAMA2_7B  # noqa: E402
+from benchmarks.scale_70b import SEED, link_worker_stores, machine_lock  # noqa: E402
+from benchmarks.synthetic_split import model_card, write_int4_split  # noqa: E402
 
 TPI = str(Path(sys.executable).parent / "tpi")
 LATENCIES = ("0ms", "1ms", "5ms", "10ms")
@@ -59,14 +61,6 @@ NANO = {"pp4-nano4": ["--pp", "4", "--nano-batches", "4"]}
 # Stage sizes of each plan (None: tensor parallel), for the directly written 7B splits.
 SIZES = {"tp4": None, "pp4": [1, 1, 1, 1], "tp2xpp2": [2, 2], "hybrid": [3, 1]}
 LAYERS_7B = {"hybrid": [24, 8]}  # a quarter of the 32 layers for the far device
-LLAMA2_7B = {
-    **LLAMA2_70B,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-}
 
 
 def _cases(only: set[str] | None) -> list[tuple[str, str, str, tuple[int, ...]]]:
@@ -119,44 +113,25 @@ def _figures(report: dict) -> dict:
 
 
 def _write_7b(work: Path, plan: str) -> Path:
-    import torch
-
-    from benchmarks.scale_70b import SEED
-    from tests.factories import make_tokenizer
-    from tpi.model.config import parse_config
     from tpi.model.partition import plan_partition
     from tpi.model.pipeline_plan import plan_pipeline
-    from tpi.progress import ProgressReporter
-    from tpi.quant.quantize import QuantSpec
-    from tpi.sources.synthetic import LAYOUT, SyntheticInt4Model
-    from tpi.storage.direct_split import write_split
 
-    card = work / "card-7b"
-    if not (card / "tokenizer.json").is_file():
-        card.mkdir(parents=True, exist_ok=True)
-        (card / "config.json").write_text(json.dumps(LLAMA2_7B, indent=1))
-        make_tokenizer(card)
-    cfg = parse_config(LLAMA2_7B)
     sizes = SIZES[plan]
-    if sizes is None:
-        partition = plan_partition(cfg, [1.0] * 4)
-    else:
-        partition = plan_pipeline(cfg, sizes, LAYERS_7B.get(plan))
-    out = work / f"7b-int4-{plan}"
-    with ProgressReporter(f"writing the {plan} split") as progress:
-        write_split(
-            out,
-            cfg,
-            partition,
-            SyntheticInt4Model(cfg, seed=SEED).layer,
-            SyntheticInt4Model(cfg, seed=SEED).head,
-            model_id=f"synthetic-llama2-7b-int4g32-seed{SEED}",
-            dtype=torch.float32,
-            quant=QuantSpec("int4", 32, LAYOUT.name),
-            master_dir=card,
-            progress=progress,
-        )
-    return out
+
+    def partition(cfg):
+        if sizes is None:
+            return plan_partition(cfg, [1.0] * 4)
+        return plan_pipeline(cfg, sizes, LAYERS_7B.get(plan))
+
+    return write_int4_split(
+        work / f"7b-int4-{plan}",
+        LLAMA2_7B,
+        partition,
+        card=model_card(work, "7b", LLAMA2_7B),
+        model_id=f"synthetic-llama2-7b-int4g32-seed{SEED}",
+        seed=SEED,
+        what=f"the {plan} split",
+    )
 
 
 def _summarize(samples: dict) -> dict:

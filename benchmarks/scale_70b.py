@@ -42,6 +42,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import write_result  # noqa: E402
+from benchmarks.synthetic_split import model_card, write_int4_split  # noqa: E402
 
 TPI = str(Path(sys.executable).parent / "tpi")
 CAP = "2GB"
@@ -206,49 +207,18 @@ class PeakSampler:
 # --- the model -------------------------------------------------------------------------
 
 
-def card_dir(work: Path, shape: str) -> Path:
-    """config.json and a small real tokenizer (the bench feeds random token ids)."""
-    from tests.factories import make_tokenizer
-
-    card = work / f"card-{shape}"
-    if not (card / "tokenizer.json").is_file():
-        card.mkdir(parents=True, exist_ok=True)
-        (card / "config.json").write_text(json.dumps(SHAPES[shape], indent=1))
-        make_tokenizer(card)
-    return card
-
-
 def make_split(work: Path, shape: str, world: int) -> Path:
-    import torch
-
-    from tpi.model.config import parse_config
     from tpi.model.partition import plan_partition
-    from tpi.progress import ProgressReporter
-    from tpi.quant.quantize import QuantSpec
-    from tpi.sources.synthetic import LAYOUT, SyntheticInt4Model
-    from tpi.storage.direct_split import write_split
 
-    cfg = parse_config(SHAPES[shape])
-    model = SyntheticInt4Model(cfg, seed=SEED)
-    out = work / f"{shape}-int4-w{world}"
-    t0 = time.perf_counter()
-    with ProgressReporter(f"writing the {world}-rank split") as progress:
-        write_split(
-            out,
-            cfg,
-            plan_partition(cfg, [1.0] * world),
-            model.layer,
-            model.head,
-            model_id=f"synthetic-llama2-{shape}-int4g32-seed{SEED}",
-            dtype=torch.float32,
-            quant=QuantSpec("int4", 32, LAYOUT.name),
-            master_dir=card_dir(work, shape),
-            progress=progress,
-        )
-    seconds = time.perf_counter() - t0
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    click.echo(f"split {out}: {size / 1e9:.1f} GB in {seconds:.0f} s", err=True)
-    return out
+    return write_int4_split(
+        work / f"{shape}-int4-w{world}",
+        SHAPES[shape],
+        lambda cfg: plan_partition(cfg, [1.0] * world),
+        card=model_card(work, shape, SHAPES[shape]),
+        model_id=f"synthetic-llama2-{shape}-int4g32-seed{SEED}",
+        seed=SEED,
+        what=f"the {world}-rank split",
+    )
 
 
 # --- one run ---------------------------------------------------------------------------

@@ -1,0 +1,66 @@
+"""A synthetic int4 model written straight into a split (no checkpoint on disk), for
+benchmarks whose models are too big to exist as a checkpoint here: the model card
+(config.json and a small real tokenizer: the benchmarks feed random token ids) and
+the split, through tpi.storage.direct_split like any split."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+
+def model_card(work: Path, name: str, raw: dict) -> Path:
+    """WORK/card-NAME: config.json and a tokenizer, made once."""
+    from tests.factories import make_tokenizer
+
+    card = work / f"card-{name}"
+    if not (card / "tokenizer.json").is_file():
+        card.mkdir(parents=True, exist_ok=True)
+        (card / "config.json").write_text(json.dumps(raw, indent=1))
+        make_tokenizer(card)
+    return card
+
+
+def write_int4_split(
+    out: Path,
+    raw: dict,
+    partition: Callable,
+    *,
+    card: Path,
+    model_id: str,
+    seed: int,
+    what: str,
+) -> Path:
+    """The model of HF config `raw` in int4 (groups of 32), random with `seed`, as
+    the split `partition(cfg)` makes, at OUT (kept if already complete)."""
+    import torch
+
+    from tpi.model.config import parse_config
+    from tpi.progress import ProgressReporter
+    from tpi.quant.quantize import QuantSpec
+    from tpi.sources.synthetic import LAYOUT, SyntheticInt4Model
+    from tpi.storage.direct_split import write_split
+
+    cfg = parse_config(raw)
+    model = SyntheticInt4Model(cfg, seed=seed)
+    t0 = time.perf_counter()
+    with ProgressReporter(f"writing {what}") as progress:
+        write_split(
+            out,
+            cfg,
+            partition(cfg),
+            model.layer,
+            model.head,
+            model_id=model_id,
+            dtype=torch.float32,
+            quant=QuantSpec("int4", 32, LAYOUT.name),
+            master_dir=card,
+            progress=progress,
+        )
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    click.echo(f"split {out}: {size / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s", err=True)
+    return out
