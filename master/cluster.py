@@ -215,9 +215,16 @@ class ClusterSession:
         # A pipeline's vocabulary-parallel head spans every rank: token ids, the
         # embedding sum and the final states reach all of them.
         self.world_broadcast, self.world_collective = self.broadcast, self.collective
+        self.final_broadcast: StepBroadcaster | None = None  # FINAL: ranks outside the last stage
         if stages:
             self.world_broadcast = StepBroadcaster(self.links, self.session, clock, stats)
             self.world_collective = StarMaster(self.inbox, clock, wire, self.timeout_s, stats)
+            if self.index.get("vocab_parallel"):
+                last = set(stages[-1].ranks)
+                outside = [link for link in self.links.links if link.rank not in last]
+                self.final_broadcast = StepBroadcaster(
+                    self.links, self.session, clock, stats, members=outside
+                )
         self.stage_drivers = []
         # What rank 0 relays for later stages (their steps and allreduces) is counted
         # apart from its own traffic; a pipeline's router thread updates these.

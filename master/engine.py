@@ -114,20 +114,12 @@ class Engine:
             pieces = self.planner.chunks(tokens)
         else:
             pieces = self.planner.nano_batches(len(rows), tokens)
-        gpipe = self.decoder.gpipe if getattr(self.decoder, "can_gpipe", False) else None
-        if gpipe is not None and len(rows) == 1 and tokens > 1:
-            # A prompt through a pipeline: at least one micro-batch per stage, so that
-            # the stages work at once (GPipe). A batch of sequences is cut as the
-            # planner says: decode reads every weight once per micro-batch, so more
-            # micro-batches than the overlap pays for only add weight reads.
-            pieces = max(pieces, min(self.decoder.num_stages, tokens))
         ids = [t for r in rows for t in r.ids]
         waited = self._waiting_seconds()
         t0 = time.perf_counter()
-        if gpipe is not None and pieces > 1:
-            h = gpipe(self.vocab, ids, plan, pieces, want)
-        elif hasattr(self.decoder, "stages"):  # a pipeline: the head's wish decides FINAL
-            h = self.decoder.run(self.vocab.start(ids, plan, pieces, want), plan, pieces, want)
+        staged = getattr(self.decoder, "pass_through", None)  # a pipeline (master.pipeline)
+        if staged is not None:
+            h = staged(self.vocab, ids, plan, pieces, want)
         else:
             h = self.vocab.start(ids, plan, pieces, want)
             h = self.decoder.run(h, plan, pieces)

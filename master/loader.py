@@ -14,7 +14,6 @@ import torch
 from tpi.comm.auth import require_secret
 from tpi.comm.curve import CurveKeys
 from tpi.comm.links import ClusterError
-from tpi.comm.step_broadcast import StepBroadcaster
 from tpi.comm.wire import MAX_FRAME_BYTES
 from tpi.dtypes import COMPUTE_DTYPES
 from tpi.errors import ModelError
@@ -119,19 +118,12 @@ def load_rank0(
         vocab = WholeVocab(cfg, head, dtype, cluster.broadcast if cluster is not None else None)
     decoder = runtime.decoder
     if cluster is not None and cluster.stage_drivers:
-        final = None
-        if partition.vocab_parallel:  # ranks outside the last stage need the final states
-            last = set(partition.stages[-1].ranks)
-            outside = [link for link in cluster.links.links if link.rank not in last]
-            final = StepBroadcaster(
-                cluster.links,
-                cluster.session,
-                cluster.broadcast.clock,
-                cluster.broadcast.stats,
-                outside,
-            )
         decoder = PipelineDecoder(
-            decoder, cluster.stage_drivers, cluster.inbox, cluster.timeout_s, final
+            decoder,
+            cluster.stage_drivers,
+            cluster.inbox,
+            cluster.timeout_s,
+            cluster.final_broadcast,
         )
     return Engine(cfg, vocab, decoder), runtime
 

@@ -195,6 +195,21 @@ class PipelineDecoder:
     def layers(self):
         return self.local.layers
 
+    def pass_through(
+        self, vocab, ids: list[int], plan: BatchPlan, pieces: int, want: dict
+    ) -> torch.Tensor:
+        """Final hidden states of one pass of the engine: embedded and run through
+        every stage, as micro-batches (GPipe) where that pays."""
+        if self.can_gpipe and len(plan.segments) == 1 and plan.tokens > 1:
+            # A prompt: at least one micro-batch per stage, so that the stages work at
+            # once. A batch of sequences is cut as the planner says: decode reads every
+            # weight once per micro-batch, so more micro-batches than the overlap pays
+            # for only add weight reads.
+            pieces = max(pieces, min(self.num_stages, plan.tokens))
+        if self.can_gpipe and pieces > 1:
+            return self.gpipe(vocab, ids, plan, pieces, want)
+        return self.run(vocab.start(ids, plan, pieces, want), plan, pieces, want)
+
     def run(
         self, h: torch.Tensor, plan: BatchPlan, pieces: int = 1, want: dict | None = None
     ) -> torch.Tensor:

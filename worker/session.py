@@ -165,7 +165,7 @@ class Session:
         if loaded.stage == 0:
             h = decoder.run(x, plan, b["chunks"])
         else:  # a later pipeline stage: its input comes when the stages before are done
-            h = self._stage_input(x.shape, b["step"], decoder.dtype)
+            h = self._expect_data(Kind.STEP, x.shape, b["step"]).to(decoder.dtype, copy=True)
             h = decoder.run(h, plan, 1)
             if loaded.hands_on is not None:
                 loaded.collective.send_hidden(h, loaded.hands_on, pos)
@@ -175,9 +175,6 @@ class Session:
         loaded.head.answer(h, b["head"])
         self.compute_seconds += time.perf_counter() - t0
         self.steps += 1
-
-    def _stage_input(self, shape, step: int, dtype) -> torch.Tensor:
-        return self._expect_data(Kind.STEP, shape, step).to(dtype, copy=True)
 
     def _expect_data(self, kind: Kind, shape, step: int) -> torch.Tensor:
         """The next message, which must be `kind` of this step and shape (a pipeline
