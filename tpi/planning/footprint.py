@@ -22,8 +22,8 @@ from tpi.runtime.memory_budget import (
     fit_context,
     kv_cache_bytes,
 )
+from tpi.runtime.slot_fill import aligned
 
-ALIGN = 64  # tpi.storage.tensor_file.ALIGN: converted tensors start on this boundary
 ELEM = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -58,10 +58,6 @@ def _vector_bytes(n: int, fmt: Format) -> tuple[int, int]:
     return n * ELEM[fmt.dtype], n * ELEM[fmt.stored]
 
 
-def _aligned(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
 @dataclass(frozen=True)
 class LayerBytes:
     memory: int  # one slot (a layer slice as held)
@@ -91,7 +87,7 @@ def layer_bytes(cfg: ModelConfig, rs: RankSlice, fmt: Format) -> LayerBytes:
     disk = sum(d for _, d in parts)
     # The stored form is held as is unless a float must change dtype (tpi.quant.quantize.memory_dtype).
     convert = fmt.dtype != fmt.stored
-    memory = sum(_aligned(m) for m, _ in parts) if convert else disk
+    memory = sum(aligned(m) for m, _ in parts) if convert else disk
     return LayerBytes(memory=memory, disk=disk, staging=disk if convert else 0)
 
 

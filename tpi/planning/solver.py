@@ -25,6 +25,7 @@ most even shares, then to the lowest shares of earlier ranks.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -127,25 +128,17 @@ class _Search:
         for i, (node_i, rs) in enumerate(zip(subset, part.slices, strict=True)):
             node = self.nodes[node_i]
             head = head_bytes(self.cfg, self.wl.fmt) if i == 0 else 0
-            need = plan_memory(
+            memory = functools.partial(
+                plan_memory,
                 self.cfg,
                 rs,
                 self.wl.fmt,
-                context=self.wl.context,
                 baseline_bytes=node.baseline_bytes,
                 head=head,
-                capacity=node.capacity,
             )
+            need = memory(context=self.wl.context, capacity=node.capacity)
             if need is None:
-                small = plan_memory(
-                    self.cfg,
-                    rs,
-                    self.wl.fmt,
-                    context=self.wl.context,
-                    baseline_bytes=node.baseline_bytes,
-                    head=head,
-                    capacity=None,
-                )
+                small = memory(context=self.wl.context, capacity=None)
                 one = small.total - (small.window - 1) * small.layer.memory
                 return (
                     f"rank {i} ({node.name}) does not fit: needs {format_size(one)} for "
@@ -153,16 +146,7 @@ class _Search:
                     f"has {format_size(node.capacity or 0)} ({node.capacity_source})"
                 )
             if need.window < self.cfg.num_layers and not node.disk_bytes_per_s:
-                full = plan_memory(
-                    self.cfg,
-                    rs,
-                    self.wl.fmt,
-                    context=need.context,
-                    baseline_bytes=node.baseline_bytes,
-                    head=head,
-                    capacity=None,
-                    fit_context_to_capacity=False,
-                )
+                full = memory(context=need.context, capacity=None, fit_context_to_capacity=False)
                 return (
                     f"rank {i} ({node.name}) does not fit: all {self.cfg.num_layers} layers of "
                     f"its slice need {format_size(full.total)}, it has "

@@ -39,21 +39,14 @@ import torch
 
 from tpi.model.moe import ExpertWeights
 from tpi.model.weights import DOWN, GATE_UP
-from tpi.quant.formats import INT4_SUFFIX, weight_from_tensors
-from tpi.quant.int4_pack import Int4Layout, to_native
+from tpi.quant.formats import weight_from_tensors
+from tpi.quant.int4_pack import Int4Layout
 from tpi.quant.quantize import memory_dtype
+from tpi.runtime.slot_fill import converted_bytes, place, repack_int4
 from tpi.storage.expert_file import ExpertFileLayout, ExpertSpan
 from tpi.storage.tensor_file import ALIGN, read_span, tensor_views
 
 READERS = 4  # concurrent expert reads (an SSD serves several at once)
-
-
-def _aligned(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-def _elem(dt: torch.dtype) -> int:
-    return torch.empty((), dtype=dt).element_size()
 
 
 @dataclass(frozen=True)
@@ -81,12 +74,7 @@ class ExpertLayouts:
         )
 
         def need(s: ExpertSpan) -> int:
-            if not convert:
-                return s.nbytes
-            return sum(
-                _aligned((b - a) // _elem(dt) * _elem(held(name, dt)))
-                for name, dt, _, a, b in s.tensors
-            )
+            return converted_bytes(s.tensors, held) if convert else s.nbytes
 
         slot = max((need(s) for s in spans), default=0)
         staging = max((s.nbytes for s in spans), default=0) if convert else 0
@@ -241,19 +229,12 @@ class ExpertStore:
         span.verify(f.path, raw, self.manifest_hash)
         tensors = tensor_views(raw, list(span.tensors))
         if self.layouts.convert:
-            offset, converted = 0, {}
-            for name, t in tensors.items():
-                dt = memory_dtype(name, t.dtype, self.layouts.dtype, self.layouts.quantized)
-                n = t.numel() * _elem(dt)
-                dst = slot[offset : offset + n].view(dt).view(t.shape)
-                dst.copy_(t)
-                converted[name] = dst
-                offset += _aligned(n)
-            tensors = converted
+            lay = self.layouts
+            tensors = place(
+                tensors, slot, lambda name, dt: memory_dtype(name, dt, lay.dtype, lay.quantized)
+            )
         if self.repack_int4:
-            for name, t in tensors.items():
-                if name.endswith(INT4_SUFFIX):
-                    t.copy_(to_native(t, self.int4_layout))
+            repack_int4(tensors, self.int4_layout)
         weights = ExpertWeights(
             weight_from_tensors(tensors, GATE_UP), weight_from_tensors(tensors, DOWN)
         )

@@ -27,10 +27,11 @@ import torch
 
 from tpi.errors import TpiError
 from tpi.model.weights import LayerWeights
-from tpi.quant.formats import INT4_SUFFIX, TRANSPOSED_SUFFIX, FloatT, transposable
-from tpi.quant.int4_pack import Int4Layout, native_layout, to_native
+from tpi.quant.formats import TRANSPOSED_SUFFIX, FloatT, transposable
+from tpi.quant.int4_pack import Int4Layout, native_layout
 from tpi.quant.quantize import LINEAR_NAMES, memory_dtype
 from tpi.runtime.expert_stream import ExpertLayouts, ExpertStore
+from tpi.runtime.slot_fill import converted_bytes, place, repack_int4
 from tpi.storage.expert_file import ExpertFileLayout
 from tpi.storage.manifest import ShardError
 from tpi.storage.read_check import FileCheck, file_check
@@ -145,12 +146,7 @@ class StreamLayout:
         )
 
         def need(lay: LayerLayout) -> int:
-            if not convert:
-                return lay.data_bytes
-            return sum(
-                _aligned((b - a) // _elem(dt) * _elem(held(name, dt)))
-                for name, dt, _, a, b in lay.tensors
-            )
+            return converted_bytes(lay.tensors, held) if convert else lay.data_bytes
 
         slot = max(need(lay) for lay in layouts)
         staging = max(lay.data_bytes for lay in layouts) if convert else 0
@@ -179,15 +175,6 @@ class StreamLayout:
             experts,
             shard.manifest_sha256,
         )
-
-
-def _aligned(n: int) -> int:
-    """Converted tensors start on ALIGN-byte boundaries (see tpi.storage.tensor_file)."""
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-def _elem(dt: torch.dtype) -> int:
-    return torch.empty((), dtype=dt).element_size()
 
 
 class SlidingWindowLayers:
@@ -281,24 +268,9 @@ class SlidingWindowLayers:
             lay.check.verify(raw)
         tensors = tensor_views(raw, list(lay.tensors))
         if self.convert:
-            offset = 0
-            converted = {}
-            for name, t in tensors.items():
-                dt = self.layout.target_dtype(name, t.dtype)
-                n = t.numel() * torch.empty((), dtype=dt).element_size()
-                if self.layout.transpose and transposable(name, t, LINEAR_NAMES):
-                    dst = slot[offset : offset + n].view(dt)
-                    converted[name + TRANSPOSED_SUFFIX] = FloatT.of(t.to(dt), self.threads, dst)
-                else:
-                    dst = slot[offset : offset + n].view(dt).view(t.shape)
-                    dst.copy_(t)
-                    converted[name] = dst
-                offset += _aligned(n)
-            tensors = converted
+            tensors = place(tensors, slot, self.layout.target_dtype, self._held_transposed)
         if self.repack_int4:
-            for name, t in tensors.items():
-                if name.endswith(INT4_SUFFIX):
-                    t.copy_(to_native(t, self.layout.int4_layout))
+            repack_int4(tensors, self.layout.int4_layout)
         self.stats.read_seconds += time.perf_counter() - t0
         self.stats.bytes_read += lay.data_bytes
         self.stats.layers_loaded += 1
@@ -306,6 +278,14 @@ class SlidingWindowLayers:
         if self.experts is not None and self.layout.experts.files[layer] is not None:
             experts = self.experts.view(layer)
         return LayerWeights.from_tensors(tensors, experts)
+
+    def _held_transposed(
+        self, name: str, t: torch.Tensor, dt: torch.dtype, room: torch.Tensor
+    ) -> tuple[str, FloatT] | None:
+        """A float linear weight is held transposed in blocks (see FloatT)."""
+        if self.layout.transpose and transposable(name, t, LINEAR_NAMES):
+            return name + TRANSPOSED_SUFFIX, FloatT.of(t.to(dt), self.threads, room.view(dt))
+        return None
 
     def _loader(self) -> None:
         try:

@@ -60,17 +60,16 @@ def read_int(path: Path) -> int | None:
         return None
 
 
-def memory_limit() -> int | None:
-    """The tightest memory limit on this process's cgroup and its ancestors."""
+def _own_chain(controller: str) -> list[Path]:
+    """This process's cgroup directories for `controller` (v1) and in the unified
+    hierarchy (v2), each followed by its ancestors: a limit anywhere up counts."""
     own = own_paths()
-    limits = []
-    v1 = v1_dir("memory")
-    if v1 is not None and "memory" in own:
-        d = v1 / own["memory"].lstrip("/")
+    dirs = []
+    v1 = v1_dir(controller)
+    if v1 is not None and controller in own:
+        d = v1 / own[controller].lstrip("/")
         while True:
-            v = read_int(d / "memory.limit_in_bytes")
-            if v is not None:
-                limits.append(v)
+            dirs.append(d)
             if d == v1 or v1 not in d.parents:
                 break
             d = d.parent
@@ -78,12 +77,20 @@ def memory_limit() -> int | None:
     if v2 is not None and "" in own:
         d = v2 / own[""].lstrip("/")
         while d != v2 and v2 in d.parents:
-            v = read_int(d / "memory.max")
-            if v is not None:
-                limits.append(v)
+            dirs.append(d)
             d = d.parent
-    real = [v for v in limits if v < UNLIMITED]
-    return min(real) if real else None
+    return dirs
+
+
+def memory_limit() -> int | None:
+    """The tightest memory limit on this process's cgroup and its ancestors."""
+    limits = [
+        v
+        for d in _own_chain("memory")
+        for name in ("memory.limit_in_bytes", "memory.max")
+        if (v := read_int(d / name)) is not None and v < UNLIMITED
+    ]
+    return min(limits) if limits else None
 
 
 def cpu_limit() -> float | None:
@@ -93,27 +100,16 @@ def cpu_limit() -> float | None:
     An emulated 0.25-core device runs at full speed for 25 ms of every 100 ms and
     then waits, so a short timing sees a fast machine: the planner needs this, and
     a timing long enough to cross several periods, to know the real pace."""
-    own = own_paths()
     limits = []
-    v1 = v1_dir("cpu")
-    if v1 is not None and "cpu" in own:
-        d = v1 / own["cpu"].lstrip("/")
-        while True:
-            quota, period = read_int(d / "cpu.cfs_quota_us"), read_int(d / "cpu.cfs_period_us")
-            if quota is not None and period and 0 < quota < UNLIMITED:
-                limits.append(quota / period)
-            if d == v1 or v1 not in d.parents:
-                break
-            d = d.parent
-    v2 = v2_dir()
-    if v2 is not None and "" in own:
-        d = v2 / own[""].lstrip("/")
-        while d != v2 and v2 in d.parents:
-            try:
-                quota_text, period_text = (d / "cpu.max").read_text().split()
-                if quota_text != "max":
-                    limits.append(int(quota_text) / int(period_text))
-            except (OSError, ValueError):
-                pass
-            d = d.parent
+    for d in _own_chain("cpu"):
+        # v1: cpu.cfs_quota_us / cpu.cfs_period_us; v2: "quota period" in cpu.max
+        quota, period = read_int(d / "cpu.cfs_quota_us"), read_int(d / "cpu.cfs_period_us")
+        if quota is not None and period and 0 < quota < UNLIMITED:
+            limits.append(quota / period)
+        try:
+            quota_text, period_text = (d / "cpu.max").read_text().split()
+            if quota_text != "max":
+                limits.append(int(quota_text) / int(period_text))
+        except (OSError, ValueError):
+            pass
     return min(limits) if limits else None
