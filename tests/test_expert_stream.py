@@ -157,6 +157,53 @@ def test_streamed_int4_experts_give_the_resident_logits(int4_split):
     assert 0 < loaded <= len(_passes()) * 2 * 8
 
 
+def test_a_budget_too_small_for_every_layers_picks_cuts_the_expert_slots(
+    int4_split, qwen3_moe_dir, monkeypatch
+):
+    """A small device with many MoE layers cannot cache a token's picks in every
+    layer: the slots per layer are cut to what the budget leaves beside a window of
+    two layers. The arithmetic, then a store with one slot per layer (3 picks per
+    token): the picks are read one by one, as the per-layer cache dictates, and the
+    logits are the resident ones."""
+    import dataclasses
+
+    from tpi.runtime import rank_runtime
+    from tpi.runtime.sliding_window import StreamLayout
+    from tpi.storage.shard_reader import RankShard
+
+    layout = StreamLayout.of(RankShard(int4_split / "rank0"), torch.float32)
+    ex = dataclasses.replace(layout.experts, slot_bytes=1000, staging_bytes=0)
+    assert ex.moe_layers() == 2
+    lay = dataclasses.replace(layout, experts=ex)
+    staging = 7 + ex.cache_bytes(3)  # 7: the layers' own staging
+    fit = rank_runtime._fit_expert_slots
+    kw = dict(other=50_000, rank=0, echo=None)
+    assert fit(lay, 3, staging, budget=None, **kw) == (3, staging)
+    assert fit(lay, 3, staging, budget=50_007 + 6000, **kw) == (3, staging)  # 2 x 3 fit
+    said = []
+    kw["echo"] = said.append
+    assert fit(lay, 3, staging, budget=50_007 + 5999, **kw) == (2, 7 + 4000)
+    assert "2 expert slot(s) per MoE layer" in said[0]
+    assert fit(lay, 3, staging, budget=10, **kw) == (1, 7 + 2000)  # never below one
+
+    resident, rt_all = _load(int4_split)
+    want = step_logits(resident, PROMPT, FOLLOW)
+    rt_all.close()
+    monkeypatch.setattr(rank_runtime, "_expert_slots", lambda *_a: 1)
+    engine, runtime = _load(int4_split, window=1)
+    try:
+        got = step_logits(engine, PROMPT, FOLLOW)
+        stats = runtime.layers.stats
+    finally:
+        runtime.close()
+    assert torch.equal(got, want)
+    cfg = load_config(qwen3_moe_dir)
+    reads, hits = _simulate(
+        _picks(qwen3_moe_dir, PROMPT + FOLLOW), _passes(), range(cfg.num_experts), 1
+    )
+    assert (stats.experts_loaded, stats.expert_hits) == (reads, hits)
+
+
 @pytest.mark.parametrize("how", ["columns", "experts"])
 def test_world3_ranks_read_only_their_share_of_the_picked_experts(qwen3_moe_dir, tmp_path, how):
     """World 3, shares 2,1,1, window 1. Columns (the default): every rank holds a

@@ -68,6 +68,36 @@ def _expert_slots(cfg: ModelConfig, layout: StreamLayout, window: int | None) ->
     return min(held, max(1, cfg.experts_per_token))
 
 
+def _fit_expert_slots(
+    layout: StreamLayout,
+    slots: int,
+    staging: int,
+    *,
+    budget: int | None,
+    other: int,
+    rank: int,
+    echo: Callable[[str], None] | None,
+) -> tuple[int, int]:
+    """Streamed experts' slots per MoE layer, cut (down to one) so that a window of
+    two layers (or the one asked for) still fits the budget: on a small device with
+    many MoE layers a token's picks in every layer may not all stay cached. Fewer
+    slots than a token picks mean those picks are read one by one, and fewer hits;
+    returns (slots, staging with that cache)."""
+    ex = layout.experts
+    if budget is None:
+        return slots, staging
+    room = budget - other - (staging - ex.cache_bytes(slots))
+    fit = max(1, (room - ex.staging_bytes) // max(1, ex.moe_layers() * ex.slot_bytes))
+    if fit >= slots:
+        return slots, staging
+    if echo is not None:
+        echo(
+            f"rank {rank}: {fit} expert slot(s) per MoE layer fit the memory budget (of the "
+            f"{slots} a token picks): more of its experts are read from disk"
+        )
+    return fit, staging - ex.cache_bytes(slots) + ex.cache_bytes(fit)
+
+
 def build_rank(
     source: RankShard | CheckpointRank,
     dtype: torch.dtype,
@@ -134,6 +164,20 @@ def build_rank(
         )
         if budget is None or need <= budget:
             expert_slots, staging = held, whole
+    if expert_slots is not None and expert_slots < layout.experts.held_per_layer():
+        expert_slots, staging = _fit_expert_slots(
+            layout,
+            expert_slots,
+            staging,
+            budget=effective_budget(budget_bytes)[0],
+            other=baseline
+            + min(window or 2, cfg.num_layers) * slot
+            + kv_cache_bytes(cfg, rs, context, elem)
+            + head_bytes
+            + activation_bytes(cfg, rs, context),
+            rank=rs.rank,
+            echo=echo,
+        )
     plan = plan_window(
         num_layers=cfg.num_layers,
         layer_bytes=slot,
