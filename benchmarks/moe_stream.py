@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import write_result  # noqa: E402
 from benchmarks.scale_70b import drop_page_cache, machine_lock, run_world  # noqa: E402
-from benchmarks.synthetic_split import model_card, write_int4_split  # noqa: E402
+from benchmarks.synthetic_split import model_card, write_synthetic_split  # noqa: E402
 
 SEED = 30
 QWEN3_MOE_30B_A3B = {
@@ -69,7 +69,7 @@ def make_split(work: Path, kind: str, layers: int, world: int) -> Path:
     from tpi.model.partition import plan_partition
 
     raw = {**MODELS[kind], "num_hidden_layers": layers}
-    return write_int4_split(
+    return write_synthetic_split(
         work / f"{kind}-L{layers}-w{world}",
         raw,
         lambda cfg: plan_partition(cfg, [1.0] * world),

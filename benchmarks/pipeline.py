@@ -17,12 +17,13 @@ For each: single-sequence decode ms/token (`tpi bench`), the aggregate tokens/s
 of 8 concurrent requests (`tpi bench --concurrency 8`, continuous batching), and
 every node's peak RSS. Configurations are interleaved within each round.
 
-With --big, the same plans on a Llama-2-7B-shaped synthetic model in int4 (groups
-of 32), each plan's split written directly (tpi.storage.direct_split; a bf16
-checkpoint to cut would need more disk than this machine has, and the synthetic
-writer makes int4 weights), linked into the workers' stores, removed after use.
+With --big, the same plans on a Llama-2-7B-shaped synthetic model in int8
+(per-row, `--big-quant int8`, the default) or int4 (groups of 32), each plan's
+split written directly (tpi.storage.direct_split: a bf16 checkpoint to cut would
+need more disk than this machine has), linked into the workers' stores, removed
+after use.
 
-    python benchmarks/pipeline.py [--rounds 1] [--big WORKDIR] [--lock FILE]
+    python benchmarks/pipeline.py [--rounds 1] [--big WORKDIR [--big-quant int8]] [--lock FILE]
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import median, write_result  # noqa: E402
 from benchmarks.make_synthetic import LLAMA2_7B  # noqa: E402
 from benchmarks.scale_70b import SEED, link_worker_stores, machine_lock  # noqa: E402
-from benchmarks.synthetic_split import model_card, write_int4_split  # noqa: E402
+from benchmarks.synthetic_split import model_card, write_synthetic_split  # noqa: E402
 
 TPI = str(Path(sys.executable).parent / "tpi")
 LATENCIES = ("0ms", "1ms", "5ms", "10ms")
@@ -112,7 +113,7 @@ def _figures(report: dict) -> dict:
     }
 
 
-def _write_7b(work: Path, plan: str) -> Path:
+def _write_7b(work: Path, plan: str, quant: str) -> Path:
     from tpi.model.partition import plan_partition
     from tpi.model.pipeline_plan import plan_pipeline
 
@@ -123,14 +124,16 @@ def _write_7b(work: Path, plan: str) -> Path:
             return plan_partition(cfg, [1.0] * 4)
         return plan_pipeline(cfg, sizes, LAYERS_7B.get(plan))
 
-    return write_int4_split(
-        work / f"7b-int4-{plan}",
+    form = "int4g32" if quant == "int4" else quant
+    return write_synthetic_split(
+        work / f"7b-{quant}-{plan}",
         LLAMA2_7B,
         partition,
         card=model_card(work, "7b", LLAMA2_7B),
-        model_id=f"synthetic-llama2-7b-int4g32-seed{SEED}",
+        model_id=f"synthetic-llama2-7b-{form}-seed{SEED}",
         seed=SEED,
         what=f"the {plan} split",
+        quant=quant,
     )
 
 
@@ -169,12 +172,13 @@ def _summarize(samples: dict) -> dict:
     "--big",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Work directory for the 7B-shaped int4 splits (written per plan, then removed).",
+    help="Work directory for the 7B-shaped splits (written per plan, then removed).",
 )
+@click.option("--big-quant", type=click.Choice(["int8", "int4"]), default="int8", show_default=True)
 @click.option("--only-big", is_flag=True)
 @click.option("--only", default=None, help="Comma-separated plans to run (default: all).")
 @click.option("--out", default=None)
-def main(rounds, prompt_tokens, new_tokens, lock, big, only_big, only, out):
+def main(rounds, prompt_tokens, new_tokens, lock, big, big_quant, only_big, only, out):
     only = set(only.split(",")) if only else None
     env = dict(os.environ)
     own_home = "TPI_HOME" not in env  # then its splits are removed at the end
@@ -202,7 +206,7 @@ def main(rounds, prompt_tokens, new_tokens, lock, big, only_big, only, out):
         small = ["--prompt-tokens", "16", "--new-tokens", "4"]
         for plan in [p for p in ("tp4", "pp4", "tp2xpp2", "hybrid") if only is None or p in only]:
             with machine_lock(Path(lock) if lock else None, f"writing the 7B {plan} split"):
-                split = _write_7b(big, plan)
+                split = _write_7b(big, plan, big_quant)
             link_worker_stores(cluster_dir, split, 4)
             lats = [("slow", SLOW)] if plan == "hybrid" else [(lat, lat) for lat in LATENCIES]
             if plan in SLOW_PLANS and plan != "hybrid":
@@ -213,7 +217,7 @@ def main(rounds, prompt_tokens, new_tokens, lock, big, only_big, only, out):
                     bench += ["--concurrency", "8"] if conc == 8 else []
                     dirs = ("--dir", str(cluster_dir))
                     fig = _figures(_run(latency, [], bench, lock, dict(env), dirs))
-                    key = f"7b-int4/{label}/{plan}/c{conc}"
+                    key = f"7b-{big_quant}/{label}/{plan}/c{conc}"
                     samples.setdefault(key, []).append(fig)
                     print(f"{key}: {fig}", flush=True)
             shutil.rmtree(split)

@@ -42,7 +42,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import write_result  # noqa: E402
-from benchmarks.synthetic_split import model_card, write_int4_split  # noqa: E402
+from benchmarks.synthetic_split import model_card, write_synthetic_split  # noqa: E402
 
 TPI = str(Path(sys.executable).parent / "tpi")
 CAP = "2GB"
@@ -210,7 +210,7 @@ class PeakSampler:
 def make_split(work: Path, shape: str, world: int) -> Path:
     from tpi.model.partition import plan_partition
 
-    return write_int4_split(
+    return write_synthetic_split(
         work / f"{shape}-int4-w{world}",
         SHAPES[shape],
         lambda cfg: plan_partition(cfg, [1.0] * world),

@@ -1,4 +1,4 @@
-"""A synthetic int4 model written straight into a split (no checkpoint on disk), for
+"""A synthetic int4 (or int8) model written straight into a split (no checkpoint on disk), for
 benchmarks whose models are too big to exist as a checkpoint here: the model card
 (config.json and a small real tokenizer: the benchmarks feed random token ids) and
 the split, through tpi.storage.direct_split like any split."""
@@ -25,7 +25,7 @@ def model_card(work: Path, name: str, raw: dict) -> Path:
     return card
 
 
-def write_int4_split(
+def write_synthetic_split(
     out: Path,
     raw: dict,
     partition: Callable,
@@ -34,19 +34,22 @@ def write_int4_split(
     model_id: str,
     seed: int,
     what: str,
+    quant: str = "int4",
 ) -> Path:
-    """The model of HF config `raw` in int4 (groups of 32), random with `seed`, as
-    the split `partition(cfg)` makes, at OUT (kept if already complete)."""
+    """The model of HF config `raw` in int4 (groups of 32; or per-row int8 with
+    `quant="int8"`), random with `seed`, as the split `partition(cfg)` makes, at
+    OUT (kept if already complete)."""
     import torch
 
     from tpi.model.config import parse_config
     from tpi.progress import ProgressReporter
     from tpi.quant.quantize import QuantSpec
-    from tpi.sources.synthetic import LAYOUT, SyntheticInt4Model
+    from tpi.sources.synthetic import LAYOUT, SyntheticInt4Model, SyntheticInt8Model
     from tpi.storage.direct_split import write_split
 
     cfg = parse_config(raw)
-    model = SyntheticInt4Model(cfg, seed=seed)
+    kind = SyntheticInt8Model if quant == "int8" else SyntheticInt4Model
+    model = kind(cfg, seed=seed)
     t0 = time.perf_counter()
     with ProgressReporter(f"writing {what}") as progress:
         write_split(
@@ -57,7 +60,7 @@ def write_int4_split(
             model.head,
             model_id=model_id,
             dtype=torch.float32,
-            quant=QuantSpec("int4", 32, LAYOUT.name),
+            quant=QuantSpec("int8") if quant == "int8" else QuantSpec("int4", 32, LAYOUT.name),
             master_dir=card,
             progress=progress,
         )

@@ -269,3 +269,77 @@ def test_a_synthetic_mixture_of_experts_is_one_model_at_every_world(tmp_path):
         runtime.close()
     assert torch.isfinite(logits[0]).all() and logits[0].std() > 0.1
     assert torch.equal(logits[0], logits[1])
+
+
+def _dense(w) -> torch.Tensor:
+    """An int8 matrix as the floats it stands for."""
+    return w.q.float() * w.scale.float()[:, None]
+
+
+def test_a_synthetic_int8_model_is_one_model_at_every_world(tmp_path):
+    """The int8 synthetic source (per-row int8, as `tpi split --quant int8` stores
+    it): each rank's rows of q/k/v and gate/up and columns of o and down, as the
+    floats they stand for, are exactly the world-1 matrices' slices, at world 2 and
+    for a pipeline's stage; the world-1 model runs with well-spread logits."""
+    from tpi.master.loader import MemoryOptions, load_rank0
+    from tpi.quant.formats import Int8Weight
+    from tpi.sources.synthetic import SyntheticInt8Model
+
+    model = SyntheticInt8Model(parse_config(HF_CONFIG), seed=5)
+    cfg = model.cfg
+    card = tmp_path / "card"
+    card.mkdir()
+    (card / "config.json").write_text(json.dumps(HF_CONFIG))
+    make_tokenizer(card, HF_CONFIG["vocab_size"])
+
+    def split(partition, name):
+        return write_split(
+            tmp_path / name,
+            cfg,
+            partition,
+            model.layer,
+            model.head,
+            model_id="synthetic-int8",
+            dtype=torch.float32,
+            quant=QuantSpec("int8"),
+            master_dir=card,
+        )
+
+    one = split(plan_partition(cfg, [1.0]), "w1")
+    two = split(plan_partition(cfg, [1.0, 1.0]), "w2")
+    piped = split(plan_pipeline(cfg, [1, 1], shares=[1.0, 1.0]), "pp2")
+    assert read_split_index(one)["quant"]["mode"] == "int8"
+    whole = [RankShard(one / "rank0").load_layer(i, torch.float32) for i in range(2)]
+    assert isinstance(whole[0].qkv, Int8Weight) and isinstance(whole[0].down, Int8Weight)
+    hd, width = cfg.head_dim, cfg.hidden_size
+    for r in range(2):
+        shard = RankShard(two / f"rank{r}")
+        rs = shard.rank_slice
+        for i in range(2):
+            part, full = shard.load_layer(i, torch.float32), whole[i]
+            q0, q1 = (h * hd for h in rs.q_heads)
+            k0, k1 = (h * hd for h in rs.kv_heads)
+            qkv = _dense(full.qkv)
+            kv = cfg.num_heads * hd
+            n_kv = cfg.num_kv_heads * hd
+            rows = torch.cat(
+                [qkv[q0:q1], qkv[kv + k0 : kv + k1], qkv[kv + n_kv + k0 : kv + n_kv + k1]]
+            )
+            assert torch.equal(_dense(part.qkv), rows)
+            assert torch.equal(_dense(part.o), _dense(full.o)[:, q0:q1])
+            m0, m1 = rs.mlp
+            gu, inter = _dense(full.gate_up), cfg.intermediate_size
+            assert torch.equal(
+                _dense(part.gate_up), torch.cat([gu[m0:m1], gu[inter + m0 : inter + m1]])
+            )
+            assert torch.equal(_dense(part.down), _dense(full.down)[:, m0:m1])
+    # A stage's rank holds its layer whole: the world-1 model's second layer.
+    last = RankShard(piped / "rank1").load_layer(0, torch.float32)
+    assert torch.equal(_dense(last.qkv), _dense(whole[1].qkv))
+    assert width == _dense(last.o).shape[0]
+    engine, runtime = load_rank0(
+        one / "rank0", torch.float32, None, MemoryOptions(), lambda _m: None
+    )
+    logits = engine.forward(list(range(3, 19)), 0, all_logits=True)
+    runtime.close()
+    assert torch.isfinite(logits).all() and logits.std() > 0.1

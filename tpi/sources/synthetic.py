@@ -1,4 +1,4 @@
-"""A synthetic int4 Llama model, made slice by slice: big shapes with no checkpoint.
+"""A synthetic int4 (or int8) Llama model, made slice by slice: big shapes with no checkpoint.
 
 Llama-2-70B's shapes in bf16 are 140 GB, more than a small machine's disk; as an
 int4 split (groups of 32) they are ~40 GB. This source hands out each rank's
@@ -212,24 +212,41 @@ class SyntheticInt4Model:
 
     # --- what a split stores -----------------------------------------------------
 
+    # A matrix is stored as (rows of a row-split matrix, fused where a split fuses
+    # them) or (columns of a column-split one); the int8 model stores them its way.
+    def _rows(self, layer: int, tensor: str, a: int, b: int, expert: int = 0) -> tuple:
+        return self.rows_int4(layer, tensor, a, b, expert)
+
+    def _cols(self, layer: int, tensor: str, a: int, b: int, expert: int = 0) -> tuple:
+        return self.cols_int4(layer, tensor, a, b, expert)
+
+    def _stored(self, name: str, part: tuple) -> dict[str, torch.Tensor]:
+        packed, sz = part
+        return {name + INT4_SUFFIX: packed, name + INT4_SCALE_ZERO: sz}
+
+    def _fused(self, name: str, parts: list[tuple]) -> dict[str, torch.Tensor]:
+        """Matrices stacked by rows (q/k/v, gate/up), as a split fuses them."""
+        packed = torch.cat([p for p, _ in parts])
+        return self._stored(name, (packed, torch.cat([sz for _, sz in parts], dim=1)))
+
     def layer(self, layer: int, rs: RankSlice) -> dict[str, torch.Tensor]:
-        """Rank `rs`'s stored tensors of `layer`, named as in a `tpi split --quant int4` file."""
+        """Rank `rs`'s stored tensors of `layer`, named as in a `tpi split --quant` file."""
         hd = self.cfg.head_dim
         parts = [
-            self.rows_int4(layer, "q", rs.q_heads[0] * hd, rs.q_heads[1] * hd),
-            self.rows_int4(layer, "k", rs.kv_heads[0] * hd, rs.kv_heads[1] * hd),
-            self.rows_int4(layer, "v", rs.kv_heads[0] * hd, rs.kv_heads[1] * hd),
+            self._rows(layer, "q", rs.q_heads[0] * hd, rs.q_heads[1] * hd),
+            self._rows(layer, "k", rs.kv_heads[0] * hd, rs.kv_heads[1] * hd),
+            self._rows(layer, "v", rs.kv_heads[0] * hd, rs.kv_heads[1] * hd),
         ]
-        out = _fused(QKV, parts)
+        out = self._fused(QKV, parts)
         out.update(
-            _stored(O_PROJ, self.cols_int4(layer, "o", rs.q_heads[0] * hd, rs.q_heads[1] * hd))
+            self._stored(O_PROJ, self._cols(layer, "o", rs.q_heads[0] * hd, rs.q_heads[1] * hd))
         )
         if self.cfg.layer_is_moe(layer):
             out.update(self._experts(layer, rs))
         else:
-            parts = [self.rows_int4(layer, t, *rs.mlp) for t in ("gate", "up")]
-            out.update(_fused(GATE_UP, parts))
-            out.update(_stored(DOWN, self.cols_int4(layer, "down", *rs.mlp)))
+            parts = [self._rows(layer, t, *rs.mlp) for t in ("gate", "up")]
+            out.update(self._fused(GATE_UP, parts))
+            out.update(self._stored(DOWN, self._cols(layer, "down", *rs.mlp)))
         ones = torch.ones(self.cfg.hidden_size, dtype=self.float_dtype)
         out[ATTN_NORM], out[MLP_NORM] = ones, ones.clone()
         if self.cfg.qk_norm:
@@ -245,10 +262,10 @@ class SyntheticInt4Model:
         out = {ROUTER: router.to(self.float_dtype)}
         c0, c1 = rs.expert_cols
         for e in range(*rs.experts):
-            parts = [self.rows_int4(layer, t, c0, c1, e) for t in ("expert_gate", "expert_up")]
-            for k, v in _fused(GATE_UP, parts).items():
+            parts = [self._rows(layer, t, c0, c1, e) for t in ("expert_gate", "expert_up")]
+            for k, v in self._fused(GATE_UP, parts).items():
                 out[expert_name(e, k)] = v
-            down = _stored(DOWN, self.cols_int4(layer, "expert_down", c0, c1, e))
+            down = self._stored(DOWN, self._cols(layer, "expert_down", c0, c1, e))
             for k, v in down.items():
                 out[expert_name(e, k)] = v
         return out
@@ -281,13 +298,41 @@ class SyntheticInt4Model:
         return out
 
 
-def _stored(name: str, packed_sz: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-    packed, sz = packed_sz
-    return {name + INT4_SUFFIX: packed, name + INT4_SCALE_ZERO: sz}
+@dataclass(frozen=True)
+class SyntheticInt8Model(SyntheticInt4Model):
+    """The same kind of random model with per-output-channel int8 matrices (as
+    `tpi split --quant int8` stores them: int8 (N, K) and a bf16 scale per row).
+    Row blocks and column blocks draw from their own generators as in the int4
+    model; a column-split matrix's row scales come from one generator of their
+    own, so every rank's columns share them and any cut holds the same model."""
 
+    def _int8_base(self, tensor: str) -> float:
+        return self._base_scale(tensor) * NIBBLE_RMS / INT8_RMS  # int8's spread, not int4's
 
-def _fused(name: str, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Matrices stacked by rows (q/k/v, gate/up), as a split fuses them."""
-    return _stored(
-        name, (torch.cat([p for p, _ in parts]), torch.cat([s for _, s in parts], dim=1))
-    )
+    def _rows(self, layer: int, tensor: str, a: int, b: int, expert: int = 0) -> tuple:
+        n, k = self._shape(tensor)
+        _check_cut(a, b, n, f"{tensor} rows")
+        base, qs, scales = self._int8_base(tensor), [], []
+        for blk in range(a // BLOCK, b // BLOCK):
+            g = _generator(self.seed, layer, tensor, expert * EXPERT_BLOCKS + blk)
+            qs.append(torch.empty(BLOCK, k, dtype=torch.int8).random_(-127, 128, generator=g))
+            scales.append(_scales((BLOCK,), base, g))
+        return torch.cat(qs), torch.cat(scales)
+
+    def _cols(self, layer: int, tensor: str, a: int, b: int, expert: int = 0) -> tuple:
+        n, k = self._shape(tensor)
+        _check_cut(a, b, k, f"{tensor} columns")
+        qs = []
+        for blk in range(a // BLOCK, b // BLOCK):
+            g = _generator(self.seed, layer, tensor, expert * EXPERT_BLOCKS + blk)
+            qs.append(torch.empty(n, BLOCK, dtype=torch.int8).random_(-127, 128, generator=g))
+        g = _generator(self.seed, layer, tensor, expert * EXPERT_BLOCKS + EXPERT_BLOCKS - 1)
+        return torch.cat(qs, dim=1), _scales((n,), self._int8_base(tensor), g)
+
+    def _stored(self, name: str, part: tuple) -> dict[str, torch.Tensor]:
+        q, scale = part
+        return {name + INT8_SUFFIX: q, name + INT8_SCALE: scale}
+
+    def _fused(self, name: str, parts: list[tuple]) -> dict[str, torch.Tensor]:
+        q = torch.cat([q for q, _ in parts])
+        return self._stored(name, (q, torch.cat([scale for _, scale in parts])))
