@@ -82,23 +82,36 @@ def synthetic(tmp_path_factory):
     return model, ckpt
 
 
-def _direct(model, ckpt, out, shares, vocab_parallel=False, progress=None, stages=None):
-    if stages is not None:
-        partition = plan_pipeline(model.cfg, stages, shares=shares)
-    else:
-        partition = plan_partition(model.cfg, shares, vocab_parallel)
+def _card(tmp_path, config: dict):
+    """A model card (config.json, tokenizer) for a directly written split."""
+    card = tmp_path / "card"
+    card.mkdir()
+    (card / "config.json").write_text(json.dumps(config))
+    make_tokenizer(card, config["vocab_size"])
+    return card
+
+
+def _write(model, partition, out, card, quant, model_id="synthetic", progress=None):
     return write_split(
         out,
         model.cfg,
         partition,
         model.layer,
         model.head,
-        model_id="synthetic-7",
+        model_id=model_id,
         dtype=torch.float32,
-        quant=QUANT,
-        master_dir=ckpt,
+        quant=quant,
+        master_dir=card,
         progress=progress,
     )
+
+
+def _direct(model, ckpt, out, shares, vocab_parallel=False, progress=None, stages=None):
+    if stages is not None:
+        partition = plan_pipeline(model.cfg, stages, shares=shares)
+    else:
+        partition = plan_partition(model.cfg, shares, vocab_parallel)
+    return _write(model, partition, out, ckpt, QUANT, "synthetic-7", progress)
 
 
 @pytest.mark.parametrize(
@@ -231,23 +244,10 @@ def test_a_synthetic_mixture_of_experts_is_one_model_at_every_world(tmp_path):
 
     cfg = parse_config(MOE_CONFIG)
     model = SyntheticInt4Model(cfg, seed=3)
-    card = tmp_path / "card"
-    card.mkdir()
-    (card / "config.json").write_text(json.dumps(MOE_CONFIG))
-    make_tokenizer(card, MOE_CONFIG["vocab_size"])
+    card = _card(tmp_path, MOE_CONFIG)
 
     def split(shares, name):
-        return write_split(
-            tmp_path / name,
-            cfg,
-            plan_partition(cfg, shares),
-            model.layer,
-            model.head,
-            model_id="synthetic-moe",
-            dtype=torch.float32,
-            quant=QUANT,
-            master_dir=card,
-        )
+        return _write(model, plan_partition(cfg, shares), tmp_path / name, card, QUANT)
 
     one, three = split([1.0], "w1"), split([1.0] * 3, "w3")
     whole = RankShard(one / "rank0")._load(experts_file(0), torch.float32)
@@ -287,23 +287,10 @@ def test_a_synthetic_int8_model_is_one_model_at_every_world(tmp_path):
 
     model = SyntheticInt8Model(parse_config(HF_CONFIG), seed=5)
     cfg = model.cfg
-    card = tmp_path / "card"
-    card.mkdir()
-    (card / "config.json").write_text(json.dumps(HF_CONFIG))
-    make_tokenizer(card, HF_CONFIG["vocab_size"])
+    card = _card(tmp_path, HF_CONFIG)
 
     def split(partition, name):
-        return write_split(
-            tmp_path / name,
-            cfg,
-            partition,
-            model.layer,
-            model.head,
-            model_id="synthetic-int8",
-            dtype=torch.float32,
-            quant=QuantSpec("int8"),
-            master_dir=card,
-        )
+        return _write(model, partition, tmp_path / name, card, QuantSpec("int8"))
 
     one = split(plan_partition(cfg, [1.0]), "w1")
     two = split(plan_partition(cfg, [1.0, 1.0]), "w2")
