@@ -286,7 +286,7 @@ def run_world(
     report["log"] = [
         line
         for line in log.read_text(errors="replace").splitlines()
-        if "window" in line or "emulation" in line or "context" in line
+        if any(k in line for k in ("window", "emulation", "context", "expert slot"))
     ]
     return report
 

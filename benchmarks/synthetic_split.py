@@ -48,6 +48,8 @@ def write_synthetic_split(
     from tpi.storage.direct_split import write_split
 
     cfg = parse_config(raw)
+    if quant not in ("int4", "int8"):
+        raise click.UsageError(f"synthetic splits are int4 or int8, not {quant!r}")
     kind = SyntheticInt8Model if quant == "int8" else SyntheticInt4Model
     model = kind(cfg, seed=seed)
     t0 = time.perf_counter()

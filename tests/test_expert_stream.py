@@ -204,6 +204,63 @@ def test_a_budget_too_small_for_every_layers_picks_cuts_the_expert_slots(
     assert (stats.experts_loaded, stats.expert_hits) == (reads, hits)
 
 
+def test_a_shrinking_budget_takes_expert_slots_away_one_by_one(int4_split, monkeypatch):
+    """Loading under ever smaller budgets (the process's own memory held fixed):
+    first a token's 3 picks per layer, then fewer, down to one slot per layer, and
+    then a clear refusal; a cut store still gives the resident logits."""
+    from tpi.runtime import rank_runtime
+    from tpi.runtime.memory_budget import MemoryBudgetError
+    from tpi.runtime.sliding_window import StreamLayout
+    from tpi.storage.shard_reader import RankShard
+
+    monkeypatch.setattr(rank_runtime, "rss_bytes", lambda: 64 << 20)
+    layout = StreamLayout.of(RankShard(int4_split / "rank0"), torch.float32)
+    step = layout.experts.slot_bytes  # a third of one slot in each of the 2 MoE layers
+    resident, rt_all = _load(int4_split)
+    want = step_logits(resident, PROMPT, FOLLOW)
+    rt_all.close()
+
+    def slots_at(budget: int):
+        try:
+            engine, runtime = load_rank0(
+                int4_split / "rank0",
+                torch.float32,
+                None,
+                MemoryOptions(window=1, budget=str(budget), max_context=128),
+                lambda _m: None,
+            )
+        except MemoryBudgetError as e:
+            return str(e)
+        return engine, runtime
+
+    engine, runtime = slots_at(1 << 40)
+    assert runtime.layers.experts.per_layer == 3
+    budget = runtime.plan.need_bytes + step  # the least that holds 3 slots, and a bit
+    runtime.close()
+    seen = []
+    for _ in range(50):  # bounded: the budget falls by `step` each time
+        got = slots_at(budget)
+        if isinstance(got, str):
+            assert "out of memory budget" in got
+            break
+        engine, runtime = got
+        per_layer = runtime.layers.experts.per_layer
+        if per_layer == 2 and 2 not in seen:
+            try:
+                assert torch.equal(step_logits(engine, PROMPT, FOLLOW), want)
+            finally:
+                runtime.close()
+        else:
+            runtime.close()
+        seen.append(per_layer)
+        budget -= step
+    else:
+        pytest.fail("no budget was too small")
+    assert seen[0] == 3 and seen[-1] == 1
+    assert seen == sorted(seen, reverse=True)  # never more slots for less memory
+    assert {3, 2, 1} <= set(seen)
+
+
 @pytest.mark.parametrize("how", ["columns", "experts"])
 def test_world3_ranks_read_only_their_share_of_the_picked_experts(qwen3_moe_dir, tmp_path, how):
     """World 3, shares 2,1,1, window 1. Columns (the default): every rank holds a

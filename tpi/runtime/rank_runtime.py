@@ -134,15 +134,26 @@ def build_rank(
     if max_context is None and planned:
         # A big model's KV cache for the default context may not fit a small device:
         # then the context shrinks to what leaves room for a window, and says so.
-        fitted = fit_context(
-            context=context,
-            per_position_bytes=kv_cache_bytes(cfg, rs, 1, elem)
-            + activation_bytes_per_position(cfg, rs),
-            fixed_bytes=baseline + staging + head_bytes + ACTIVATION_BASE,
-            layer_bytes=slot,
-            num_layers=cfg.num_layers,
-            budget_bytes=effective_budget(budget_bytes)[0],
-        )
+        per_position = kv_cache_bytes(cfg, rs, 1, elem) + activation_bytes_per_position(cfg, rs)
+
+        def fit(with_staging: int) -> int:
+            return fit_context(
+                context=context,
+                per_position_bytes=per_position,
+                fixed_bytes=baseline + with_staging + head_bytes + ACTIVATION_BASE,
+                layer_bytes=slot,
+                num_layers=cfg.num_layers,
+                budget_bytes=effective_budget(budget_bytes)[0],
+            )
+
+        fitted = fit(staging)
+        if expert_slots is not None and fitted == context and expert_slots > 1:
+            # Not even a short context fits beside a token's picks cached in every
+            # layer: fit it beside one slot per layer, which _fit_expert_slots then
+            # grows into what is left (a context first, cached experts second).
+            fitted = fit(
+                staging - layout.experts.cache_bytes(expert_slots) + layout.experts.cache_bytes(1)
+            )
         if fitted < context and echo is not None:
             echo(
                 f"rank {rs.rank}: context limited to {fitted} tokens so the KV cache fits the "

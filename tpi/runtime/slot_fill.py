@@ -11,13 +11,16 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from tpi.quant.formats import INT4_SUFFIX
+from tpi.quant.formats import INT4_SUFFIX, FloatT
 from tpi.quant.int4_pack import Int4Layout, to_native
 from tpi.storage.tensor_file import ALIGN
 
 # (name, dtype on disk, shape, begin, end) as tensor_file lays a span out
 SpanTensor = tuple[str, torch.dtype, tuple[int, ...], int, int]
 HeldDtype = Callable[[str, torch.dtype], torch.dtype]
+Held = torch.Tensor | FloatT  # what a slot holds for a tensor
+# (name, raw tensor, held dtype, the slot's bytes for it) -> (name, what to hold) or None
+Claim = Callable[[str, torch.Tensor, torch.dtype, torch.Tensor], tuple[str, Held] | None]
 
 
 def aligned(n: int) -> int:
@@ -26,6 +29,7 @@ def aligned(n: int) -> int:
 
 
 def elem_size(dt: torch.dtype) -> int:
+    """Bytes per element of `dt`."""
     return torch.empty((), dtype=dt).element_size()
 
 
@@ -41,9 +45,8 @@ def place(
     tensors: dict[str, torch.Tensor],
     slot: torch.Tensor,
     held: HeldDtype,
-    special: Callable[[str, torch.Tensor, torch.dtype, torch.Tensor], tuple[str, object] | None]
-    | None = None,
-) -> dict[str, object]:
+    special: Claim | None = None,
+) -> dict[str, Held]:
     """Copy `tensors` (views of the raw span) into `slot`, each in its held dtype at
     an aligned offset. `special` may claim a tensor (e.g. to hold it transposed in
     blocks) by returning the name and object to keep instead of a plain copy."""
@@ -62,7 +65,7 @@ def place(
     return out
 
 
-def repack_int4(tensors: dict, layout: Int4Layout) -> None:
+def repack_int4(tensors: dict[str, Held], layout: Int4Layout) -> None:
     """Turn int4 tensors packed for another CPU's kernel into this one's, in place."""
     for name, t in tensors.items():
         if name.endswith(INT4_SUFFIX):

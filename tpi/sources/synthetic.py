@@ -119,14 +119,14 @@ class SyntheticInt4Model:
     def __post_init__(self) -> None:
         c = self.cfg
         if c.attention_bias or c.o_proj_bias or c.mlp_bias:
-            raise ModelError("synthetic int4 models have no biases")
+            raise ModelError("synthetic models have no biases")
         for name, k in (("hidden", c.hidden_size), ("intermediate", c.intermediate_size)):
             if k % BLOCK:
-                raise ModelError(f"synthetic int4 models need a {name} size divisible by {BLOCK}")
+                raise ModelError(f"synthetic models need a {name} size divisible by {BLOCK}")
         if (c.head_dim * c.num_kv_heads) % BLOCK:
-            raise ModelError(f"synthetic int4 models need KV widths divisible by {BLOCK}")
+            raise ModelError(f"synthetic models need KV widths divisible by {BLOCK}")
         if c.is_moe and c.moe_intermediate_size % BLOCK:
-            raise ModelError(f"synthetic int4 experts need a width divisible by {BLOCK}")
+            raise ModelError(f"synthetic experts need a width divisible by {BLOCK}")
 
     # --- shapes and scales -------------------------------------------------------
 
@@ -305,6 +305,9 @@ class SyntheticInt8Model(SyntheticInt4Model):
     Row blocks and column blocks draw from their own generators as in the int4
     model; a column-split matrix's row scales come from one generator of their
     own, so every rank's columns share them and any cut holds the same model."""
+
+    def full_int4(self, layer: int, tensor: str) -> Int4Rows:
+        raise ModelError("a synthetic int8 model has no int4 form")
 
     def _int8_base(self, tensor: str) -> float:
         return self._base_scale(tensor) * NIBBLE_RMS / INT8_RMS  # int8's spread, not int4's

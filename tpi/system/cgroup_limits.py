@@ -102,7 +102,8 @@ def cpu_limit() -> float | None:
     a timing long enough to cross several periods, to know the real pace."""
     limits = []
     for d in _own_chain("cpu"):
-        # v1: cpu.cfs_quota_us / cpu.cfs_period_us; v2: "quota period" in cpu.max
+        # A directory has only its own version's files, so reading both kinds in
+        # every directory needs no record of which hierarchy it came from.
         quota, period = read_int(d / "cpu.cfs_quota_us"), read_int(d / "cpu.cfs_period_us")
         if quota is not None and period and 0 < quota < UNLIMITED:
             limits.append(quota / period)
