@@ -10,8 +10,8 @@ one on 10 ms). Plans:
   tp2xpp2  "master,w1 | w2,w3": two stages of two ranks each
   hybrid   (slow link) "master,w1,w2 | w3": the far device alone in the last stage,
            with a quarter of the layers (--stage-layers)
-  pp4-nano4  pp4 with 8 requests cut into 4 micro-batches that flow through the
-           stages within each decode step (0 and 5 ms)
+  pp4-nano2, pp4-nano4  pp4 with 8 requests cut into 2 or 4 micro-batches that
+           flow through the stages within each decode step (0 and 5 ms)
 
 For each: single-sequence decode ms/token (`tpi bench`), the aggregate tokens/s
 of 8 concurrent requests (`tpi bench --concurrency 8`, continuous batching), and
@@ -58,7 +58,7 @@ PLANS = {
 HYBRID = ["--plan", "master,w1,w2 | w3", "--stage-layers", "22,8"]
 SLOW_PLANS = {**{k: v for k, v in PLANS.items() if k != "tp2xpp2"}, "hybrid": HYBRID}
 # Decode micro-batches through the stages (GPipe within a batched step), 8 requests.
-NANO = {"pp4-nano4": ["--pp", "4", "--nano-batches", "4"]}
+NANO = {f"pp4-nano{n}": ["--pp", "4", "--nano-batches", str(n)] for n in (2, 4)}
 # Stage sizes of each plan (None: tensor parallel), for the directly written 7B splits.
 SIZES = {"tp4": None, "pp4": [1, 1, 1, 1], "tp2xpp2": [2, 2], "hybrid": [3, 1]}
 LAYERS_7B = {"hybrid": [24, 8]}  # a quarter of the 32 layers for the far device
