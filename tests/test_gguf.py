@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from tests.factories import load_reference, make_model
+from tests.gguf_writer import write_gguf
 from tests.stepping import greedy
 from tpi.errors import ModelError, UnsupportedModelError
 from tpi.master.engine import load_engine
@@ -18,88 +18,12 @@ from tpi.storage.checkpoint import Checkpoint
 from tpi.text.tokenizer import TextTokenizer
 
 
-def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's convert_hf_to_gguf.py permutation of q/k rows (the forward direction)."""
-    return (
-        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
-
-
-def write_gguf_from_hf(hf_dir, path, quant: str = "F32") -> None:
-    import gguf
-    from tokenizers import Tokenizer
-
-    cfg = json.loads((hf_dir / "config.json").read_text())
-    ckpt = Checkpoint(hf_dir)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
-    data = json.loads((hf_dir / "tokenizer.json").read_text())
-    vocab = tok.get_vocab(with_added_tokens=True)
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    special = {a["content"] for a in data["added_tokens"] if a["special"]}
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in special else 1 for t in tokens])
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_chat_template(json.loads((hf_dir / "tokenizer_config.json").read_text())["chat_template"])
-    names = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    layer_names = {
-        "input_layernorm.weight": "attn_norm.weight",
-        "post_attention_layernorm.weight": "ffn_norm.weight",
-        "self_attn.q_proj.weight": "attn_q.weight",
-        "self_attn.k_proj.weight": "attn_k.weight",
-        "self_attn.v_proj.weight": "attn_v.weight",
-        "self_attn.o_proj.weight": "attn_output.weight",
-        "mlp.gate_proj.weight": "ffn_gate.weight",
-        "mlp.up_proj.weight": "ffn_up.weight",
-        "mlp.down_proj.weight": "ffn_down.weight",
-    }
-    for name in ckpt.names():
-        t = ckpt.get(name, torch.float32).numpy()
-        if name.startswith("model.layers."):
-            i, rest = name[len("model.layers.") :].split(".", 1)
-            gname = f"blk.{i}.{layer_names[rest]}"
-            if rest.startswith("self_attn.q_proj"):
-                t = llama_cpp_permute(t, cfg["num_attention_heads"])
-            elif rest.startswith("self_attn.k_proj"):
-                t = llama_cpp_permute(t, cfg["num_key_value_heads"])
-        else:
-            gname = names[name]
-        four_bit = quant in ("Q4_0", "Q4_1") and name.startswith("model.layers.")
-        if t.ndim == 2 and (quant == "Q8_0" or four_bit):
-            kind = getattr(gguf.GGMLQuantizationType, quant)
-            w.add_tensor(gname, gguf.quants.quantize(t, kind), raw_dtype=kind)
-        else:
-            w.add_tensor(gname, np.ascontiguousarray(t))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     d = tmp_path_factory.mktemp("syn")
     hf = make_model(d / "hf", "llama", tied=False, heads=8, kv_heads=2)
     path = d / "model.gguf"
-    write_gguf_from_hf(hf, path)
+    write_gguf(hf, path)
     return hf, path
 
 
@@ -123,7 +47,7 @@ def test_quantized_gguf_converts_to_transformers_equivalent(synthetic, tmp_path)
     """Q8_0 blocks: our dequantized checkpoint equals what transformers' GGUF loader builds."""
     hf, _ = synthetic
     path = tmp_path / "q8.gguf"
-    write_gguf_from_hf(hf, path, quant="Q8_0")
+    write_gguf(hf, path, quant="Q8_0")
     out = convert_gguf(path, tmp_path / "conv")
     from transformers import AutoModelForCausalLM
 
@@ -224,7 +148,7 @@ def test_smollm_matches_transformers_own_gguf_loader(smollm_dir):
 def test_keep_quant_stores_4bit_weights_that_read_back_identical(synthetic, tmp_path, quant):
     hf, _ = synthetic
     path = tmp_path / f"{quant}.gguf"
-    write_gguf_from_hf(hf, path, quant=quant)
+    write_gguf(hf, path, quant=quant)
     plain = convert_gguf(path, tmp_path / "plain")
     kept = convert_gguf(path, tmp_path / "kept", keep_quant=True)
     a, b = Checkpoint(plain), Checkpoint(kept)
@@ -248,7 +172,7 @@ def test_int4_split_takes_the_kept_integers_as_they_are(synthetic, tmp_path):
 
     hf, _ = synthetic
     path = tmp_path / "q41.gguf"
-    write_gguf_from_hf(hf, path, quant="Q4_1")
+    write_gguf(hf, path, quant="Q4_1")
     kept = convert_gguf(path, tmp_path / "kept", keep_quant=True)
     split = split_model(kept, tmp_path / "s", [1.0, 1.0], quant=QuantSpec.for_split("int4", 32))
     ck = Checkpoint(kept)
