@@ -14,7 +14,11 @@ Configurations (--config, repeatable):
   7b-int8         --big DIR/tpi-int8, resident, one node
   7b-int4-w2      --big DIR/tpi-int4, streamed through a window of 2 layers
 
+With --kernels both, every case runs with tpi's native small-matmul kernels
+(tpi.kernels) and with torch's alone, interleaved in the same process.
+
     python benchmarks/batch_steps.py --config one-node [--rounds 5] [--big DIR]
+        [--kernels on|off|both]
 """
 
 from __future__ import annotations
@@ -109,18 +113,31 @@ def _step_time(engine, batch: int, prompt: int, steps: int, nano: int | None) ->
 @click.option("--steps", default=8, show_default=True, help="Decode steps timed per batch size.")
 @click.option("--prompt-tokens", default=32, show_default=True)
 @click.option("--big", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option(
+    "--kernels",
+    type=click.Choice(["on", "off", "both"]),
+    default="on",
+    show_default=True,
+    help="tpi's native small-matmul kernels, torch's alone, or both side by side.",
+)
 @click.option("--out", default=None)
-def main(configs, rounds, steps, prompt_tokens, big, out):
+def main(configs, rounds, steps, prompt_tokens, big, kernels, out):
+    from tpi.kernels import small_matmul
+
+    modes = {"on": (True,), "off": (False,), "both": (True, False)}[kernels]
     results: dict[str, dict] = {}
     for config in configs:
-        cases = [(c, None) for c in LEVELS]
+        cases = [(c, None, k) for c in LEVELS for k in modes]
         if config == "world3-5ms":
-            cases += [(8, 1), (8, 2)]  # nano-batches forced off / to 2
+            cases += [(8, 1, k) for k in modes] + [(8, 2, k) for k in modes]
         samples: dict[str, list[float]] = {}
         with _model(config, big) as lm:
             for r in range(rounds):
-                for batch, nano in cases if r % 2 == 0 else reversed(cases):
+                for batch, nano, native in cases if r % 2 == 0 else reversed(cases):
                     key = f"{batch}" if nano is None else f"{batch}-nano{nano}"
+                    if len(modes) > 1:
+                        key += "" if native else "-torch"
+                    small_matmul.set_enabled(native)
                     t = _step_time(lm.engine, batch, prompt_tokens, steps, nano)
                     samples.setdefault(key, []).append(t)
                     print(f"{config} round {r + 1} {key}: {1000 * t:.1f} ms/step", flush=True)
@@ -134,8 +151,8 @@ def main(configs, rounds, steps, prompt_tokens, big, out):
                 "per_client_ms_min": round(1000 * best, 2),
                 "aggregate_tokens_per_second_best": round(batch / best, 2),
             }
-        one = fig["1"]
-        for f in fig.values():
+        for key, f in fig.items():
+            one = fig["1-torch" if key.endswith("-torch") else "1"]
             f["aggregate_vs_1"] = round(
                 f["aggregate_tokens_per_second"] / one["aggregate_tokens_per_second"], 2
             )
@@ -148,7 +165,12 @@ def main(configs, rounds, steps, prompt_tokens, big, out):
     write_result(
         name,
         {
-            "settings": {"rounds": rounds, "steps": steps, "prompt_tokens": prompt_tokens},
+            "settings": {
+                "rounds": rounds,
+                "steps": steps,
+                "prompt_tokens": prompt_tokens,
+                "kernels": kernels,
+            },
             "results": results,
         },
         out,

@@ -48,6 +48,20 @@ CONTRACTS = (
         ("tpi.storage", "tpi.comm", "tpi.runtime", "tpi.sources", "tpi.text", "tpi.cli"),
     ),
     Contract(
+        "native kernels know pointers and shapes, nothing of models or nodes",
+        "tpi.kernels",
+        (
+            "tpi.quant",
+            "tpi.model",
+            "tpi.storage",
+            "tpi.comm",
+            "tpi.runtime",
+            "tpi.sources",
+            "tpi.text",
+            "tpi.planning",
+        ),
+    ),
+    Contract(
         "weight formats sit below the model",
         "tpi.quant",
         ("tpi.model", "tpi.storage", "tpi.comm", "tpi.runtime", "tpi.sources", "tpi.text"),

@@ -21,12 +21,11 @@ import torch.nn.functional as F
 
 from tpi.model.config import ModelConfig
 from tpi.model.kv_cache import KVCache
-from tpi.model.linear import embedding_rows, linear
+from tpi.model.linear import embedding_rows, gate_and_up, linear
 from tpi.model.moe import moe_block
 from tpi.model.partition import RankSlice
 from tpi.model.rope import apply_rotary
 from tpi.model.weights import HeadWeights, LayerWeights
-from tpi.quant.formats import FloatT
 
 PHASE_ATTENTION = 0
 PHASE_MLP = 1
@@ -251,11 +250,7 @@ def activation(gate: torch.Tensor, kind: str) -> torch.Tensor:
 
 def mlp_block(x: torch.Tensor, w: LayerWeights, act: str = "silu") -> torch.Tensor:
     """Partial gated-MLP output (T, hidden) of this rank's MLP columns."""
-    g = w.gate_up
-    if isinstance(g, FloatT) and g.halves and g.dtype == x.dtype and w.gate_up_bias is None:
-        gate, up = g.block_products(x)  # the two row blocks are gate and up: no copy
-    else:
-        gate, up = linear(x, g, w.gate_up_bias).chunk(2, dim=-1)
+    gate, up = gate_and_up(x, w.gate_up, w.gate_up_bias)
     return linear(activation(gate, act) * up, w.down, w.down_bias)
 
 

@@ -1,0 +1,168 @@
+"""The native small-matmul kernels (tpi.kernels): products against float64 torch,
+rows of a batch computed exactly as alone, any thread count giving the same bits,
+and every way of not having them (disabled, no compiler, unsupported shapes)
+falling back to torch."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tpi.kernels import build as kbuild
+from tpi.kernels import small_matmul as sm
+from tpi.model.linear import gate_and_up, linear
+from tpi.quant.formats import FloatT, Int8Weight
+
+pytestmark = pytest.mark.skipif(sm.library() is None, reason="no C compiler here")
+
+SHAPES = [(1, 16), (3, 16), (5, 48), (33, 576), (577, 576), (130, 1536), (4099, 64)]
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor) -> None:
+    assert got.dtype == torch.float32
+    err = (got.double() - ref).abs().max().item()
+    assert err <= 2e-6 * ref.abs().max().item() + 1e-6, err
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_float_rows_match_float64(n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(n * 7 + k)
+    w = torch.randn(n, k, generator=g)
+    for m in range(1, sm.MAX_ROWS + 1):
+        x = torch.randn(m, k, generator=g)
+        _close(sm.matmul_f32(x, w), x.double() @ w.double().T)
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_int8_rows_match_float64(n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(n * 11 + k)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = (torch.rand(n, generator=g) + 0.01).to(torch.bfloat16)
+    ref_w = q.double() * scale.double()[:, None]
+    for m in (*range(1, sm.MAX_ROWS + 1), 13, 95):  # int8: any row count
+        x = torch.randn(m, k, generator=g)
+        x[:, 0] *= 40  # an outlier channel: the activations are not rounded
+        _close(sm.matmul_int8(x, q, scale), x.double() @ ref_w.T)
+
+
+@pytest.mark.parametrize("s,k,nb", [(1, 16, 16), (2, 576, 1024), (3, 64, 528)])
+def test_float_column_blocks_match_float64(s: int, k: int, nb: int) -> None:
+    g = torch.Generator().manual_seed(s + k + nb)
+    w = torch.randn(s * nb, k, generator=g)
+    blocks = w.t().reshape(k, s, nb).permute(1, 0, 2).contiguous()  # FloatT's column blocks
+    for m in range(1, sm.MAX_ROWS + 1):
+        x = torch.randn(m, k, generator=g)
+        _close(sm.matmul_f32_cols(x, blocks), x.double() @ w.double().T)
+
+
+def test_a_row_of_a_batch_is_computed_as_alone() -> None:
+    """What makes a batched decode give each sequence its solo tokens: a row's
+    result does not depend on the other rows, bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(1000, 576, generator=g)
+    q = torch.randint(-127, 128, (1000, 576), dtype=torch.int8, generator=g)
+    scale = torch.rand(1000, generator=g).to(torch.bfloat16)
+    blocks = w.t().reshape(576, 2, 500).permute(1, 0, 2).contiguous()[:, :, :496].contiguous()
+    x = torch.randn(7, 576, generator=g)
+    for i in range(7):
+        row = x[i : i + 1].clone()
+        assert torch.equal(sm.matmul_f32(x, w)[i], sm.matmul_f32(row, w)[0])
+        assert torch.equal(sm.matmul_int8(x, q, scale)[i], sm.matmul_int8(row, q, scale)[0])
+        assert torch.equal(sm.matmul_f32_cols(x, blocks)[i], sm.matmul_f32_cols(row, blocks)[0])
+
+
+def test_thread_count_does_not_change_a_bit() -> None:
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(3000, 576, generator=g)
+    x = torch.randn(4, 576, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = sm.matmul_f32(x, w)
+        torch.set_num_threads(max(2, before))
+        many = sm.matmul_f32(x, w)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)
+
+
+def test_linear_takes_the_kernels_and_agrees_with_torch() -> None:
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(1536, 576, generator=g)
+    held = FloatT.of(w, 2)  # row blocks, as a resident layer holds them
+    q = Int8Weight(
+        torch.randint(-127, 128, (1536, 576), dtype=torch.int8, generator=g),
+        torch.rand(1536, generator=g).to(torch.bfloat16),
+    )
+    x = torch.randn(3, 576, generator=g)
+    assert torch.equal(linear(x, held), sm.matmul_f32(x, w))
+    assert torch.equal(linear(x, q), sm.matmul_int8(x, q.q, q.scale))
+    gate, up = gate_and_up(x, held)
+    assert torch.equal(torch.cat([gate, up], dim=-1), sm.matmul_f32(x, w))
+    sm.set_enabled(False)
+    try:
+        torch_f = linear(x, held)
+        torch_q = linear(x, q)
+        torch_gate, torch_up = gate_and_up(x, held)
+    finally:
+        sm.set_enabled(True)
+    _close(torch_f, x.double() @ w.double().T)
+    _close(torch.cat([torch_gate, torch_up], dim=-1), x.double() @ w.double().T)
+    # torch's int8 kernel rounds the activations to bfloat16: close, not equal.
+    ref = x.double() @ q.dequantize(torch.float64).T
+    assert (torch_q.double() - ref).abs().max() < 1e-2 * ref.abs().max()
+
+
+def test_what_the_kernels_do_not_serve_returns_none() -> None:
+    w = torch.randn(64, 40)
+    assert sm.matmul_f32(torch.randn(1, 40), w) is None  # K not a multiple of 16
+    w = torch.randn(64, 48)
+    assert sm.matmul_f32(torch.randn(sm.MAX_ROWS + 1, 48), w) is None  # a prefill
+    assert sm.matmul_f32(torch.randn(1, 48, dtype=torch.bfloat16), w) is None
+    assert sm.matmul_f32(torch.randn(1, 48), w.t().contiguous().t()) is None  # not row-major
+    q = torch.zeros(64, 48, dtype=torch.int8)
+    assert sm.matmul_int8(torch.randn(1, 48), q, torch.ones(64)) is None  # fp32 scales
+    sm.set_enabled(False)
+    try:
+        assert sm.library() is None
+        assert sm.matmul_f32(torch.randn(1, 48), w) is None
+    finally:
+        sm.set_enabled(True)
+
+
+def test_no_compiler_or_a_failing_one_means_torch(monkeypatch, tmp_path, caplog) -> None:
+    source = tmp_path / "k.c"
+    source.write_text("int f(void) { return 1; }\n")
+    monkeypatch.setenv("TPI_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(kbuild, "compiler", lambda: None)
+    assert kbuild.build(source) is None
+    monkeypatch.setattr(kbuild, "compiler", lambda: "false")  # exits 1, as a broken cc
+    with caplog.at_level(logging.WARNING, logger="tpi.kernels"):
+        assert kbuild.build(source) is None
+    assert "torch's kernels are used" in caplog.text
+    assert not any((tmp_path / "home").rglob("*.so*"))  # no partial file left behind
+
+
+def test_built_once_per_source_and_kept_in_tpi_home(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("TPI_HOME", str(tmp_path))
+    source = tmp_path / "k.c"
+    source.write_text("int f(void) { return 1; }\n")
+    first = kbuild.build(source)
+    assert first is not None and first.parent == tmp_path / "kernels"
+    stamp = first.stat().st_mtime_ns
+    assert kbuild.build(source) == first and first.stat().st_mtime_ns == stamp
+    source.write_text("int f(void) { return 2; }\n")
+    second = kbuild.build(source)
+    assert second is not None and second != first
+
+
+def test_tpi_kernels_0_turns_them_off() -> None:
+    code = "from tpi.kernels import small_matmul as sm; print(sm.library() is None)"
+    env = {**os.environ, "TPI_KERNELS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "True", out.stderr

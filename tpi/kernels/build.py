@@ -1,0 +1,101 @@
+"""Compiles a kernel's C source once per machine into $TPI_HOME/kernels.
+
+The library is built for the CPU it runs on (-march=native: AVX2 or AVX-512 where
+there is one), so it is never shipped prebuilt; a wheel would have to pick one
+instruction set for every machine. Compiling takes about half a second with gcc.
+The file name carries a hash of the source, the compiler's version, the flags and
+the CPU's feature list, so a new tpi, compiler or CPU (a copied $TPI_HOME) builds
+anew. The result is written under a temporary name and renamed into place: two
+processes building at once each finish a whole file, and the last rename wins.
+
+Without a C compiler (or with TPI_KERNELS=0) there is no library, and callers use
+torch's kernels: same results up to float rounding, slower for several rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from tpi.paths import tpi_home
+
+log = logging.getLogger("tpi.kernels")
+
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+COMPILE_TIMEOUT_S = 120
+
+
+def enabled() -> bool:
+    return os.environ.get("TPI_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_features() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _version(cc: str) -> str:
+    try:
+        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
+        return out.stdout.splitlines()[0] if out.stdout else cc
+    except (OSError, subprocess.SubprocessError):
+        return cc
+
+
+def library_path(source: Path, cc: str) -> Path:
+    key = hashlib.sha256(
+        b"\0".join(
+            s.encode() if isinstance(s, str) else s
+            for s in (source.read_bytes(), _version(cc), " ".join(FLAGS), _cpu_features())
+        )
+    ).hexdigest()[:16]
+    return tpi_home() / "kernels" / f"{source.stem}-{key}.so"
+
+
+def build(source: Path) -> Path | None:
+    """The compiled library of `source` (built now if needed), or None with the
+    reason logged once: no compiler, or the compiler failed."""
+    cc = compiler()
+    if cc is None:
+        log.info("no C compiler found: torch's kernels are used for small matmuls")
+        return None
+    out = library_path(source, cc)
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    cmd = [cc, *FLAGS, str(source), "-o", str(tmp)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("could not compile %s (%s): torch's kernels are used", source.name, e)
+        tmp.unlink(missing_ok=True)
+        return None
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        log.warning(
+            "compiling %s failed (%s): torch's kernels are used\n%s",
+            source.name,
+            " ".join(cmd),
+            "\n".join(tail),
+        )
+        tmp.unlink(missing_ok=True)
+        return None
+    os.replace(tmp, out)
+    return out

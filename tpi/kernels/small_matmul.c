@@ -1,0 +1,248 @@
+/* Products of a few activation rows with a weight matrix read once from memory.
+ *
+ *   y[m * ldy + n] = scale[n] * sum_k x[m * K + k] * w[n * K + k],   m < M, n < N
+ *
+ * A decode step (one row per sequence of a batch) is bound by the bytes of
+ * weights read: these kernels stream every weight once for all M rows, the
+ * weight's rows split between the OpenMP threads torch itself uses (the same
+ * libgomp, loaded by torch before this library). While a block of rows is
+ * multiplied, the next block is prefetched: one core alone has too few misses in
+ * flight to stream from DRAM at its speed while it also computes (measured, a
+ * 7B-shaped int8 layer of 4 rows: 12.0-12.8 ms without, 10.1-10.7 ms with). torch's own kernels either
+ * re-read the weights per row block or convert them to bfloat16 on the way,
+ * which costs more than the read once M > 1 (see tpi/kernels/small_matmul.py).
+ *
+ * int8 weights (per-row scale, bfloat16) are converted to float in registers
+ * and multiplied by the float32 activations as they are: no rounding of the
+ * activations to bfloat16 (torch's int8 kernel takes bfloat16 only) and no
+ * conversion ops around the product. (VNNI dot products on activations cut in
+ * two int8 digits were measured too: no faster on a 2-core AVX-512 VM, where
+ * both paths are bound by the weight read up to 4 rows.)
+ *
+ * Built at first use by tpi/kernels/build.py with the machine's C compiler.
+ */
+
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef int8_t v16b __attribute__((vector_size(16)));
+
+#define WROWS 4    /* weight rows per block (float kernels) */
+#define XROWS 4    /* activation rows per block */
+#define NBLOCK 64  /* weight rows kept in cache while every group of x rows passes */
+
+static inline v16f load_f32(const float* p) {
+    v16f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline v16f load_i8(const int8_t* p) {
+#if defined(__AVX512F__)
+    return (v16f)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+#elif defined(__AVX2__)
+    __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+    __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8))));
+    v16f v;
+    memcpy(&v, &lo, 32);
+    memcpy((char*)&v + 32, &hi, 32);
+    return v;
+#else
+    v16b b;
+    memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(b, v16f);
+#endif
+}
+
+static inline float hsum(v16f v) {
+    /* A tree, not 16 dependent adds: the sum of a row costs as much as its products. */
+    typedef float v8f __attribute__((vector_size(32)));
+    typedef float v4f __attribute__((vector_size(16)));
+    v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+/* A weight row's scale (bfloat16), 1 for float weights (no scales). */
+static inline float scale_at(const uint16_t* s, int64_t i) {
+    if (!s) return 1.0f;
+    uint32_t bits = (uint32_t)s[i] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Float accumulation: WROWS weight rows (or one) against MB rows of x. */
+#define FLOAT_BLOCKS(NAME, WT, LOADW, MB)                                                  \
+    static inline void NAME##_four##MB(const float* x, int64_t K, const WT* w, int64_t n,   \
+                                       float* y, int64_t ldy, const uint16_t* sc) {        \
+        v16f a0[MB], a1[MB], a2[MB], a3[MB];                                               \
+        for (int m = 0; m < MB; m++) a0[m] = a1[m] = a2[m] = a3[m] = (v16f){0};           \
+        const WT *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;                \
+        for (int64_t k = 0; k < K; k += 16) {                                              \
+            if ((k * (int64_t)sizeof(WT)) % 64 == 0) { /* the next block's rows, a line each */ \
+                __builtin_prefetch(w0 + WROWS * K + k);                                    \
+                __builtin_prefetch(w1 + WROWS * K + k);                                    \
+                __builtin_prefetch(w2 + WROWS * K + k);                                    \
+                __builtin_prefetch(w3 + WROWS * K + k);                                    \
+            }                                                                              \
+            v16f u0 = LOADW(w0 + k), u1 = LOADW(w1 + k), u2 = LOADW(w2 + k),               \
+                 u3 = LOADW(w3 + k);                                                       \
+            for (int m = 0; m < MB; m++) {                                                 \
+                v16f xv = load_f32(x + m * K + k);                                         \
+                a0[m] += u0 * xv;                                                          \
+                a1[m] += u1 * xv;                                                          \
+                a2[m] += u2 * xv;                                                          \
+                a3[m] += u3 * xv;                                                          \
+            }                                                                              \
+        }                                                                                  \
+        float s0 = scale_at(sc, n), s1 = scale_at(sc, n + 1), s2 = scale_at(sc, n + 2),    \
+              s3 = scale_at(sc, n + 3);                                                    \
+        for (int m = 0; m < MB; m++) {                                                     \
+            float* o = y + m * ldy + n;                                                    \
+            o[0] = s0 * hsum(a0[m]);                                                       \
+            o[1] = s1 * hsum(a1[m]);                                                       \
+            o[2] = s2 * hsum(a2[m]);                                                       \
+            o[3] = s3 * hsum(a3[m]);                                                       \
+        }                                                                                  \
+    }                                                                                      \
+    static inline void NAME##_one##MB(const float* x, int64_t K, const WT* w, int64_t n,    \
+                                      float* y, int64_t ldy, const uint16_t* sc) {         \
+        v16f a[MB];                                                                        \
+        for (int m = 0; m < MB; m++) a[m] = (v16f){0};                                     \
+        const WT* w0 = w + n * K;                                                          \
+        for (int64_t k = 0; k < K; k += 16) {                                              \
+            v16f u = LOADW(w0 + k);                                                        \
+            for (int m = 0; m < MB; m++) a[m] += u * load_f32(x + m * K + k);              \
+        }                                                                                  \
+        float s = scale_at(sc, n);                                                         \
+        for (int m = 0; m < MB; m++) y[m * ldy + n] = s * hsum(a[m]);                      \
+    }                                                                                      \
+    static void NAME##_rows##MB(const float* x, int64_t K, const WT* w, int64_t n0,         \
+                                int64_t n1, float* y, int64_t ldy, const uint16_t* sc) {   \
+        int64_t n = n0;                                                                    \
+        for (; n + WROWS <= n1; n += WROWS) NAME##_four##MB(x, K, w, n, y, ldy, sc);       \
+        for (; n < n1; n++) NAME##_one##MB(x, K, w, n, y, ldy, sc);                        \
+    }
+
+#define FLOAT_KERNEL(NAME, WT, LOADW)                                                       \
+    FLOAT_BLOCKS(NAME, WT, LOADW, 1)                                                        \
+    FLOAT_BLOCKS(NAME, WT, LOADW, 2)                                                        \
+    FLOAT_BLOCKS(NAME, WT, LOADW, 3)                                                        \
+    FLOAT_BLOCKS(NAME, WT, LOADW, 4)                                                        \
+    static void NAME##_range(const float* x, int64_t M, int64_t K, const WT* w, int64_t n0, \
+                             int64_t n1, float* y, int64_t ldy, const uint16_t* sc) {      \
+        for (int64_t nb = n0; nb < n1; nb += NBLOCK) {                                     \
+            int64_t ne = nb + NBLOCK < n1 ? nb + NBLOCK : n1;                              \
+            for (int64_t m = 0; m < M; m += XROWS) {                                       \
+                const float* xm = x + m * K;                                               \
+                float* ym = y + m * ldy;                                                   \
+                switch (M - m < XROWS ? M - m : XROWS) {                                   \
+                    case 1: NAME##_rows1(xm, K, w, nb, ne, ym, ldy, sc); break;            \
+                    case 2: NAME##_rows2(xm, K, w, nb, ne, ym, ldy, sc); break;            \
+                    case 3: NAME##_rows3(xm, K, w, nb, ne, ym, ldy, sc); break;            \
+                    default: NAME##_rows4(xm, K, w, nb, ne, ym, ldy, sc); break;           \
+                }                                                                          \
+            }                                                                              \
+        }                                                                                  \
+    }
+
+FLOAT_KERNEL(f32w, float, load_f32)
+FLOAT_KERNEL(i8w, int8_t, load_i8)
+
+static int threads_for(int64_t N) {
+    int t = omp_get_max_threads();
+    /* Below ~32 rows per thread the fork and join cost more than they save. */
+    return (int64_t)t * 32 > N ? 1 : t;
+}
+
+static void split(int64_t N, int64_t align, int64_t* a, int64_t* b) {
+    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t per = ((N + nt - 1) / nt + align - 1) / align * align;
+    *a = t * per < N ? t * per : N;
+    *b = *a + per < N ? *a + per : N;
+}
+
+/* K must be a multiple of 16. */
+void tpi_matmul_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y) {
+    int T = threads_for(N);
+#pragma omp parallel num_threads(T)
+    {
+        int64_t a, b;
+        split(N, WROWS, &a, &b);
+        if (a < b) f32w_range(x, M, K, w, a, b, y, N, NULL);
+    }
+}
+
+/* K must be a multiple of 16; scale: N bfloat16 values. */
+void tpi_matmul_i8(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale,
+                   int64_t N, float* y) {
+    int T = threads_for(N);
+#pragma omp parallel num_threads(T)
+    {
+        int64_t a, b;
+        split(N, WROWS, &a, &b);
+        if (a < b) i8w_range(x, M, K, w, a, b, y, N, scale);
+    }
+}
+
+/* A float weight held transposed in S column blocks (S, K, Nb) (an LM head, see
+ * FloatT): y (M, S * Nb). Each unit of work is CHUNK columns of one block, whose
+ * sums stay in L1 while the block's K rows stream past (a register tile would
+ * walk K rows a few cache lines at a time, too many streams to prefetch). */
+#define CHUNK 512
+
+#define COLUMN_CHUNK(MB)                                                                    \
+    static void chunk##MB(const float* x, int64_t K, const float* w, int64_t ldw, int64_t nc, \
+                          float* y, int64_t ldy) {                                           \
+        float acc[MB][CHUNK] __attribute__((aligned(64)));                                   \
+        memset(acc, 0, sizeof acc);                                                          \
+        for (int64_t k = 0; k < K; k++) {                                                    \
+            const float* row = w + k * ldw;                                                  \
+            v16f xs[MB];                                                                     \
+            for (int m = 0; m < MB; m++) xs[m] = (v16f){0} + x[m * K + k];                   \
+            for (int64_t c = 0; c < nc; c += 16) {                                           \
+                v16f u = load_f32(row + c);                                                  \
+                for (int m = 0; m < MB; m++) {                                               \
+                    v16f a = load_f32(&acc[m][c]) + u * xs[m];                               \
+                    memcpy(&acc[m][c], &a, sizeof a);                                        \
+                }                                                                            \
+            }                                                                                \
+        }                                                                                    \
+        for (int m = 0; m < MB; m++) memcpy(y + m * ldy, acc[m], (size_t)nc * sizeof(float)); \
+    }
+
+COLUMN_CHUNK(1)
+COLUMN_CHUNK(2)
+COLUMN_CHUNK(3)
+COLUMN_CHUNK(4)
+
+/* Nb must be a multiple of 16. */
+void tpi_matmul_f32_cols(const float* x, int64_t M, int64_t K, const float* blocks, int64_t S,
+                         int64_t Nb, float* y) {
+    int64_t per = (Nb + CHUNK - 1) / CHUNK, units = S * per, ldy = S * Nb;
+    int T = omp_get_max_threads();
+    if (units < T) T = (int)units;
+#pragma omp parallel for num_threads(T) schedule(static)
+    for (int64_t u = 0; u < units; u++) {
+        int64_t s = u / per, c0 = (u % per) * CHUNK;
+        int64_t nc = Nb - c0 < CHUNK ? Nb - c0 : CHUNK;
+        const float* w = blocks + s * K * Nb + c0;
+        for (int64_t m = 0; m < M; m += XROWS) {
+            const float* xm = x + m * K;
+            float* ym = y + m * ldy + s * Nb + c0;
+            switch (M - m < XROWS ? M - m : XROWS) {
+                case 1: chunk1(xm, K, w, Nb, nc, ym, ldy); break;
+                case 2: chunk2(xm, K, w, Nb, nc, ym, ldy); break;
+                case 3: chunk3(xm, K, w, Nb, nc, ym, ldy); break;
+                default: chunk4(xm, K, w, Nb, nc, ym, ldy); break;
+            }
+        }
+    }
+}
