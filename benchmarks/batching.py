@@ -195,12 +195,7 @@ def main(rounds, prompt_tokens, new_tokens, lock, big, big_new_tokens, only_big,
         "results": results,
         "ratios": ratios,
         "join_512_token_prompt": joins,
-        "targets": {
-            "one-node aggregate at 4 >= 2.5x of 1": ratios["one-node"]["4"]["aggregate_vs_1"]
-            >= 2.5,
-            "world3-5ms aggregate at 8 >= 6x of 1": ratios["world3-5ms"]["8"]["aggregate_vs_1"]
-            >= 6,
-        },
+        "targets": targets,
         "samples": samples,
     }
     print(
