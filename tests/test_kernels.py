@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,10 +45,14 @@ def test_int8_rows_match_float64(n: int, k: int) -> None:
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     scale = (torch.rand(n, generator=g) + 0.01).to(torch.bfloat16)
     ref_w = q.double() * scale.double()[:, None]
+    # Where the CPU has bfloat16 dot products the kernel rounds x to bfloat16 (as
+    # torch's int8 kernel does); elsewhere it multiplies x as it is.
+    rounded = sm.int8_rounds_to_bf16(k)
     for m in (*range(1, sm.MAX_ROWS + 1), 13, 95):  # int8: any row count
         x = torch.randn(m, k, generator=g)
-        x[:, 0] *= 40  # an outlier channel: the activations are not rounded
-        _close(sm.matmul_int8(x, q, scale), x.double() @ ref_w.T)
+        x[:, 0] *= 40  # an outlier channel
+        xr = x.bfloat16().double() if rounded else x.double()
+        _close(sm.matmul_int8(x, q, scale), xr @ ref_w.T)
 
 
 @pytest.mark.parametrize("s,k,nb", [(1, 16, 16), (2, 576, 1024), (3, 64, 528)])
@@ -166,3 +171,39 @@ def test_tpi_kernels_0_turns_them_off() -> None:
     env = {**os.environ, "TPI_KERNELS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "True", out.stderr
+
+
+@pytest.mark.skipif(" avx2" not in kbuild._cpu_features(), reason="this CPU has no AVX2")
+def test_the_avx2_build_a_laptop_gets_matches_float64(tmp_path, monkeypatch) -> None:
+    """This CPU has AVX-512 (and bfloat16 dot products); most laptops have AVX2
+    only: build that variant too and hold its three products to float64."""
+    import ctypes
+
+    monkeypatch.setenv("TPI_HOME", str(tmp_path))
+    flags = tuple(f for f in kbuild.FLAGS if f != "-march=native") + ("-mavx2", "-mfma")
+    path = kbuild.build(Path(sm.__file__).with_name("small_matmul.c"), flags)
+    assert path is not None
+    lib = ctypes.CDLL(str(path))
+    p, i = ctypes.c_void_p, ctypes.c_int64
+    lib.tpi_matmul_f32.argtypes = [p, i, i, p, i, p]
+    lib.tpi_matmul_i8.argtypes = [p, i, i, p, p, i, p]
+    lib.tpi_matmul_f32_cols.argtypes = [p, i, i, p, i, i, p]
+    lib.tpi_int8_rounds_to_bf16.argtypes = [i]
+    assert lib.tpi_int8_rounds_to_bf16(576) == 0  # no bfloat16 dot products in AVX2
+    g = torch.Generator().manual_seed(21)
+    n, k, m = 1001, 576, 5
+    w = torch.randn(n, k, generator=g)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = torch.rand(n, generator=g).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=g)
+    y = torch.empty(m, n)
+    lib.tpi_matmul_f32(x.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr())
+    _close(y, x.double() @ w.double().T)
+    assert (
+        lib.tpi_matmul_i8(x.data_ptr(), m, k, q.data_ptr(), scale.data_ptr(), n, y.data_ptr()) == 0
+    )
+    _close(y, x.double() @ (q.double() * scale.double()[:, None]).T)
+    blocks = w[:992].t().reshape(k, 2, 496).permute(1, 0, 2).contiguous()
+    yc = torch.empty(m, 992)
+    lib.tpi_matmul_f32_cols(x.data_ptr(), m, k, blocks.data_ptr(), 2, 496, yc.data_ptr())
+    _close(yc, x.double() @ w[:992].double().T)

@@ -58,29 +58,30 @@ def _version(cc: str) -> str:
         return cc
 
 
-def library_path(source: Path, cc: str) -> Path:
+def library_path(source: Path, cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
     key = hashlib.sha256(
         b"\0".join(
             s.encode() if isinstance(s, str) else s
-            for s in (source.read_bytes(), _version(cc), " ".join(FLAGS), _cpu_features())
+            for s in (source.read_bytes(), _version(cc), " ".join(flags), _cpu_features())
         )
     ).hexdigest()[:16]
     return tpi_home() / "kernels" / f"{source.stem}-{key}.so"
 
 
-def build(source: Path) -> Path | None:
+def build(source: Path, flags: tuple[str, ...] = FLAGS) -> Path | None:
     """The compiled library of `source` (built now if needed), or None with the
-    reason logged once: no compiler, or the compiler failed."""
+    reason logged once: no compiler, or the compiler failed. (Other `flags`: the
+    tests build the AVX2 variant a laptop would get.)"""
     cc = compiler()
     if cc is None:
         log.info("no C compiler found: torch's kernels are used for small matmuls")
         return None
-    out = library_path(source, cc)
+    out = library_path(source, cc, flags)
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    cmd = [cc, *FLAGS, str(source), "-o", str(tmp)]
+    cmd = [cc, *flags, str(source), "-o", str(tmp)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
     except (OSError, subprocess.SubprocessError) as e:

@@ -1,11 +1,11 @@
 """Products of a few rows with a float32 or int8 weight, read once (small_matmul.c).
 
 Used by tpi.model.linear for decode steps: one row per sequence of a batch. torch's
-kernels are slow exactly there (measured on a 2-core AVX-512 VM, SmolLM2 layers,
-weights from DRAM, benchmarks/results/small_matmul.json): float32 weights held in
-blocks for torch's batched matmul read at 20-24 GB/s for one row but take 1.4-1.8x
-as long for 2-8 rows, and torch's int8 kernel takes bfloat16 activations only, so
-every product costs two conversions besides.
+kernels are slow exactly there (measured on a 2-core AVX-512 VM, weights from
+DRAM, benchmarks/results/small_matmul.json): float32 weights held in blocks for
+torch's batched matmul take 1.4-1.6x as long for 2-8 rows as for one, torch's int8
+kernel 1.2-3x, and it takes bfloat16 activations only, so every product costs
+two conversions besides.
 
 Every function returns None when it cannot serve the call (no compiler, an
 unsupported shape): the caller then uses torch.
@@ -63,8 +63,11 @@ def _load() -> ctypes.CDLL | None:
     lib.tpi_matmul_f32.argtypes = [p, i, i, p, i, p]
     lib.tpi_matmul_f32_cols.argtypes = [p, i, i, p, i, i, p]
     lib.tpi_matmul_i8.argtypes = [p, i, i, p, p, i, p]
-    for f in (lib.tpi_matmul_f32, lib.tpi_matmul_f32_cols, lib.tpi_matmul_i8):
+    lib.tpi_int8_rounds_to_bf16.argtypes = [i]
+    for f in (lib.tpi_matmul_f32, lib.tpi_matmul_f32_cols):
         f.restype = None
+    lib.tpi_matmul_i8.restype = ctypes.c_int
+    lib.tpi_int8_rounds_to_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -124,5 +127,15 @@ def matmul_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     ):
         return None
     x, y = _out(x, n)
-    lib.tpi_matmul_i8(x.data_ptr(), x.shape[0], k, q.data_ptr(), scale.data_ptr(), n, y.data_ptr())
+    if lib.tpi_matmul_i8(
+        x.data_ptr(), x.shape[0], k, q.data_ptr(), scale.data_ptr(), n, y.data_ptr()
+    ):
+        return None  # no memory for x in bfloat16: torch's kernel needs none
     return y
+
+
+def int8_rounds_to_bf16(k: int) -> bool:
+    """Whether matmul_int8 rounds activations of width k to bfloat16 on this CPU
+    (AVX512-BF16 dot products) rather than multiplying them as float32."""
+    lib = library()
+    return bool(lib is not None and lib.tpi_int8_rounds_to_bf16(k))
