@@ -81,6 +81,15 @@ static inline float scale_at(const uint16_t* s, int64_t i) {
     return f;
 }
 
+/* Four consecutive outputs of one row of y: the sums of weight rows n..n+3, scaled. */
+static inline void store_four(float* o, const uint16_t* sc, int64_t n, float t0, float t1,
+                              float t2, float t3) {
+    o[0] = scale_at(sc, n) * t0;
+    o[1] = scale_at(sc, n + 1) * t1;
+    o[2] = scale_at(sc, n + 2) * t2;
+    o[3] = scale_at(sc, n + 3) * t3;
+}
+
 /* Float accumulation: WROWS weight rows (or one) against MB rows of x. */
 #define FLOAT_BLOCKS(NAME, WT, LOADW, MB)                                                  \
     static inline void NAME##_four##MB(const float* x, int64_t K, const WT* w, int64_t n,   \
@@ -105,15 +114,9 @@ static inline float scale_at(const uint16_t* s, int64_t i) {
                 a3[m] += u3 * xv;                                                          \
             }                                                                              \
         }                                                                                  \
-        float s0 = scale_at(sc, n), s1 = scale_at(sc, n + 1), s2 = scale_at(sc, n + 2),    \
-              s3 = scale_at(sc, n + 3);                                                    \
-        for (int m = 0; m < MB; m++) {                                                     \
-            float* o = y + m * ldy + n;                                                    \
-            o[0] = s0 * hsum(a0[m]);                                                       \
-            o[1] = s1 * hsum(a1[m]);                                                       \
-            o[2] = s2 * hsum(a2[m]);                                                       \
-            o[3] = s3 * hsum(a3[m]);                                                       \
-        }                                                                                  \
+        for (int m = 0; m < MB; m++)                                                       \
+            store_four(y + m * ldy + n, sc, n, hsum(a0[m]), hsum(a1[m]), hsum(a2[m]),      \
+                       hsum(a3[m]));                                                       \
     }                                                                                      \
     static inline void NAME##_one##MB(const float* x, int64_t K, const WT* w, int64_t n,    \
                                       float* y, int64_t ldy, const uint16_t* sc) {         \
@@ -195,15 +198,10 @@ static inline __m512bh load_i8_bf16(const int8_t* p) {
                 a3[m] = _mm512_dpbf16_ps(a3[m], u3, xv);                                    \
             }                                                                               \
         }                                                                                   \
-        float s0 = scale_at(sc, n), s1 = scale_at(sc, n + 1), s2 = scale_at(sc, n + 2),     \
-              s3 = scale_at(sc, n + 3);                                                     \
-        for (int m = 0; m < MB; m++) {                                                      \
-            float* o = y + m * ldy + n;                                                     \
-            o[0] = s0 * _mm512_reduce_add_ps(a0[m]);                                        \
-            o[1] = s1 * _mm512_reduce_add_ps(a1[m]);                                        \
-            o[2] = s2 * _mm512_reduce_add_ps(a2[m]);                                        \
-            o[3] = s3 * _mm512_reduce_add_ps(a3[m]);                                        \
-        }                                                                                   \
+        for (int m = 0; m < MB; m++)                                                        \
+            store_four(y + m * ldy + n, sc, n, _mm512_reduce_add_ps(a0[m]),                 \
+                       _mm512_reduce_add_ps(a1[m]), _mm512_reduce_add_ps(a2[m]),            \
+                       _mm512_reduce_add_ps(a3[m]));                                        \
     }                                                                                       \
     static inline void bf16_one##MB(const __m512bh* x, int64_t K, const int8_t* w,           \
                                     int64_t n, float* y, int64_t ldy, const uint16_t* sc) {  \
