@@ -153,6 +153,17 @@ def test_no_compiler_or_a_failing_one_means_torch(monkeypatch, tmp_path, caplog)
     assert not any((tmp_path / "home").rglob("*.so*"))  # no partial file left behind
 
 
+def test_an_unwritable_tpi_home_means_torch_not_a_crash(monkeypatch, tmp_path, caplog) -> None:
+    source = tmp_path / "k.c"
+    source.write_text("int f(void) { return 1; }\n")
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("TPI_HOME", str(blocker))  # kernels/ cannot be made under a file
+    with caplog.at_level(logging.WARNING, logger="tpi.kernels"):
+        assert kbuild.build(source) is None
+    assert "torch's kernels are used" in caplog.text
+
+
 def test_built_once_per_source_and_kept_in_tpi_home(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("TPI_HOME", str(tmp_path))
     source = tmp_path / "k.c"

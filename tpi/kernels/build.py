@@ -79,10 +79,10 @@ def build(source: Path, flags: tuple[str, ...] = FLAGS) -> Path | None:
     out = library_path(source, cc, flags)
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     cmd = [cc, *flags, str(source), "-o", str(tmp)]
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("could not compile %s (%s): torch's kernels are used", source.name, e)
@@ -98,5 +98,10 @@ def build(source: Path, flags: tuple[str, ...] = FLAGS) -> Path | None:
         )
         tmp.unlink(missing_ok=True)
         return None
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError as e:
+        log.warning("could not keep %s (%s): torch's kernels are used", out, e)
+        tmp.unlink(missing_ok=True)
+        return None
     return out

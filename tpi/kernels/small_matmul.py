@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tpi.kernels.build import build, enabled
+from tpi.kernels.build import build, enabled, log
 
 MAX_ROWS = 8  # float32: above this torch's GEMM is the better kernel (int8: no limit)
 K_MULTIPLE = 16  # the kernels read rows 16 floats at a time
@@ -58,7 +58,11 @@ def _load() -> ctypes.CDLL | None:
         return None
     # torch is imported first, so the library's OpenMP calls bind to torch's own
     # libgomp: one thread pool, sized by torch.set_num_threads.
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        log.warning("could not load %s (%s): torch's kernels are used", path, e)
+        return None
     p, i = ctypes.c_void_p, ctypes.c_int64
     lib.tpi_matmul_f32.argtypes = [p, i, i, p, i, p]
     lib.tpi_matmul_f32_cols.argtypes = [p, i, i, p, i, i, p]
