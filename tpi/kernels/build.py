@@ -14,6 +14,7 @@ torch's kernels: same results up to float rounding, slower for several rows.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -58,6 +59,11 @@ def _version(cc: str) -> str:
         return cc
 
 
+def _discard(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not there, or its directory never was
+        path.unlink()
+
+
 def library_path(source: Path, cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
     key = hashlib.sha256(
         b"\0".join(
@@ -86,7 +92,7 @@ def build(source: Path, flags: tuple[str, ...] = FLAGS) -> Path | None:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("could not compile %s (%s): torch's kernels are used", source.name, e)
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         return None
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
@@ -96,12 +102,12 @@ def build(source: Path, flags: tuple[str, ...] = FLAGS) -> Path | None:
             " ".join(cmd),
             "\n".join(tail),
         )
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         return None
     try:
         os.replace(tmp, out)
     except OSError as e:
         log.warning("could not keep %s (%s): torch's kernels are used", out, e)
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         return None
     return out
