@@ -109,6 +109,17 @@ def test_linear_takes_the_kernels_and_agrees_with_torch() -> None:
     assert torch.equal(linear(x, q), sm.matmul_int8(x, q.q, q.scale))
     gate, up = gate_and_up(x, held)
     assert torch.equal(torch.cat([gate, up], dim=-1), sm.matmul_f32(x, w))
+    bias = torch.randn(1536, generator=g)
+    gate, up = gate_and_up(x, held, bias)
+    _close(torch.cat([gate, up], dim=-1), x.double() @ w.double().T + bias.double())
+    gate, up = gate_and_up(x, q)
+    assert torch.equal(torch.cat([gate, up], dim=-1), sm.matmul_int8(x, q.q, q.scale))
+    # An LM head held in column blocks: the kernel from 2 rows, torch's product for one.
+    head = torch.randn(9728, 576, generator=g)  # wide: N >= 16 K
+    cols = FloatT.of(head, 2)
+    assert not cols.by_rows
+    assert torch.equal(linear(x, cols), sm.matmul_f32_cols(x, cols.blocks))
+    _close(linear(x[:1], cols), x[:1].double() @ head.double().T)
     sm.set_enabled(False)
     try:
         torch_f = linear(x, held)
@@ -132,6 +143,8 @@ def test_what_the_kernels_do_not_serve_returns_none() -> None:
     assert sm.matmul_f32(torch.randn(1, 48), w.t().contiguous().t()) is None  # not row-major
     q = torch.zeros(64, 48, dtype=torch.int8)
     assert sm.matmul_int8(torch.randn(1, 48), q, torch.ones(64)) is None  # fp32 scales
+    short = torch.ones(63, dtype=torch.bfloat16)
+    assert sm.matmul_int8(torch.randn(1, 48), q, short) is None  # a scale per row, or nothing
     sm.set_enabled(False)
     try:
         assert sm.library() is None
@@ -146,11 +159,32 @@ def test_no_compiler_or_a_failing_one_means_torch(monkeypatch, tmp_path, caplog)
     monkeypatch.setenv("TPI_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(kbuild, "compiler", lambda: None)
     assert kbuild.build(source) is None
-    monkeypatch.setattr(kbuild, "compiler", lambda: "false")  # exits 1, as a broken cc
+    # A compiler that writes part of its output, then fails (a full disk, say).
+    broken = tmp_path / "broken-cc"
+    broken.write_text(
+        '#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\necho partial > "$2"\nexit 1\n'
+    )
+    broken.chmod(0o755)
+    monkeypatch.setattr(kbuild, "compiler", lambda: str(broken))
     with caplog.at_level(logging.WARNING, logger="tpi.kernels"):
         assert kbuild.build(source) is None
     assert "torch's kernels are used" in caplog.text
+    assert (tmp_path / "home" / "kernels").is_dir()
     assert not any((tmp_path / "home").rglob("*.so*"))  # no partial file left behind
+
+
+def test_a_library_that_cannot_be_had_never_fails_a_matmul(monkeypatch, caplog) -> None:
+    def unreadable() -> None:
+        raise PermissionError("$TPI_HOME/kernels: permission denied")
+
+    monkeypatch.setattr(sm, "_load", unreadable)
+    monkeypatch.setattr(sm, "_tried", False)
+    monkeypatch.setattr(sm, "_lib", None)
+    with caplog.at_level(logging.WARNING, logger="tpi.kernels"):
+        assert sm.library() is None
+    assert "permission denied" in caplog.text
+    x, w = torch.randn(2, 48), torch.randn(64, 48)
+    _close(linear(x, w), x.double() @ w.double().T)  # torch's path
 
 
 def test_an_unwritable_tpi_home_means_torch_not_a_crash(monkeypatch, tmp_path, caplog) -> None:

@@ -18,7 +18,9 @@ import contextlib
 import hashlib
 import logging
 import os
+import secrets
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -53,8 +55,9 @@ def _cpu_features() -> str:
 
 def _version(cc: str) -> str:
     try:
-        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
-        return out.stdout.splitlines()[0] if out.stdout else cc
+        out = subprocess.run([cc, "--version"], capture_output=True, timeout=30)
+        first = out.stdout.decode(errors="replace").splitlines()
+        return first[0] if first else cc
     except (OSError, subprocess.SubprocessError):
         return cc
 
@@ -85,17 +88,18 @@ def build(source: Path, flags: tuple[str, ...] = FLAGS) -> Path | None:
     out = library_path(source, cc, flags)
     if out.exists():
         return out
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    # Unique across processes and hosts sharing $TPI_HOME (pids repeat in containers).
+    tmp = out.with_name(f".{out.name}.partial-{socket.gethostname()}-{secrets.token_hex(4)}")
     cmd = [cc, *flags, str(source), "-o", str(tmp)]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        done = subprocess.run(cmd, capture_output=True, timeout=COMPILE_TIMEOUT_S)
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("could not compile %s (%s): torch's kernels are used", source.name, e)
         _discard(tmp)
         return None
     if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        tail = (done.stderr or done.stdout).decode(errors="replace").strip().splitlines()[-3:]
         log.warning(
             "compiling %s failed (%s): torch's kernels are used\n%s",
             source.name,

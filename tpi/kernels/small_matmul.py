@@ -47,7 +47,11 @@ def library() -> ctypes.CDLL | None:
         return _lib
     with _lock:
         if not _tried:
-            _lib = _load() if enabled() else None
+            try:
+                _lib = _load() if enabled() else None
+            except Exception as e:  # an unreadable $TPI_HOME, say: never fail a matmul
+                log.warning("native kernels unavailable (%s): torch's kernels are used", e)
+                _lib = None
             _tried = True
     return _lib
 
@@ -127,6 +131,7 @@ def matmul_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
         or not _rows_ok(x, k, max_rows=None)
         or q.dtype != torch.int8
         or scale.dtype != torch.bfloat16
+        or scale.shape != (n,)
         or not (q.is_contiguous() and scale.is_contiguous())
     ):
         return None
