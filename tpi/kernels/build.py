@@ -2,7 +2,8 @@
 
 The library is built for the CPU it runs on (-march=native: AVX2 or AVX-512 where
 there is one), so it is never shipped prebuilt; a wheel would have to pick one
-instruction set for every machine. Compiling takes about half a second with gcc.
+instruction set for every machine. Compiling takes under a second with gcc
+(0.6-0.8 s measured, benchmarks/results/small_matmul.json).
 The file name carries a hash of the source, the compiler's version, the flags and
 the CPU's feature list, so a new tpi, compiler or CPU (a copied $TPI_HOME) builds
 anew. The result is written under a temporary name and renamed into place: two
