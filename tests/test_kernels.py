@@ -252,3 +252,40 @@ def test_the_avx2_build_a_laptop_gets_matches_float64(tmp_path, monkeypatch) -> 
     yc = torch.empty(m, 992)
     lib.tpi_matmul_f32_cols(x.data_ptr(), m, k, blocks.data_ptr(), 2, 496, yc.data_ptr())
     _close(yc, x.double() @ w[:992].double().T)
+
+
+def test_int8_prefills_take_the_kernel_only_where_it_is_faster(monkeypatch) -> None:
+    """Below 96 rows always; up to 384 rows for a matrix too big for a kept bf16
+    buffer (dequantized into fresh memory every time); never beyond."""
+    import tpi.model.linear as lin
+
+    calls: list[int] = []
+
+    def counted(x, q, scale):
+        calls.append(x.shape[0])
+        return sm.matmul_int8(x, q, scale)
+
+    monkeypatch.setattr(lin, "matmul_int8", counted)
+    g = torch.Generator().manual_seed(13)
+    small = Int8Weight(
+        torch.randint(-127, 128, (256, 64), dtype=torch.int8, generator=g),
+        torch.rand(256, generator=g).to(torch.bfloat16),
+    )
+    n, k = 4096, 4160  # 34 MB as bf16: over the kept-buffer limit
+    assert not lin._scratch_kept((n, k))
+    big = Int8Weight(
+        torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g),
+        torch.rand(n, generator=g).to(torch.bfloat16),
+    )
+    for w, rows, expect in (
+        (small, 95, True),
+        (small, 128, False),
+        (big, 128, True),
+        (big, 384, False),
+    ):
+        calls.clear()
+        x = torch.randn(rows, w.shape[1], generator=g)
+        y = linear(x, w)
+        assert calls == ([rows] if expect else []), (w.shape, rows)
+        ref = x.bfloat16().double() @ w.dequantize(torch.float64).T
+        assert (y.double() - ref).abs().max() < 1e-2 * ref.abs().max()

@@ -37,6 +37,18 @@ _SCRATCH: dict[tuple[int, int], torch.Tensor] = {}
 SCRATCH_MAX_BYTES = 32 << 20  # larger matrices get a fresh buffer: memory over speed
 
 
+def _scratch_kept(shape: tuple[int, ...]) -> bool:
+    return shape[0] * shape[1] * QUANT_DTYPE.itemsize <= SCRATCH_MAX_BYTES
+
+
+# A matrix too big for a kept buffer is dequantized into fresh memory every time,
+# so the native int8 kernel stays the faster one well past DEQUANT_MIN_TOKENS
+# (a 7B-shaped layer, 2 threads: 128 rows 183 vs 385 ms, 256 rows 375 vs 508 ms,
+# 512 rows 750 vs 742 ms); a kept buffer makes the dequantized GEMM the faster one
+# from 96 rows on (SmolLM2's layers: 96 rows 2.8 vs 3.1 ms).
+KERNEL_MAX_ROWS_FRESH = 384
+
+
 def _dequantized(w: Int8Weight) -> torch.Tensor:
     """w as bf16, in a buffer kept per shape where it is small: a fresh multi-MB
     tensor per matmul is mapped and faulted in page by page each time (measured:
@@ -44,7 +56,7 @@ def _dequantized(w: Int8Weight) -> torch.Tensor:
     buf = _SCRATCH.get(w.shape)
     if buf is None:
         buf = torch.empty(w.shape, dtype=QUANT_DTYPE)
-        if buf.numel() * buf.element_size() <= SCRATCH_MAX_BYTES:
+        if _scratch_kept(w.shape):
             _SCRATCH[w.shape] = buf
     return torch.mul(w.q, w.scale[:, None], out=buf)
 
@@ -58,7 +70,12 @@ def _native(x: torch.Tensor, w: Weight) -> torch.Tensor | None:
         # layer: 8 rows 14 vs 26 ms, 64 rows 92 vs 199 ms), and one kernel for
         # every count below the dequantized GEMM keeps a sequence's numbers the
         # same whether its rows run alone, in a batch or in prefill chunks.
-        return matmul_int8(x, w.q, w.scale) if x.shape[0] < DEQUANT_MIN_TOKENS else None
+        rows = x.shape[0]
+        if rows < DEQUANT_MIN_TOKENS or (
+            rows < KERNEL_MAX_ROWS_FRESH and not _scratch_kept(w.shape)
+        ):
+            return matmul_int8(x, w.q, w.scale)
+        return None
     if isinstance(w, FloatT):
         if w.by_rows:
             return matmul_f32(x, w.blocks.view(-1, w.blocks.shape[-1]))
