@@ -99,6 +99,26 @@ static inline void store_four(float* o, const uint16_t* sc, int64_t n, float t0,
     o[3] = scale_at(sc, n + 3) * t3;
 }
 
+/* Output rows [n0, n1): NBLOCK weight rows at a time, kept in cache while every
+ * group of XROWS activation rows (XT, XSTRIDE elements apart) passes them. */
+#define ROW_RANGE(NAME, XT, WT, XSTRIDE)                                                    \
+    static void NAME##_range(const XT* x, int64_t M, int64_t K, const WT* w, int64_t n0,    \
+                             int64_t n1, float* y, int64_t ldy, const uint16_t* sc) {      \
+        for (int64_t nb = n0; nb < n1; nb += NBLOCK) {                                     \
+            int64_t ne = nb + NBLOCK < n1 ? nb + NBLOCK : n1;                              \
+            for (int64_t m = 0; m < M; m += XROWS) {                                       \
+                const XT* xm = x + m * (XSTRIDE);                                          \
+                float* ym = y + m * ldy;                                                   \
+                switch (M - m < XROWS ? M - m : XROWS) {                                   \
+                    case 1: NAME##_rows1(xm, K, w, nb, ne, ym, ldy, sc); break;            \
+                    case 2: NAME##_rows2(xm, K, w, nb, ne, ym, ldy, sc); break;            \
+                    case 3: NAME##_rows3(xm, K, w, nb, ne, ym, ldy, sc); break;            \
+                    default: NAME##_rows4(xm, K, w, nb, ne, ym, ldy, sc); break;           \
+                }                                                                          \
+            }                                                                              \
+        }                                                                                  \
+    }
+
 /* Float accumulation: WROWS weight rows (or one) against MB rows of x. */
 #define FLOAT_BLOCKS(NAME, WT, LOADW, MB)                                                  \
     static inline void NAME##_four##MB(const float* x, int64_t K, const WT* w, int64_t n,   \
@@ -151,22 +171,7 @@ static inline void store_four(float* o, const uint16_t* sc, int64_t n, float t0,
     FLOAT_BLOCKS(NAME, WT, LOADW, 2)                                                        \
     FLOAT_BLOCKS(NAME, WT, LOADW, 3)                                                        \
     FLOAT_BLOCKS(NAME, WT, LOADW, 4)                                                        \
-    static void NAME##_range(const float* x, int64_t M, int64_t K, const WT* w, int64_t n0, \
-                             int64_t n1, float* y, int64_t ldy, const uint16_t* sc) {      \
-        for (int64_t nb = n0; nb < n1; nb += NBLOCK) {                                     \
-            int64_t ne = nb + NBLOCK < n1 ? nb + NBLOCK : n1;                              \
-            for (int64_t m = 0; m < M; m += XROWS) {                                       \
-                const float* xm = x + m * K;                                               \
-                float* ym = y + m * ldy;                                                   \
-                switch (M - m < XROWS ? M - m : XROWS) {                                   \
-                    case 1: NAME##_rows1(xm, K, w, nb, ne, ym, ldy, sc); break;            \
-                    case 2: NAME##_rows2(xm, K, w, nb, ne, ym, ldy, sc); break;            \
-                    case 3: NAME##_rows3(xm, K, w, nb, ne, ym, ldy, sc); break;            \
-                    default: NAME##_rows4(xm, K, w, nb, ne, ym, ldy, sc); break;           \
-                }                                                                          \
-            }                                                                              \
-        }                                                                                  \
-    }
+    ROW_RANGE(NAME, float, WT, K)
 
 FLOAT_KERNEL(f32w, float, load_f32)
 FLOAT_KERNEL(i8w, int8_t, load_i8)
@@ -236,23 +241,7 @@ BF16_BLOCKS(2)
 BF16_BLOCKS(3)
 BF16_BLOCKS(4)
 
-static void bf16_range(const __m512bh* x, int64_t M, int64_t K, const int8_t* w, int64_t n0,
-                       int64_t n1, float* y, int64_t ldy, const uint16_t* sc) {
-    const int64_t kv = K / 32;
-    for (int64_t nb = n0; nb < n1; nb += NBLOCK) {
-        int64_t ne = nb + NBLOCK < n1 ? nb + NBLOCK : n1;
-        for (int64_t m = 0; m < M; m += XROWS) {
-            const __m512bh* xm = x + m * kv;
-            float* ym = y + m * ldy;
-            switch (M - m < XROWS ? M - m : XROWS) {
-                case 1: bf16_rows1(xm, K, w, nb, ne, ym, ldy, sc); break;
-                case 2: bf16_rows2(xm, K, w, nb, ne, ym, ldy, sc); break;
-                case 3: bf16_rows3(xm, K, w, nb, ne, ym, ldy, sc); break;
-                default: bf16_rows4(xm, K, w, nb, ne, ym, ldy, sc); break;
-            }
-        }
-    }
-}
+ROW_RANGE(bf16, __m512bh, int8_t, K / 32)
 #endif
 
 static int threads_for(int64_t N) {

@@ -90,8 +90,13 @@ def _native(x: torch.Tensor, w: Weight) -> torch.Tensor | None:
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (T, K) @ w.T (+ bias) -> (T, N) in x's dtype."""
     y = _native(x, w)
-    if y is not None:
-        return y if bias is None else y + bias
+    if y is None:
+        return _torch_linear(x, w, bias)
+    return y if bias is None else y + bias
+
+
+def _torch_linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """linear() by torch's kernels."""
     if isinstance(w, FloatT):
         if w.dtype == x.dtype:
             y = w.matmul(x)
@@ -125,7 +130,7 @@ def gate_and_up(
         if isinstance(w, FloatT) and w.halves and w.dtype == x.dtype and bias is None:
             gate, up = w.block_products(x)  # the two row blocks are gate and up: no copy
             return gate, up
-        y = linear(x, w, bias)
+        y = _torch_linear(x, w, bias)  # the native kernels already declined
     elif bias is not None:
         y = y + bias
     return y.chunk(2, dim=-1)
