@@ -59,10 +59,11 @@ class Shaper:
 # --- star (tpi's production code) --------------------------------------------------------------
 
 
-def _star_worker(conn, iters_by_size: dict[int, int]) -> None:
+def _star_worker(conn, iters_by_size: dict[int, int], data_link: bool) -> None:
     import torch
     import zmq
 
+    from tpi.comm.data_link import DataListener, new_ticket
     from tpi.comm.links import WorkerEndpoint
     from tpi.comm.star_worker import StarWorker
     from tpi.worker.master_channel import MasterChannel
@@ -70,12 +71,15 @@ def _star_worker(conn, iters_by_size: dict[int, int]) -> None:
     torch.set_num_threads(1)  # one core per emulated device, as `tpi cluster` does
     ctx = zmq.Context()
     ep = WorkerEndpoint(ctx, "tcp://127.0.0.1:0")
-    conn.send(ep.address.replace("tcp://", ""))
+    listener, ticket = DataListener("127.0.0.1", 0), new_ticket()
+    conn.send((ep.address.replace("tcp://", ""), listener.port if data_link else 0, ticket))
     hello = None
     while hello is None:  # the master's first PING tells us who it is
         hello = ep.recv(1.0)
     # The worker's production receive path (session checks, PINGs answered).
     channel = MasterChannel(ep, hello, SESSION, rank=1)
+    if data_link:  # as a session opens it (worker.session)
+        channel.data = listener.accept(SESSION, ticket, 30.0, 60.0)
     w = StarWorker(channel, SESSION, torch.float32)
     step = 0
     for size, iters in iters_by_size.items():
@@ -85,6 +89,8 @@ def _star_worker(conn, iters_by_size: dict[int, int]) -> None:
             w.step = step
             w.allreduce(x, 0, 0)
     conn.recv()  # wait until the master is done before closing
+    channel.close_data()
+    listener.close()
     ep.close()
     ctx.term()
 
@@ -95,11 +101,15 @@ def run_star(
     iters_by_size: dict[int, int],
     workdir: Path,
     per_call: bool = False,
+    data_link: bool = False,
 ) -> dict:
-    """Mean seconds per allreduce by size (or, with `per_call`, every call's time)."""
+    """Mean seconds per allreduce by size (or, with `per_call`, every call's time).
+    `data_link`: the partial sums travel over tpi's data links (unshaped: only
+    without emulated latency), else over ZeroMQ."""
     import torch
     import zmq
 
+    from tpi.comm.data_link import connect
     from tpi.comm.inbox import Inbox
     from tpi.comm.links import LinkSet
     from tpi.comm.star_master import StarMaster
@@ -112,17 +122,20 @@ def run_star(
     pipes, procs = [], []
     for _ in range(world - 1):
         a, b = mpctx.Pipe()
-        p = mpctx.Process(target=_star_worker, args=(b, iters_by_size), daemon=True)
+        p = mpctx.Process(target=_star_worker, args=(b, iters_by_size, data_link), daemon=True)
         p.start()
         pipes.append(a)
         procs.append(p)
-    addrs = [a.recv() for a in pipes]
+    offers = [a.recv() for a in pipes]
+    addrs = [addr for addr, _, _ in offers]
     shaper = Shaper(addrs, latency_ms, workdir)
     ctx = zmq.Context()
     links = LinkSet(ctx)
-    for r, addr in enumerate(addrs, start=1):
+    for r, (addr, data_port, ticket) in enumerate(offers, start=1):
         link = links.connect(r, f"tcp://{shaper.map[addr]}")
         link.send([encode_control(Kind.PING, {"session": SESSION})])
+        if data_port:
+            links.attach_data(link, connect("127.0.0.1", data_port, SESSION, ticket, 60.0, 10.0))
     clock = StepClock()
     master = StarMaster(Inbox(links, SESSION), clock, torch.float32, timeout_s=60)
     out = {}
@@ -273,25 +286,135 @@ def run_gloo(world: int, iters_by_size: dict[int, int]) -> dict[int, float]:
     return {size: max(r[size] for r in results) for size in iters_by_size}
 
 
-def per_call_overhead(world: int, floats: int, calls: int, out: str | None) -> None:
+def _bare_rank(conn, floats: int, calls: int, transport: str) -> None:
+    """A worker of the bare round trip: send a vector, receive the sum, no tpi code."""
+    import socket
+
+    import numpy as np
+    import zmq
+
+    x = np.ones(floats, np.float32)
+    if transport == "zmq":
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.ROUTER)
+        conn.send(s.bind_to_random_port("tcp://127.0.0.1"))
+        ident, _ = s.recv_multipart()
+        for _ in range(calls):
+            s.send_multipart([ident, b"h" * 24, x])
+            s.recv_multipart(copy=False)
+        conn.recv()
+        s.close(linger=0)
+        ctx.term()
+        return
+    listener = socket.create_server(("127.0.0.1", 0))
+    conn.send(listener.getsockname()[1])
+    sock, _ = listener.accept()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray(24 + 4 * floats)
+    view = memoryview(buf)
+    for _ in range(calls):
+        sock.sendall(b"h" * 24 + x.tobytes())
+        got = 0
+        while got < len(buf):
+            got += sock.recv_into(view[got:])
+    conn.recv()
+    sock.close()
+
+
+def run_bare(world: int, floats: int, calls: int, transport: str) -> list[float]:
+    """The floor under any star allreduce: the same message pattern with bare
+    pyzmq DEALER/ROUTER or plain TCP sockets and a numpy sum, nothing else."""
+    import socket
+
+    import numpy as np
+    import zmq
+
+    mpctx = mp.get_context("spawn")
+    pipes, procs = [], []
+    for _ in range(world - 1):
+        a, b = mpctx.Pipe()
+        p = mpctx.Process(target=_bare_rank, args=(b, floats, calls, transport), daemon=True)
+        p.start()
+        pipes.append(a)
+        procs.append(p)
+    own, times = np.ones(floats, np.float32), []
+    ctx = zmq.Context() if transport == "zmq" else None
+    socks = []
+    for a in pipes:
+        port = a.recv()
+        if ctx is not None:
+            d = ctx.socket(zmq.DEALER)
+            d.connect(f"tcp://127.0.0.1:{port}")
+            d.send(b"hi")
+        else:
+            d = socket.create_connection(("127.0.0.1", port))
+            d.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        socks.append(d)
+    buf = bytearray(24 + 4 * floats)
+    view = memoryview(buf)
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        total = own.copy()
+        for d in socks:
+            if ctx is not None:
+                _, payload = d.recv_multipart(copy=False)
+                total += np.frombuffer(payload.buffer, np.float32)
+            else:
+                got = 0
+                while got < len(buf):
+                    got += d.recv_into(view[got:])
+                total += np.frombuffer(buf, np.float32, offset=24)
+        for d in socks:
+            if ctx is not None:
+                d.send_multipart([b"h" * 24, total])
+            else:
+                d.sendall(b"h" * 24 + total.tobytes())
+        times.append(time.perf_counter() - t0)
+    for a in pipes:
+        a.send("done")
+    for p in procs:
+        p.join(10)
+    for d in socks:
+        d.close()
+    if ctx is not None:
+        ctx.term()
+    return times[2:]
+
+
+def per_call_overhead(world: int, floats: int, calls: int, rounds: int, out: str | None) -> None:
     """One size, no emulated latency: the median cost of one star allreduce call,
     what a decode step pays 2 x layers times (issue target: <= 0.3 ms at world 3
-    for SmolLM2's 576 floats)."""
+    for SmolLM2's 576 floats), over tpi's data links and over ZeroMQ, beside the
+    bare floors of both transports; the four alternate, `rounds` times."""
     import statistics
 
-    with tempfile.TemporaryDirectory() as tmp:
-        times = run_star(world, 0, {4 * floats: calls}, Path(tmp), per_call=True)[4 * floats]
-    ms = sorted(1000 * t for t in times)
-    q = statistics.quantiles(ms, n=10)
-    data = {
-        "world": world,
-        "floats": floats,
-        "calls": len(ms),
-        "median_ms": round(statistics.median(ms), 4),
-        "p10_ms": round(q[0], 4),
-        "p90_ms": round(q[-1], 4),
-        "note": "loopback, every rank its own process, all on this 2-core machine",
+    variants = {
+        "star_data_link": lambda tmp: run_star(
+            world, 0, {4 * floats: calls}, tmp, per_call=True, data_link=True
+        )[4 * floats],
+        "star_zeromq": lambda tmp: run_star(world, 0, {4 * floats: calls}, tmp, per_call=True)[
+            4 * floats
+        ],
+        "bare_tcp": lambda tmp: run_bare(world, floats, calls, "tcp"),
+        "bare_zeromq": lambda tmp: run_bare(world, floats, calls, "zmq"),
     }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(rounds):
+            for name, run in variants.items():
+                times[name] += [1000 * t for t in run(Path(tmp))]
+    data = {"world": world, "floats": floats, "calls_per_round": calls, "rounds": rounds}
+    for name, ms in times.items():
+        q = statistics.quantiles(ms, n=10)
+        data[name] = {
+            "median_ms": round(statistics.median(ms), 4),
+            "p10_ms": round(q[0], 4),
+            "p90_ms": round(q[-1], 4),
+        }
+    data["note"] = (
+        "loopback, every rank its own process, all on this 2-core machine; star_*: tpi's "
+        "StarMaster/StarWorker; bare_*: the same exchange with nothing but sockets and a sum"
+    )
     click.echo(data, err=True)
     click.echo(f"wrote {write_result('allreduce_call', data, out)}")
 
@@ -308,7 +431,10 @@ def per_call_overhead(world: int, floats: int, calls: int, out: str | None) -> N
     help="Only the median cost of one call at this world size (576 floats, no latency).",
 )
 @click.option("--floats", default=576, show_default=True, help="With --per-call: vector length.")
-@click.option("--calls", default=3000, show_default=True, help="With --per-call: calls timed.")
+@click.option(
+    "--calls", default=2000, show_default=True, help="With --per-call: calls timed per round."
+)
+@click.option("--rounds", default=3, show_default=True, help="With --per-call: rounds.")
 @click.option("--out", default=None)
 def main(
     max_world: int,
@@ -316,13 +442,14 @@ def main(
     per_call_world: int | None,
     floats: int,
     calls: int,
+    rounds: int,
     out: str | None,
 ) -> None:
     import torch
 
     torch.set_num_threads(1)  # the star master, like every rank, gets one core
     if per_call_world:
-        return per_call_overhead(per_call_world, floats, calls, out)
+        return per_call_overhead(per_call_world, floats, calls, rounds, out)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

@@ -25,6 +25,7 @@ import zmq
 from tpi import __version__
 from tpi.comm.auth import check, new_nonce, proof
 from tpi.comm.curve import CurveKeys
+from tpi.comm.data_link import connect as connect_data_link
 from tpi.comm.head_gather import HeadGatherer
 from tpi.comm.inbox import Inbox
 from tpi.comm.links import (
@@ -82,6 +83,9 @@ class ClusterSession:
     max_context: int | None = None
     secret: bytes | None = field(default=None, repr=False)  # None: --insecure
     curve: CurveKeys | None = field(default=None, repr=False)
+    # Allreduce frames over a direct TCP connection per worker (tpi.comm.data_link),
+    # where the worker offers one; off: everything over ZeroMQ.
+    data_link: bool = True
     session: int = field(default_factory=lambda: secrets.randbits(62))
     pushed_bytes: int = 0
     worker_info: dict[int, dict] = field(default_factory=dict)
@@ -198,6 +202,7 @@ class ClusterSession:
                 "wire_dtype": self.wire_dtype,
                 "window": self.windows.get(link.rank, self.window) if self.windows else self.window,
                 "max_context": self.max_context,
+                "data_link": self._open_data_link(link, welcomes[link.rank].body),
             }
             link.send([encode_control(Kind.LOAD, body)])
         ranks = set(range(1, self.world))
@@ -306,6 +311,31 @@ class ClusterSession:
             if self.progress:
                 self.progress(sum(s.sent_bytes for s in states.values()), max(total, 1), "push")
         self.pushed_bytes += sum(s.sent_bytes for s in states.values())
+
+    def _open_data_link(self, link: WorkerLink, welcome: dict) -> bool:
+        """Connect the worker's data link if it offers one (tpi.comm.data_link);
+        False: its allreduces stay on the control link."""
+        port, ticket = welcome.get("data_port"), welcome.get("data_ticket")
+        if not self.data_link or self.curve is not None or not isinstance(port, int) or not port:
+            return False
+        host = link.address[len("tcp://") :].rpartition(":")[0].strip("[]")
+        try:
+            data = connect_data_link(
+                host,
+                port,
+                self.session,
+                bytes.fromhex(str(ticket)),
+                self.timeout_s,
+                CONNECT_TIMEOUT_S,
+            )
+        except (OSError, ValueError) as e:
+            self.echo(
+                f"rank {link.rank} ({link.name}): no data link on port {port} ({e}); "
+                "its allreduces go over the control link"
+            )
+            return False
+        self.links.attach_data(link, data)
+        return True
 
     def _authenticate(
         self, first: dict[int, Message], nonces: dict[int, str]

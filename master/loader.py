@@ -178,6 +178,7 @@ def open_model(
     secret_file: str | None = None,
     insecure: bool = False,
     curve_dir: str | None = None,
+    data_link: bool = True,
     quant: str | None = None,
     group_size: int = 32,
     vocab_parallel: bool = False,
@@ -290,6 +291,7 @@ def open_model(
             max_context=memory.max_context,
             secret=secret,
             curve=curve,
+            data_link=data_link,
         )
         cluster.start()
     try:

@@ -108,6 +108,8 @@ class LocalCluster:
             str(wdir / "store"),
             "--port-file",
             str(port_file),
+            "--data-port",
+            "0",  # any free port: a restart on the old control port must not collide
             "--parent-fd",
             str(parent_fd := self._lifeline()),
             *self.extra_args,

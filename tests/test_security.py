@@ -144,6 +144,8 @@ def test_eavesdropper_reads_activations_only_without_curve(llama_dir, tmp_path, 
     with local_workers(1, tmp_path / "w", extra_args=extra) as lc:
         tap = Tap(addresses(lc)[0])
         with cluster_model(llama_dir, [tap.address], curve_dir=str(keys) if curve else None) as lm:
+            # The data link travels unencrypted: never opened under CurveZMQ.
+            assert (lm.cluster.links.links[0].data is None) is curve
             ids = PROMPT
             lm.engine.prefill(ids)
             # The hidden states the master ships to the worker for this prompt:

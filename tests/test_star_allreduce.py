@@ -158,6 +158,8 @@ class FakeLink:
         msg = decode([head] + ([payload] if payload is not None else []))
         self.sent.append((threading.current_thread().name, msg))
 
+    send_data = send  # the allreduce's frames (a data link, on a real link)
+
 
 class FakeLinks:
     """What the inbox needs of a LinkSet: links, a context, `receive` and `forget`."""

@@ -38,6 +38,14 @@ PARENT_GONE_EXIT_S = 5.0
     help="Write the bound address to this file once listening (for scripts).",
 )
 @click.option(
+    "--data-port",
+    default=None,
+    metavar="PORT|off",
+    help="Port for the direct data link a master sends the allreduces over (plain TCP, "
+    "beside the ZeroMQ control port; 0 picks a free one; 'off': everything over the control "
+    "port). Default: the --listen port + 1 (any free port when that is 0). Not used with --curve.",
+)
+@click.option(
     "--accept-push/--no-accept-push",
     default=True,
     show_default=True,
@@ -80,6 +88,7 @@ def worker(
     listen,
     store,
     port_file,
+    data_port,
     accept_push,
     threads,
     max_sessions,
@@ -127,6 +136,7 @@ def worker(
         )
     curve = CurveKeys.load(curve_dir, "worker") if curve_dir else None
     options = WorkerOptions(
+        data_port=_data_port(data_port, address),
         accept_push=accept_push,
         window=window,
         budget_bytes=parse_size(memory_budget) if memory_budget else None,
@@ -152,3 +162,17 @@ def worker(
             daemon.serve(stop, max_sessions)
     except KeyboardInterrupt:
         click.echo("worker stopped", err=True)
+
+
+def _data_port(text: str | None, address: str) -> int | None:
+    """--data-port as a port number (0: any free one), or None for 'off'."""
+    if text is None:
+        port = int(address.rpartition(":")[2])
+        return port + 1 if 0 < port < 65535 else 0
+    if text.strip().lower() == "off":
+        return None
+    if not text.strip().isdigit() or int(text) > 65535:
+        raise click.BadParameter(
+            f"{text!r} is not a port number or 'off'", param_hint="--data-port"
+        )
+    return int(text)

@@ -9,6 +9,7 @@ from pathlib import Path
 import zmq
 
 from tpi.comm.curve import CurveKeys
+from tpi.comm.data_link import DataListener
 from tpi.comm.links import WorkerEndpoint, display_address
 from tpi.comm.wire import DATA_KINDS, PROTOCOL_VERSION, Kind, ProtocolError, decode, encode_control
 from tpi.worker.admission import Admission
@@ -37,8 +38,28 @@ class WorkerDaemon:
         self.store = ShardStore(store)
         self.endpoint = WorkerEndpoint(self.ctx, listen, curve.secure_server if curve else None)
         self.admission = Admission(self.endpoint, self.options.secret)
+        self.data_listener = self._listen_for_data(listen)
         self.sessions_served = 0
         self.pending = None  # a HELLO handed over by a session whose master vanished
+
+    def _listen_for_data(self, listen: str) -> DataListener | None:
+        """The data link's socket (tpi.comm.data_link); None: allreduces stay on ZeroMQ."""
+        if self.options.data_port is None or self.curve is not None:
+            return None  # under CurveZMQ the data link would travel unencrypted
+        host = display_address(self.endpoint.address).rpartition(":")[0].strip("[]")
+        host = {"*": "0.0.0.0", "0.0.0.0": "0.0.0.0"}.get(host, host)
+        try:
+            listener = DataListener(host, self.options.data_port)
+        except OSError as e:
+            log.warning(
+                "no data link (cannot listen on %s port %d: %s); allreduces use the control port",
+                host,
+                self.options.data_port,
+                e.strerror or e,
+            )
+            return None
+        log.info("data link on port %d", listener.port)
+        return listener
 
     @property
     def address(self) -> str:
@@ -84,7 +105,7 @@ class WorkerDaemon:
         return None  # late frames of a finished session are dropped quietly
 
     def _serve_one(self, inb, body: dict) -> None:
-        session = Session(self.endpoint, self.store, inb, body, self.options)
+        session = Session(self.endpoint, self.store, inb, body, self.options, self.data_listener)
         log.info(
             "master %s connected: rank %d of %d", peer_address(inb), session.rank, session.world
         )
@@ -98,6 +119,8 @@ class WorkerDaemon:
         log.info("session ended: %s; waiting for a master", why)
 
     def close(self) -> None:
+        if self.data_listener is not None:
+            self.data_listener.close()
         self.endpoint.close()
         if self.curve is not None:
             self.curve.stop()

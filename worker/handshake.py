@@ -42,8 +42,15 @@ class Hello:
         )
 
 
-def admit(channel: MasterChannel, hello: Hello, options: WorkerOptions, store: ShardStore) -> Path:
-    """Tell the master whether its shard is here; returns the directory to load."""
+def admit(
+    channel: MasterChannel,
+    hello: Hello,
+    options: WorkerOptions,
+    store: ShardStore,
+    offer: dict | None = None,
+) -> Path:
+    """Tell the master whether its shard is here (and `offer`: the data link's
+    port and ticket); returns the directory to load."""
     found = store.find(hello.manifest_hash)
     if found is None and not options.accept_push:
         raise Refused(
@@ -51,5 +58,5 @@ def admit(channel: MasterChannel, hello: Hello, options: WorkerOptions, store: S
             "and this worker does not accept pushed shards"
         )
     partial = {} if found else store.partial_sizes(hello.manifest_hash)
-    channel.control(Kind.WELCOME, have_shard=found is not None, partial=partial)
+    channel.control(Kind.WELCOME, have_shard=found is not None, partial=partial, **(offer or {}))
     return found if found is not None else receive_push(channel, store, hello.manifest_hash)

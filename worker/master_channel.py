@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
+from tpi.comm.data_link import DataLink, DataLinkClosed
 from tpi.comm.links import Inbound, WorkerEndpoint
 from tpi.comm.reducer import pass_order
 from tpi.comm.wire import DataHeader, Kind, Message, ProtocolError, decode, encode_control
@@ -53,12 +54,28 @@ class MasterChannel:
         # A pipeline's rank: the master sends a stage's micro-batches one behind the
         # other, so the next STEP may arrive while this one's allreduce waits.
         self.keep_steps = False
+        # The allreduce's own connection (tpi.comm.data_link), if the master opened one.
+        self.data: DataLink | None = None
 
     # --- sending ---------------------------------------------------------------------
 
     def send(self, frames: list) -> None:
         if not self.endpoint.send(self.peer, frames):
             raise SessionEnded("master disconnected")
+
+    def send_data(self, frames: list) -> None:
+        """An allreduce frame: over the data link when there is one."""
+        if self.data is None:
+            return self.send(frames)
+        try:
+            self.data.send(frames)
+        except DataLinkClosed as e:
+            raise SessionEnded(f"master disconnected ({e})") from None
+
+    def close_data(self) -> None:
+        if self.data is not None:
+            self.data.close()
+            self.data = None
 
     def control(self, kind: Kind, **body) -> None:
         self.send([encode_control(kind, {"session": self.session, **body})])
@@ -75,7 +92,7 @@ class MasterChannel:
         """The SUM for exactly this step/layer/phase/pos (the star allreduce's channel)."""
         want = (expected.step, expected.layer, expected.phase, expected.pos)
         while True:
-            msg = self._receive(MID_STEP_TIMEOUT_S)
+            msg = self._receive(MID_STEP_TIMEOUT_S) if self.data is None else self._receive_data()
             if msg.kind in BETWEEN_STEPS or (self.keep_steps and msg.kind == Kind.STEP):
                 self._kept.append(msg)  # served after this step, in order
                 continue
@@ -90,6 +107,35 @@ class MasterChannel:
                 )
             return msg
 
+    def _receive_data(self) -> Message:
+        """The next SUM from the data link. While none comes, the control link is
+        looked at every POLL_S: an END or a vanished master ends the session, PINGs
+        are answered, and requests are kept for after the step."""
+        deadline = time.monotonic() + MID_STEP_TIMEOUT_S
+        while True:
+            try:
+                frames = self.data.recv(POLL_S)
+            except TimeoutError:
+                beat()
+                if self._master_gone():
+                    raise SessionEnded("master disconnected") from None
+                if time.monotonic() > deadline:
+                    raise SessionEnded(f"master silent for {MID_STEP_TIMEOUT_S:g} s") from None
+                while (inb := self.endpoint.recv(0)) is not None:
+                    if (msg := self._accept(inb)) is not None:
+                        return msg  # the caller keeps it for after the step, or ends
+                continue
+            except DataLinkClosed as e:
+                raise SessionEnded(f"master disconnected ({e})") from None
+            except ProtocolError as e:
+                raise SessionEnded(f"protocol error from master: {e}") from None
+            try:
+                msg = decode(frames)
+            except ProtocolError as e:
+                raise SessionEnded(f"protocol error from master: {e}") from None
+            if msg.data.session == self.session:
+                return msg
+
     def _receive(self, timeout_s: float | None) -> Message:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
@@ -99,35 +145,35 @@ class MasterChannel:
                 raise SessionEnded(f"master silent for {timeout_s:g} s")
             inb = self.endpoint.recv(POLL_S)
             beat()
-            if inb is None:
-                continue
-            if inb.peer != self.peer:
-                self._refuse_stranger(inb)
-                continue
-            self.fd = inb.fd
-            try:
-                msg = decode(inb.frames)
-            except ProtocolError as e:
-                raise SessionEnded(f"protocol error from master: {e}") from None
-            body = msg.body
-            sid = body.session if isinstance(body, DataHeader) else body.get("session")
-            if sid != self.session:
-                continue  # a late frame of an earlier session
-            if msg.kind == Kind.END:
-                raise SessionEnded(f"master ended the session ({body['reason']})")
-            if msg.kind == Kind.PING:  # the master measuring the round trip
-                # A payload comes back with the PONG: the master timing the link's bandwidth.
-                # The CPU this process has used: the master times what a message
-                # exchange costs here (tpi.planning: a CPU quota pays for it).
-                pong = encode_control(
-                    Kind.PONG, {"session": self.session, "cpu": time.process_time()}
-                )
-                echo = getattr(msg.payload, "buffer", msg.payload)
-                self.send([pong, echo] if msg.payload is not None else [pong])
-                continue
-            if msg.kind == Kind.PONG:
-                continue
-            return msg
+            if inb is not None and (msg := self._accept(inb)) is not None:
+                return msg
+
+    def _accept(self, inb: Inbound) -> Message | None:
+        """A received message for the session, or None when it was handled here
+        (a stranger refused, a PING answered, a late frame dropped)."""
+        if inb.peer != self.peer:
+            self._refuse_stranger(inb)
+            return None
+        self.fd = inb.fd
+        try:
+            msg = decode(inb.frames)
+        except ProtocolError as e:
+            raise SessionEnded(f"protocol error from master: {e}") from None
+        body = msg.body
+        sid = body.session if isinstance(body, DataHeader) else body.get("session")
+        if sid != self.session or msg.kind == Kind.PONG:
+            return None  # a late frame of an earlier session
+        if msg.kind == Kind.END:
+            raise SessionEnded(f"master ended the session ({body['reason']})")
+        if msg.kind == Kind.PING:  # the master measuring the round trip
+            # A payload comes back with the PONG: the master timing the link's bandwidth.
+            # The CPU this process has used: the master times what a message
+            # exchange costs here (tpi.planning: a CPU quota pays for it).
+            pong = encode_control(Kind.PONG, {"session": self.session, "cpu": time.process_time()})
+            echo = getattr(msg.payload, "buffer", msg.payload)
+            self.send([pong, echo] if msg.payload is not None else [pong])
+            return None
+        return msg
 
     # --- is the master still there? --------------------------------------------------
 

@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from tpi.comm.data_link import DataListener, new_ticket
 from tpi.comm.links import Inbound, WorkerEndpoint
 from tpi.comm.wire import Kind, Message, ProtocolError, encode_control, payload_ids, payload_tensor
 from tpi.errors import TpiError
@@ -25,6 +26,8 @@ from tpi.worker.rank_loader import LoadedRank, LoadRequest, load_rank
 from tpi.worker.store import ShardStore
 
 log = logging.getLogger("tpi.worker")
+DATA_ACCEPT_TIMEOUT_S = 10.0  # the master connects before it sends LOAD
+DATA_TIMEOUT_S = 60.0  # a message that stops halfway, or a master that stops reading
 
 
 class Session:
@@ -35,8 +38,10 @@ class Session:
         hello_msg: Inbound,
         body: dict,
         options: WorkerOptions,
+        data_listener: DataListener | None = None,
     ) -> None:
         self.hello = Hello.from_body(body)
+        self.data_listener = data_listener
         self.channel = MasterChannel(endpoint, hello_msg, self.hello.session, self.hello.rank)
         self.store = store
         self.options = options
@@ -54,10 +59,21 @@ class Session:
         try:
             if self.hello.manifest_hash == PROBE_MANIFEST:
                 return self._probe_only()
-            shard_dir = admit(channel, self.hello, self.options, self.store)
+            ticket = new_ticket()
+            offer = {}
+            if self.data_listener is not None:
+                offer = {"data_port": self.data_listener.port, "data_ticket": ticket.hex()}
+            shard_dir = admit(channel, self.hello, self.options, self.store, offer)
             msg = channel.next(None)
             if msg.kind != Kind.LOAD:
                 raise SessionEnded(f"expected LOAD, got {msg.kind.name}")
+            if msg.body.get("data_link") is True and self.data_listener is not None:
+                try:
+                    channel.data = self.data_listener.accept(
+                        self.hello.session, ticket, DATA_ACCEPT_TIMEOUT_S, DATA_TIMEOUT_S
+                    )
+                except TimeoutError as e:
+                    raise SessionEnded(str(e)) from None
             self.loaded = load_rank(
                 channel,
                 self.hello,
@@ -95,6 +111,9 @@ class Session:
                 log.exception("session failed")
             return self._report(f"{type(e).__name__}: {e}")
         finally:
+            # Dropping the data link tells a master waiting on it that this session is
+            # over (after an ERROR, which went first on the control link).
+            channel.close_data()
             # Free weights, KV cache and the loader thread before the next master.
             if self.loaded is not None:
                 self.loaded.runtime.close()

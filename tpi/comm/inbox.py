@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import zmq
 
-from tpi.comm.links import ClusterError, LinkLost, LinkSet, WorkerFailed, WorkerLink
+from tpi.comm.links import ClusterError, DataLinkLost, LinkLost, LinkSet, WorkerFailed, WorkerLink
 from tpi.comm.wire import DataHeader, Kind, Message
 
 # Kinds nobody waits for: a worker probing whether its master is alive.
@@ -93,6 +93,24 @@ class Inbox:
         for link, msg in arrived:
             self._file(link, msg, where)
         return ready
+
+    def take_data(
+        self, link: WorkerLink, kinds: frozenset[Kind], timeout_s: float, where: str = ""
+    ) -> Message | None:
+        """The next message of `kinds` on `link`'s data link (tpi.comm.data_link),
+        waiting up to `timeout_s` (TimeoutError); None if what came was something
+        else (filed like any message). A broken data link raises what its worker
+        reported on the control link (WorkerFailed), else LinkLost."""
+        try:
+            msg = self.links.recv_data(link, timeout_s)
+        except DataLinkLost as e:
+            for got in e.arrived:
+                self._file(*got, where)
+            raise LinkLost(link.rank, link.name, link.lost or "data link lost", where) from None
+        if msg.kind in kinds and msg.data.session == self.session:
+            return msg
+        self._file(link, msg, where)
+        return None
 
     def _file(self, link: WorkerLink, msg: Message, where: str) -> None:
         body = msg.body

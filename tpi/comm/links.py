@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from tpi.comm.wire import MAX_INBOUND_BYTES, Message, decode
+from tpi.comm.data_link import DataLink, DataLinkClosed
+from tpi.comm.wire import MAX_INBOUND_BYTES, Message, ProtocolError, decode
 from tpi.errors import TpiError
 
 HEARTBEAT_IVL_MS = 1000
@@ -30,6 +31,9 @@ SRCFD = 2  # ZMQ_SRCFD: which connection a message arrived on
 # Zero-copy sends cost pyzmq extra bookkeeping (~10 us here); they only pay off
 # for large frames (prefill blocks, shard chunks), so small ones are copied.
 ZERO_COPY_MIN_BYTES = 64 * 1024
+# A worker that fails reports why on its control link and then drops its data
+# link; the report may arrive a little after the drop is seen.
+DATA_LOST_GRACE_S = 1.0
 
 
 def readable(sock: zmq.Socket) -> bool:
@@ -104,6 +108,15 @@ def configure_socket(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
 
 
+class DataLinkLost(Exception):
+    """A data link broke (the link is marked lost); `arrived`: what its worker
+    had said on the control link meanwhile."""
+
+    def __init__(self, arrived: list) -> None:
+        super().__init__("data link lost")
+        self.arrived = arrived
+
+
 @dataclass
 class WorkerLink:
     """The master's connection to one worker."""
@@ -118,6 +131,7 @@ class WorkerLink:
     bytes_received: int = 0
     messages_sent: int = 0
     messages_received: int = 0
+    data: DataLink | None = None  # the allreduce's own connection (tpi.comm.data_link)
 
     @property
     def name(self) -> str:
@@ -129,7 +143,21 @@ class WorkerLink:
         self.messages_sent += 1
         self.bytes_sent += size
 
+    def send_data(self, frames: list) -> None:
+        """An allreduce frame: over the data link when there is one."""
+        if self.data is None:
+            return self.send(frames)
+        try:
+            self.data.send(frames)
+        except DataLinkClosed as e:
+            self.lost = self.lost or str(e)
+            raise LinkLost(self.rank, self.name, self.lost) from None
+        self.messages_sent += 1
+        self.bytes_sent += _frame_bytes(frames)
+
     def close(self, linger_ms: int = 0) -> None:
+        if self.data is not None:
+            self.data.close()
         for s, linger in ((self.sock, linger_ms), (self.monitor, 0)):
             with contextlib.suppress(zmq.ZMQError):
                 s.close(linger=linger)
@@ -163,6 +191,13 @@ class LinkSet:
         self._extra_pollers.clear()
         return link
 
+    def attach_data(self, link: WorkerLink, data: DataLink) -> None:
+        """From now on `link`'s allreduce frames travel over `data` (polled with the rest)."""
+        link.data = data
+        self.poller.register(data, zmq.POLLIN)
+        self._by_socket[data] = (link, False)
+        self._extra_pollers.clear()
+
     def _handle_monitor(self, link: WorkerLink) -> None:
         while link.monitor.poll(0):
             event = parse_monitor_message(link.monitor.recv_multipart())["event"]
@@ -180,7 +215,40 @@ class LinkSet:
                 link.messages_received += 1
                 link.bytes_received += sum(len(f.buffer) for f in frames)
                 out.append((link, decode(frames)))
+            if link.data is not None:
+                self._drain_data(link, out)
         return out
+
+    def _drain_data(self, link: WorkerLink, out: list) -> None:
+        try:
+            while link.lost is None and link.data.readable():
+                out.append((link, self._recv_data(link, None)))
+        except (DataLinkClosed, ProtocolError) as e:
+            out += self._data_lost(link, e)
+
+    def _recv_data(self, link: WorkerLink, timeout_s: float | None) -> Message:
+        frames = link.data.recv(timeout_s)
+        link.messages_received += 1
+        link.bytes_received += len(frames[0]) + len(frames[1])
+        return decode(frames)
+
+    def _data_lost(self, link: WorkerLink, why: Exception) -> list[tuple[WorkerLink, Message]]:
+        """Mark `link` lost; returns what the worker said on its control link
+        before it dropped the data link (an ERROR explains the drop better)."""
+        out = []
+        if link.sock.poll(int(1000 * DATA_LOST_GRACE_S)):
+            while readable(link.sock):
+                out.append((link, decode(link.sock.recv_multipart(zmq.NOBLOCK, copy=False))))
+        link.lost = f"data link lost: {why}"
+        return out
+
+    def recv_data(self, link: WorkerLink, timeout_s: float) -> Message:
+        """The next message on `link`'s data link, waiting up to `timeout_s`
+        (TimeoutError). A broken data link raises DataLinkLost."""
+        try:
+            return self._recv_data(link, timeout_s)
+        except (DataLinkClosed, ProtocolError) as e:
+            raise DataLinkLost(self._data_lost(link, e)) from None
 
     def _poller(self, extra: tuple[zmq.Socket, ...]) -> zmq.Poller:
         if not extra:

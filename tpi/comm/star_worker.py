@@ -29,6 +29,8 @@ class MasterChannel(Protocol):
 
     def send(self, frames: list) -> None: ...
 
+    def send_data(self, frames: list) -> None: ...  # an allreduce frame (a data link if any)
+
     def wait_sum(self, expected: DataHeader) -> Message: ...
 
 
@@ -65,7 +67,7 @@ class StarWorker:
         header = DataHeader(
             self.session, self.step, pos, layer, phase, wire.dtype, tuple(wire.shape)
         )
-        self.channel.send([encode_data(Kind.PARTIAL, header), tensor_payload(wire)])
+        self.channel.send_data([encode_data(Kind.PARTIAL, header), tensor_payload(wire)])
         key = (self.step, layer, phase, pos)
         self._started[key] = (header, partial.dtype)
         self.stats.seconds += time.perf_counter() - t0
