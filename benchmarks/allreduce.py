@@ -82,12 +82,13 @@ def _star_worker(conn, iters_by_size: dict[int, int], data_link: bool) -> None:
         channel.data = listener.accept(SESSION, ticket, 30.0, 60.0)
     w = StarWorker(channel, SESSION, torch.float32)
     step = 0
-    for size, iters in iters_by_size.items():
-        x = torch.ones(size // 4)
-        for _ in range(iters):
-            step += 1
-            w.step = step
-            w.allreduce(x, 0, 0)
+    with torch.inference_mode():  # as a worker's forward pass runs
+        for size, iters in iters_by_size.items():
+            x = torch.ones(size // 4)
+            for _ in range(iters):
+                step += 1
+                w.step = step
+                w.allreduce(x, 0, 0)
     conn.recv()  # wait until the master is done before closing
     channel.close_data()
     listener.close()
@@ -141,18 +142,19 @@ def run_star(
     out = {}
     step = 0
     try:
-        for size, iters in iters_by_size.items():
-            x = torch.ones(size // 4)
-            warm = min(2, iters - 1)
-            calls = []
-            for i in range(iters):
-                step += 1
-                clock.step = step
-                t0 = time.perf_counter()
-                master.allreduce(x, 0, 0)
-                if i >= warm:
-                    calls.append(time.perf_counter() - t0)
-            out[size] = calls if per_call else sum(calls) / len(calls)
+        with torch.inference_mode():  # as the master's forward pass runs
+            for size, iters in iters_by_size.items():
+                x = torch.ones(size // 4)
+                warm = min(2, iters - 1)
+                calls = []
+                for i in range(iters):
+                    step += 1
+                    clock.step = step
+                    t0 = time.perf_counter()
+                    master.allreduce(x, 0, 0)
+                    if i >= warm:
+                        calls.append(time.perf_counter() - t0)
+                out[size] = calls if per_call else sum(calls) / len(calls)
     finally:
         for a in pipes:
             a.send("done")

@@ -143,7 +143,7 @@ def test_the_master_sends_a_chunks_sum_while_it_computes_the_next_chunk(
 
     with cluster_model(llama_dir, workers, prefill_chunks=2) as lm:
         for link in lm.cluster.links.links:
-            original = link.sock.send_multipart
+            original = link.send_data  # the allreduce's frames (over its data link)
 
             def spy(frames, *a, _orig=original, **kw):
                 msg = decode(
@@ -154,7 +154,7 @@ def test_the_master_sends_a_chunks_sum_while_it_computes_the_next_chunk(
                     sent_at.setdefault((d.layer, d.phase, d.pos), time.perf_counter())
                 return _orig(frames, *a, **kw)
 
-            monkeypatch.setattr(link.sock, "send_multipart", spy)
+            monkeypatch.setattr(link, "send_data", spy)
         monkeypatch.setattr(tpi.model.decoder, "attention_partial", slow_attention)
         lm.engine.forward(PROMPT, 0)
     assert slow_done_at, "the slowed chunk never ran"

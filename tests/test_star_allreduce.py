@@ -151,6 +151,7 @@ class FakeLink:
     name: str
     sent: list = field(default_factory=list)  # (thread name, decoded message)
     lost: str | None = None
+    data = None  # no data link: the waiting thread polls the inbox
 
     def send(self, frames):
         head = frames[0] if isinstance(frames[0], bytes) else bytes(frames[0])

@@ -85,11 +85,10 @@ class DataLink:
 
     def send(self, frames: list) -> None:
         """Send a header frame and a payload frame (bytes or any buffer)."""
-        views = [memoryview(f).cast("B") for f in frames]
-        if len(views) == 1:
-            views.append(memoryview(b""))
-        data = [memoryview(_LENGTHS.pack(views[0].nbytes, views[1].nbytes)), *views]
-        left = sum(v.nbytes for v in data)
+        head = frames[0]
+        payload = memoryview(frames[1]).cast("B") if len(frames) > 1 else memoryview(b"")
+        data = [_LENGTHS.pack(len(head), payload.nbytes), head, payload]
+        left = size = _LENGTHS.size + len(head) + payload.nbytes
         while True:
             try:
                 sent = self.sock.sendmsg(data)
@@ -100,13 +99,14 @@ class DataLink:
             left -= sent
             if not left:
                 break
+            data = [memoryview(d).cast("B") for d in data]
             while sent and sent >= data[0].nbytes:  # drop what went, keep the rest
                 sent -= data[0].nbytes
                 data.pop(0)
             data[0] = data[0][sent:]
             if not self._out.poll(int(1000 * self.timeout_s)):
                 raise DataLinkClosed(f"the peer stopped reading for {self.timeout_s:g} s")
-        self.bytes_sent += sum(v.nbytes for v in views) + _LENGTHS.size
+        self.bytes_sent += size
 
     # --- receiving -------------------------------------------------------------------
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from tpi.comm.wire import Phase, ProtocolError
+from tpi.comm.wire import Phase, ProtocolError, tensor_payload
 
 Key = tuple[int, int, int, int]  # (step, layer, phase, pos): pos tells prefill chunks apart
 POOLED_PER_SHAPE = 4  # slot buffers kept for reuse per (shape, dtype)
@@ -43,15 +44,19 @@ def wire_dtype_for(phase: int, wire: torch.dtype) -> torch.dtype:
 @dataclass
 class _Slots:
     """One row per rank, flat float32, with the row views made once (an indexing
-    op per partial costs as much as the copy for a decode-sized vector)."""
+    op per partial costs as much as the copy for a decode-sized vector). Float32
+    partials are copied and summed through numpy views of the same memory: a
+    numpy call on a decode-sized vector costs a fraction of a torch op's dispatch,
+    and an allreduce makes several per rank."""
 
     buf: torch.Tensor  # (world, numel)
     rows: list[torch.Tensor]
+    arrays: list[np.ndarray]  # the same rows, as numpy views
 
     @classmethod
     def new(cls, world: int, numel: int) -> _Slots:
         buf = torch.empty((world, numel), dtype=torch.float32)
-        return cls(buf, list(buf.unbind(0)))
+        return cls(buf, list(buf.unbind(0)), list(buf.numpy()))
 
 
 @dataclass
@@ -76,6 +81,7 @@ class Total:
     wire: torch.Tensor  # the sum as sent (wire dtype)
     own_dtype: torch.dtype  # what rank 0 computes in
     received: int  # bytes of remote partials summed into it
+    payload: np.ndarray  # the bytes to send: `wire`'s memory, as numpy
 
 
 class Reducer:
@@ -105,8 +111,11 @@ class Reducer:
     def own(self, key: Key, partial: torch.Tensor) -> None:
         """Rank 0's partial, rounded exactly as a worker's is by the wire."""
         red = self._reduction(key, tuple(partial.shape))
-        rounded = partial if red.wire == partial.dtype else partial.to(red.wire)
-        red.slots.rows[0].copy_(rounded.view(-1))
+        if red.wire == partial.dtype == torch.float32:
+            red.slots.arrays[0][:] = partial.numpy().reshape(-1)
+        else:
+            rounded = partial if red.wire == partial.dtype else partial.to(red.wire)
+            red.slots.rows[0].copy_(rounded.view(-1))
         red.have.add(0)
         red.own_dtype = partial.dtype
 
@@ -126,9 +135,11 @@ class Reducer:
         """Whether `key` was already summed (a frame for it is late or a duplicate)."""
         return pass_order(key) <= self._done
 
-    def add(self, rank: int, key: Key, dtype: torch.dtype, tensor: torch.Tensor) -> bool:
-        """A worker's partial (any shape view of its values); False if it was late
-        or a duplicate (ignored)."""
+    def add(
+        self, rank: int, key: Key, dtype: torch.dtype, tensor: torch.Tensor | np.ndarray
+    ) -> bool:
+        """A worker's partial (any shape view of its values: a tensor, or a numpy
+        array of float32 values); False if it was late or a duplicate (ignored)."""
         if self.is_late(key):
             return False
         if not self.first_step <= key[0] <= self.step:
@@ -139,9 +150,13 @@ class Reducer:
             return False
         if dtype != red.wire:
             raise ProtocolError(f"rank {rank} sent {dtype} for {key}, expected {red.wire}")
-        red.slots.rows[rank].copy_(tensor.view(-1))
+        if isinstance(tensor, np.ndarray):
+            red.slots.arrays[rank][:] = tensor.reshape(-1)
+            red.received += tensor.nbytes
+        else:
+            red.slots.rows[rank].copy_(tensor.view(-1))
+            red.received += tensor.numel() * tensor.element_size()
         red.have.add(rank)
-        red.received += tensor.numel() * tensor.element_size()
         return True
 
     def ready(self) -> list[Total]:
@@ -155,11 +170,19 @@ class Reducer:
                 continue
             if len(red.have) < self.world:
                 break
-            # One deterministic reduction over the rank rows (same order every time).
-            total = red.slots.buf.sum(0).view(red.shape)
-            red.total = total if red.wire == torch.float32 else total.to(red.wire)
+            # One deterministic reduction over the rank rows (rank order, every time).
+            rows = red.slots.arrays
+            flat = rows[0] + rows[1] if len(rows) > 1 else rows[0].copy()
+            for row in rows[2:]:
+                flat += row
+            if red.wire == torch.float32:
+                red.total, payload = torch.from_numpy(flat).view(red.shape), flat
+            else:
+                red.total = torch.from_numpy(flat).to(red.wire).view(red.shape)
+                payload = tensor_payload(red.total)
             self._done = max(self._done, pass_order(key))
-            out.append(Total(key, red.total, red.own_dtype or red.wire, red.received))
+            own = red.own_dtype or red.wire
+            out.append(Total(key, red.total, own, red.received, payload))
         return out
 
     def release(self, key: Key) -> None:

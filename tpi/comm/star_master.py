@@ -41,8 +41,8 @@ from tpi.comm.wire import (
     Message,
     Phase,
     encode_data,
+    payload_array,
     payload_tensor,
-    tensor_payload,
 )
 
 PARTIALS = frozenset({Kind.PARTIAL})
@@ -111,7 +111,8 @@ class StarMaster:
         t0 = time.perf_counter()
         key = pending.key
         total = self._wait_threaded(key) if self._handoff is not None else self._wait_here(key)
-        out = total.wire.to(total.own_dtype)
+        wire = total.wire
+        out = wire if wire.dtype == total.own_dtype else wire.to(total.own_dtype)
         sent = (self.world - 1) * total.wire.numel() * total.wire.element_size()
         self.stats.record(time.perf_counter() - t0, sent, total.received)
         return out
@@ -144,6 +145,7 @@ class StarMaster:
         The control links are looked at whenever a data link is quiet for
         DIRECT_QUIET_S, so an ERROR or a dropped link is seen as before."""
         deadline = time.monotonic() + self.timeout_s
+        where = _where(key)
         while (got := self.inbox.pop(PARTIALS, self._ranks)) is not None:
             self._add(*got)  # filed while someone else received (a head gather)
         while key not in self._totals:
@@ -153,9 +155,9 @@ class StarMaster:
             link = self.members[rows[0] - 1]
             try:
                 left = max(0.0, min(DIRECT_QUIET_S, deadline - time.monotonic()))
-                msg = self.inbox.take_data(link, PARTIALS, left, _where(key))
+                msg = self.inbox.take_data(link, PARTIALS, left, where)
             except TimeoutError:
-                self.inbox.receive(0.0, self._ranks, _where(key))
+                self.inbox.receive(0.0, self._ranks, where)
                 if time.monotonic() >= deadline:
                     self._timeout(key)
                 continue
@@ -168,7 +170,11 @@ class StarMaster:
     def _add(self, link: WorkerLink, msg: Message) -> None:
         h = msg.data
         key = (h.step, h.layer, h.phase, h.pos)
-        self.reducer.add(self._row[link.rank], key, h.dtype, payload_tensor(msg.payload, h))
+        if h.dtype == torch.float32:  # the reducer copies it as numpy (see reducer._Slots)
+            values = payload_array(msg.payload, h)
+        else:
+            values = payload_tensor(msg.payload, h)
+        self.reducer.add(self._row[link.rank], key, h.dtype, values)
 
     def _send_sums(self, totals: list[Total]) -> dict[Key, Total]:
         """Send each total to every worker (by the thread that owns the sockets)."""
@@ -176,7 +182,7 @@ class StarMaster:
             step, layer, phase, pos = t.key
             shape = tuple(t.wire.shape)
             header = DataHeader(self.session, step, pos, layer, phase, t.wire.dtype, shape)
-            frames = [encode_data(Kind.SUM, header), tensor_payload(t.wire)]
+            frames = [encode_data(Kind.SUM, header), t.payload]
             for link in self.members:
                 link.send_data(frames)
         return {t.key: t for t in totals}

@@ -63,7 +63,9 @@ class StarWorker:
         if self.solo and phase != Phase.EMBED:  # the embedding is summed over every rank
             return _Summed(partial)
         t0 = time.perf_counter()
-        wire = partial.to(wire_dtype_for(phase, self.wire_dtype)).contiguous()
+        wire = partial.to(
+            wire_dtype_for(phase, self.wire_dtype), memory_format=torch.contiguous_format
+        )
         header = DataHeader(
             self.session, self.step, pos, layer, phase, wire.dtype, tuple(wire.shape)
         )
@@ -81,7 +83,9 @@ class StarWorker:
         msg = self.channel.wait_sum(header)
         # A view of the received frame (it stays alive with the tensor), converted
         # only if the compute dtype differs: the caller adds it to the residual.
-        total = payload_tensor(msg.payload, msg.data).to(dtype)
+        total = payload_tensor(msg.payload, msg.data)
+        if total.dtype != dtype:
+            total = total.to(dtype)
         self.stats.record(time.perf_counter() - t0, header.nbytes(), msg.data.nbytes())
         return total
 

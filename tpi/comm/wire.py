@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+import numpy as np
 import torch
 
 from tpi.errors import TpiError
@@ -216,9 +217,9 @@ def encode_data(kind: Kind, h: DataHeader) -> bytes:
         raise ValueError("too many dimensions")
     fields = [getattr(h, f) for f in _FIELDS[kind]]
     out = (
-        _PREFIX.pack(MAGIC, PROTOCOL_VERSION, int(kind))
+        _PREFIX.pack(MAGIC, PROTOCOL_VERSION, kind)
         + _HEADERS[kind].pack(*fields, DTYPE_CODES[h.dtype], len(h.shape))
-        + b"".join(_DIM.pack(d) for d in h.shape)
+        + _SHAPES[len(h.shape)].pack(*h.shape)
     )
     if kind == Kind.STEP:
         if len(h.plan) > MAX_PLAN_INTS:
@@ -249,7 +250,8 @@ def _check_data_fields(kind: Kind, h: DataHeader) -> None:
 
 def tensor_payload(t: torch.Tensor):
     """A zero-copy buffer of `t`'s bytes (keep `t` alive until sent)."""
-    t = t.contiguous()
+    if not t.is_contiguous():
+        t = t.contiguous()
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16; ship the raw 16-bit words
         return t.view(torch.int16).numpy()
     return t.numpy()
@@ -285,6 +287,14 @@ def payload_tensor(payload: Any, h: DataHeader) -> torch.Tensor:
     if buf.readonly:  # plain bytes (zmq frames are writable, so this is not the hot path)
         buf = memoryview(bytearray(buf))
     return torch.frombuffer(buf, dtype=h.dtype).view(h.shape)
+
+
+def payload_array(payload: Any, h: DataHeader) -> np.ndarray:
+    """A float32 payload as a numpy array of the header's shape (no copy)."""
+    buf = payload.buffer if hasattr(payload, "buffer") else memoryview(payload)
+    if buf.nbytes != h.nbytes():
+        raise ProtocolError(f"payload has {buf.nbytes} bytes, header says {h.nbytes()}")
+    return np.frombuffer(buf, dtype=np.float32).reshape(h.shape)
 
 
 def _check_schema(kind: Kind, body: Any) -> dict[str, Any]:
