@@ -50,8 +50,26 @@ def _measure(engine, prompt: list[int], new: int, repeats: int) -> dict:
 @click.option("--wire-dtype", type=click.Choice(["fp32", "bf16"]), default="fp32")
 @click.option("--quant", type=click.Choice(["none", "int8", "int4"]), default="none")
 @click.option("--min-world", default=1, show_default=True)
+@click.option(
+    "--data-link",
+    type=click.Choice(["on", "off", "both"]),
+    default="on",
+    show_default=True,
+    help="Allreduces over the workers' data links, over ZeroMQ, or both in turn per world.",
+)
 @click.option("--out", default=None)
-def main(model, max_world, prompt_tokens, new_tokens, repeats, wire_dtype, quant, min_world, out):
+def main(
+    model,
+    max_world,
+    prompt_tokens,
+    new_tokens,
+    repeats,
+    wire_dtype,
+    quant,
+    min_world,
+    data_link,
+    out,
+):
     from tpi.comm.auth import new_secret
     from tpi.master.engine import load_engine
     from tpi.master.loader import open_model
@@ -70,7 +88,10 @@ def main(model, max_world, prompt_tokens, new_tokens, repeats, wire_dtype, quant
     click.echo(f"single process ({torch.get_num_threads()} threads): {reference}", err=True)
     del ref_engine
     rows = []
-    for world in range(min_world, max_world + 1):
+    links = {"on": [True], "off": [False], "both": [True, False]}[data_link]
+    for world, direct in [(w, d) for w in range(min_world, max_world + 1) for d in links]:
+        if world == 1 and not direct and len(links) > 1:
+            continue  # no workers, no links: measured once
         threads = max(1, cores // world)
         torch.set_num_threads(threads)
         with tempfile.TemporaryDirectory() as tmp:
@@ -84,6 +105,7 @@ def main(model, max_world, prompt_tokens, new_tokens, repeats, wire_dtype, quant
                     workers=workers,
                     wire_dtype=wire_dtype,
                     quant=None if quant == "none" else quant,
+                    data_link=direct,
                 )
                 try:
                     _measure(lm.engine, prompt[:8], 2, 1)
@@ -115,6 +137,7 @@ def main(model, max_world, prompt_tokens, new_tokens, repeats, wire_dtype, quant
                 lc.stop()
         r.update(
             world=world,
+            data_link=direct and world > 1,
             threads_per_process=threads,
             decode_vs_single_process=round(
                 r["decode_ms_per_token"] / reference["decode_ms_per_token"], 3
