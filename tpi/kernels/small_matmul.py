@@ -14,59 +14,17 @@ unsupported shape): the caller then uses torch.
 from __future__ import annotations
 
 import ctypes
-import threading
 from pathlib import Path
 
 import torch
 
-from tpi.kernels.build import build, enabled, log
+from tpi.kernels.native import NativeLibrary, set_enabled  # noqa: F401  (benchmarks use it here)
 
 MAX_ROWS = 8  # float32: above this torch's GEMM is the better kernel (int8: no limit)
 K_MULTIPLE = 16  # the kernels read rows 16 floats at a time
 
-_SOURCE = Path(__file__).with_name("small_matmul.c")
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
-_off = False
 
-
-def set_enabled(flag: bool) -> None:
-    """Turn the kernels off (or back on) in this process: benchmarks time both
-    side by side. Off from the start with TPI_KERNELS=0."""
-    global _off
-    _off = not flag
-
-
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels (built on first call), or None."""
-    global _lib, _tried
-    if _off:
-        return None
-    if _tried:
-        return _lib
-    with _lock:
-        if not _tried:
-            try:
-                _lib = _load() if enabled() else None
-            except Exception as e:  # an unreadable $TPI_HOME, say: never fail a matmul
-                log.warning("native kernels unavailable (%s): torch's kernels are used", e)
-                _lib = None
-            _tried = True
-    return _lib
-
-
-def _load() -> ctypes.CDLL | None:
-    path = build(_SOURCE)
-    if path is None:
-        return None
-    # torch is imported first, so the library's OpenMP calls bind to torch's own
-    # libgomp: one thread pool, sized by torch.set_num_threads.
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        log.warning("could not load %s (%s): torch's kernels are used", path, e)
-        return None
+def _bind(lib: ctypes.CDLL) -> None:
     p, i = ctypes.c_void_p, ctypes.c_int64
     lib.tpi_matmul_f32.argtypes = [p, i, i, p, i, p]
     lib.tpi_matmul_f32_cols.argtypes = [p, i, i, p, i, i, p]
@@ -76,7 +34,10 @@ def _load() -> ctypes.CDLL | None:
         f.restype = None
     lib.tpi_matmul_i8.restype = ctypes.c_int
     lib.tpi_int8_rounds_to_bf16.restype = ctypes.c_int
-    return lib
+
+
+LIBRARY = NativeLibrary(Path(__file__).with_name("small_matmul.c"), _bind)
+library = LIBRARY.get  # the compiled kernels (built on first call), or None
 
 
 def _rows_ok(x: torch.Tensor, k: int, max_rows: int | None = MAX_ROWS) -> bool:

@@ -60,6 +60,12 @@ class KVCache:
         vc[:, pos:end] = v
         return kc[:, :end], vc[:, :end]
 
+    def buffers(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's whole key and value buffers (n_kv, capacity, hd), grown to
+        hold `end` positions: a native decode kernel writes and reads them in place."""
+        self.reserve(end)
+        return self._k[layer], self._v[layer]
+
     @property
     def bytes_per_position(self) -> int:
         """Keys and values of one token, all layers (what a decode step reads per cached token)."""

@@ -1,0 +1,146 @@
+"""The native per-layer decode ops (tpi.kernels.decode_ops) against float64
+references, and the decode steps that take them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tpi.kernels import decode_ops
+from tpi.model.rope import RotaryTables, apply_rotary
+
+pytestmark = pytest.mark.skipif(decode_ops.LIBRARY.get() is None, reason="no C compiler here")
+
+
+def _rms_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xd = x.double()
+    return xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (5, 576), (2, 3, 64), (4, 100), (1, 4096)])
+def test_rms_norm_matches_float64(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g) * 3
+    w = torch.randn(shape[-1], generator=g)
+    got = decode_ops.rms_norm(x, w, 1e-5)
+    assert got.shape == x.shape and got.dtype == torch.float32
+    assert (got.double() - _rms_ref(x, w, 1e-5)).abs().max() < 1e-5
+
+
+def test_rms_norm_rows_are_independent_of_the_batch():
+    x, w = torch.randn(7, 576), torch.randn(576)
+    batch = decode_ops.rms_norm(x, w, 1e-6)
+    for i in range(7):
+        assert torch.equal(decode_ops.rms_norm(x[i : i + 1], w, 1e-6), batch[i : i + 1])
+
+
+def test_rms_norm_declines_what_it_does_not_handle():
+    w = torch.randn(64)
+    assert decode_ops.rms_norm(torch.randn(64, 4).t(), torch.randn(4), 1e-6) is None  # strided
+    assert decode_ops.rms_norm(torch.randn(2, 64, dtype=torch.bfloat16), w, 1e-6) is None
+    assert decode_ops.rms_norm(torch.randn(2, 32), w, 1e-6) is None  # weight of another width
+
+
+def _attend_ref(qkv, cos, ssin, keys, values, pos, nq, scale):
+    """The same token the way the general path computes it, in float64."""
+    nkv, _, hd = keys.shape
+    x = qkv.double().view(1, nq + 2 * nkv, hd)
+    qk = apply_rotary(x[:, : nq + nkv], cos.double(), ssin.double())
+    q, k, v = qk[0, :nq], qk[0, nq:], x[0, nq + nkv :]
+    kc, vc = keys.double().clone(), values.double().clone()
+    kc[:, pos], vc[:, pos] = k, v
+    kc, vc = kc[:, : pos + 1], vc[:, : pos + 1]
+    group = nq // nkv
+    out = []
+    for h in range(nq):
+        scores = (kc[h // group] @ q[h]) * scale
+        out.append(scores.softmax(-1) @ vc[h // group])
+    return torch.cat(out), k, v
+
+
+@pytest.mark.parametrize(
+    ("nq", "nkv", "hd", "rot", "pos"),
+    [
+        (9, 3, 64, 64, 0),  # SmolLM2's heads, first position
+        (9, 3, 64, 64, 170),
+        (8, 8, 32, 16, 40),  # partial rotary, no grouping
+        (8, 2, 64, 64, 700),  # enough work for every thread
+        (4, 1, 48, 48, 33),  # head size not a multiple of 16
+    ],
+)
+def test_attend_one_matches_float64(nq, nkv, hd, rot, pos):
+    g = torch.Generator().manual_seed(pos + hd)
+    cap = pos + 17
+    keys, values = torch.randn(nkv, cap, hd, generator=g), torch.randn(nkv, cap, hd, generator=g)
+    before_k, before_v = keys.clone(), values.clone()
+    qkv = torch.randn((nq + 2 * nkv) * hd, generator=g)
+    cos, ssin = RotaryTables(_rope(rot / hd), hd, torch.float32).get(pos, 1)
+    assert cos.shape[-1] == rot
+    out = torch.empty(nq * hd)
+    scale = hd**-0.5
+    assert decode_ops.attend_one(qkv, cos, ssin, keys, values, pos, nq, scale, out)
+    want, k, v = _attend_ref(qkv, cos.view(-1), ssin.view(-1), before_k, before_v, pos, nq, scale)
+    assert (out.double() - want).abs().max() < 1e-5
+    assert (keys[:, pos].double() - k).abs().max() < 1e-5 and torch.equal(values[:, pos], v.float())
+    others = [p for p in range(cap) if p != pos]  # nothing else of the cache is touched
+    assert torch.equal(keys[:, others], before_k[:, others])
+    assert torch.equal(values[:, others], before_v[:, others])
+
+
+def _rope(share: float):
+    from tpi.model.config import RopeConfig
+
+    return RopeConfig(theta=10000.0, partial_rotary=share)
+
+
+def test_attend_one_is_the_same_on_one_thread_and_two():
+    nq, nkv, hd, pos = 8, 2, 64, 900  # above the threading threshold
+    cap = pos + 1
+    keys, values = torch.randn(nkv, cap, hd), torch.randn(nkv, cap, hd)
+    qkv = torch.randn((nq + 2 * nkv) * hd)
+    cos, ssin = RotaryTables(_rope(1.0), hd, torch.float32).get(pos, 1)
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out = torch.empty(nq * hd)
+            assert decode_ops.attend_one(
+                qkv, cos, ssin, keys.clone(), values.clone(), pos, nq, 0.125, out
+            )
+            outs.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_attend_one_declines_what_it_does_not_handle():
+    keys, values = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
+    qkv, out = torch.randn(8 * 16), torch.empty(4 * 16)
+    cos, ssin = torch.ones(1, 16), torch.zeros(1, 16)
+    assert not decode_ops.attend_one(qkv, cos, ssin, keys, values, 8, 4, 0.25, out)  # past cap
+    assert not decode_ops.attend_one(qkv, cos, ssin, keys, values, 3, 3, 0.25, out)  # 3 q / 2 kv
+    half = keys.to(torch.bfloat16)
+    assert not decode_ops.attend_one(qkv, cos, ssin, half, half, 3, 4, 0.25, out)
+
+
+def test_decode_steps_take_the_native_attention(llama_dir, monkeypatch):
+    """A single-node decode step runs every layer's attention through attend_one,
+    and gives the logits of the general path (the kernel switched off)."""
+    from tpi.kernels import native
+    from tpi.master.engine import load_engine
+
+    engine = load_engine(llama_dir)
+    prompt = list(range(3, 20))
+    engine.prefill(prompt)
+    calls = []
+    real = decode_ops.attend_one
+    monkeypatch.setattr(decode_ops, "attend_one", lambda *a, **k: calls.append(1) or real(*a, **k))
+    native_logits = engine.forward([7], len(prompt))
+    assert len(calls) == engine.cfg.num_layers
+    native.set_enabled(False)
+    try:
+        general = engine.forward([7], len(prompt))  # the same position again
+    finally:
+        native.set_enabled(True)
+    assert (native_logits - general).abs().max() < 1e-4

@@ -1,0 +1,94 @@
+"""The small per-layer operations of a float32 decode step as single native calls
+(decode_ops.c): RMSNorm, and one token's rotary + cache write + attention.
+
+Every function returns None when it cannot serve the call (no compiler, a dtype,
+shape or layout it does not handle): the caller then uses torch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from tpi.kernels.native import NativeLibrary
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    lib.tpi_rms_norm_f32.argtypes = [p, i, i, p, f, p]
+    lib.tpi_rms_norm_f32.restype = None
+    lib.tpi_attend_one_f32.argtypes = [p, p, p, i, p, p, i, i, i, i, i, f, p]
+    lib.tpi_attend_one_f32.restype = ctypes.c_int
+
+
+LIBRARY = NativeLibrary(Path(__file__).with_name("decode_ops.c"), _bind)
+
+
+def _f32(*ts: torch.Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.is_contiguous() for t in ts)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """x / rms(x) * weight over the last dimension, for contiguous float32 x and weight."""
+    k = x.shape[-1] if x.dim() else 0
+    lib = LIBRARY.get()
+    if lib is None or not k or weight.shape != (k,) or not _f32(x, weight):
+        return None
+    out = torch.empty_like(x)
+    lib.tpi_rms_norm_f32(x.data_ptr(), x.numel() // k, k, weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def attend_one(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    signed_sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pos: int,
+    n_q: int,
+    scale: float,
+    out: torch.Tensor,
+) -> bool:
+    """One token of one sequence: rotary (the rotate-half tables of tpi.model.rope)
+    on its q and k heads, k and v stored at `pos` of this layer's cache buffers
+    `keys`/`values` (n_kv, capacity, hd), and every q head's softmax attention over
+    positions [0, pos] of its KV head, written to `out` (n_q * hd). qkv holds the
+    n_q query heads, then the n_kv key and n_kv value heads. False: not done."""
+    n_kv, cap, hd = keys.shape
+    rot = cos.shape[-1]
+    lib = LIBRARY.get()
+    if (
+        lib is None
+        or n_q % n_kv
+        or pos >= cap
+        or qkv.numel() != (n_q + 2 * n_kv) * hd
+        or out.numel() != n_q * hd
+        or rot > hd
+        or rot % 2
+        or cos.numel() != rot
+        or signed_sin.numel() != rot
+        or values.shape != keys.shape
+        or not _f32(qkv, cos, signed_sin, keys, values, out)
+    ):
+        return False
+    return (
+        lib.tpi_attend_one_f32(
+            qkv.data_ptr(),
+            cos.data_ptr(),
+            signed_sin.data_ptr(),
+            rot,
+            keys.data_ptr(),
+            values.data_ptr(),
+            cap,
+            pos,
+            n_q,
+            n_kv,
+            hd,
+            scale,
+            out.data_ptr(),
+        )
+        == 0
+    )
