@@ -49,6 +49,9 @@ shape_workers() {
     TPI_WORKERS=$(python -c 'import json, sys
 m = json.load(open(sys.argv[1]))
 print(",".join(m[w] for w in sys.argv[2].split(",")))' "$ready" "$TPI_WORKERS")
+    # The relay carries each worker's control port only: the allreduces stay on it
+    # (a direct data link would skip the emulated link).
+    export TPI_DATA_LINK=0
     echo "tpi: links to the workers relayed by python -m $shaper_module" \
         "(latency ${TPI_LINK_LATENCY:-0ms} each way, bandwidth ${TPI_LINK_BANDWIDTH:-unlimited}): $TPI_WORKERS" >&2
 }

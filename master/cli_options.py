@@ -131,9 +131,11 @@ ENGINE_OPTIONS = [
         "--data-link/--no-data-link",
         default=True,
         show_default=True,
+        envvar="TPI_DATA_LINK",
         help="Send the allreduces' partial sums over a direct TCP connection to each worker "
-        "(its control port + 1 unless it says otherwise), about 0.2 ms a round trip faster "
-        "than ZeroMQ; a worker that offers none, or --curve, keeps them on the control link.",
+        "(its control port + 1 unless it says otherwise), 0.1-0.2 ms a round trip faster "
+        "than ZeroMQ; a worker that offers none, or --curve, keeps them on the control link. "
+        "Also TPI_DATA_LINK=0.",
     ),
     opt.max_context(
         "Tokens of context the KV cache is sized for and capped at (default: the model's, at most "

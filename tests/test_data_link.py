@@ -78,6 +78,30 @@ def test_a_payload_larger_than_the_socket_buffers_is_sent_in_parts(pair):
     assert torch.equal(payload_tensor(msg.payload, msg.data), big)
 
 
+def test_both_ends_sending_large_frames_at_once_do_not_wait_on_each_other(pair):
+    """An overlapped prefill: a worker sends its next chunk's partial while the
+    master sends the last chunk's sum, both larger than the socket buffers."""
+    master, worker = pair
+    a, b = torch.randn(3 << 20), torch.randn(3 << 20)  # 12 MB each
+    got: dict = {}
+
+    def exchange(end, mine, name):
+        end.send(_partial(mine))
+        got[name] = decode(end.recv(20.0))
+
+    threads = [
+        threading.Thread(target=exchange, args=(master, a, "master")),
+        threading.Thread(target=exchange, args=(worker, b, "worker")),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert torch.equal(payload_tensor(got["master"].payload, got["master"].data), b)
+    assert torch.equal(payload_tensor(got["worker"].payload, got["worker"].data), a)
+
+
 def test_nothing_within_the_timeout_raises_timeout(pair):
     master, _ = pair
     t0 = time.monotonic()

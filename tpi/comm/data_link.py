@@ -39,6 +39,8 @@ _LENGTHS = struct.Struct("<II")
 MAX_HEAD_BYTES = MAX_CONTROL_BYTES // 2  # a data header is tens of bytes
 SCRATCH_BYTES = MAX_CONTROL_BYTES  # one receive takes whatever is there, up to this much
 OPENING_S = 1.0  # a connection's opening must arrive this soon after it is accepted
+STASH_CHUNK = 1 << 20  # taken in at a time while a send waits for room
+MAX_SPILL_BYTES = 4 * MAX_FRAME_BYTES  # what a peer may send ahead while it does not read
 
 
 class DataLinkClosed(ConnectionError):
@@ -71,10 +73,13 @@ class DataLink:
         self._view = memoryview(self._buf)
         self._start = 0  # unread bytes are _buf[_start:_end]
         self._end = 0
+        # Bytes the peer sent while a send of ours waited for room (see `send`).
+        self._spill = bytearray()
+        self._spill_pos = 0
         self._in = select.poll()
         self._in.register(sock, select.POLLIN)
-        self._out = select.poll()
-        self._out.register(sock, select.POLLOUT)
+        self._either = select.poll()
+        self._either.register(sock, select.POLLIN | select.POLLOUT)
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -84,11 +89,18 @@ class DataLink:
     # --- sending ---------------------------------------------------------------------
 
     def send(self, frames: list) -> None:
-        """Send a header frame and a payload frame (bytes or any buffer)."""
+        """Send a header frame and a payload frame (bytes or any buffer).
+
+        While the socket has no room, whatever the peer sends meanwhile is taken
+        in and kept for `recv`: in an overlapped prefill both ends send a large
+        frame before reading the other's (a worker its next chunk's partial, the
+        master the last chunk's sum); with neither reading, two frames larger than
+        the socket buffers would wait on each other forever."""
         head = frames[0]
         payload = memoryview(frames[1]).cast("B") if len(frames) > 1 else memoryview(b"")
         data = [_LENGTHS.pack(len(head), payload.nbytes), head, payload]
         left = size = _LENGTHS.size + len(head) + payload.nbytes
+        deadline = None
         while True:
             try:
                 sent = self.sock.sendmsg(data)
@@ -104,15 +116,46 @@ class DataLink:
                 sent -= data[0].nbytes
                 data.pop(0)
             data[0] = data[0][sent:]
-            if not self._out.poll(int(1000 * self.timeout_s)):
+            if sent or deadline is None:
+                deadline = time.monotonic() + self.timeout_s  # progress: a fresh wait
+            events = self._either.poll(max(0, int(1000 * (deadline - time.monotonic()))))
+            if not events:
                 raise DataLinkClosed(f"the peer stopped reading for {self.timeout_s:g} s")
+            if events[0][1] & select.POLLIN:
+                self._stash()
         self.bytes_sent += size
+
+    def _stash(self) -> None:
+        try:
+            chunk = self.sock.recv(STASH_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            raise DataLinkClosed(f"data link broke: {e}") from None
+        if not chunk:
+            raise DataLinkClosed("the peer closed the data link")
+        if len(self._spill) - self._spill_pos + len(chunk) > MAX_SPILL_BYTES:
+            raise ProtocolError("the peer keeps sending without reading")
+        self._spill += chunk
+
+    def _from_spill(self, view: memoryview) -> int:
+        n = min(len(self._spill) - self._spill_pos, view.nbytes)
+        if n <= 0:
+            return 0
+        with memoryview(self._spill) as spill:
+            view[:n] = spill[self._spill_pos : self._spill_pos + n]
+        self._spill_pos += n
+        if self._spill_pos == len(self._spill):
+            self._spill, self._spill_pos = bytearray(), 0
+        return n
 
     # --- receiving -------------------------------------------------------------------
 
     def readable(self) -> bool:
         """A message (or part of one) is here already: buffered, or in the socket."""
-        return self._end > self._start or bool(self._in.poll(0))
+        return (
+            self._end > self._start or self._spill_pos < len(self._spill) or bool(self._in.poll(0))
+        )
 
     def recv(self, timeout_s: float | None = None) -> list:
         """The next message's frames [header bytes, payload bytearray]; waits up
@@ -134,6 +177,8 @@ class DataLink:
     def _recv_into(self, view: memoryview, wait: bool) -> int:
         """Bytes received into `view`: 0 only when not `wait`ing and none are
         there; waiting (mid-message) is bounded by the link's timeout."""
+        if got := self._from_spill(view):
+            return got
         while True:
             try:
                 got = self.sock.recv_into(view)
