@@ -66,6 +66,8 @@ def _attend_ref(qkv, cos, ssin, keys, values, pos, nq, scale):
         (8, 8, 32, 16, 40),  # partial rotary, no grouping
         (8, 2, 64, 64, 700),  # enough work for every thread
         (4, 1, 48, 48, 33),  # head size not a multiple of 16
+        (8, 2, 128, 128, 90),  # Llama-7B's head size
+        (16, 1, 64, 64, 50),  # more query heads per KV head than the fixed kernels take
     ],
 )
 def test_attend_one_matches_float64(nq, nkv, hd, rot, pos):
@@ -91,6 +93,25 @@ def _rope(share: float):
     from tpi.model.config import RopeConfig
 
     return RopeConfig(theta=10000.0, partial_rotary=share)
+
+
+@pytest.mark.parametrize("spread", [1e-3, 1.0, 40.0])
+def test_attend_one_softmax_holds_from_flat_to_peaked_scores(spread):
+    """Scores from nearly equal to hundreds apart (the exponentials then span the
+    float range and most underflow): the vectorized exp stays within float rounding."""
+    nq, nkv, hd, pos = 4, 2, 64, 300
+    g = torch.Generator().manual_seed(int(spread * 1000))
+    keys, values = (
+        torch.randn(nkv, pos + 1, hd, generator=g),
+        torch.randn(nkv, pos + 1, hd, generator=g),
+    )
+    qkv = torch.randn((nq + 2 * nkv) * hd, generator=g) * spread
+    cos, ssin = torch.ones(1, hd), torch.zeros(1, hd)  # no rotation: scores as given
+    out = torch.empty(nq * hd)
+    before_k, before_v = keys.clone(), values.clone()
+    assert decode_ops.attend_one(qkv, cos, ssin, keys, values, pos, nq, 1.0, out)
+    want, _, _ = _attend_ref(qkv, cos.view(-1), ssin.view(-1), before_k, before_v, pos, nq, 1.0)
+    assert (out.double() - want).abs().max() < 1e-5 * max(1.0, want.abs().max().item())
 
 
 def test_attend_one_is_the_same_on_one_thread_and_two():

@@ -24,9 +24,22 @@
 typedef float v16f __attribute__((vector_size(64)));
 
 static inline float hsum16(v16f v) {
-    float s = 0.0f;
-    for (int i = 0; i < 16; i++) s += v[i];
-    return s;
+    /* A tree in registers: 16 dependent adds, or the vector stored and read back
+     * lane by lane, cost more than the 64 products of a head's dot product. */
+#if defined(__clang__) || __GNUC__ >= 12
+    typedef float v8f __attribute__((vector_size(32)));
+    typedef float v4f __attribute__((vector_size(16)));
+    v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+#else /* gcc before 12 has no __builtin_shufflevector */
+    float t[16], a[8];
+    __builtin_memcpy(t, &v, sizeof t);
+    for (int i = 0; i < 8; i++) a[i] = t[i] + t[i + 8];
+    for (int i = 0; i < 4; i++) a[i] += a[i + 4];
+    return (a[0] + a[2]) + (a[1] + a[3]);
+#endif
 }
 
 /* sum of a[i] * b[i] for i < n (n a multiple of 16 takes the vector loop only) */
@@ -54,6 +67,34 @@ void tpi_rms_norm_f32(const float* x, int64_t M, int64_t K, const float* w, floa
     }
 }
 
+/* v[i] = exp(v[i] - shift) for shift >= every v[i] (softmax), in a loop the compiler
+ * vectorizes: libm's scalar expf, one call per cached position and head, took most of
+ * a SmolLM2 attention call. Cephes' expf: n = round(x / ln 2), exp(x) = 2^n * p(r) with
+ * r = x - n ln 2 in two parts and a degree-7 polynomial; within 2 ulp of expf. */
+static void exp_shifted(float* v, int64_t n, float shift) {
+    const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    for (int64_t i = 0; i < n; i++) {
+        float x = v[i] - shift;
+        x = x < -87.0f ? -87.0f : x; /* below, 2^n leaves the normal range (exp ~ 0) */
+        float t = x * 1.44269504088896341f + magic;
+        float fn = t - magic;
+        float r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+        float p = 1.9875691500e-4f;
+        p = p * r + 1.3981999507e-3f;
+        p = p * r + 8.3334519073e-3f;
+        p = p * r + 4.1665795894e-2f;
+        p = p * r + 1.6666665459e-1f;
+        p = p * r + 5.0000001201e-1f;
+        p = p * r * r + r + 1.0f;
+        int32_t bits;
+        __builtin_memcpy(&bits, &t, 4);
+        bits = (bits - 0x4B400000 + 127) << 23; /* 2^n as a float's bits */
+        float scale;
+        __builtin_memcpy(&scale, &bits, 4);
+        v[i] = p * scale;
+    }
+}
+
 /* Rotate the first `rot` dims of x (rotate-half layout) into out; the rest is copied.
  * ssin holds [-sin, +sin] halves, as tpi.model.rope's tables. */
 static void rotary(const float* x, const float* cos_, const float* ssin, int64_t rot, int64_t hd,
@@ -63,6 +104,67 @@ static void rotary(const float* x, const float* cos_, const float* ssin, int64_t
     for (int64_t d = half; d < rot; d++) out[d] = x[d] * cos_[d] + x[d - half] * ssin[d];
     for (int64_t d = rot; d < hd; d++) out[d] = x[d];
 }
+
+static inline float softmax_in_place(float* scores, int64_t S) {
+    float mx = -INFINITY;
+    for (int64_t s = 0; s < S; s++) mx = scores[s] > mx ? scores[s] : mx;
+    exp_shifted(scores, S, mx);
+    float sum = 0.0f;
+    for (int64_t s = 0; s < S; s++) sum += scores[s];
+    return 1.0f / sum;
+}
+
+/* One head against its KV head's positions [0, S): out = softmax(scale q.K) V. */
+static void head_any(const float* q, const float* kh, const float* vh, int64_t S, int64_t hd,
+                     float scale, float* scores, float* out) {
+    for (int64_t s = 0; s < S; s++) scores[s] = dot(q, kh + s * hd, hd) * scale;
+    float inv = softmax_in_place(scores, S);
+    for (int64_t d = 0; d < hd; d++) out[d] = 0.0f;
+    for (int64_t s = 0; s < S; s++) {
+        const float p = scores[s] * inv;
+        for (int64_t d = 0; d < hd; d++) out[d] += p * vh[s * hd + d];
+    }
+}
+
+/* The heads of one KV head at a head size known here: each key and value row is
+ * read once for all of them (at SmolLM2's sizes re-reading them per head made the
+ * call bound by the L2 cache), and their dot products run side by side. */
+#define MAX_GROUP 8
+#define GROUP_FIXED(HD)                                                                    \
+    static void group##HD(const float* q, int64_t r, const float* kh, const float* vh,    \
+                          int64_t S, float scale, float* scores, float* out) {            \
+        enum { V = HD / 16 };                                                              \
+        v16f qv[MAX_GROUP][V];                                                             \
+        for (int64_t t = 0; t < r; t++)                                                    \
+            for (int j = 0; j < V; j++) __builtin_memcpy(&qv[t][j], q + t * HD + 16 * j, 64); \
+        for (int64_t s = 0; s < S; s++) {                                                  \
+            v16f k[V];                                                                     \
+            for (int j = 0; j < V; j++) __builtin_memcpy(&k[j], kh + s * HD + 16 * j, 64); \
+            for (int64_t t = 0; t < r; t++) {                                              \
+                v16f a = qv[t][0] * k[0];                                                  \
+                for (int j = 1; j < V; j++) a += qv[t][j] * k[j];                          \
+                scores[t * S + s] = hsum16(a) * scale;                                     \
+            }                                                                              \
+        }                                                                                  \
+        float inv[MAX_GROUP];                                                              \
+        for (int64_t t = 0; t < r; t++) inv[t] = softmax_in_place(scores + t * S, S);       \
+        v16f acc[MAX_GROUP][V];                                                            \
+        for (int64_t t = 0; t < r; t++)                                                    \
+            for (int j = 0; j < V; j++) acc[t][j] = (v16f){0};                             \
+        for (int64_t s = 0; s < S; s++) {                                                  \
+            v16f x[V];                                                                     \
+            for (int j = 0; j < V; j++) __builtin_memcpy(&x[j], vh + s * HD + 16 * j, 64); \
+            for (int64_t t = 0; t < r; t++) {                                              \
+                const float p = scores[t * S + s] * inv[t];                                \
+                for (int j = 0; j < V; j++) acc[t][j] += p * x[j];                         \
+            }                                                                              \
+        }                                                                                  \
+        for (int64_t t = 0; t < r; t++)                                                    \
+            for (int j = 0; j < V; j++) __builtin_memcpy(out + t * HD + 16 * j, &acc[t][j], 64); \
+    }
+
+GROUP_FIXED(64)
+GROUP_FIXED(128)
 
 /* qkv: this token's projections, nq query heads then nkv key heads then nkv value
  * heads, hd each. kcache/vcache: this layer's (nkv, cap, hd). out: (nq * hd). */
@@ -79,36 +181,28 @@ int tpi_attend_one_f32(const float* qkv, const float* cos_, const float* ssin, i
     int64_t S = pos + 1, group = nq / nkv;
     /* Below ~256K multiply-adds one thread is faster than a fork and join. */
     int T = S * nq * hd > (1 << 18) ? omp_get_max_threads() : 1;
-    float* bufs = malloc(sizeof(float) * (S + hd) * T);  /* scores and rotated q, per thread */
+    if (T > nkv) T = (int)nkv;
+    /* per thread: a group's scores and its rotated queries */
+    int64_t per = (S + hd) * group;
+    float* bufs = malloc(sizeof(float) * per * T);
     if (!bufs) return -1;
+    int fixed = (hd == 64 || hd == 128) && group <= MAX_GROUP;
 #pragma omp parallel num_threads(T)
     {
-        float* buf = bufs + (S + hd) * omp_get_thread_num();
-        float* qr = buf + S;
+        float* scores = bufs + per * omp_get_thread_num();
+        float* qr = scores + S * group;
 #pragma omp for schedule(static)
-        for (int64_t h = 0; h < nq; h++) {
-            const float* kh = kcache + (h / group) * cap * hd;
-            const float* vh = vcache + (h / group) * cap * hd;
-            float* scores = buf;
-            rotary(q + h * hd, cos_, ssin, rot, hd, qr);
-            float mx = -INFINITY;
-            for (int64_t s = 0; s < S; s++) {
-                scores[s] = dot(qr, kh + s * hd, hd) * scale;
-                if (scores[s] > mx) mx = scores[s];
-            }
-            float sum = 0.0f;
-            for (int64_t s = 0; s < S; s++) {
-                scores[s] = expf(scores[s] - mx);
-                sum += scores[s];
-            }
-            float inv = 1.0f / sum;
-            float* o = out + h * hd;
-            for (int64_t d = 0; d < hd; d++) o[d] = 0.0f;
-            for (int64_t s = 0; s < S; s++) {
-                float p = scores[s] * inv;
-                const float* vs = vh + s * hd;
-                for (int64_t d = 0; d < hd; d++) o[d] += p * vs[d];
-            }
+        for (int64_t g = 0; g < nkv; g++) {
+            const float* kh = kcache + g * cap * hd;
+            const float* vh = vcache + g * cap * hd;
+            for (int64_t t = 0; t < group; t++)
+                rotary(q + (g * group + t) * hd, cos_, ssin, rot, hd, qr + t * hd);
+            float* o = out + g * group * hd;
+            if (fixed && hd == 64) group64(qr, group, kh, vh, S, scale, scores, o);
+            else if (fixed) group128(qr, group, kh, vh, S, scale, scores, o);
+            else
+                for (int64_t t = 0; t < group; t++)
+                    head_any(qr + t * hd, kh, vh, S, hd, scale, scores, o + t * hd);
         }
     }
     free(bufs);
