@@ -212,6 +212,13 @@ def test_built_once_per_source_and_kept_in_tpi_home(monkeypatch, tmp_path) -> No
     source.write_text("int f(void) { return 2; }\n")
     second = kbuild.build(source)
     assert second is not None and second != first
+    # A header it includes is part of the source: a change to it builds anew.
+    (tmp_path / "v.h").write_text("#define TWO 2\n")
+    source.write_text('#include "v.h"\nint f(void) { return TWO; }\n')
+    third = kbuild.build(source)
+    (tmp_path / "v.h").write_text("#define TWO 3\n")
+    fourth = kbuild.build(source)
+    assert third is not None and fourth is not None and fourth != third
 
 
 def test_tpi_kernels_0_turns_them_off() -> None:

@@ -69,10 +69,12 @@ def _discard(path: Path) -> None:
 
 
 def library_path(source: Path, cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
+    # The headers beside the source are part of it (it includes them).
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]
     key = hashlib.sha256(
         b"\0".join(
             s.encode() if isinstance(s, str) else s
-            for s in (source.read_bytes(), _version(cc), " ".join(flags), _cpu_features())
+            for s in (source.read_bytes(), *headers, _version(cc), " ".join(flags), _cpu_features())
         )
     ).hexdigest()[:16]
     return tpi_home() / "kernels" / f"{source.stem}-{key}.so"

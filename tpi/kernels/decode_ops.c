@@ -21,26 +21,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-typedef float v16f __attribute__((vector_size(64)));
-
-static inline float hsum16(v16f v) {
-    /* A tree in registers: 16 dependent adds, or the vector stored and read back
-     * lane by lane, cost more than the 64 products of a head's dot product. */
-#if defined(__clang__) || __GNUC__ >= 12
-    typedef float v8f __attribute__((vector_size(32)));
-    typedef float v4f __attribute__((vector_size(16)));
-    v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
-#else /* gcc before 12 has no __builtin_shufflevector */
-    float t[16], a[8];
-    __builtin_memcpy(t, &v, sizeof t);
-    for (int i = 0; i < 8; i++) a[i] = t[i] + t[i + 8];
-    for (int i = 0; i < 4; i++) a[i] += a[i + 4];
-    return (a[0] + a[2]) + (a[1] + a[3]);
-#endif
-}
+#include "vectors.h"
 
 /* sum of a[i] * b[i] for i < n (n a multiple of 16 takes the vector loop only) */
 static inline float dot(const float* a, const float* b, int64_t n) {
@@ -52,7 +33,7 @@ static inline float dot(const float* a, const float* b, int64_t n) {
         __builtin_memcpy(&y, b + i, 64);
         acc += x * y;
     }
-    float s = hsum16(acc);
+    float s = hsum(acc);
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
@@ -143,7 +124,7 @@ static void head_any(const float* q, const float* kh, const float* vh, int64_t S
             for (int64_t t = 0; t < r; t++) {                                              \
                 v16f a = qv[t][0] * k[0];                                                  \
                 for (int j = 1; j < V; j++) a += qv[t][j] * k[j];                          \
-                scores[t * S + s] = hsum16(a) * scale;                                     \
+                scores[t * S + s] = hsum(a) * scale;                                     \
             }                                                                              \
         }                                                                                  \
         float inv[MAX_GROUP];                                                              \
