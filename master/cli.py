@@ -274,7 +274,6 @@ def cluster(
         "cluster_memory_budget": mem_limit,
         "cluster_plan": plan_mode,
         "cluster_pp": pp,
-        "cluster_relayed": any(local.link_of(i) is not None for i in range(1, count + 1)),
     }
     if ctx.invoked_subcommand is None:
         click.echo("workers: " + ",".join(addresses))

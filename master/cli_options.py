@@ -245,9 +245,7 @@ def open_from_options(opts: dict, workers: list[str] | None = None):
         secret_file=opts["secret_file"],
         insecure=opts["insecure"],
         curve_dir=opts["curve_dir"],
-        # Links relayed by the user-space shaper (tpi cluster --link-latency) carry
-        # everything on the port it relays, so the emulated link delays every byte.
-        data_link=opts["data_link"] and not parent.get("cluster_relayed"),
+        data_link=opts["data_link"],
         quant=opts["quant"],
         group_size=int(opts["group_size"]),
         vocab_parallel=opts["vocab_parallel"],

@@ -109,7 +109,10 @@ class LocalCluster:
             "--port-file",
             str(port_file),
             "--data-port",
-            "0",  # any free port: a restart on the old control port must not collide
+            # A relayed link (the user-space shaper) carries the control port only:
+            # no data link then, so the emulated link delays every byte. Otherwise any
+            # free port: a restart on the old control port must not collide.
+            "off" if self.link_of(i) is not None else "0",
             "--parent-fd",
             str(parent_fd := self._lifeline()),
             *self.extra_args,

@@ -278,3 +278,17 @@ def test_a_silent_worker_times_out_naming_it(star):
     with pytest.raises(LinkLost, match=r"rank 1 .* \(no reply in 0.5 s\)"):
         master.allreduce(torch.ones(1, 16), 3, 1)
     assert time.monotonic() - t0 < 3.0
+
+
+def test_the_worker_data_port_option():
+    import click
+
+    from worker.cli import _data_port
+
+    assert _data_port(None, "tcp://0.0.0.0:5555") == 5556  # the control port + 1
+    assert _data_port(None, "tcp://127.0.0.1:0") == 0  # any free port beside a free one
+    assert _data_port("7000", "tcp://0.0.0.0:5555") == 7000
+    assert _data_port("off", "tcp://0.0.0.0:5555") is None
+    for bad in ("abc", "70000", "-1"):
+        with pytest.raises(click.BadParameter):
+            _data_port(bad, "tcp://0.0.0.0:5555")

@@ -38,16 +38,16 @@ class WorkerDaemon:
         self.store = ShardStore(store)
         self.endpoint = WorkerEndpoint(self.ctx, listen, curve.secure_server if curve else None)
         self.admission = Admission(self.endpoint, self.options.secret)
-        self.data_listener = self._listen_for_data(listen)
+        self.data_listener = self._listen_for_data()
         self.sessions_served = 0
         self.pending = None  # a HELLO handed over by a session whose master vanished
 
-    def _listen_for_data(self, listen: str) -> DataListener | None:
+    def _listen_for_data(self) -> DataListener | None:
         """The data link's socket (tpi.comm.data_link); None: allreduces stay on ZeroMQ."""
         if self.options.data_port is None or self.curve is not None:
             return None  # under CurveZMQ the data link would travel unencrypted
         host = display_address(self.endpoint.address).rpartition(":")[0].strip("[]")
-        host = {"*": "0.0.0.0", "0.0.0.0": "0.0.0.0"}.get(host, host)
+        host = "0.0.0.0" if host == "*" else host  # ZeroMQ's "any interface"
         try:
             listener = DataListener(host, self.options.data_port)
         except OSError as e:

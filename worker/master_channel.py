@@ -133,8 +133,8 @@ class MasterChannel:
                 msg = decode(frames)
             except ProtocolError as e:
                 raise SessionEnded(f"protocol error from master: {e}") from None
-            if msg.data.session == self.session:
-                return msg
+            if isinstance(msg.body, DataHeader) and msg.body.session == self.session:
+                return msg  # (the data link carries nothing else; anything else is dropped)
 
     def _receive(self, timeout_s: float | None) -> Message:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
