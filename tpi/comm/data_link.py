@@ -111,13 +111,13 @@ class DataLink:
             left -= sent
             if not left:
                 break
+            if sent or deadline is None:
+                deadline = time.monotonic() + self.timeout_s  # progress: a fresh wait
             data = [memoryview(d).cast("B") for d in data]
             while sent and sent >= data[0].nbytes:  # drop what went, keep the rest
                 sent -= data[0].nbytes
                 data.pop(0)
             data[0] = data[0][sent:]
-            if sent or deadline is None:
-                deadline = time.monotonic() + self.timeout_s  # progress: a fresh wait
             events = self._either.poll(max(0, int(1000 * (deadline - time.monotonic()))))
             if not events:
                 raise DataLinkClosed(f"the peer stopped reading for {self.timeout_s:g} s")
