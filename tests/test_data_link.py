@@ -292,3 +292,33 @@ def test_the_worker_data_port_option():
     for bad in ("abc", "70000", "-1"):
         with pytest.raises(click.BadParameter):
             _data_port(bad, "tcp://0.0.0.0:5555")
+
+
+def test_ports_in_use_are_explained_not_fatal_for_the_data_link(tmp_path, caplog):
+    import logging
+
+    import zmq
+
+    from tpi.comm.links import WorkerEndpoint
+    from tpi.errors import TpiError
+    from worker.daemon import WorkerDaemon
+    from worker.options import WorkerOptions
+
+    busy = socket.create_server(("127.0.0.1", 0))
+    port = busy.getsockname()[1]
+    ctx = zmq.Context()
+    try:
+        # The control port taken (say, by another worker's data link): a clear error.
+        with pytest.raises(TpiError, match="in use .*ports two apart"):
+            WorkerEndpoint(ctx, f"tcp://127.0.0.1:{port}")
+    finally:
+        ctx.term()
+    # The data port taken: the worker runs, its allreduces on the control port.
+    with caplog.at_level(logging.WARNING, logger="tpi.worker"):
+        daemon = WorkerDaemon("tcp://127.0.0.1:0", tmp_path, options=WorkerOptions(data_port=port))
+    try:
+        assert daemon.data_listener is None
+        assert "no data link" in caplog.text
+    finally:
+        daemon.close()
+        busy.close()

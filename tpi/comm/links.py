@@ -340,7 +340,9 @@ class WorkerEndpoint:
             self.close()
             if e.errno == zmq.EADDRINUSE:
                 raise TpiError(
-                    f"cannot listen on {display_address(address)}: the port is in use"
+                    f"cannot listen on {display_address(address)}: the port is in use "
+                    "(a worker's data link also takes its port + 1: workers sharing a "
+                    "machine need ports two apart)"
                 ) from None
             raise TpiError(f"cannot listen on {display_address(address)}: {e}") from None
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
