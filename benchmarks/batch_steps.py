@@ -122,7 +122,7 @@ def _step_time(engine, batch: int, prompt: int, steps: int, nano: int | None) ->
 )
 @click.option("--out", default=None)
 def main(configs, rounds, steps, prompt_tokens, big, kernels, out):
-    from tpi.kernels import small_matmul
+    from tpi.kernels import native as kernels
 
     modes = {"on": (True,), "off": (False,), "both": (True, False)}[kernels]
     results: dict[str, dict] = {}
@@ -137,7 +137,7 @@ def main(configs, rounds, steps, prompt_tokens, big, kernels, out):
                     key = f"{batch}" if nano is None else f"{batch}-nano{nano}"
                     if len(modes) > 1:
                         key += "" if native else "-torch"
-                    small_matmul.set_enabled(native)
+                    kernels.set_enabled(native)
                     t = _step_time(lm.engine, batch, prompt_tokens, steps, nano)
                     samples.setdefault(key, []).append(t)
                     print(f"{config} round {r + 1} {key}: {1000 * t:.1f} ms/step", flush=True)

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import median, write_result  # noqa: E402
 from benchmarks.scale_70b import machine_lock  # noqa: E402
 from tpi.kernels import build as kbuild  # noqa: E402
+from tpi.kernels import native as kernels  # noqa: E402
 from tpi.kernels import small_matmul  # noqa: E402
 from tpi.model.linear import linear  # noqa: E402
 from tpi.quant.formats import FloatT, Int8Weight  # noqa: E402
@@ -108,14 +109,14 @@ def main(rounds: int, lock: str | None, out: str | None) -> None:
                 for m in ROWS:
                     xs = {k: torch.randn(m, k, generator=g) for k in {w.shape[1] for w in ws}}
                     for native in (True, False) if r % 2 == 0 else (False, True):
-                        small_matmul.set_enabled(native)
+                        kernels.set_enabled(native)
                         ms = timed(one_pass(ws, xs))
                         side = "tpi" if native else "torch"
                         samples.setdefault(name, {}).setdefault(str(m), {}).setdefault(
                             side, []
                         ).append(ms)
             print(f"round {r + 1}/{rounds} done", flush=True)
-        small_matmul.set_enabled(True)
+        kernels.set_enabled(True)
     results = {}
     for name, by_rows in samples.items():
         one = {side: median(v) for side, v in by_rows["1"].items()}

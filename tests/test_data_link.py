@@ -117,12 +117,18 @@ def test_a_closed_peer_is_reported_not_waited_for(pair):
         master.recv(2.0)
 
 
-def test_a_message_that_stops_halfway_is_an_error():
+def _raw_master(link_timeout_s: float = 5.0):
+    """A listener, a worker end, and a plain socket as the master's end that opened
+    it (to send bytes no DataLink would)."""
     listener = DataListener("127.0.0.1", 0)
     ticket = new_ticket()
     raw = socket.create_connection(("127.0.0.1", listener.port))
     raw.sendall(struct.pack("<8sQ16s", OPEN_MAGIC, SESSION, ticket))
-    worker = listener.accept(SESSION, ticket, 5.0, link_timeout_s=0.2)
+    return listener, listener.accept(SESSION, ticket, 5.0, link_timeout_s), raw
+
+
+def test_a_message_that_stops_halfway_is_an_error():
+    listener, worker, raw = _raw_master(link_timeout_s=0.2)
     raw.sendall(struct.pack("<II", 10, 100) + b"x" * 30)  # 110 bytes announced, 30 sent
     with pytest.raises(DataLinkClosed, match="halfway"):
         worker.recv(1.0)
@@ -132,11 +138,7 @@ def test_a_message_that_stops_halfway_is_an_error():
 
 
 def test_an_oversized_frame_is_refused_before_it_is_buffered():
-    listener = DataListener("127.0.0.1", 0)
-    ticket = new_ticket()
-    raw = socket.create_connection(("127.0.0.1", listener.port))
-    raw.sendall(struct.pack("<8sQ16s", OPEN_MAGIC, SESSION, ticket))
-    worker = listener.accept(SESSION, ticket, 5.0, 5.0)
+    listener, worker, raw = _raw_master()
     raw.sendall(struct.pack("<II", 40, MAX_FRAME_BYTES + 1))
     with pytest.raises(ProtocolError, match="too large"):
         worker.recv(1.0)

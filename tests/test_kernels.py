@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tpi.kernels import build as kbuild
+from tpi.kernels import native
 from tpi.kernels import small_matmul as sm
 from tpi.model.linear import gate_and_up, linear
 from tpi.quant.formats import FloatT, Int8Weight
@@ -120,13 +121,13 @@ def test_linear_takes_the_kernels_and_agrees_with_torch() -> None:
     assert not cols.by_rows
     assert torch.equal(linear(x, cols), sm.matmul_f32_cols(x, cols.blocks))
     _close(linear(x[:1], cols), x[:1].double() @ head.double().T)
-    sm.set_enabled(False)
+    native.set_enabled(False)
     try:
         torch_f = linear(x, held)
         torch_q = linear(x, q)
         torch_gate, torch_up = gate_and_up(x, held)
     finally:
-        sm.set_enabled(True)
+        native.set_enabled(True)
     _close(torch_f, x.double() @ w.double().T)
     _close(torch.cat([torch_gate, torch_up], dim=-1), x.double() @ w.double().T)
     # torch's int8 kernel rounds the activations to bfloat16: close, not equal.
@@ -145,12 +146,12 @@ def test_what_the_kernels_do_not_serve_returns_none() -> None:
     assert sm.matmul_int8(torch.randn(1, 48), q, torch.ones(64)) is None  # fp32 scales
     short = torch.ones(63, dtype=torch.bfloat16)
     assert sm.matmul_int8(torch.randn(1, 48), q, short) is None  # a scale per row, or nothing
-    sm.set_enabled(False)
+    native.set_enabled(False)
     try:
         assert sm.library() is None
         assert sm.matmul_f32(torch.randn(1, 48), w) is None
     finally:
-        sm.set_enabled(True)
+        native.set_enabled(True)
 
 
 def test_no_compiler_or_a_failing_one_means_torch(monkeypatch, tmp_path, caplog) -> None:

@@ -277,11 +277,17 @@ def payload_ids(payload: Any, vocab_size: int) -> torch.Tensor:
     return ids
 
 
-def payload_tensor(payload: Any, h: DataHeader) -> torch.Tensor:
-    """View the received bytes as the tensor the header describes (no copy)."""
+def _payload_buffer(payload: Any, h: DataHeader) -> memoryview:
+    """The received bytes, checked to be exactly what the header describes."""
     buf = payload.buffer if hasattr(payload, "buffer") else memoryview(payload)
     if buf.nbytes != h.nbytes():
         raise ProtocolError(f"payload has {buf.nbytes} bytes, header says {h.nbytes()}")
+    return buf
+
+
+def payload_tensor(payload: Any, h: DataHeader) -> torch.Tensor:
+    """View the received bytes as the tensor the header describes (no copy)."""
+    buf = _payload_buffer(payload, h)
     if buf.nbytes == 0:
         return torch.empty(h.shape, dtype=h.dtype)
     if buf.readonly:  # plain bytes (zmq frames are writable, so this is not the hot path)
@@ -291,10 +297,7 @@ def payload_tensor(payload: Any, h: DataHeader) -> torch.Tensor:
 
 def payload_array(payload: Any, h: DataHeader) -> np.ndarray:
     """A float32 payload as a numpy array of the header's shape (no copy)."""
-    buf = payload.buffer if hasattr(payload, "buffer") else memoryview(payload)
-    if buf.nbytes != h.nbytes():
-        raise ProtocolError(f"payload has {buf.nbytes} bytes, header says {h.nbytes()}")
-    return np.frombuffer(buf, dtype=np.float32).reshape(h.shape)
+    return np.frombuffer(_payload_buffer(payload, h), dtype=np.float32).reshape(h.shape)
 
 
 def _check_schema(kind: Kind, body: Any) -> dict[str, Any]:

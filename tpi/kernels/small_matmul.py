@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tpi.kernels.native import NativeLibrary, set_enabled  # noqa: F401  (benchmarks use it here)
+from tpi.kernels.native import NativeLibrary
 
 MAX_ROWS = 8  # float32: above this torch's GEMM is the better kernel (int8: no limit)
 K_MULTIPLE = 16  # the kernels read rows 16 floats at a time
