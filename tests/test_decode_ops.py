@@ -68,6 +68,9 @@ def _attend_ref(qkv, cos, ssin, keys, values, pos, nq, scale):
         (4, 1, 48, 48, 33),  # head size not a multiple of 16
         (8, 2, 128, 128, 90),  # Llama-7B's head size
         (16, 1, 64, 64, 50),  # more query heads per KV head than the fixed kernels take
+        (16, 1, 64, 64, 150),  # the general kernel over several chunks of positions
+        (9, 3, 64, 64, 63),  # positions filling one chunk exactly
+        (9, 3, 64, 64, 64),  # ... and one more: a chunk of one position
     ],
 )
 def test_attend_one_matches_float64(nq, nkv, hd, rot, pos):

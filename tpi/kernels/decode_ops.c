@@ -86,25 +86,36 @@ static void rotary(const float* x, const float* cos_, const float* ssin, int64_t
     for (int64_t d = rot; d < hd; d++) out[d] = x[d];
 }
 
-static inline float softmax_in_place(float* scores, int64_t S) {
+/* exp(scores - max) in place; returns the max and sets *sum to their sum. */
+static inline float exp_in_place(float* scores, int64_t n, float* sum) {
     float mx = -INFINITY;
-    for (int64_t s = 0; s < S; s++) mx = scores[s] > mx ? scores[s] : mx;
-    exp_shifted(scores, S, mx);
-    float sum = 0.0f;
-    for (int64_t s = 0; s < S; s++) sum += scores[s];
-    return 1.0f / sum;
+    for (int64_t s = 0; s < n; s++) mx = scores[s] > mx ? scores[s] : mx;
+    exp_shifted(scores, n, mx);
+    float t = 0.0f;
+    for (int64_t s = 0; s < n; s++) t += scores[s];
+    *sum = t;
+    return mx;
 }
 
-/* One head against its KV head's positions [0, S): out = softmax(scale q.K) V. */
-static void head_any(const float* q, const float* kh, const float* vh, int64_t S, int64_t hd,
-                     float scale, float* scores, float* out) {
-    for (int64_t s = 0; s < S; s++) scores[s] = dot(q, kh + s * hd, hd) * scale;
-    float inv = softmax_in_place(scores, S);
+/* One chunk of cached positions [s0, s1) for some query heads: per head, the
+ * largest score, the sum of exp(score - largest) and those weights times V
+ * (unnormalised). Chunks of every head are merged by `merge`. */
+typedef struct {
+    float* acc; /* (heads, hd) */
+    float* mx;  /* (heads) */
+    float* sum; /* (heads) */
+} Partial;
+
+/* One head against its KV head's positions [s0, s1). */
+static void head_any(const float* q, const float* kh, const float* vh, int64_t s0, int64_t s1,
+                     int64_t hd, float scale, float* scores, Partial p, int64_t t) {
+    const int64_t n = s1 - s0;
+    for (int64_t s = 0; s < n; s++) scores[s] = dot(q, kh + (s0 + s) * hd, hd) * scale;
+    p.mx[t] = exp_in_place(scores, n, &p.sum[t]);
+    float* out = p.acc + t * hd;
     for (int64_t d = 0; d < hd; d++) out[d] = 0.0f;
-    for (int64_t s = 0; s < S; s++) {
-        const float p = scores[s] * inv;
-        for (int64_t d = 0; d < hd; d++) out[d] += p * vh[s * hd + d];
-    }
+    for (int64_t s = 0; s < n; s++)
+        for (int64_t d = 0; d < hd; d++) out[d] += scores[s] * vh[(s0 + s) * hd + d];
 }
 
 /* The heads of one KV head at a head size known here: each key and value row is
@@ -113,39 +124,66 @@ static void head_any(const float* q, const float* kh, const float* vh, int64_t S
 #define MAX_GROUP 8
 #define GROUP_FIXED(HD)                                                                    \
     static void group##HD(const float* q, int64_t r, const float* kh, const float* vh,    \
-                          int64_t S, float scale, float* scores, float* out) {            \
+                          int64_t s0, int64_t s1, float scale, float* scores, Partial p) { \
         enum { V = HD / 16 };                                                              \
+        const int64_t n = s1 - s0;                                                         \
         v16f qv[MAX_GROUP][V];                                                             \
         for (int64_t t = 0; t < r; t++)                                                    \
             for (int j = 0; j < V; j++) __builtin_memcpy(&qv[t][j], q + t * HD + 16 * j, 64); \
-        for (int64_t s = 0; s < S; s++) {                                                  \
+        for (int64_t s = 0; s < n; s++) {                                                  \
             v16f k[V];                                                                     \
-            for (int j = 0; j < V; j++) __builtin_memcpy(&k[j], kh + s * HD + 16 * j, 64); \
+            for (int j = 0; j < V; j++)                                                    \
+                __builtin_memcpy(&k[j], kh + (s0 + s) * HD + 16 * j, 64);                  \
             for (int64_t t = 0; t < r; t++) {                                              \
                 v16f a = qv[t][0] * k[0];                                                  \
                 for (int j = 1; j < V; j++) a += qv[t][j] * k[j];                          \
-                scores[t * S + s] = hsum(a) * scale;                                     \
+                scores[t * n + s] = hsum(a) * scale;                                       \
             }                                                                              \
         }                                                                                  \
-        float inv[MAX_GROUP];                                                              \
-        for (int64_t t = 0; t < r; t++) inv[t] = softmax_in_place(scores + t * S, S);       \
+        for (int64_t t = 0; t < r; t++) p.mx[t] = exp_in_place(scores + t * n, n, &p.sum[t]); \
         v16f acc[MAX_GROUP][V];                                                            \
         for (int64_t t = 0; t < r; t++)                                                    \
             for (int j = 0; j < V; j++) acc[t][j] = (v16f){0};                             \
-        for (int64_t s = 0; s < S; s++) {                                                  \
+        for (int64_t s = 0; s < n; s++) {                                                  \
             v16f x[V];                                                                     \
-            for (int j = 0; j < V; j++) __builtin_memcpy(&x[j], vh + s * HD + 16 * j, 64); \
+            for (int j = 0; j < V; j++)                                                    \
+                __builtin_memcpy(&x[j], vh + (s0 + s) * HD + 16 * j, 64);                  \
             for (int64_t t = 0; t < r; t++) {                                              \
-                const float p = scores[t * S + s] * inv[t];                                \
-                for (int j = 0; j < V; j++) acc[t][j] += p * x[j];                         \
+                const float w = scores[t * n + s];                                         \
+                for (int j = 0; j < V; j++) acc[t][j] += w * x[j];                         \
             }                                                                              \
         }                                                                                  \
         for (int64_t t = 0; t < r; t++)                                                    \
-            for (int j = 0; j < V; j++) __builtin_memcpy(out + t * HD + 16 * j, &acc[t][j], 64); \
+            for (int j = 0; j < V; j++)                                                    \
+                __builtin_memcpy(p.acc + t * HD + 16 * j, &acc[t][j], 64);                 \
     }
 
 GROUP_FIXED(64)
 GROUP_FIXED(128)
+
+/* out = the softmax-weighted sum over all chunks: each chunk's weights rescaled
+ * from its own largest score to the overall largest (flash-decoding's merge). */
+static void merge(const float* acc, const float* mx, const float* sum, int64_t chunks,
+                  int64_t heads, int64_t hd, float* out) {
+    for (int64_t t = 0; t < heads; t++) {
+        float m = -INFINITY;
+        for (int64_t c = 0; c < chunks; c++) m = mx[c * heads + t] > m ? mx[c * heads + t] : m;
+        float total = 0.0f;
+        for (int64_t d = 0; d < hd; d++) out[t * hd + d] = 0.0f;
+        for (int64_t c = 0; c < chunks; c++) {
+            const float w = expf(mx[c * heads + t] - m);
+            total += w * sum[c * heads + t];
+            const float* a = acc + (c * heads + t) * hd;
+            for (int64_t d = 0; d < hd; d++) out[t * hd + d] += w * a[d];
+        }
+        const float inv = 1.0f / total;
+        for (int64_t d = 0; d < hd; d++) out[t * hd + d] *= inv;
+    }
+}
+
+/* Cached positions per unit of work. A fixed size, not one per thread: a token's
+ * result is then the same whatever the number of threads. */
+#define CHUNK_POSITIONS 64
 
 /* qkv: this token's projections, nq query heads then nkv key heads then nkv value
  * heads, hd each. kcache/vcache: this layer's (nkv, cap, hd). out: (nq * hd). */
@@ -159,33 +197,51 @@ int tpi_attend_one_f32(const float* qkv, const float* cos_, const float* ssin, i
         rotary(k + g * hd, cos_, ssin, rot, hd, kcache + (g * cap + pos) * hd);
         for (int64_t d = 0; d < hd; d++) vcache[(g * cap + pos) * hd + d] = v[g * hd + d];
     }
-    int64_t S = pos + 1, group = nq / nkv;
-    /* Below ~256K multiply-adds one thread is faster than a fork and join. */
-    int T = S * nq * hd > (1 << 18) ? omp_get_max_threads() : 1;
-    if (T > nkv) T = (int)nkv;
-    /* per thread: a group's scores and its rotated queries */
-    int64_t per = (S + hd) * group;
-    float* bufs = malloc(sizeof(float) * per * T);
+    const int64_t S = pos + 1, group = nq / nkv;
+    const int64_t chunks = (S + CHUNK_POSITIONS - 1) / CHUNK_POSITIONS, units = nkv * chunks;
+    /* The cache rows come from DRAM (a token's weights stream through the caches
+     * between two reads of a layer's cache), so a second thread pays once they
+     * pass ~64 KB: SmolLM2 at 200 positions, 300 KB a layer, took 33 us on one. */
+    int T = S * nkv * hd >= (1 << 13) ? omp_get_max_threads() : 1;
+    if (T > units) T = (int)units;
+    /* per thread: a group's scores and its rotated queries; per unit: a Partial */
+    const int64_t per = (CHUNK_POSITIONS + hd) * group;
+    float* bufs = malloc(sizeof(float) * (per * T + units * group * (hd + 2)));
     if (!bufs) return -1;
-    int fixed = (hd == 64 || hd == 128) && group <= MAX_GROUP;
+    float* accs = bufs + per * T;
+    float* mxs = accs + units * group * hd;
+    float* sums = mxs + units * group;
+    const int fixed = (hd == 64 || hd == 128) && group <= MAX_GROUP;
 #pragma omp parallel num_threads(T)
     {
         float* scores = bufs + per * omp_get_thread_num();
-        float* qr = scores + S * group;
+        float* qr = scores + CHUNK_POSITIONS * group;
+        int64_t rotated = -1; /* the KV head whose queries qr holds */
 #pragma omp for schedule(static)
-        for (int64_t g = 0; g < nkv; g++) {
+        for (int64_t u = 0; u < units; u++) {
+            const int64_t g = u / chunks, c = u % chunks;
+            const int64_t s0 = c * CHUNK_POSITIONS;
+            const int64_t s1 = s0 + CHUNK_POSITIONS < S ? s0 + CHUNK_POSITIONS : S;
             const float* kh = kcache + g * cap * hd;
             const float* vh = vcache + g * cap * hd;
-            for (int64_t t = 0; t < group; t++)
-                rotary(q + (g * group + t) * hd, cos_, ssin, rot, hd, qr + t * hd);
-            float* o = out + g * group * hd;
-            if (fixed && hd == 64) group64(qr, group, kh, vh, S, scale, scores, o);
-            else if (fixed) group128(qr, group, kh, vh, S, scale, scores, o);
+            if (rotated != g) {
+                for (int64_t t = 0; t < group; t++)
+                    rotary(q + (g * group + t) * hd, cos_, ssin, rot, hd, qr + t * hd);
+                rotated = g;
+            }
+            /* chunk-major within a KV head: merge reads (chunk, head) */
+            Partial p = {accs + (g * chunks + c) * group * hd, mxs + (g * chunks + c) * group,
+                         sums + (g * chunks + c) * group};
+            if (fixed && hd == 64) group64(qr, group, kh, vh, s0, s1, scale, scores, p);
+            else if (fixed) group128(qr, group, kh, vh, s0, s1, scale, scores, p);
             else
                 for (int64_t t = 0; t < group; t++)
-                    head_any(qr + t * hd, kh, vh, S, hd, scale, scores, o + t * hd);
+                    head_any(qr + t * hd, kh, vh, s0, s1, hd, scale, scores, p, t);
         }
     }
+    for (int64_t g = 0; g < nkv; g++)
+        merge(accs + g * chunks * group * hd, mxs + g * chunks * group, sums + g * chunks * group,
+              chunks, group, hd, out + g * group * hd);
     free(bufs);
     return 0;
 }

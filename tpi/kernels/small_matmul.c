@@ -41,6 +41,12 @@ typedef int8_t v16b __attribute__((vector_size(16)));
 #define XROWS 4    /* activation rows per block */
 #define NBLOCK 64  /* weight rows kept in cache while every group of x rows passes */
 
+/* Weights are read once per token: fetched into L2, not L1 (prefetcht2), where they
+ * would evict the activations and the sums. Measured on SmolLM2's int8 layers, one
+ * row, 2 threads: 4.7-5.2 ms against 6.6-6.9 ms into L1 (prefetcht0), 22 against
+ * 16 GB/s; a 7B-shaped int8 layer 6.7 against 7.9 ms; float32 weights unchanged. */
+#define PREFETCH(p) __builtin_prefetch((p), 0, 1)
+
 static inline v16f load_f32(const float* p) {
     v16f v;
     memcpy(&v, p, sizeof v);
@@ -111,10 +117,10 @@ static inline void store_four(float* o, const uint16_t* sc, int64_t n, float t0,
         const WT *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;                \
         for (int64_t k = 0; k < K; k += 16) {                                              \
             if ((k * (int64_t)sizeof(WT)) % 64 == 0) { /* the next block's rows, a line each */ \
-                __builtin_prefetch(w0 + WROWS * K + k);                                    \
-                __builtin_prefetch(w1 + WROWS * K + k);                                    \
-                __builtin_prefetch(w2 + WROWS * K + k);                                    \
-                __builtin_prefetch(w3 + WROWS * K + k);                                    \
+                PREFETCH(w0 + WROWS * K + k);                                              \
+                PREFETCH(w1 + WROWS * K + k);                                              \
+                PREFETCH(w2 + WROWS * K + k);                                              \
+                PREFETCH(w3 + WROWS * K + k);                                              \
             }                                                                              \
             v16f u0 = LOADW(w0 + k), u1 = LOADW(w1 + k), u2 = LOADW(w2 + k),               \
                  u3 = LOADW(w3 + k);                                                       \
@@ -180,10 +186,10 @@ static inline __m512bh load_i8_bf16(const int8_t* p) {
         for (int64_t j = 0; j < kv; j++) {                                                  \
             const int64_t k = 32 * j;                                                       \
             if (k % 64 == 0) { /* the next block's rows, a line each */                     \
-                __builtin_prefetch(w0 + WROWS * K + k);                                     \
-                __builtin_prefetch(w1 + WROWS * K + k);                                     \
-                __builtin_prefetch(w2 + WROWS * K + k);                                     \
-                __builtin_prefetch(w3 + WROWS * K + k);                                     \
+                PREFETCH(w0 + WROWS * K + k);                                               \
+                PREFETCH(w1 + WROWS * K + k);                                               \
+                PREFETCH(w2 + WROWS * K + k);                                               \
+                PREFETCH(w3 + WROWS * K + k);                                               \
             }                                                                               \
             __m512bh u0 = load_i8_bf16(w0 + k), u1 = load_i8_bf16(w1 + k),                  \
                      u2 = load_i8_bf16(w2 + k), u3 = load_i8_bf16(w3 + k);                  \

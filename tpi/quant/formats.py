@@ -125,7 +125,7 @@ class Int8Weight:
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Dequantized rows `ids` (an embedding lookup)."""
-        return F.embedding(ids, self.q).to(dtype) * self.scale.to(dtype)[ids][..., None]
+        return F.embedding(ids, self.q).to(dtype) * self.scale[ids].to(dtype)[..., None]
 
 
 @dataclass
