@@ -175,24 +175,45 @@ static inline __m512bh load_i8_bf16(const int8_t* p) {
     return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
-/* WROWS weight rows (or one) against MB rows of bfloat16 x (K / 32 vectors a row). */
-#define BF16_BLOCKS(MB)                                                                     \
-    static inline void bf16_four##MB(const __m512bh* x, int64_t K, const int8_t* w,          \
-                                     int64_t n, float* y, int64_t ldy, const uint16_t* sc) { \
+/* 32 bfloat16 weights (a panel converted by panel_bf16). */
+static inline __m512bh load_bf16(const uint16_t* p) {
+    return (__m512bh)_mm512_loadu_si512((const void*)p);
+}
+
+/* The lane sums of four vectors, in one: (sum a, sum b, sum c, sum d). A tree of
+ * shuffles shared by the four (13 instructions where four separate reductions
+ * take ~36: at SmolLM2's width of 576 those cost a third of a prefill's products). */
+static inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    __m512 s = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* WROWS weight rows (or one) against MB rows of bfloat16 x (K / 32 vectors a row).
+ * NAME##_..: weights WT, 32 of them read as bfloat16 by LOADW. The int8 and the
+ * panel kernels do the same arithmetic in the same order: a row's result does not
+ * depend on which of them ran it. */
+#define BF16_BLOCKS(NAME, WT, LOADW, MB)                                                    \
+    static inline void NAME##_four##MB(const __m512bh* x, int64_t K, const WT* w,            \
+                                       int64_t n, float* y, int64_t ldy, const uint16_t* sc) { \
         __m512 a0[MB], a1[MB], a2[MB], a3[MB];                                              \
         for (int m = 0; m < MB; m++) a0[m] = a1[m] = a2[m] = a3[m] = _mm512_setzero_ps();  \
-        const int8_t *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;             \
+        const WT *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;                 \
         const int64_t kv = K / 32;                                                          \
         for (int64_t j = 0; j < kv; j++) {                                                  \
             const int64_t k = 32 * j;                                                       \
-            if (k % 64 == 0) { /* the next block's rows, a line each */                     \
+            if ((k * (int64_t)sizeof(WT)) % 64 == 0) { /* the next block's rows */          \
                 PREFETCH(w0 + WROWS * K + k);                                               \
                 PREFETCH(w1 + WROWS * K + k);                                               \
                 PREFETCH(w2 + WROWS * K + k);                                               \
                 PREFETCH(w3 + WROWS * K + k);                                               \
             }                                                                               \
-            __m512bh u0 = load_i8_bf16(w0 + k), u1 = load_i8_bf16(w1 + k),                  \
-                     u2 = load_i8_bf16(w2 + k), u3 = load_i8_bf16(w3 + k);                  \
+            __m512bh u0 = LOADW(w0 + k), u1 = LOADW(w1 + k), u2 = LOADW(w2 + k),            \
+                     u3 = LOADW(w3 + k);                                                    \
             for (int m = 0; m < MB; m++) {                                                  \
                 __m512bh xv = x[m * kv + j];                                                \
                 a0[m] = _mm512_dpbf16_ps(a0[m], u0, xv);                                    \
@@ -201,36 +222,66 @@ static inline __m512bh load_i8_bf16(const int8_t* p) {
                 a3[m] = _mm512_dpbf16_ps(a3[m], u3, xv);                                    \
             }                                                                               \
         }                                                                                   \
-        for (int m = 0; m < MB; m++)                                                        \
-            store_four(y + m * ldy + n, sc, n, _mm512_reduce_add_ps(a0[m]),                 \
-                       _mm512_reduce_add_ps(a1[m]), _mm512_reduce_add_ps(a2[m]),            \
-                       _mm512_reduce_add_ps(a3[m]));                                        \
+        for (int m = 0; m < MB; m++) {                                                      \
+            float t[4];                                                                     \
+            _mm_storeu_ps(t, hsum4(a0[m], a1[m], a2[m], a3[m]));                            \
+            store_four(y + m * ldy + n, sc, n, t[0], t[1], t[2], t[3]);                     \
+        }                                                                                   \
     }                                                                                       \
-    static inline void bf16_one##MB(const __m512bh* x, int64_t K, const int8_t* w,           \
-                                    int64_t n, float* y, int64_t ldy, const uint16_t* sc) {  \
+    static inline void NAME##_one##MB(const __m512bh* x, int64_t K, const WT* w,             \
+                                      int64_t n, float* y, int64_t ldy, const uint16_t* sc) { \
         __m512 a[MB];                                                                       \
         for (int m = 0; m < MB; m++) a[m] = _mm512_setzero_ps();                            \
         const int64_t kv = K / 32;                                                          \
         for (int64_t j = 0; j < kv; j++) {                                                  \
-            __m512bh u = load_i8_bf16(w + n * K + 32 * j);                                  \
+            __m512bh u = LOADW(w + n * K + 32 * j);                                         \
             for (int m = 0; m < MB; m++) a[m] = _mm512_dpbf16_ps(a[m], u, x[m * kv + j]);   \
         }                                                                                   \
         float s = scale_at(sc, n);                                                          \
         for (int m = 0; m < MB; m++) y[m * ldy + n] = s * _mm512_reduce_add_ps(a[m]);       \
     }                                                                                       \
-    static void bf16_rows##MB(const __m512bh* x, int64_t K, const int8_t* w, int64_t n0,     \
-                              int64_t n1, float* y, int64_t ldy, const uint16_t* sc) {      \
+    static void NAME##_rows##MB(const __m512bh* x, int64_t K, const WT* w, int64_t n0,       \
+                                int64_t n1, float* y, int64_t ldy, const uint16_t* sc) {    \
         int64_t n = n0;                                                                     \
-        for (; n + WROWS <= n1; n += WROWS) bf16_four##MB(x, K, w, n, y, ldy, sc);          \
-        for (; n < n1; n++) bf16_one##MB(x, K, w, n, y, ldy, sc);                           \
+        for (; n + WROWS <= n1; n += WROWS) NAME##_four##MB(x, K, w, n, y, ldy, sc);        \
+        for (; n < n1; n++) NAME##_one##MB(x, K, w, n, y, ldy, sc);                         \
     }
 
-BF16_BLOCKS(1)
-BF16_BLOCKS(2)
-BF16_BLOCKS(3)
-BF16_BLOCKS(4)
+#define BF16_KERNEL(NAME, WT, LOADW)                                                         \
+    BF16_BLOCKS(NAME, WT, LOADW, 1)                                                          \
+    BF16_BLOCKS(NAME, WT, LOADW, 2)                                                          \
+    BF16_BLOCKS(NAME, WT, LOADW, 3)                                                          \
+    BF16_BLOCKS(NAME, WT, LOADW, 4)                                                          \
+    ROW_RANGE(NAME, __m512bh, WT, K / 32)
 
-ROW_RANGE(bf16, __m512bh, int8_t, K / 32)
+BF16_KERNEL(bf16, int8_t, load_i8_bf16)
+BF16_KERNEL(panel, uint16_t, load_bf16)
+
+/* Many rows of x (a prefill): each block of weight rows is converted to bfloat16
+ * once, into a buffer that stays in L2, and every row of x passes it there; the
+ * int8 kernel converts each weight once per group of XROWS rows of x. */
+#define PANEL_MIN_ROWS 8
+#define PANEL_BYTES (128 << 10)
+
+static int converted_range(const __m512bh* xb, int64_t M, int64_t K, const int8_t* w, int64_t n0,
+                       int64_t n1, float* y, int64_t ldy, const uint16_t* sc) {
+    int64_t rows = PANEL_BYTES / (2 * K) / WROWS * WROWS;
+    if (rows < WROWS) rows = WROWS;
+    uint16_t* buf = aligned_alloc(64, (size_t)(rows * K) * sizeof(uint16_t));
+    if (!buf) return -1;
+    for (int64_t nb = n0; nb < n1; nb += rows) {
+        int64_t ne = nb + rows < n1 ? nb + rows : n1;
+        for (int64_t r = 0; r < ne - nb; r++)
+            for (int64_t k = 0; k < K; k += 32) {
+                if (k % 64 == 0) PREFETCH(w + (nb + r + WROWS) * K + k);
+                _mm512_storeu_si512((void*)(buf + r * K + k),
+                                    (__m512i)load_i8_bf16(w + (nb + r) * K + k));
+            }
+        panel_range(xb, M, K, buf, 0, ne - nb, y + nb, ldy, sc + nb);
+    }
+    free(buf);
+    return 0;
+}
 #endif
 
 static int threads_for(int64_t N) {
@@ -282,14 +333,16 @@ int tpi_matmul_i8(const float* x, int64_t M, int64_t K, const int8_t* w, const u
                 const float* p = x + m * K + 32 * j;
                 xb[m * kv + j] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + 16), _mm512_loadu_ps(p));
             }
-#pragma omp parallel num_threads(T)
+        int failed = 0;
+#pragma omp parallel num_threads(T) reduction(| : failed)
         {
             int64_t a, b;
             split(N, WROWS, &a, &b);
-            if (a < b) bf16_range(xb, M, K, w, a, b, y, N, scale);
+            if (a < b && M >= PANEL_MIN_ROWS) failed = converted_range(xb, M, K, w, a, b, y, N, scale);
+            else if (a < b) bf16_range(xb, M, K, w, a, b, y, N, scale);
         }
         free(xb);
-        return 0;
+        return failed ? -1 : 0;
     }
 #endif
 #pragma omp parallel num_threads(T)

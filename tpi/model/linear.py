@@ -8,17 +8,17 @@ activations), so the input of a quantized (or bf16-stored) matmul is rounded to
 bf16 and its output returned in the caller's dtype; norms, attention, residuals
 and the KV cache keep the compute dtype.
 
-For long prefills the per-token kernels lose to one dequantization plus a bf16
-GEMM (int8 at 512 tokens: 349 ms vs 64 + 106 ms), so int8 switches over above
-DEQUANT_MIN_TOKENS rows; that copy is per forward pass of many tokens, never per
-token of a decode.
+For long prefills torch's per-token kernels lose to one dequantization plus a bf16
+GEMM (int8 at 512 tokens: 349 ms vs 64 + 106 ms), so without the native kernels int8
+switches over above DEQUANT_MIN_TOKENS rows; that copy is per forward pass of many
+tokens, never per token of a decode.
 
-Products of a few float32 rows (a decode step: one row per sequence of a batch;
-for int8 every row count below DEQUANT_MIN_TOKENS) go to the native kernels of
-tpi.kernels.small_matmul where they are built, which read every weight once for
-all rows (int8 against activations rounded to bf16 where the CPU has bf16 dot
-products, as torch's kernel rounds them; float32 as they are); anything they
-cannot serve falls through to torch.
+Products with float32 rows go to the native kernels of tpi.kernels.small_matmul where
+they are built: float32 weights for a few rows (a decode step: one row per sequence
+of a batch), int8 weights for any number of rows (decode, batches and prefill: they
+read every weight once for all rows, against activations rounded to bf16 where the
+CPU has bf16 dot products, as torch's kernel rounds them; float32 as they are).
+Anything they cannot serve falls through to torch.
 """
 
 from __future__ import annotations
@@ -41,14 +41,6 @@ def _scratch_kept(shape: tuple[int, ...]) -> bool:
     return shape[0] * shape[1] * QUANT_DTYPE.itemsize <= SCRATCH_MAX_BYTES
 
 
-# A matrix too big for a kept buffer is dequantized into fresh memory every time,
-# so the native int8 kernel stays the faster one well past DEQUANT_MIN_TOKENS
-# (a 7B-shaped layer, 2 threads: 128 rows 183 vs 385 ms, 256 rows 375 vs 508 ms,
-# 512 rows 750 vs 742 ms); a kept buffer makes the dequantized GEMM the faster one
-# from 96 rows on (SmolLM2's layers: 96 rows 2.8 vs 3.1 ms).
-KERNEL_MAX_ROWS_FRESH = 384
-
-
 def _dequantized(w: Int8Weight) -> torch.Tensor:
     """w as bf16, in a buffer kept per shape where it is small: a fresh multi-MB
     tensor per matmul is mapped and faulted in page by page each time (measured:
@@ -67,15 +59,12 @@ def _native(x: torch.Tensor, w: Weight) -> torch.Tensor | None:
         return None
     if isinstance(w, Int8Weight):
         # Faster than torch's int8 kernel at every row count measured (a 7B-shaped
-        # layer: 8 rows 14 vs 26 ms, 64 rows 92 vs 199 ms), and one kernel for
-        # every count below the dequantized GEMM keeps a sequence's numbers the
-        # same whether its rows run alone, in a batch or in prefill chunks.
-        rows = x.shape[0]
-        if rows < DEQUANT_MIN_TOKENS or (
-            rows < KERNEL_MAX_ROWS_FRESH and not _scratch_kept(w.shape)
-        ):
-            return matmul_int8(x, w.q, w.scale)
-        return None
+        # layer: 8 rows 14 vs 26 ms, 64 rows 92 vs 199 ms), and than dequantizing
+        # for torch's bf16 GEMM (SmolLM2's layers, 2 threads: 128 rows 85 vs 123 ms,
+        # 512 rows 316 vs 335 ms; a 7B-shaped layer 162 vs 385 ms and 663 vs 744 ms).
+        # One kernel for every count keeps a sequence's numbers the same whether
+        # its rows run alone, in a batch or in prefill chunks of any size.
+        return matmul_int8(x, w.q, w.scale)
     if isinstance(w, FloatT):
         if w.by_rows:
             return matmul_f32(x, w.blocks.view(-1, w.blocks.shape[-1]))
