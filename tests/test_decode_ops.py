@@ -149,11 +149,14 @@ def test_attend_one_declines_what_it_does_not_handle():
 
 
 def test_decode_steps_take_the_native_attention(llama_dir, monkeypatch):
-    """A single-node decode step runs every layer's attention through attend_one,
-    and gives the logits of the general path (the kernel switched off)."""
+    """A single-node decode step whose half-layers are not fused (here: switched
+    off) runs every layer's attention through attend_one, and gives the logits of
+    the general path (the kernels switched off)."""
     from tpi.kernels import native
     from tpi.master.engine import load_engine
+    from tpi.model import fused_decode
 
+    monkeypatch.setattr(fused_decode, "attention", lambda *a: None)
     engine = load_engine(llama_dir)
     prompt = list(range(3, 20))
     engine.prefill(prompt)

@@ -69,8 +69,10 @@ def _discard(path: Path) -> None:
 
 
 def library_path(source: Path, cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
-    # The headers beside the source are part of it (it includes them).
-    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]
+    # The headers and sources beside the source are part of it (it may include them:
+    # decode_layer.c includes the other kernels).
+    beside = sorted(p for p in source.parent.glob("*.[ch]") if p != source)
+    headers = [h.read_bytes() for h in beside]
     key = hashlib.sha256(
         b"\0".join(
             s.encode() if isinstance(s, str) else s

@@ -48,8 +48,8 @@ void tpi_rms_norm_f32(const float* x, int64_t M, int64_t K, const float* w, floa
     }
 }
 
-/* v[i] = exp(v[i] - shift) for shift >= every v[i] (softmax), in a loop the compiler
- * vectorizes: libm's scalar expf, one call per cached position and head, took most of
+/* v[i] = exp(v[i] - shift) for v[i] - shift <= 87 (softmax: shift >= every v[i];
+ * silu in decode_layer.c: shift 0), in a loop the compiler vectorizes: libm's scalar expf, one call per cached position and head, took most of
  * a SmolLM2 attention call. Cephes' expf: n = round(x / ln 2), exp(x) = 2^n * p(r) with
  * r = x - n ln 2 in two parts and a degree-7 polynomial; within 2 ulp of expf. */
 static void exp_shifted(float* v, int64_t n, float shift) {

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from tpi.kernels import decode_ops
+from tpi.model import fused_decode
 from tpi.model.config import ModelConfig
 from tpi.model.kv_cache import KVCache
 from tpi.model.linear import embedding_rows, gate_and_up, linear
@@ -304,12 +305,18 @@ def attention_partial(
 ) -> torch.Tensor:
     """First half of a decoder layer: this rank's attention output, to be allreduced
     and added to the residual h (by `residual_add`)."""
+    fused = fused_decode.attention(h, w, layout, layer, step, cfg, window)
+    if fused is not None:  # a float32 decode token: the half in one native call
+        return fused
     x = rms_norm(h, w.attn_norm, cfg.rms_norm_eps, cfg.norm_offset)
     return attention_block(x, w, layout, layer, step, window)
 
 
 def mlp_partial(h: torch.Tensor, w: LayerWeights, cfg: ModelConfig) -> torch.Tensor:
     """Second half: this rank's MLP (or experts') output, to be allreduced and added to h."""
+    fused = fused_decode.mlp(h, w, cfg)
+    if fused is not None:
+        return fused
     x = rms_norm(h, w.mlp_norm, cfg.rms_norm_eps, cfg.norm_offset)
     if w.router is not None:
         return moe_block(x, w.router, w.experts, cfg.experts_per_token, cfg.norm_topk_prob)
