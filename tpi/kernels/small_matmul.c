@@ -268,8 +268,8 @@ BF16_KERNEL(panel, uint16_t, load_bf16)
 #define PANEL_MIN_ROWS 8
 #define PANEL_BYTES (128 << 10)
 
-static int converted_range(const __m512bh* xb, int64_t M, int64_t K, const int8_t* w, int64_t n0,
-                       int64_t n1, float* y, int64_t ldy, const uint16_t* sc) {
+static int converted_range(const __m512bh* xb, int64_t M, int64_t K, const int8_t* w,
+                           int64_t n0, int64_t n1, float* y, int64_t ldy, const uint16_t* sc) {
     int64_t rows = PANEL_BYTES / (2 * K) / WROWS * WROWS;
     if (rows < WROWS) rows = WROWS;
     uint16_t* buf = aligned_alloc(64, (size_t)(rows * K) * sizeof(uint16_t));
