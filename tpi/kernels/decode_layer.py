@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from tpi.kernels.decode_ops import cache_step_ok, contiguous_f32
 from tpi.kernels.native import NativeLibrary
 
 F32, INT8, INT4 = 1, 2, 3  # Mat.kind: float32 rows, int8 rows with scales, packed int4
@@ -52,13 +53,14 @@ def library() -> ctypes.CDLL | None:
     return LIBRARY.get()
 
 
-def _f32(*ts: torch.Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.is_contiguous() for t in ts)
-
-
 def _row(h: torch.Tensor, norm: torch.Tensor) -> bool:
     hidden = norm.numel()
-    return h.dim() == 2 and h.shape == (1, hidden) and norm.shape == (hidden,) and _f32(h, norm)
+    return (
+        h.dim() == 2
+        and h.shape == (1, hidden)
+        and norm.shape == (hidden,)
+        and contiguous_f32(h, norm)
+    )
 
 
 def attention_half(
@@ -85,17 +87,11 @@ def attention_half(
     if (
         lib is None
         or not _row(h, norm)
-        or n_q % n_kv
-        or not 0 <= pos < cap
+        or not cache_step_ok(cos, signed_sin, keys, values, pos, n_q)
         or qkv.k != hidden
         or qkv.n != (n_q + 2 * n_kv) * hd
         or o.k != n_q * hd
         or o.n != hidden
-        or rot > hd
-        or rot % 2
-        or signed_sin.numel() != rot
-        or values.shape != keys.shape
-        or not _f32(cos, signed_sin, keys, values)
     ):
         return None
     out = torch.empty(1, hidden, dtype=torch.float32)

@@ -26,7 +26,7 @@ def _bind(lib: ctypes.CDLL) -> None:
 LIBRARY = NativeLibrary(Path(__file__).with_name("decode_ops.c"), _bind)
 
 
-def _f32(*ts: torch.Tensor) -> bool:
+def contiguous_f32(*ts: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.is_contiguous() for t in ts)
 
 
@@ -34,11 +34,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     """x / rms(x) * weight over the last dimension, for contiguous float32 x and weight."""
     k = x.shape[-1] if x.dim() else 0
     lib = LIBRARY.get()
-    if lib is None or not k or weight.shape != (k,) or not _f32(x, weight):
+    if lib is None or not k or weight.shape != (k,) or not contiguous_f32(x, weight):
         return None
     out = torch.empty_like(x)
     lib.tpi_rms_norm_f32(x.data_ptr(), x.numel() // k, k, weight.data_ptr(), eps, out.data_ptr())
     return out
+
+
+def cache_step_ok(
+    cos: torch.Tensor,
+    signed_sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pos: int,
+    n_q: int,
+) -> bool:
+    """Whether one token's rotary tables, this layer's cache buffers (n_kv, capacity,
+    hd) and position are what the native attention takes (here and in a fused
+    half-layer, tpi.kernels.decode_layer)."""
+    n_kv, cap, hd = keys.shape
+    rot = cos.shape[-1] if cos.dim() else 0
+    return not (
+        n_q % n_kv
+        or not 0 <= pos < cap
+        or rot > hd
+        or rot % 2
+        or cos.numel() != rot
+        or signed_sin.numel() != rot
+        or values.shape != keys.shape
+        or not contiguous_f32(cos, signed_sin, keys, values)
+    )
 
 
 def attend_one(
@@ -62,16 +87,10 @@ def attend_one(
     lib = LIBRARY.get()
     if (
         lib is None
-        or n_q % n_kv
-        or pos >= cap
+        or not cache_step_ok(cos, signed_sin, keys, values, pos, n_q)
         or qkv.numel() != (n_q + 2 * n_kv) * hd
         or out.numel() != n_q * hd
-        or rot > hd
-        or rot % 2
-        or cos.numel() != rot
-        or signed_sin.numel() != rot
-        or values.shape != keys.shape
-        or not _f32(qkv, cos, signed_sin, keys, values, out)
+        or not contiguous_f32(qkv, out)
     ):
         return False
     return (
