@@ -171,3 +171,111 @@ def test_decode_steps_take_the_native_attention(llama_dir, monkeypatch):
     finally:
         native.set_enabled(True)
     assert (native_logits - general).abs().max() < 1e-4
+
+
+def _rows_ref(q, keys, values, pos, scale):
+    """Causal attention in float64: row t of q (T, nq, hd) over positions [0, pos + t]."""
+    group = q.shape[1] // keys.shape[0]
+    out = torch.empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float64)
+    for t in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            k, v = (
+                keys[h // group, : pos + t + 1].double(),
+                values[h // group, : pos + t + 1].double(),
+            )
+            out[t, h] = ((k @ q[t, h].double()) * scale).softmax(-1) @ v
+    return out.reshape(q.shape[0], -1)
+
+
+@pytest.mark.parametrize(
+    ("nq", "nkv", "hd", "pos", "t"),
+    [
+        (9, 3, 64, 0, 128),  # SmolLM2's heads, a whole prompt
+        (9, 3, 64, 60, 70),  # after cached rows, across chunks of positions
+        (8, 2, 128, 5, 20),  # Llama-7B's head size
+        (4, 1, 48, 0, 33),  # head size not a multiple of 16
+        (16, 1, 64, 3, 66),  # more query heads per KV head than the fixed kernels take
+        (4, 4, 64, 10, 1),  # one row
+    ],
+)
+def test_attend_rows_match_float64(nq, nkv, hd, pos, t):
+    g = torch.Generator().manual_seed(pos + t + hd)
+    cap = pos + t + 5  # room past the rows: never read
+    keys, values = torch.randn(nkv, cap, hd, generator=g), torch.randn(nkv, cap, hd, generator=g)
+    keys[:, pos + t :] = float("nan")
+    values[:, pos + t :] = float("nan")
+    # q rows inside a wider qkv buffer, as attention_block holds them
+    qkv = torch.randn(t, nq + 2 * nkv, hd, generator=g) * 2
+    q = qkv[:, :nq]
+    got = decode_ops.attend_rows(q, keys, values, pos, hd**-0.5)
+    assert got.shape == (t, nq * hd)
+    assert (got.double() - _rows_ref(q, keys, values, pos, hd**-0.5)).abs().max() < 1e-5
+
+
+def test_attend_rows_are_the_decode_steps_at_their_positions():
+    """Each row is exactly what attend_one computes for that token at its position
+    (no rotation, so both start from the same q): a prompt's rows and decoded rows
+    attend the same way."""
+    nq, nkv, hd, pos, t = 9, 3, 64, 40, 90
+    g = torch.Generator().manual_seed(3)
+    keys, values = (
+        torch.randn(nkv, pos + t, hd, generator=g),
+        torch.randn(nkv, pos + t, hd, generator=g),
+    )
+    qkv = torch.randn(t, nq + 2 * nkv, hd, generator=g)
+    qkv[:, nq : nq + nkv] = keys[:, pos:].transpose(0, 1)  # the rows' own keys and values
+    qkv[:, nq + nkv :] = values[:, pos:].transpose(0, 1)
+    rows = decode_ops.attend_rows(qkv[:, :nq], keys, values, pos, 0.125)
+    none = torch.empty(0)
+    for i in (0, 23, 24, 89):  # around the chunk boundary at position 64
+        out = torch.empty(nq * hd)
+        assert decode_ops.attend_one(
+            qkv[i].reshape(-1), none, none, keys, values, pos + i, nq, 0.125, out
+        )
+        assert torch.equal(out, rows[i])
+
+
+def test_attend_rows_are_the_same_on_one_thread_and_two():
+    keys, values = torch.randn(2, 300, 64), torch.randn(2, 300, 64)
+    q = torch.randn(200, 8, 64)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(decode_ops.attend_rows(q, keys, values, 100, 0.125))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_attend_rows_decline_what_they_do_not_handle():
+    keys, values = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
+    q = torch.randn(4, 4, 16)
+    assert decode_ops.attend_rows(q, keys, values, 5, 0.25) is None  # rows past the cache
+    assert decode_ops.attend_rows(q[:, :3], keys, values, 0, 0.25) is None  # 3 q / 2 kv
+    assert decode_ops.attend_rows(q.bfloat16(), keys, values, 0, 0.25) is None
+    assert decode_ops.attend_rows(q.transpose(0, 1), keys, values, 0, 0.25) is None  # heads apart
+    assert decode_ops.attend_rows(q, keys[:, :, :8], values, 0, 0.25) is None
+
+
+def test_prompts_take_the_native_rows_and_match_the_general_path(llama_dir, monkeypatch):
+    """A prompt's attention runs through attend_rows in every layer, and its logits
+    are those of the general path (SDPA, the kernels switched off)."""
+    from tpi.kernels import native
+    from tpi.master.engine import load_engine
+
+    engine = load_engine(llama_dir)
+    calls = []
+    real = decode_ops.attend_rows
+    monkeypatch.setattr(decode_ops, "attend_rows", lambda *a: calls.append(1) or real(*a))
+    prompt = list(range(3, 40))
+    native_logits = engine.prefill(prompt)
+    assert len(calls) == engine.cfg.num_layers
+    engine.reset()
+    native.set_enabled(False)
+    try:
+        general = engine.prefill(prompt)
+    finally:
+        native.set_enabled(True)
+    assert (native_logits - general).abs().max() < 1e-4

@@ -1,5 +1,6 @@
 """The small per-layer operations of a float32 decode step as single native calls
-(decode_ops.c): RMSNorm, and one token's rotary + cache write + attention.
+(decode_ops.c): RMSNorm, and one token's rotary + cache write + attention; and
+that attention for every row of a prompt.
 
 Every function returns None when it cannot serve the call (no compiler, a dtype,
 shape or layout it does not handle): the caller then uses torch.
@@ -21,6 +22,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.tpi_rms_norm_f32.restype = None
     lib.tpi_attend_one_f32.argtypes = [p, p, p, i, p, p, i, i, i, i, i, f, p]
     lib.tpi_attend_one_f32.restype = ctypes.c_int
+    lib.tpi_attend_rows_f32.argtypes = [p, i, i, p, p, i, i, i, i, i, f, p]
+    lib.tpi_attend_rows_f32.restype = ctypes.c_int
 
 
 LIBRARY = NativeLibrary(Path(__file__).with_name("decode_ops.c"), _bind)
@@ -111,3 +114,34 @@ def attend_one(
         )
         == 0
     )
+
+
+def attend_rows(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pos: int, scale: float
+) -> torch.Tensor | None:
+    """Causal attention of T rows at positions [pos, pos + T) of one sequence: q
+    (T, n_q, hd), rotary applied, rows at any stride; keys/values this layer's cache
+    buffers (n_kv, capacity, hd) holding positions [0, pos + T). Row t attends to
+    [0, pos + t] exactly as attend_one would at its position. -> (T, n_q * hd)."""
+    n_kv, cap, hd = keys.shape
+    t, n_q = q.shape[0], q.shape[1]
+    lib = LIBRARY.get()
+    if (
+        lib is None
+        or q.dim() != 3
+        or q.shape[2] != hd
+        or t == 0
+        or n_q % n_kv
+        or not 0 <= pos <= cap - t
+        or q.dtype != torch.float32
+        or q.stride(2) != 1
+        or q.stride(1) != hd
+        or values.shape != keys.shape
+        or not contiguous_f32(keys, values)
+    ):
+        return None
+    out = torch.empty(t, n_q * hd, dtype=torch.float32)
+    args = (q.data_ptr(), q.stride(0), t, keys.data_ptr(), values.data_ptr(), cap, pos)
+    if lib.tpi_attend_rows_f32(*args, n_q, n_kv, hd, scale, out.data_ptr()):
+        return None
+    return out

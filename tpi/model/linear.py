@@ -13,10 +13,11 @@ GEMM (int8 at 512 tokens: 349 ms vs 64 + 106 ms), so without the native kernels 
 switches over above DEQUANT_MIN_TOKENS rows; that copy is per forward pass of many
 tokens, never per token of a decode.
 
-Products with float32 rows go to the native kernels of tpi.kernels.small_matmul where
-they are built: float32 weights for a few rows (a decode step: one row per sequence
-of a batch), int8 weights for any number of rows (decode, batches and prefill: they
-read every weight once for all rows, against activations rounded to bf16 where the
+Products with float32 rows go to the native kernels where they are built
+(tpi.kernels): float32 weights for a few rows (small_matmul; a decode step, one row
+per sequence of a batch) and for more (f32_gemm; a prompt), int8 weights for any
+number of rows (small_matmul; decode, batches and prefill: they read every weight
+once for all rows, against activations rounded to bf16 where the
 CPU has bf16 dot products, as torch's kernel rounds them; float32 as they are), and
 int4 weights for a few rows (tpi.kernels.int4_matmul, torch's packed layout read as
 it is). Anything they cannot serve falls through to torch.
@@ -31,7 +32,9 @@ import torch.nn.functional as F
 
 from tpi.errors import TpiError
 from tpi.kernels import int4_matmul
+from tpi.kernels.f32_gemm import gemm_f32
 from tpi.kernels.int4_matmul import matmul_int4
+from tpi.kernels.small_matmul import MAX_ROWS as SMALL_ROWS
 from tpi.kernels.small_matmul import matmul_f32, matmul_f32_cols, matmul_int8
 from tpi.quant.formats import QUANT_DTYPE, FloatT, Int4Weight, Int8Weight, Weight, int8_fits
 from tpi.quant.int4_pack import Int4Layout, native_layout
@@ -87,13 +90,22 @@ def _native(x: torch.Tensor, w: Weight) -> torch.Tensor | None:
         return matmul_int4(x, w.packed, w.scale_zero, w.group_size)
     if isinstance(w, FloatT):
         if w.by_rows:
-            return matmul_f32(x, w.blocks.view(-1, w.blocks.shape[-1]))
+            return _float_rows(x, w.blocks.view(-1, w.blocks.shape[-1]))
         # Column blocks (an LM head): torch's transposed product is the faster
         # one for a single row (measured 3.1 vs 4.5 ms for SmolLM2's head).
         return matmul_f32_cols(x, w.blocks) if x.shape[0] > 1 else None
     if isinstance(w, torch.Tensor):
-        return matmul_f32(x, w)
+        return _float_rows(x, w)
     return None
+
+
+def _float_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """x @ w.T for a float weight held by rows: a few rows (decode) stream w once
+    for all of them; more (a prompt) go to the GEMM, faster than torch's there
+    (SmolLM2's layers at 128 rows: 148 vs 181 ms, tpi.kernels.f32_gemm)."""
+    if x.shape[0] <= SMALL_ROWS:
+        return matmul_f32(x, w)
+    return gemm_f32(x, w)
 
 
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
