@@ -279,3 +279,17 @@ def test_prompts_take_the_native_rows_and_match_the_general_path(llama_dir, monk
     finally:
         native.set_enabled(True)
     assert (native_logits - general).abs().max() < 1e-4
+
+
+def test_which_passes_take_the_native_rows():
+    """Grouped heads at any length; ungrouped ones only for short passes (measured
+    slower than torch's kernel from ~200 positions); never a binding window, soft-
+    capped scores or a KV head split across ranks."""
+    from tpi.model.layers import ROWS_MAX_POSITIONS, AttentionLayout, _rows_natively
+
+    smol, mha = AttentionLayout(9, 3, 64, None), AttentionLayout(32, 32, 128, None)
+    assert _rows_natively(smol, 4096, None) and _rows_natively(mha, ROWS_MAX_POSITIONS, None)
+    assert not _rows_natively(mha, ROWS_MAX_POSITIONS + 1, None)
+    assert _rows_natively(smol, 100, 100) and not _rows_natively(smol, 101, 100)
+    assert not _rows_natively(AttentionLayout(9, 3, 64, None, softcap=50.0), 10, None)
+    assert not _rows_natively(AttentionLayout(3, 2, 64, ((0, 0, 2), (1, 2, 3))), 10, None)
