@@ -293,3 +293,44 @@ def test_which_passes_take_the_native_rows():
     assert _rows_natively(smol, 100, 100) and not _rows_natively(smol, 101, 100)
     assert not _rows_natively(AttentionLayout(9, 3, 64, None, softcap=50.0), 10, None)
     assert not _rows_natively(AttentionLayout(3, 2, 64, ((0, 0, 2), (1, 2, 3))), 10, None)
+
+
+def test_silu_mul_matches_float64_on_the_halves_of_a_product():
+    g = torch.Generator().manual_seed(5)
+    gu = torch.randn(70, 2 * 300, generator=g) * 30
+    gu[0, :300] = torch.linspace(-200, 200, 300)  # exp(-g) far past float range both ways
+    gate, up = gu.chunk(2, dim=-1)
+    got = decode_ops.silu_mul(gate, up)
+    want = torch.nn.functional.silu(gate.double()) * up.double()
+    assert got.shape == (70, 300) and got.is_contiguous()
+    assert ((got.double() - want).abs() <= 1e-6 * want.abs() + 1e-30).all()
+
+
+def test_silu_mul_declines_what_it_does_not_handle():
+    a = torch.randn(4, 8)
+    assert decode_ops.silu_mul(a, torch.randn(4, 9)[:, :8]) is None  # rows at other strides
+    assert decode_ops.silu_mul(a.t(), a.t()) is None  # columns apart
+    assert decode_ops.silu_mul(a.bfloat16(), a.bfloat16()) is None
+    assert decode_ops.silu_mul(a[0], a[1]) is None  # not rows
+
+
+def test_mlp_blocks_take_the_native_activation(llama_dir, monkeypatch):
+    """A prompt's MLP in every layer applies silu * up natively, within float
+    rounding of torch's ops (the kernels switched off)."""
+    from tpi.kernels import native
+    from tpi.master.engine import load_engine
+
+    engine = load_engine(llama_dir)
+    calls = []
+    real = decode_ops.silu_mul
+    monkeypatch.setattr(decode_ops, "silu_mul", lambda *a: calls.append(1) or real(*a))
+    prompt = list(range(3, 30))
+    got = engine.prefill(prompt)
+    assert len(calls) == engine.cfg.num_layers
+    engine.reset()
+    native.set_enabled(False)
+    try:
+        want = engine.prefill(prompt)
+    finally:
+        native.set_enabled(True)
+    assert (got - want).abs().max() < 1e-4

@@ -63,16 +63,6 @@ int tpi_attention_half(const float* h, int64_t hidden, const float* norm, float 
     return rc;
 }
 
-/* silu(g) * u, silu(g) = g / (1 + exp(-g)) with the exp of decode_ops.c (a loop the
- * compiler vectorizes; libm's expf, one call per column, cost more than the
- * down product's conversions). -g is clamped where exp(-g) would overflow: the
- * quotient is then 0 (to float precision) either way. */
-static void silu_mul(const float* g, const float* u, int64_t n, float* out) {
-    for (int64_t i = 0; i < n; i++) out[i] = g[i] < -87.0f ? 87.0f : -g[i];
-    exp_shifted(out, n, 0.0f);
-    for (int64_t i = 0; i < n; i++) out[i] = g[i] / (1.0f + out[i]) * u[i];
-}
-
 /* out (hidden) = this rank's MLP output for the token h (hidden): gate rows first
  * in gu (2 * columns rows). */
 int tpi_mlp_half(const float* h, int64_t hidden, const float* norm, float eps, const Mat* gu,

@@ -1,6 +1,6 @@
 """The small per-layer operations of a float32 decode step as single native calls
 (decode_ops.c): RMSNorm, and one token's rotary + cache write + attention; and
-that attention for every row of a prompt.
+that attention for every row of a prompt; silu(gate) * up.
 
 Every function returns None when it cannot serve the call (no compiler, a dtype,
 shape or layout it does not handle): the caller then uses torch.
@@ -24,6 +24,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.tpi_attend_one_f32.restype = ctypes.c_int
     lib.tpi_attend_rows_f32.argtypes = [p, i, i, p, p, i, i, i, i, i, f, p]
     lib.tpi_attend_rows_f32.restype = ctypes.c_int
+    lib.tpi_silu_mul_f32.argtypes = [p, p, i, i, i, p]
+    lib.tpi_silu_mul_f32.restype = None
 
 
 LIBRARY = NativeLibrary(Path(__file__).with_name("decode_ops.c"), _bind)
@@ -41,6 +43,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
         return None
     out = torch.empty_like(x)
     lib.tpi_rms_norm_f32(x.data_ptr(), x.numel() // k, k, weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for float32 (T, n) gate and up with rows at the same stride
+    (the halves of one fused gate/up product), as a new (T, n) tensor."""
+    lib = LIBRARY.get()
+    if (
+        lib is None
+        or gate.dim() != 2
+        or gate.shape != up.shape
+        or gate.stride() != up.stride()
+        or gate.stride(1) != 1
+        or gate.dtype != torch.float32
+        or up.dtype != torch.float32
+    ):
+        return None
+    t, n = gate.shape
+    out = torch.empty(t, n, dtype=torch.float32)
+    lib.tpi_silu_mul_f32(gate.data_ptr(), up.data_ptr(), gate.stride(0), t, n, out.data_ptr())
     return out
 
 

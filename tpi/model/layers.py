@@ -319,7 +319,10 @@ def activation(gate: torch.Tensor, kind: str) -> torch.Tensor:
 def mlp_block(x: torch.Tensor, w: LayerWeights, act: str = "silu") -> torch.Tensor:
     """Partial gated-MLP output (T, hidden) of this rank's MLP columns."""
     gate, up = gate_and_up(x, w.gate_up, w.gate_up_bias)
-    return linear(activation(gate, act) * up, w.down, w.down_bias)
+    both = decode_ops.silu_mul(gate, up) if act == "silu" else None
+    if both is None:
+        both = activation(gate, act) * up
+    return linear(both, w.down, w.down_bias)
 
 
 def attention_partial(
