@@ -212,9 +212,9 @@ def test_what_is_not_one_float32_token_takes_the_op_by_op_path():
     assert fused_decode.mlp(h, w, _Cfg) is not None
     assert fused_decode.mlp(h, w, Gelu) is None
     assert fused_decode.mlp(h, w, Gemma) is None
-    # Weights no native kernel reads: float32 held transposed (one thread), bf16.
+    # Weights no native kernel reads: float32 held transposed (for torch alone), bf16.
     m = torch.randn(64, HIDDEN)
-    assert fused_decode._mat(FloatT.of(m, 1), None) is None
+    assert fused_decode._mat(FloatT(m.t().contiguous()[None], by_rows=False), None) is None
     assert fused_decode._mat(m.bfloat16(), None) is None
     assert fused_decode._mat(m, torch.zeros(64, dtype=torch.bfloat16)) is None
     assert fused_decode._mat(m, None) is not None

@@ -117,3 +117,32 @@ def test_prompt_products_go_to_the_gemm(monkeypatch) -> None:
     assert calls == [SMALL_ROWS + 1, 128] * 2
     gate, up = linear_mod.gate_and_up(torch.randn(20, 64, generator=g), blocks)
     assert gate.shape == up.shape == (20, 48) and calls[-1] == 20
+
+
+def test_one_thread_holds_rows_where_the_kernels_read_them(monkeypatch) -> None:
+    """With the kernels built a single thread's float weights are rows of w too
+    (the kernels read them), and products at one thread go native; with the kernels
+    off, torch alone gets w.T, its faster single-thread layout. Wide matrices (an
+    LM head) stay columns either way."""
+    from tpi.kernels import native
+
+    w = torch.randn(96, 64)
+    held = FloatT.of(w, threads=1)
+    assert held.by_rows and held.blocks.shape == (1, 96, 64)
+    calls = []
+    real = f32_gemm.gemm_f32
+    monkeypatch.setattr(linear_mod, "gemm_f32", lambda *a: calls.append(1) or real(*a))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        x = torch.randn(40, 64)
+        _close(linear_mod.linear(x, held), x, w)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [1]
+    assert not FloatT.of(torch.randn(16 * 64, 64), threads=1).by_rows
+    native.set_enabled(False)
+    try:
+        assert not FloatT.of(w, threads=1).by_rows
+    finally:
+        native.set_enabled(True)

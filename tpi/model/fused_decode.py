@@ -9,8 +9,8 @@ between the kernels cost ~80 us a layer from Python.
 Anything else returns None and takes the op-by-op path: batches and prefills,
 bfloat16 compute, per-head q/k norms, soft-capped scores, KV heads split across
 ranks, a window that masks, Gemma's (1 + w) norms, gelu, experts, and weights no
-native kernel reads (float32 held transposed on one thread, bf16, int4 packed
-for another CPU).
+native kernel reads (float32 held transposed, as they are for torch alone; bf16;
+int4 packed for another CPU).
 """
 
 from __future__ import annotations
