@@ -26,9 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import median, write_result  # noqa: E402
 from benchmarks.scale_70b import machine_lock  # noqa: E402
-from benchmarks.small_matmul import LLAMA_7B, SMOL, first_build_seconds, one_pass, timed  # noqa: E402
+from benchmarks.small_matmul import LLAMA_7B, SMOL, first_build_seconds, interleaved  # noqa: E402
 from tpi.kernels import f32_gemm  # noqa: E402
-from tpi.kernels import native as kernels  # noqa: E402
 from tpi.quant.formats import FloatT  # noqa: E402
 
 ROWS = (16, 64, 128, 512)
@@ -55,22 +54,9 @@ def main(rounds: int, lock: str | None, out: str | None) -> None:
         raise click.ClickException("float32 weights are held by rows from 2 threads up")
     g = torch.Generator().manual_seed(0)
     weights = cases(g)
-    samples: dict[str, dict[str, dict[str, list[float]]]] = {}
     with machine_lock(Path(lock) if lock else None, "f32 gemm"):
         build_s = first_build_seconds(f32_gemm.LIBRARY.source)
-        for r in range(rounds):
-            for name, ws in weights.items():
-                for m in ROWS:
-                    xs = {k: torch.randn(m, k, generator=g) for k in {w.shape[1] for w in ws}}
-                    for native in (True, False) if r % 2 == 0 else (False, True):
-                        kernels.set_enabled(native)
-                        ms = timed(one_pass(ws, xs))
-                        side = "tpi" if native else "torch"
-                        samples.setdefault(name, {}).setdefault(str(m), {}).setdefault(
-                            side, []
-                        ).append(ms)
-            print(f"round {r + 1}/{rounds} done", flush=True)
-        kernels.set_enabled(True)
+        samples = interleaved(weights, ROWS, rounds, g)
     results = {}
     for name, by_rows in samples.items():
         macs = sum(w.shape[0] * w.shape[1] for w in weights[name])

@@ -94,6 +94,29 @@ def first_build_seconds(source: Path | None = None) -> float:
                 os.environ["TPI_HOME"] = old
 
 
+def interleaved(
+    weights: dict[str, list], rows: tuple[int, ...], rounds: int, g: torch.Generator
+) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """ms per pass over each case's weights at each row count, the kernels on
+    ("tpi") and off ("torch") alternating within every round, which goes first
+    alternating between rounds: samples[case][rows][side]."""
+    samples: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for r in range(rounds):
+        for name, ws in weights.items():
+            for m in rows:
+                xs = {k: torch.randn(m, k, generator=g) for k in {w.shape[1] for w in ws}}
+                for native in (True, False) if r % 2 == 0 else (False, True):
+                    kernels.set_enabled(native)
+                    ms = timed(one_pass(ws, xs))
+                    side = "tpi" if native else "torch"
+                    samples.setdefault(name, {}).setdefault(str(m), {}).setdefault(side, []).append(
+                        ms
+                    )
+        print(f"round {r + 1}/{rounds} done", flush=True)
+    kernels.set_enabled(True)
+    return samples
+
+
 @click.command()
 @click.option("--rounds", default=7, show_default=True)
 @click.option("--lock", default=None, help="Hold this file's flock during the timed runs.")
@@ -103,22 +126,9 @@ def main(rounds: int, lock: str | None, out: str | None) -> None:
         raise click.ClickException("the kernels could not be built here (no C compiler?)")
     g = torch.Generator().manual_seed(0)
     weights = cases(g)
-    samples: dict[str, dict[str, dict[str, list[float]]]] = {}
     with machine_lock(Path(lock) if lock else None, "small matmul"):
         build_s = first_build_seconds()
-        for r in range(rounds):
-            for name, ws in weights.items():
-                for m in ROWS:
-                    xs = {k: torch.randn(m, k, generator=g) for k in {w.shape[1] for w in ws}}
-                    for native in (True, False) if r % 2 == 0 else (False, True):
-                        kernels.set_enabled(native)
-                        ms = timed(one_pass(ws, xs))
-                        side = "tpi" if native else "torch"
-                        samples.setdefault(name, {}).setdefault(str(m), {}).setdefault(
-                            side, []
-                        ).append(ms)
-            print(f"round {r + 1}/{rounds} done", flush=True)
-        kernels.set_enabled(True)
+        samples = interleaved(weights, ROWS, rounds, g)
     results = {}
     for name, by_rows in samples.items():
         one = {side: median(v) for side, v in by_rows["1"].items()}

@@ -259,16 +259,16 @@ def test_attend_rows_decline_what_they_do_not_handle():
     assert decode_ops.attend_rows(q, keys[:, :, :8], values, 0, 0.25) is None
 
 
-def test_prompts_take_the_native_rows_and_match_the_general_path(llama_dir, monkeypatch):
-    """A prompt's attention runs through attend_rows in every layer, and its logits
-    are those of the general path (SDPA, the kernels switched off)."""
+def _prompt_takes(op: str, llama_dir, monkeypatch) -> None:
+    """A prompt calls decode_ops.`op` once in every layer, and its logits are those
+    of the general path (torch's ops, the kernels switched off)."""
     from tpi.kernels import native
     from tpi.master.engine import load_engine
 
     engine = load_engine(llama_dir)
     calls = []
-    real = decode_ops.attend_rows
-    monkeypatch.setattr(decode_ops, "attend_rows", lambda *a: calls.append(1) or real(*a))
+    real = getattr(decode_ops, op)
+    monkeypatch.setattr(decode_ops, op, lambda *a: calls.append(1) or real(*a))
     prompt = list(range(3, 40))
     native_logits = engine.prefill(prompt)
     assert len(calls) == engine.cfg.num_layers
@@ -279,6 +279,10 @@ def test_prompts_take_the_native_rows_and_match_the_general_path(llama_dir, monk
     finally:
         native.set_enabled(True)
     assert (native_logits - general).abs().max() < 1e-4
+
+
+def test_prompts_take_the_native_rows_and_match_the_general_path(llama_dir, monkeypatch):
+    _prompt_takes("attend_rows", llama_dir, monkeypatch)
 
 
 def test_which_passes_take_the_native_rows():
@@ -315,22 +319,4 @@ def test_silu_mul_declines_what_it_does_not_handle():
 
 
 def test_mlp_blocks_take_the_native_activation(llama_dir, monkeypatch):
-    """A prompt's MLP in every layer applies silu * up natively, within float
-    rounding of torch's ops (the kernels switched off)."""
-    from tpi.kernels import native
-    from tpi.master.engine import load_engine
-
-    engine = load_engine(llama_dir)
-    calls = []
-    real = decode_ops.silu_mul
-    monkeypatch.setattr(decode_ops, "silu_mul", lambda *a: calls.append(1) or real(*a))
-    prompt = list(range(3, 30))
-    got = engine.prefill(prompt)
-    assert len(calls) == engine.cfg.num_layers
-    engine.reset()
-    native.set_enabled(False)
-    try:
-        want = engine.prefill(prompt)
-    finally:
-        native.set_enabled(True)
-    assert (got - want).abs().max() < 1e-4
+    _prompt_takes("silu_mul", llama_dir, monkeypatch)
