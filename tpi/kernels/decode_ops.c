@@ -55,8 +55,9 @@ void tpi_rms_norm_f32(const float* x, int64_t M, int64_t K, const float* w, floa
 
 /* v[i] = exp(v[i] - shift) for v[i] - shift <= 87 (softmax: shift >= every v[i];
  * silu_mul: shift 0), in a loop the compiler vectorizes: libm's scalar expf, one
- * call per cached position and head, took most of a SmolLM2 attention call. Cephes' expf: n = round(x / ln 2), exp(x) = 2^n * p(r) with
- * r = x - n ln 2 in two parts and a degree-7 polynomial; within 2 ulp of expf. */
+ * call per cached position and head, took most of a SmolLM2 attention call.
+ * Cephes' expf: n = round(x / ln 2), exp(x) = 2^n * p(r) with r = x - n ln 2 in two
+ * parts and a degree-7 polynomial; within 2 ulp of expf. */
 static void exp_shifted(float* v, int64_t n, float shift) {
     const float magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
     for (int64_t i = 0; i < n; i++) {
@@ -82,9 +83,9 @@ static void exp_shifted(float* v, int64_t n, float shift) {
 }
 
 /* silu(g) * u, silu(g) = g / (1 + exp(-g)) with exp_shifted (a loop the compiler
- * vectorizes; libm's expf, one call per column, cost more than the
- * down product's conversions). -g is clamped where exp(-g) would overflow: the
- * quotient is then 0 (to float precision) either way. */
+ * vectorizes; libm's expf, one call per column, cost more than the down product's
+ * conversions). -g is clamped where exp(-g) would overflow: the quotient is then 0
+ * (to float precision) either way. */
 static void silu_mul(const float* g, const float* u, int64_t n, float* out) {
     for (int64_t i = 0; i < n; i++) out[i] = g[i] < -87.0f ? 87.0f : -g[i];
     exp_shifted(out, n, 0.0f);

@@ -17,10 +17,10 @@ Products with float32 rows go to the native kernels where they are built
 (tpi.kernels): float32 weights for a few rows (small_matmul; a decode step, one row
 per sequence of a batch) and for more (f32_gemm; a prompt), int8 weights for any
 number of rows (small_matmul; decode, batches and prefill: they read every weight
-once for all rows, against activations rounded to bf16 where the
-CPU has bf16 dot products, as torch's kernel rounds them; float32 as they are), and
-int4 weights for a few rows (tpi.kernels.int4_matmul, torch's packed layout read as
-it is). Anything they cannot serve falls through to torch.
+once for all rows, against activations rounded to bf16 where the CPU has bf16 dot
+products, as torch's kernel rounds them; float32 as they are), and int4 weights for
+a few rows (int4_matmul, torch's packed layout read as it is). Anything they cannot
+serve falls through to torch.
 """
 
 from __future__ import annotations
