@@ -24,9 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import median, write_result  # noqa: E402
+from benchmarks.common import median  # noqa: E402
 from benchmarks.scale_70b import machine_lock  # noqa: E402
-from benchmarks.small_matmul import LLAMA_7B, SMOL, first_build_seconds, interleaved  # noqa: E402
+from benchmarks.small_matmul import (  # noqa: E402
+    LLAMA_7B,
+    SMOL,
+    first_build_seconds,
+    interleaved,
+    report,
+)  # noqa: E402
 from tpi.kernels import f32_gemm  # noqa: E402
 from tpi.quant.formats import FloatT  # noqa: E402
 
@@ -72,17 +78,7 @@ def main(rounds: int, lock: str | None, out: str | None) -> None:
                 "torch_over_tpi": round(med["torch"] / med["tpi"], 2),
             }
             print(name, m, results[name][m])
-    path = write_result(
-        "f32_gemm",
-        {
-            "settings": {"rounds": rounds, "rows": ROWS, "threads": torch.get_num_threads()},
-            "first_build_seconds": round(build_s, 2),
-            "results": results,
-            "samples_ms": samples,
-        },
-        out,
-    )
-    print(f"first build {build_s:.2f} s; wrote {path}")
+    report("f32_gemm", rounds, ROWS, build_s, results, samples, out)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,29 @@ def interleaved(
     return samples
 
 
+def report(
+    name: str,
+    rounds: int,
+    rows: tuple[int, ...],
+    build_s: float,
+    results: dict,
+    samples: dict,
+    out: str | None,
+) -> None:
+    """Write a kernel benchmark's JSON (benchmarks/results/<name>.json unless `out`)."""
+    path = write_result(
+        name,
+        {
+            "settings": {"rounds": rounds, "rows": rows, "threads": torch.get_num_threads()},
+            "first_build_seconds": round(build_s, 2),
+            "results": results,
+            "samples_ms": samples,
+        },
+        out,
+    )
+    print(f"first build {build_s:.2f} s; wrote {path}")
+
+
 @click.command()
 @click.option("--rounds", default=7, show_default=True)
 @click.option("--lock", default=None, help="Hold this file's flock during the timed runs.")
@@ -143,17 +166,7 @@ def main(rounds: int, lock: str | None, out: str | None) -> None:
                 "torch_vs_1_row": round(med["torch"] / one["torch"], 2),
             }
             print(name, m, results[name][m])
-    path = write_result(
-        "small_matmul",
-        {
-            "settings": {"rounds": rounds, "rows": ROWS, "threads": torch.get_num_threads()},
-            "first_build_seconds": round(build_s, 2),
-            "results": results,
-            "samples_ms": samples,
-        },
-        out,
-    )
-    print(f"first build {build_s:.2f} s; wrote {path}")
+    report("small_matmul", rounds, ROWS, build_s, results, samples, out)
 
 
 if __name__ == "__main__":
