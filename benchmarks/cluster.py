@@ -109,7 +109,7 @@ def main(
                 )
                 try:
                     _measure(lm.engine, prompt[:8], 2, 1)
-                    col = lm.cluster.collective if lm.cluster else None
+                    col = lm.cluster.topology.collective if lm.cluster else None
                     before = (
                         (col.stats.bytes_sent + col.stats.bytes_received, col.stats.count)
                         if col

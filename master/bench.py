@@ -52,7 +52,7 @@ def _delta(after: dict, before: dict) -> dict:
 
 def _master_stats(loaded) -> dict:
     runtime = loaded.runtime
-    col = loaded.cluster.collective if loaded.cluster else None
+    col = loaded.cluster.topology.collective if loaded.cluster else None
     engine = loaded.engine
     return node_stats(
         runtime.layers if runtime else None,

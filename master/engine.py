@@ -1,9 +1,11 @@
 """Token ids in, logits out, on the master.
 
 Owns the token side (embedding, final norm, LM head: whole, or rank 0's
-vocabulary rows, see master.vocab), sampling requests, and rank 0's slice of
-the layers. Remembers which tokens are in the KV cache so a new request that
-shares a prefix (the next chat turn) only runs the new tokens.
+vocabulary rows, see master.vocab) and sampling requests; a pass goes through
+its `Forward` (tpi.master.forward: the master alone, tensor-parallel, or a
+pipeline), which holds rank 0's slice of the layers. Remembers which tokens are
+in the KV cache so a new request that shares a prefix (the next chat turn) only
+runs the new tokens.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from pathlib import Path
 import torch
 
 from tpi.errors import PromptError
+from tpi.master.forward import Forward, LocalForward
 from tpi.master.sampling import Sampler
-from tpi.master.vocab import WholeVocab
+from tpi.master.vocab import Vocab, WholeVocab
 from tpi.model.batch import BatchPlan, Segment
 from tpi.model.config import ModelConfig
-from tpi.model.decoder import Decoder, LocalCollective
+from tpi.model.decoder import LocalCollective
+from tpi.model.want import Want
 from tpi.runtime.prefill_plan import PrefillPlanner
 from tpi.runtime.rank_runtime import build_rank
-from tpi.runtime.vocab_parallel import SpreadVocab
 from tpi.storage.checkpoint_rank import CheckpointRank
 
 
@@ -40,16 +43,13 @@ class BatchRow:
 
 
 class Engine:
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        vocab: WholeVocab | SpreadVocab,
-        decoder: Decoder,
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, vocab: Vocab, forward: Forward) -> None:
         self.cfg = cfg
         self.vocab = vocab
-        self.decoder = decoder
-        self.dtype = decoder.dtype
+        self.forward_pass = forward
+        # Rank 0's own slice: its KV caches, dtype and context limit.
+        self.decoder = forward.decoder
+        self.dtype = self.decoder.dtype
         # Per cache slot: the tokens whose K/V are valid in it, in order.
         self.slots: dict[int, list[int]] = {0: []}
         self._released: set[int] = set()  # slots to free on every rank with the next pass
@@ -97,7 +97,7 @@ class Engine:
             )
         return cached
 
-    def _pass(self, rows: Sequence[BatchRow], want: dict) -> torch.Tensor:
+    def _pass(self, rows: Sequence[BatchRow], want: Want) -> torch.Tensor:
         """Final hidden states of every row of a pass (rows of a sequence in order)."""
         caches = [self._check(r.slot, r.pos, len(r.ids)) for r in rows]
         plan = BatchPlan(
@@ -115,34 +115,20 @@ class Engine:
         else:
             pieces = self.planner.nano_batches(len(rows), tokens)
         ids = [t for r in rows for t in r.ids]
-        waited = self._waiting_seconds()
+        waited = self.forward_pass.waiting_seconds()
         t0 = time.perf_counter()
-        staged = getattr(self.decoder, "pass_through", None)  # a pipeline (master.pipeline)
-        if staged is not None:
-            h = staged(self.vocab, ids, plan, pieces, want)
-        else:
-            h = self.vocab.start(ids, plan, pieces, want)
-            h = self.decoder.run(h, plan, pieces)
+        h = self.forward_pass.run(ids, plan, pieces, want)
         elapsed = time.perf_counter() - t0
         self._released.clear()
         self.forward_seconds += elapsed
         if self.planner is not None:
-            compute = elapsed - (self._waiting_seconds() - waited)
+            compute = elapsed - (self.forward_pass.waiting_seconds() - waited)
             # This node's own layers (a pipeline's master runs only its stage's).
             self.planner.observe(tokens, 2 * self.decoder.cfg.num_layers, compute)
         self.steps += 1
         for r, cached in zip(rows, caches, strict=True):
             cached.extend(r.ids)
         return h
-
-    def _waiting_seconds(self) -> float:
-        """Time this node has spent waiting for the network and the disk so far."""
-        # A pipeline's master also waits for its later stages.
-        total = getattr(self.decoder, "remote_seconds", 0.0)
-        for source in (self.decoder.collective, self.decoder.layers):
-            stats = getattr(source, "stats", None)
-            total += getattr(stats, "seconds", 0.0) + getattr(stats, "blocked_seconds", 0.0)
-        return total
 
     def _pieces(self, ids: Sequence[int], pos: int) -> list[tuple[Sequence[int], int]]:
         """A pass longer than max_pass_tokens runs as consecutive passes (each
@@ -165,16 +151,12 @@ class Engine:
             raise ValueError(f"a step of {tokens} tokens exceeds {self.max_pass_tokens}")
         chosen = [i for i, r in enumerate(rows) if r.sampler is not None]
         if not chosen:
-            self._pass(rows, {"mode": "none"})
+            self._pass(rows, Want.nothing())
             return [None] * len(rows)
         last = BatchPlan(tuple(Segment(r.slot, r.pos, len(r.ids)) for r in rows)).last_rows()
         picks = [last[i] for i in chosen]
         reqs = [rows[i].sampler.request() for i in chosen]
-        want = {
-            "mode": "choose",
-            "requests": [{"row": p, **q.to_dict()} for p, q in zip(picks, reqs, strict=True)],
-        }
-        h = self._pass(rows, want)
+        h = self._pass(rows, Want.choose(picks, reqs))
         tokens_out = self.vocab.choose_rows(h[picks], reqs, picks)
         out: list[int | None] = [None] * len(rows)
         for i, t in zip(chosen, tokens_out, strict=True):
@@ -185,7 +167,7 @@ class Engine:
         """Float32 logits (len(rows), vocab) after each row's last token: one batched
         pass, as `step` runs it (tests, scoring)."""
         picks = BatchPlan(tuple(Segment(r.slot, r.pos, len(r.ids)) for r in rows)).last_rows()
-        h = self._pass(rows, {"mode": "logits", "rows": picks})
+        h = self._pass(rows, Want.logits(picks))
         return self.vocab.logits(h[picks])
 
     def forward(self, ids: Sequence[int], pos: int, all_logits: bool = False) -> torch.Tensor:
@@ -194,25 +176,25 @@ class Engine:
         if all_logits:
             outs = []
             for piece, p in [*early, (last, last_pos)]:
-                h = self._pass([BatchRow(0, piece, p)], {"mode": "logits", "rows": "all"})
+                h = self._pass([BatchRow(0, piece, p)], Want.logits())
                 outs.append(self.vocab.logits(h))
             return torch.cat(outs)
         for piece, p in early:
-            self._pass([BatchRow(0, piece, p)], {"mode": "none"})
-        h = self._pass([BatchRow(0, last, last_pos)], {"mode": "logits", "rows": "last"})
+            self._pass([BatchRow(0, piece, p)], Want.nothing())
+        h = self._pass([BatchRow(0, last, last_pos)], Want.logits([len(last) - 1]))
         return self.vocab.logits(h[-1:])[0]
 
     def feed(self, ids: Sequence[int], pos: int = 0, slot: int = 0) -> None:
         """Put tokens at positions [pos, pos+len) of `slot` into every rank's KV cache,
         choosing nothing (a recovery replaying a sequence)."""
         for piece, p in self._pieces(ids, pos):
-            self._pass([BatchRow(slot, piece, p)], {"mode": "none"})
+            self._pass([BatchRow(slot, piece, p)], Want.nothing())
 
     def forward_token(self, ids: Sequence[int], pos: int, sampler: Sampler, slot: int = 0) -> int:
         """Run tokens at positions [pos, pos+len) and choose the next token."""
         *early, (last, last_pos) = self._pieces(ids, pos)
         for piece, p in early:
-            self._pass([BatchRow(slot, piece, p)], {"mode": "none"})
+            self._pass([BatchRow(slot, piece, p)], Want.nothing())
         (token,) = self.step([BatchRow(slot, last, last_pos, sampler)])
         return token
 
@@ -252,4 +234,5 @@ def load_engine(model_dir: Path, dtype: torch.dtype = torch.float32) -> Engine:
     source = CheckpointRank(model_dir)
     head = source.load_head(dtype)
     runtime = build_rank(source, dtype, LocalCollective(), head_bytes=head.nbytes())
-    return Engine(source.config, WholeVocab(source.config, head, dtype, None), runtime.decoder)
+    vocab = WholeVocab(source.config, head, dtype)
+    return Engine(source.config, vocab, LocalForward(vocab, runtime.decoder))

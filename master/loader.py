@@ -1,11 +1,23 @@
 """Open what a master command needs: model directory, tokenizer, engine, and
-(with --workers) the cluster session behind the engine."""
+(with --workers) the cluster session behind the engine.
+
+`open_model` runs five steps, each returning a value the next one takes:
+
+1. resolve: --model to a local model directory (converted, or the embedded default);
+2. place: which workers take part, their shares and windows (--plan auto asks
+   tpi.master.planner), or the pipeline stages asked for (`Placement`);
+3. split: per-rank shard directories for that placement (cached), or none when
+   the master alone holds an unsplit checkpoint in memory;
+4. connect: the session with the workers, shards pushed and loaded, and the
+   cluster's Topology (tpi.master.cluster);
+5. load: rank 0's slice, its head and the Forward for the layout, as an Engine.
+"""
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -19,9 +31,12 @@ from tpi.dtypes import COMPUTE_DTYPES
 from tpi.errors import ModelError
 from tpi.master.cluster import ClusterSession
 from tpi.master.engine import Engine, load_engine
-from tpi.master.pipeline import PipelineDecoder
-from tpi.master.planner import PlanRequest, place, plan_mode_for
+from tpi.master.forward import LocalForward, TensorParallelForward
+from tpi.master.pipeline import PipelineForward
+from tpi.master.planner import PlanRequest, plan_mode_for
+from tpi.master.planner import place as choose_placement
 from tpi.master.sampling import SamplingParams, defaults_from_generation_config
+from tpi.master.topology import Topology
 from tpi.master.vocab import WholeVocab
 from tpi.model.config import load_config
 from tpi.model.decoder import LocalCollective
@@ -78,10 +93,12 @@ class LoadedModel:
 def load_rank0(
     rank_dir: Path,
     dtype: torch.dtype,
-    cluster: ClusterSession | None,
+    topology: Topology | None,
     memory: MemoryOptions,
     echo,
 ) -> tuple[Engine, RankRuntime]:
+    """Rank 0's slice, its embedding and LM head (or its vocabulary rows of them),
+    and the Forward that runs a pass over the cluster `topology` (None: alone)."""
     shard = RankShard(rank_dir)
     verify_once(shard.dir, shard.manifest, shard.manifest_sha256)
     # The embedding and LM head (or rank 0's vocabulary rows of them) stay
@@ -89,13 +106,10 @@ def load_rank0(
     # add its whole size in disk reads per token. They count in the master's
     # budget (head_bytes).
     head = shard.load_head(dtype)
-    collective = cluster.collective if cluster is not None else LocalCollective()
-    if cluster is not None and not cluster.collective.members:
-        collective = LocalCollective()  # alone in the first stage of a pipeline
     runtime = build_rank(
         shard,
         dtype,
-        collective,
+        topology.rank0_collective() if topology is not None else LocalCollective(),
         window=memory.window,
         budget_bytes=parse_size(memory.budget) if memory.budget else None,
         max_context=memory.max_context,
@@ -103,29 +117,21 @@ def load_rank0(
         echo=echo if memory.streaming else None,
     )
     cfg, partition = shard.manifest.config, shard.manifest.partition
-    if partition.vocab_parallel and cluster is not None:
+    if topology is None:
+        vocab = WholeVocab(cfg, head, dtype)
+        return Engine(cfg, vocab, LocalForward(vocab, runtime.decoder)), runtime
+    if partition.vocab_parallel:
         sizes = [b - a for a, b in (rs.vocab for rs in partition.slices)]
+        world = topology.world
         vocab = SpreadVocab(
-            cfg,
-            head,
-            dtype,
-            cluster.world_broadcast,
-            cluster.world_collective,
-            cluster.heads,
-            sizes,
+            cfg, head, dtype, world.broadcast, world.collective, topology.heads, sizes
         )
     else:
-        vocab = WholeVocab(cfg, head, dtype, cluster.broadcast if cluster is not None else None)
-    decoder = runtime.decoder
-    if cluster is not None and cluster.stage_drivers:
-        decoder = PipelineDecoder(
-            decoder,
-            cluster.stage_drivers,
-            cluster.inbox,
-            cluster.timeout_s,
-            cluster.final_broadcast,
-        )
-    return Engine(cfg, vocab, decoder), runtime
+        vocab = WholeVocab(cfg, head, dtype)
+    forward = TensorParallelForward(vocab, runtime.decoder, topology)
+    if topology.later:
+        forward = PipelineForward(forward)
+    return Engine(cfg, vocab, forward), runtime
 
 
 def pipeline_layout(
@@ -166,152 +172,221 @@ def plan_prefill(cluster: ClusterSession, engine: Engine, fixed: int | None) -> 
     return planner
 
 
-def open_model(
-    model: str | None,
-    dtype: str,
-    quiet: bool = False,
-    workers: list[str] | None = None,
-    shares: str | None = None,
-    wire_dtype: str = "fp32",
-    timeout_s: float = 60.0,
-    memory: MemoryOptions | None = None,
-    secret_file: str | None = None,
-    insecure: bool = False,
-    curve_dir: str | None = None,
-    data_link: bool = True,
-    quant: str | None = None,
-    group_size: int = 32,
-    vocab_parallel: bool = False,
-    prefill_chunks: int | None = None,
-    plan_mode: str | None = None,
-    pp: int | None = None,
-    stage_layers: str | None = None,
-) -> LoadedModel:
-    """Resolve --model; with --plan auto, choose shares, windows and which workers
-    take part (tpi.master.planner); with a stage layout (--plan "master,w1 | w2")
-    or --pp, make a pipeline (tpi.model.pipeline_plan); split it if a cluster or
-    the sliding window needs per-layer files; connect and load the workers; load
-    rank 0."""
-    memory = memory or MemoryOptions()
-    echo = (lambda _m: None) if quiet else _err
+@dataclass(frozen=True)
+class OpenRequest:
+    """Everything a master command asks of the model it opens (its CLI options)."""
+
+    model: str | None
+    dtype: str = "fp32"
+    quiet: bool = False
+    workers: list[str] | None = None
+    shares: str | None = None
+    wire_dtype: str = "fp32"
+    timeout_s: float = 60.0
+    memory: MemoryOptions = field(default_factory=MemoryOptions)
+    secret_file: str | None = None
+    insecure: bool = False
+    curve_dir: str | None = None
+    data_link: bool = True
+    quant: str | None = None
+    group_size: int = 32
+    vocab_parallel: bool = False
+    prefill_chunks: int | None = None
+    plan_mode: str | None = None
+    pp: int | None = None
+    stage_layers: str | None = None
+
+    def echo(self, message: str) -> None:
+        if not self.quiet:
+            _err(message)
+
+    def secret(self) -> bytes | None:
+        return require_secret(self.secret_file, self.insecure, "the master")
+
+    def curve(self) -> CurveKeys | None:
+        return CurveKeys.load(self.curve_dir, "master") if self.curve_dir else None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which workers take part and how the model is laid out over them."""
+
+    workers: list[str]
+    shares: str | None
+    layout: Layout | None  # pipeline stages (None: one tensor-parallel group)
+    memory: MemoryOptions  # rank 0's, with the window a plan chose for it
+    worker_windows: dict[int, int | None] | None = None  # per worker rank, from a plan
+    plan: Plan | None = None  # what --plan auto chose (None: as given)
+
+    @property
+    def world(self) -> int:
+        return len(self.workers) + 1
+
+
+def resolve(req: OpenRequest) -> Path:
+    """Step 1: the local model directory for --model (converting it if needed)."""
     with ProgressReporter("converting") as progress:
-        model_dir = resolve_model(model, echo, progress)
-    t0 = time.perf_counter()
-    torch_dtype = COMPUTE_DTYPES[dtype]
-    workers = workers or []
-    layout = pipeline_layout(plan_mode, pp, stage_layers, workers)
+        return resolve_model(req.model, req.echo, progress)
+
+
+def place(req: OpenRequest, model_dir: Path) -> Placement:
+    """Step 2: the workers, shares and windows: as given, as a pipeline layout
+    asks, or as --plan auto chooses from measured profiles."""
+    workers = list(req.workers or [])
+    memory, shares, plan_mode = req.memory, req.shares, req.plan_mode
+    layout = pipeline_layout(plan_mode, req.pp, req.stage_layers, workers)
     if layout is not None:
         workers, plan_mode = list(layout.workers), "even"
-    placed = None
-    if workers and plan_mode_for(plan_mode, model_dir, shares, vocab_parallel) == "auto":
-        placed = place(
-            PlanRequest(
-                model_dir=model_dir,
-                workers=tuple(workers),
-                dtype=dtype,
-                quant=quant or "none",
-                group_size=group_size,
-                wire_dtype=wire_dtype,
-                max_context=memory.max_context,
-                master_budget=parse_size(memory.budget) if memory.budget else None,
-            ),
-            require_secret(secret_file, insecure, "the master"),
-            CurveKeys.load(curve_dir, "master") if curve_dir else None,
-            echo,
+    if not workers or plan_mode_for(plan_mode, model_dir, shares, req.vocab_parallel) != "auto":
+        return Placement(workers, shares, layout, memory)
+    placed = choose_placement(
+        PlanRequest(
+            model_dir=model_dir,
+            workers=tuple(workers),
+            dtype=req.dtype,
+            quant=req.quant or "none",
+            group_size=req.group_size,
+            wire_dtype=req.wire_dtype,
+            max_context=memory.max_context,
+            master_budget=parse_size(memory.budget) if memory.budget else None,
+        ),
+        req.secret(),
+        req.curve(),
+        req.echo,
+    )
+    if memory.window is None and placed.master_window is not None:
+        memory = MemoryOptions(placed.master_window, memory.budget, memory.max_context)
+    return Placement(
+        list(placed.workers), placed.shares, None, memory, placed.worker_windows, placed.plan
+    )
+
+
+def _check_made_split(req: OpenRequest, split_dir: Path, placement: Placement) -> None:
+    """A directory already split must be what the options ask for."""
+    if placement.shares:
+        raise ModelError("--shares applies when splitting a model; this directory is already split")
+    made_index = read_split_index(split_dir)
+    made = QuantSpec.from_dict(made_index.get("quant")).mode
+    if req.quant is not None and req.quant != made:
+        raise ModelError(
+            f"this directory was split with --quant {made}; --quant {req.quant} needs a new split"
         )
-        workers, shares = list(placed.workers), placed.shares
-        if memory.window is None and placed.master_window is not None:
-            memory = MemoryOptions(placed.master_window, memory.budget, memory.max_context)
-    plan = placed.plan if placed is not None else None
-    world = len(workers) + 1
+    if req.vocab_parallel and not made_index.get("vocab_parallel"):
+        raise ModelError(
+            "this directory was split without --vocab-parallel; split it again with it"
+        )
+    if placement.layout is not None:
+        raise ModelError(
+            "this directory is already split (its stages, if any, are in its split.json): "
+            "give the model itself to make a pipeline"
+        )
+
+
+def split(req: OpenRequest, model_dir: Path, placement: Placement) -> Path | None:
+    """Step 3: the split directory for this placement (made once, then cached), or
+    None when the master alone holds the unsplit checkpoint in memory."""
     if is_split_dir(model_dir):
-        split_dir = model_dir
-        if shares:
-            raise ModelError(
-                "--shares applies when splitting a model; this directory is already split"
-            )
-        made_index = read_split_index(split_dir)
-        made = QuantSpec.from_dict(made_index.get("quant")).mode
-        if quant is not None and quant != made:
-            raise ModelError(
-                f"this directory was split with --quant {made}; --quant {quant} needs a new split"
-            )
-        if vocab_parallel and not made_index.get("vocab_parallel"):
-            raise ModelError(
-                "this directory was split without --vocab-parallel; split it again with it"
-            )
-        if layout is not None:
-            raise ModelError(
-                "this directory is already split (its stages, if any, are in its split.json): "
-                "give the model itself to make a pipeline"
-            )
-    else:
-        load_config(model_dir)  # the most telling error first (missing/unsupported model)
-        spec = QuantSpec.for_split(quant or "none", group_size)
-        if not workers and not memory.streaming and not spec.quantized:
-            tokenizer = TextTokenizer(model_dir)
-            engine = load_engine(model_dir, torch_dtype)
-            return LoadedModel(model_dir, engine, tokenizer, time.perf_counter() - t0, plan=plan)
-        with ProgressReporter("splitting") as progress:
-            split_dir = ensure_split(
-                model_dir,
-                parse_shares(shares, world),
-                echo,
-                progress,
-                quant=spec,
-                vocab_parallel=vocab_parallel and world > 1,
-                stage_sizes=list(layout.sizes) if layout is not None else None,
-                stage_layers=parse_counts(stage_layers) if layout is not None else None,
-            )
+        _check_made_split(req, model_dir, placement)
+        return model_dir
+    load_config(model_dir)  # the most telling error first (missing/unsupported model)
+    spec = QuantSpec.for_split(req.quant or "none", req.group_size)
+    if not placement.workers and not placement.memory.streaming and not spec.quantized:
+        return None
+    layout = placement.layout
+    with ProgressReporter("splitting") as progress:
+        return ensure_split(
+            model_dir,
+            parse_shares(placement.shares, placement.world),
+            req.echo,
+            progress,
+            quant=spec,
+            vocab_parallel=req.vocab_parallel and placement.world > 1,
+            stage_sizes=list(layout.sizes) if layout is not None else None,
+            stage_layers=parse_counts(req.stage_layers) if layout is not None else None,
+        )
+
+
+def connect(req: OpenRequest, split_dir: Path, placement: Placement) -> ClusterSession:
+    """Step 4: a session with every worker, its shard pushed where missing and
+    loaded; its Topology says how each step runs over them."""
+    with ProgressReporter("pushing shards") as progress:
+        cluster = ClusterSession(
+            addresses=placement.workers,
+            timeout_s=req.timeout_s,
+            echo=req.echo,
+            secret=req.secret(),
+            curve=req.curve(),
+            split_dir=split_dir,
+            dtype=req.dtype,
+            wire_dtype=req.wire_dtype,
+            progress=progress,
+            window=placement.memory.window,
+            windows=placement.worker_windows,
+            max_context=placement.memory.max_context,
+            data_link=req.data_link,
+        )
+        cluster.start()
+    return cluster
+
+
+def load(
+    req: OpenRequest, rank0: Path, placement: Placement, cluster: ClusterSession | None
+) -> tuple[Engine, RankRuntime]:
+    """Step 5: rank 0 as an Engine; with workers, capped to the smallest context
+    any rank holds and with prefill chunks that overlap the link."""
+    torch_dtype = COMPUTE_DTYPES[req.dtype]
+    topology = cluster.topology if cluster is not None else None
+    engine, runtime = load_rank0(rank0, torch_dtype, topology, placement.memory, req.echo)
+    if cluster is None:
+        if req.prefill_chunks:  # nothing to overlap alone; kept for checking the chunked math
+            engine.planner = PrefillPlanner(0.0, 0.0, fixed=req.prefill_chunks)
+        return engine, runtime
+    engine.max_pass_tokens = max(1, MAX_FRAME_BYTES // (4 * engine.cfg.hidden_size))
+    for info in cluster.worker_info.values():
+        if isinstance(info.get("max_context"), int) and info["max_context"] > 0:
+            engine.cap_context(info["max_context"])
+    engine.planner = plan_prefill(cluster, engine, req.prefill_chunks)
+    return engine, runtime
+
+
+def open_model(model: str | None, dtype: str = "fp32", **options) -> LoadedModel:
+    """Open --model for a master command (options: the fields of OpenRequest):
+    resolve, place, split, connect, load (see the module docstring)."""
+    req = OpenRequest(model, dtype, **options)
+    model_dir = resolve(req)
+    t0 = time.perf_counter()
+    placement = place(req, model_dir)
+    split_dir = split(req, model_dir, placement)
+    if split_dir is None:
+        engine = load_engine(model_dir, COMPUTE_DTYPES[req.dtype])
+        return LoadedModel(
+            model_dir,
+            engine,
+            TextTokenizer(model_dir),
+            time.perf_counter() - t0,
+            plan=placement.plan,
+        )
     index = read_split_index(split_dir)
     rank0 = split_dir / index["ranks"][0]["dir"]
     tokenizer = TextTokenizer(rank0)
-    if index["world"] == 1:
-        if workers:
-            raise ClusterError(f"{split_dir} is split for one rank; it cannot use workers")
-        engine, runtime = load_rank0(rank0, torch_dtype, None, memory, echo)
-        if prefill_chunks:  # nothing to overlap alone; kept for checking the chunked math
-            engine.planner = PrefillPlanner(0.0, 0.0, fixed=prefill_chunks)
-        return LoadedModel(
-            rank0, engine, tokenizer, time.perf_counter() - t0, runtime=runtime, plan=plan
-        )
-    secret = require_secret(secret_file, insecure, "the master")
-    curve = CurveKeys.load(curve_dir, "master") if curve_dir else None
-    with ProgressReporter("pushing shards") as progress:
-        cluster = ClusterSession(
-            split_dir,
-            workers,
-            dtype,
-            wire_dtype,
-            timeout_s,
-            echo,
-            progress,
-            window=memory.window,
-            windows=placed.worker_windows if placed is not None else None,
-            max_context=memory.max_context,
-            secret=secret,
-            curve=curve,
-            data_link=data_link,
-        )
-        cluster.start()
+    if index["world"] == 1 and placement.workers:
+        raise ClusterError(f"{split_dir} is split for one rank; it cannot use workers")
+    cluster = connect(req, split_dir, placement) if index["world"] > 1 else None
     try:
-        engine, runtime = load_rank0(rank0, torch_dtype, cluster, memory, echo)
-        engine.max_pass_tokens = max(1, MAX_FRAME_BYTES // (4 * engine.cfg.hidden_size))
-        for info in cluster.worker_info.values():
-            if isinstance(info.get("max_context"), int) and info["max_context"] > 0:
-                engine.cap_context(info["max_context"])
-        engine.planner = plan_prefill(cluster, engine, prefill_chunks)
+        engine, runtime = load(req, rank0, placement, cluster)
     except BaseException:
-        cluster.close("master failed to load")
+        if cluster is not None:
+            cluster.close("master failed to load")
         raise
-    if not quiet:
-        echo(f"cluster: master + {len(workers)} worker(s) ready ({', '.join(workers)})")
-        if memory.streaming:
+    if cluster is not None:
+        req.echo(
+            f"cluster: master + {len(placement.workers)} worker(s) ready ({', '.join(placement.workers)})"
+        )
+        if placement.memory.streaming:
             for r, info in sorted(cluster.worker_info.items()):
-                echo(f"rank {r}: {info.get('plan_text', '?')}")
-    return LoadedModel(
-        rank0, engine, tokenizer, time.perf_counter() - t0, cluster, runtime, plan=plan
-    )
+                req.echo(f"rank {r}: {info.get('plan_text', '?')}")
+    seconds = time.perf_counter() - t0
+    return LoadedModel(rank0, engine, tokenizer, seconds, cluster, runtime, plan=placement.plan)
 
 
 def sampling_params(

@@ -1,12 +1,9 @@
 """The master's side of a pipeline: its own stage, then every later stage.
 
-Stage 0 (the master and its group) runs as a tensor-parallel decoder whose star
-allreduce spans only that group. Each later stage is started with the hidden
-states entering it (STEP to its group); a group of several ranks sums its
-partials through the master, which hubs that allreduce with zeros as its own
-partial (workers have no links to each other: every link is the master's,
-authenticated and optionally encrypted); the stage's lead rank returns the
-stage's output (HIDDEN), which starts the next stage or goes to the head.
+Stage 0 (the master and its group) runs as a tensor-parallel forward whose star
+allreduce spans only that group (tpi.master.forward). Each later stage is
+started with the hidden states entering it and returns its output
+(tpi.master.remote_stage), which starts the next stage or goes to the head.
 
 A stage of one rank runs its layers with no message at all until its output:
 that is what crosses a slow link once per token instead of twice per layer.
@@ -29,130 +26,45 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 
-from tpi.comm.inbox import Inbox
 from tpi.comm.links import LinkLost, WorkerLink
 from tpi.comm.star_master import StarMaster
 from tpi.comm.step_broadcast import StepBroadcaster
 from tpi.comm.wake import WakePair
-from tpi.comm.wire import Kind, Message, payload_tensor
+from tpi.comm.wire import Kind, Message
+from tpi.master.forward import TensorParallelForward, local_waiting_seconds
+from tpi.master.remote_stage import RemoteStage
 from tpi.model.batch import BatchPlan
 from tpi.model.decoder import Decoder
-from tpi.model.partition import Stage
+from tpi.model.want import Want
 
 HIDDEN = frozenset({Kind.HIDDEN})
 PARTIALS = frozenset({Kind.PARTIAL})
-STAGE_TRAFFIC = frozenset({Kind.PARTIAL, Kind.HIDDEN})
 ROUTER_POLL_S = 0.05  # the router re-checks for a stop request this often
 
 
-@dataclass
-class RemoteStage:
-    """A later stage, as the master drives it."""
+class PipelineForward:
+    """Every stage in turn: stage 0 here (with its group), then the later stages'
+    groups, as micro-batches where that pays (GPipe)."""
 
-    index: int
-    stage: Stage
-    links: list[WorkerLink]  # the stage's group, lead first
-    broadcast: StepBroadcaster  # STEP to the group
-    hub: StarMaster | None  # the group's allreduce (None: a stage of one rank)
-    ranks: set[int] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.ranks = {link.rank for link in self.links}
-
-    @property
-    def lead(self) -> WorkerLink:
-        return self.links[0]
-
-    def where(self) -> str:
-        first, end = self.stage.layers
-        return f"in pipeline stage {self.index} (layers {first}-{end - 1})"
-
-    def patience(self, timeout_s: float) -> float:
-        """How long the stage may stay silent: a group's allreduces arrive every
-        phase, a stage of one rank says nothing until its output (2 phases a layer).
-        Dead or frozen ranks are noticed sooner, by their links (heartbeats)."""
-        return timeout_s if self.hub is not None else timeout_s * 2 * self.num_layers
-
-    def blame(self, timeout_s: float) -> LinkLost:
-        """The rank to name when the stage stays silent: one whose partial is missing
-        from the oldest open sum, else the lead (which owes the output)."""
-        culprit = self.lead
-        key = self.hub.reducer.oldest_open() if self.hub is not None else None
-        if key is not None:
-            missing = [r for r in self.hub.reducer.missing(key) if r != 0]
-            if missing:
-                culprit = self.hub.members[missing[0] - 1]
-        return LinkLost(culprit.rank, culprit.name, f"no reply in {timeout_s:g} s", self.where())
-
-    @property
-    def num_layers(self) -> int:
-        return self.stage.layers[1] - self.stage.layers[0]
-
-    def start(self, h: torch.Tensor, plan: BatchPlan, step: int, pieces: int = 1) -> None:
-        """Send the stage its input for `step` (its group then works on its own)."""
-        self.broadcast.hidden(h, plan, pieces, step=step)
-
-    def output(self, link: WorkerLink, msg: Message, step: int, shape) -> torch.Tensor:
-        """The stage's output from a HIDDEN message, checked."""
-        got = msg.data
-        if link.rank != self.lead.rank or got.layer != self.index or got.step != step:
-            raise LinkLost(
-                link.rank, link.name, f"sent a stage output it does not owe {got}", self.where()
-            )
-        if tuple(got.shape) != tuple(shape):
-            raise LinkLost(
-                link.rank, link.name, f"sent a stage output of shape {got.shape}", self.where()
-            )
-        return payload_tensor(msg.payload, got)
-
-    def run(self, h: torch.Tensor, plan: BatchPlan, pieces: int, inbox: Inbox, timeout_s: float):
-        """The stage, start to output, for the step in progress (nothing else in flight)."""
-        step = self.broadcast.clock.step
-        if self.hub is not None:
-            self.hub.reducer.expect(step)
-        self.start(h, plan, step, pieces)
-        while True:
-            try:
-                link, msg = inbox.take(
-                    STAGE_TRAFFIC, self.patience(timeout_s), self.ranks, where=self.where()
-                )
-            except TimeoutError:
-                raise self.blame(timeout_s) from None
-            if msg.kind == Kind.PARTIAL and self.hub is not None:
-                self.hub.absorb(link, msg)
-            elif msg.kind == Kind.HIDDEN:
-                return self.output(link, msg, step, h.shape).to(h.dtype)
-            else:
-                raise LinkLost(
-                    link.rank, link.name, "sent a partial in a stage of one", self.where()
-                )
-
-
-class PipelineDecoder:
-    """What the engine runs on a pipeline's master: a Decoder's interface over
-    every stage (the master's own layers, then the later stages'), with the
-    master's cache and window for what it asks of them."""
-
-    def __init__(
-        self,
-        local: Decoder,
-        stages: list[RemoteStage],
-        inbox: Inbox,
-        timeout_s: float,
-        final: StepBroadcaster | None = None,
-    ) -> None:
-        self.local = local
-        self.stages = stages
-        self.inbox = inbox
-        self.timeout_s = timeout_s
+    def __init__(self, first: TensorParallelForward) -> None:
+        self.first = first
+        self.stages: list[RemoteStage] = first.topology.later
+        self.inbox = first.topology.inbox
+        self.timeout_s = first.topology.timeout_s
         # A vocabulary-parallel head across stages: the final states go to the ranks
         # outside the last stage too (FINAL), each computing its vocabulary rows.
-        self.final = final
+        self.final: StepBroadcaster | None = first.topology.final
         self.remote_seconds = 0.0  # waiting for later stages (their compute and links)
+
+    @property
+    def decoder(self) -> Decoder:
+        return self.first.decoder
+
+    def waiting_seconds(self) -> float:
+        return local_waiting_seconds(self.decoder) + self.remote_seconds
 
     @property
     def can_gpipe(self) -> bool:
@@ -160,46 +72,15 @@ class PipelineDecoder:
         head over every rank (its ranks take a pass's token ids, stage input and
         final states in turn), nor with LongRoPE, whose table is chosen by where a
         pass ends (each micro-batch would choose for itself)."""
-        return self.final is None and not self.local.cfg.rope.long_factor
+        return self.final is None and not self.decoder.cfg.rope.long_factor
 
     @property
     def num_stages(self) -> int:
         return len(self.stages) + 1
 
-    # The engine's view of rank 0's own decoder.
-    @property
-    def cfg(self):
-        return self.local.cfg
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.local.dtype
-
-    @property
-    def caches(self):
-        return self.local.caches
-
-    @property
-    def cache(self):
-        return self.local.cache
-
-    @property
-    def max_positions(self) -> int:
-        return self.local.max_positions
-
-    @property
-    def collective(self):
-        return self.local.collective
-
-    @property
-    def layers(self):
-        return self.local.layers
-
-    def pass_through(
-        self, vocab, ids: list[int], plan: BatchPlan, pieces: int, want: dict
-    ) -> torch.Tensor:
-        """Final hidden states of one pass of the engine: embedded and run through
-        every stage, as micro-batches (GPipe) where that pays."""
+    def run(self, ids: list[int], plan: BatchPlan, pieces: int, want: Want) -> torch.Tensor:
+        """Final hidden states of one pass: embedded and run through every stage,
+        as micro-batches (GPipe) where that pays."""
         if self.can_gpipe and len(plan.segments) == 1 and plan.tokens > 1:
             # A prompt: at least one micro-batch per stage, so that the stages work at
             # once. A batch of sequences is cut as the planner says: decode reads every
@@ -207,29 +88,17 @@ class PipelineDecoder:
             # for only add weight reads.
             pieces = max(pieces, min(self.num_stages, plan.tokens))
         if self.can_gpipe and pieces > 1:
-            return self.gpipe(vocab, ids, plan, pieces, want)
-        return self.run(vocab.start(ids, plan, pieces, want), plan, pieces, want)
-
-    def run(
-        self, h: torch.Tensor, plan: BatchPlan, pieces: int = 1, want: dict | None = None
-    ) -> torch.Tensor:
-        """Every stage in turn for the step just started (stage 0 got its STEP);
-        `want`: what the head is asked for (no final states are sent for none)."""
-        h = self.local.run(h, plan, pieces)
+            return self.gpipe(ids, plan, pieces, want)
+        h = self.decoder.run(self.first.start(ids, plan, pieces, want), plan, pieces)
         t0 = time.perf_counter()
         for stage in self.stages:
             h = stage.run(h, plan, pieces, self.inbox, self.timeout_s)
-        if self.final is not None and (want or {}).get("mode") != "none":
+        if self.final is not None and want.anything:
             self.final.final(h)
         self.remote_seconds += time.perf_counter() - t0
         return h
 
-    def forward(self, h: torch.Tensor, pos: int, chunks: int = 1) -> torch.Tensor:
-        return self.run(h, BatchPlan.single(pos, h.shape[0]), chunks)
-
-    def gpipe(
-        self, vocab, ids: list[int], plan: BatchPlan, pieces: int, want: dict
-    ) -> torch.Tensor:
+    def gpipe(self, ids: list[int], plan: BatchPlan, pieces: int, want: Want) -> torch.Tensor:
         """Final hidden states of a pass cut into `pieces` micro-batches that flow
         through the stages one behind the other (one step each)."""
         parts = plan.pieces(pieces)
@@ -237,35 +106,36 @@ class PipelineDecoder:
         # Every STEP of stage 0 leaves now, before a router owns the sockets: its
         # workers run them in order, as the master does.
         inputs, steps = [], []
+        clock = self.first.topology.first.broadcast.clock
         for p, sub in zip(parts, subs, strict=True):
-            inputs.append(vocab.start(ids[p.start : p.end], sub, 1, want))
-            steps.append(self.stages[0].broadcast.clock.step)
+            inputs.append(self.first.start(ids[p.start : p.end], sub, 1, want))
+            steps.append(clock.step)
         router = _Router(self, dict(zip(steps, subs, strict=True)))
         outs = []
         with router.running():
             for h, step, sub in zip(inputs, steps, subs, strict=True):
                 router.clock.step = step  # stage 0's allreduce keys
-                router.submit(step, self.local.run(h, sub, 1))
+                router.submit(step, self.decoder.run(h, sub, 1))
             t0 = time.perf_counter()
             for step in steps:
                 outs.append(router.result(step))
             self.remote_seconds += time.perf_counter() - t0
-        return torch.cat(outs).to(self.dtype)
+        return torch.cat(outs).to(self.decoder.dtype)
 
 
 class _Router:
     """Owns the link sockets during a GPipe pass (see the module docstring)."""
 
-    def __init__(self, decoder: PipelineDecoder, plans: dict[int, BatchPlan]) -> None:
-        self.stages = decoder.stages
-        self.inbox = decoder.inbox
-        self.hidden_size = decoder.cfg.hidden_size
+    def __init__(self, forward: PipelineForward, plans: dict[int, BatchPlan]) -> None:
+        self.stages = forward.stages
+        self.inbox = forward.inbox
+        self.hidden_size = forward.decoder.cfg.hidden_size
         self.plans = plans
         self.clock = self.stages[0].broadcast.clock
         # A micro-batch may wait for every later stage: each may take its patience.
-        self.patience = sum(st.patience(decoder.timeout_s) for st in self.stages)
-        self.timeout_s = decoder.timeout_s
-        first = decoder.local.collective
+        self.patience = sum(st.patience(forward.timeout_s) for st in self.stages)
+        self.timeout_s = forward.timeout_s
+        first = forward.decoder.collective
         self.first = first if isinstance(first, StarMaster) else None
         self._handoff: queue.SimpleQueue = queue.SimpleQueue()
         self._cond = threading.Condition()

@@ -12,14 +12,11 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import zmq
-
-from tpi.comm.inbox import Inbox
-from tpi.comm.links import ClusterError, LinkLost, LinkSet
+from tpi.comm.links import ClusterError, LinkLost
 from tpi.comm.wire import Kind, encode_control
-from tpi.master.cluster import CONNECT_TIMEOUT_S, ClusterSession
+from tpi.master.connection import CONNECT_TIMEOUT_S, WorkerConnections
 from tpi.planning.profile import LinkFacts
 from tpi.planning.request import PROBE_MANIFEST, ProfileRequest
 
@@ -33,25 +30,11 @@ MAX_PAYLOAD = 8 << 20
 
 
 @dataclass
-class ProbeSession(ClusterSession):
-    """A ClusterSession without a split: measure, then close."""
-
-    split_dir: object = None  # unused: a probe asks for no shard
-    addresses: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.index = None
-        self.world = len(self.addresses) + 1
-        self.ctx = zmq.Context()
-        self.links = LinkSet(self.ctx)
-        self.inbox = Inbox(self.links, self.session)
-        self.broadcast = self.collective = self.heads = None
+class ProbeSession(WorkerConnections):
+    """A session without a split: measure, then close."""
 
     def _manifest_of(self, rank: int) -> str:
         return PROBE_MANIFEST  # a session that asks for no shard
-
-    def _start(self) -> None:
-        self._handshake()
 
     def profile(self, rank: int, request: ProfileRequest) -> dict:
         """Worker `rank`'s PROFILE answer to `request`."""
@@ -107,7 +90,7 @@ class ProbeSession(ClusterSession):
 
 
 def request_profile(
-    session: ClusterSession, rank: int, request: ProfileRequest, timeout_s: float | None = None
+    session: WorkerConnections, rank: int, request: ProfileRequest, timeout_s: float | None = None
 ) -> dict:
     """Worker `rank`'s PROFILE answer to `request`, in a probe session or, between
     passes, in a loaded one (tpi bench reports every node's profile). Without a
@@ -153,7 +136,7 @@ def probe_workers(
         session.close("probe done")
 
 
-def ping_ranks(session: ClusterSession) -> dict[int, float]:
+def ping_ranks(session: WorkerConnections) -> dict[int, float]:
     """Round trip to every worker at once: a PING each, each PONG timed as it
     arrives (between passes only: it uses the session's sockets)."""
     t0 = time.perf_counter()

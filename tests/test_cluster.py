@@ -42,7 +42,7 @@ def test_exactly_two_allreduces_per_layer_per_forward(llama_dir, workers):
     layers = load_engine(llama_dir).cfg.num_layers
     with cluster_model(llama_dir, workers[:2]) as lm:
         lm.engine.prefill(PROMPT)  # one prefill block = one forward pass
-        c = lm.cluster.collective
+        c = lm.cluster.topology.collective
         assert c.stats.count == 2 * layers
         for i in range(5):
             lm.engine.forward([7], len(PROMPT) + i)

@@ -22,9 +22,9 @@ from tpi.comm.data_link import (
 )
 from tpi.comm.wire import (
     MAX_FRAME_BYTES,
-    DataHeader,
     Kind,
     ProtocolError,
+    SumHeader,
     decode,
     encode_data,
     payload_tensor,
@@ -50,7 +50,7 @@ def pair():
 
 
 def _partial(t: torch.Tensor, layer: int = 3) -> list:
-    h = DataHeader(SESSION, 9, 0, layer, 1, t.dtype, tuple(t.shape))
+    h = SumHeader(SESSION, 9, 0, layer, 1, t.dtype, tuple(t.shape))
     return [encode_data(Kind.PARTIAL, h), tensor_payload(t)]
 
 
@@ -209,7 +209,7 @@ def test_a_worker_without_a_data_link_keeps_the_control_link(llama_dir, tmp_path
     ):
         assert lm.cluster.links.links[0].data is None
         step_logits(lm.engine, PROMPT, FOLLOW[:2])
-        assert lm.cluster.collective.stats.count > 0
+        assert lm.cluster.topology.collective.stats.count > 0
 
 
 @pytest.fixture

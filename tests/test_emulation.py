@@ -105,7 +105,7 @@ def test_three_node_cluster_over_5ms_links(llama_dir, tmp_path):
         assert any("latency 5 ms" in n for n in lc.notes)
         lm = open_model(str(llama_dir), "fp32", quiet=True, workers=addrs)
         try:
-            col = lm.cluster.collective
+            col = lm.cluster.topology.collective
             ends: list[tuple[int, float]] = []
             wait = col.wait  # an allreduce ends when its total is handed back
 

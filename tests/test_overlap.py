@@ -114,7 +114,7 @@ def test_overlapped_prefill_on_a_cluster_gives_the_plain_logits(llama_dir, worke
     with cluster_model(llama_dir, workers, prefill_chunks=4, vocab_parallel=vocab_parallel) as lm:
         got = step_logits(lm.engine, PROMPT, FOLLOW)
         stats = lm.cluster.stats()
-        master_count = lm.cluster.collective.stats.count
+        master_count = lm.cluster.topology.collective.stats.count
     assert (got - plain).abs().max() <= 1e-4
     embed = 1 if vocab_parallel else 0
     # The prefill: 2 allreduces per layer per chunk; then one per phase per token.
@@ -181,7 +181,7 @@ def test_overlapped_prefill_stress_one_thread_per_socket(llama_dir, workers, mon
     monkeypatch.setattr(tpi.model.decoder, "attention_partial", jittered)
     misuse: list[str] = []
     with cluster_model(llama_dir, workers, prefill_chunks=4) as lm:
-        collective = lm.cluster.collective
+        collective = lm.cluster.topology.collective
         overlapping = threading.Event()
         for link in lm.cluster.links.links:
             for method in ("send_multipart", "recv_multipart"):

@@ -101,7 +101,7 @@ def test_a_silent_group_blames_the_rank_whose_partial_is_missing():
 
     from tpi.comm.reducer import Reducer
     from tpi.comm.wire import Phase
-    from tpi.master.pipeline import RemoteStage
+    from tpi.master.remote_stage import RemoteStage
     from tpi.model.partition import Stage
 
     links = [SimpleNamespace(rank=r, name=f"10.0.0.{r}:5555") for r in (2, 3)]
@@ -124,7 +124,7 @@ def test_phi3_longrope_through_a_pipeline_runs_whole_passes(phi3_dir, workers):
     # LongRoPE picks its table by where a pass ends: no micro-batches through stages.
     expected_logits, expected_tokens = _expected(phi3_dir)
     with cluster_model(phi3_dir, addresses(workers)[:1], pp=2) as lm:
-        assert not lm.engine.decoder.can_gpipe
+        assert not lm.engine.forward_pass.can_gpipe
         assert (step_logits(lm.engine, PROMPT, FOLLOW) - expected_logits).abs().max() <= 1e-4
         lm.engine.reset()
         assert greedy(lm.engine, PROMPT, 32) == expected_tokens
@@ -200,7 +200,7 @@ def test_pipeline_plans_match_the_single_node(name, deep_llama, workers):
             one.engine.reset()
             expected_tokens = greedy(one.engine, PROMPT, 32)
     with cluster_model(deep_llama, addresses(workers)[:n], **kw) as lm:
-        assert lm.cluster.stage_drivers, "no pipeline was made"
+        assert lm.cluster.topology.later, "no pipeline was made"
         got = step_logits(lm.engine, PROMPT, FOLLOW)
         assert (got - expected_logits).abs().max() <= 1e-4
         lm.engine.reset()

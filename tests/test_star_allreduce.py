@@ -18,12 +18,13 @@ from tpi.comm.reducer import Reducer, pass_order
 from tpi.comm.star_master import StarMaster
 from tpi.comm.step_broadcast import StepClock
 from tpi.comm.wire import (
-    DataHeader,
+    HeadHeader,
     HeadMode,
     Kind,
     Message,
     Phase,
     ProtocolError,
+    SumHeader,
     decode,
     encode_control,
     encode_data,
@@ -35,7 +36,7 @@ SESSION = 77
 
 def partial_msg(step, layer, phase, pos, t, session=SESSION, dtype=torch.float32) -> Message:
     t = t.to(dtype)
-    h = DataHeader(session, step, pos, layer, phase, t.dtype, tuple(t.shape))
+    h = SumHeader(session, step, pos, layer, phase, t.dtype, tuple(t.shape))
     return decode([encode_data(Kind.PARTIAL, h), bytes(memoryview(tensor_payload(t)).cast("B"))])
 
 
@@ -208,7 +209,7 @@ def test_a_message_of_another_kind_waits_for_whoever_asks_for_it():
         [
             encode_data(
                 Kind.HEAD,
-                DataHeader(SESSION, 1, 0, 0, 0, torch.float64, (1, 3), mode=HeadMode.CANDIDATES),
+                HeadHeader(SESSION, 1, 0, 0, HeadMode.CANDIDATES, torch.float64, (1, 3)),
             ),
             bytes(24),
         ]

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from tpi.comm.wire import (
     PROTOCOL_VERSION,
-    DataHeader,
     Kind,
     ProtocolError,
+    SumHeader,
     decode,
     encode_control,
     encode_data,
@@ -26,7 +26,7 @@ from tpi.comm.wire import (
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_tensor_round_trip(dtype):
     t = torch.randn(3, 7).to(dtype)
-    h = DataHeader(5, 9, 11, 2, 1, dtype, (3, 7))
+    h = SumHeader(5, 9, 11, 2, 1, dtype, (3, 7))
     msg = decode([encode_data(Kind.PARTIAL, h), bytes(memoryview(tensor_payload(t)).cast("B"))])
     assert msg.kind == Kind.PARTIAL and msg.data == h
     assert torch.equal(payload_tensor(msg.payload, msg.data), t)
@@ -53,7 +53,7 @@ def test_control_round_trip_and_schema():
 
 
 def test_payload_size_must_match_header():
-    h = DataHeader(1, 1, 0, 0, 0, torch.float32, (2, 4))
+    h = SumHeader(1, 1, 0, 0, 0, torch.float32, (2, 4))
     msg = decode([encode_data(Kind.SUM, h), b"\0" * 31])
     with pytest.raises(ProtocolError, match="31 bytes"):
         payload_tensor(msg.payload, msg.data)

@@ -18,7 +18,15 @@ from collections import deque
 from tpi.comm.data_link import DataLink, DataLinkClosed
 from tpi.comm.links import Inbound, WorkerEndpoint
 from tpi.comm.reducer import pass_order
-from tpi.comm.wire import DataHeader, Kind, Message, ProtocolError, decode, encode_control
+from tpi.comm.wire import (
+    DataHeader,
+    Kind,
+    Message,
+    ProtocolError,
+    SumHeader,
+    decode,
+    encode_control,
+)
 from tpi.worker.watchdog import beat
 
 # Requests that may arrive while an allreduce waits, served after the step.
@@ -88,9 +96,9 @@ class MasterChannel:
             return self._kept.popleft()
         return self._receive(timeout_s)
 
-    def wait_sum(self, expected: DataHeader) -> Message:
+    def wait_sum(self, expected: SumHeader) -> Message:
         """The SUM for exactly this step/layer/phase/pos (the star allreduce's channel)."""
-        want = (expected.step, expected.layer, expected.phase, expected.pos)
+        want = expected.key
         while True:
             msg = self._receive(MID_STEP_TIMEOUT_S) if self.data is None else self._receive_data()
             if msg.kind in BETWEEN_STEPS or (self.keep_steps and msg.kind == Kind.STEP):
@@ -98,7 +106,7 @@ class MasterChannel:
                 continue
             if msg.kind != Kind.SUM:
                 raise SessionEnded(f"expected SUM, got {msg.kind.name}")
-            got = (msg.data.step, msg.data.layer, msg.data.phase, msg.data.pos)
+            got = msg.data.key
             if got != want and pass_order(got) < pass_order(want):
                 continue  # stale
             if got != want or msg.data.shape != expected.shape:

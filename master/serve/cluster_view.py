@@ -127,7 +127,7 @@ class ClusterMonitor:
 
 def _master_stats(loaded) -> dict:
     runtime, engine = loaded.runtime, loaded.engine
-    col = loaded.cluster.collective if loaded.cluster else None
+    col = loaded.cluster.topology.collective if loaded.cluster else None
     return node_stats(
         runtime.layers if runtime else None,
         col.stats if col else None,

@@ -146,7 +146,7 @@ class GenerationQueue:
         cluster = self.holder.loaded.cluster
         if cluster is None:
             return 0.0, 0.0
-        stats = cluster.collective.stats
+        stats = cluster.topology.collective.stats
         return float(stats.count), float(stats.seconds)
 
     def submit(self, *jobs: Job) -> None:

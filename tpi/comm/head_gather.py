@@ -48,10 +48,10 @@ class HeadGatherer:
             h = msg.data
             if (h.step, h.round) < want:
                 continue  # late: an earlier step or round
-            key = (link.rank, h.pos)
+            key = (link.rank, h.row)
             if (h.step, h.round) != want or key not in every or key in got:
                 raise ProtocolError(
-                    f"rank {link.rank} sent head output {(h.step, h.round)} for row {h.pos}, "
+                    f"rank {link.rank} sent head output {(h.step, h.round)} for row {h.row}, "
                     f"expected {want} for rows {sorted(rows)}"
                 )
             got[key] = (HeadMode(h.mode), payload_tensor(msg.payload, h).clone())

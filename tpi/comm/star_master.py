@@ -36,10 +36,10 @@ from tpi.comm.step_broadcast import StepClock
 from tpi.comm.traffic import AllreduceStats
 from tpi.comm.wake import WakePair
 from tpi.comm.wire import (
-    DataHeader,
     Kind,
     Message,
     Phase,
+    SumHeader,
     encode_data,
     payload_array,
     payload_tensor,
@@ -169,7 +169,7 @@ class StarMaster:
 
     def _add(self, link: WorkerLink, msg: Message) -> None:
         h = msg.data
-        key = (h.step, h.layer, h.phase, h.pos)
+        key = h.key
         if h.dtype == torch.float32:  # the reducer copies it as numpy (see reducer._Slots)
             values = payload_array(msg.payload, h)
         else:
@@ -181,7 +181,7 @@ class StarMaster:
         for t in totals:
             step, layer, phase, pos = t.key
             shape = tuple(t.wire.shape)
-            header = DataHeader(self.session, step, pos, layer, phase, t.wire.dtype, shape)
+            header = SumHeader(self.session, step, pos, layer, phase, t.wire.dtype, shape)
             frames = [encode_data(Kind.SUM, header), t.payload]
             for link in self.members:
                 link.send_data(frames)
@@ -258,7 +258,7 @@ class StarMaster:
         """A group member's partial: summed with the others' (rank 0 adds zeros), and
         each total sent back as soon as it is complete (nobody on rank 0 waits for it)."""
         h = msg.data
-        key = (h.step, h.layer, h.phase, h.pos)
+        key = h.key
         if self.reducer.is_late(key):
             return  # late or duplicate: opening a reduction for it would stall the rest
         self.reducer.own_zeros(key, tuple(h.shape))

@@ -13,11 +13,13 @@ import torch
 from tpi.comm.reducer import Key, Pending, wire_dtype_for
 from tpi.comm.traffic import AllreduceStats
 from tpi.comm.wire import (
-    DataHeader,
+    HeadHeader,
     HeadMode,
+    HiddenHeader,
     Kind,
     Message,
     Phase,
+    SumHeader,
     encode_data,
     payload_tensor,
     tensor_payload,
@@ -31,7 +33,7 @@ class MasterChannel(Protocol):
 
     def send_data(self, frames: list) -> None: ...  # an allreduce frame (a data link if any)
 
-    def wait_sum(self, expected: DataHeader) -> Message: ...
+    def wait_sum(self, expected: SumHeader) -> Message: ...
 
 
 @dataclass(frozen=True)
@@ -51,10 +53,16 @@ class StarWorker:
         # Alone in its pipeline stage: a partial is already the stage's sum, and
         # nothing goes on the wire until the stage's output (send_hidden).
         self.solo = solo
+        # The step this rank runs (begin): its allreduces are keyed by it.
         self.step = 0
         self.pos = 0
         self.stats = AllreduceStats()
-        self._started: dict[Key, tuple[DataHeader, torch.dtype]] = {}
+        self._started: dict[Key, tuple[SumHeader, torch.dtype]] = {}
+
+    def begin(self, step: int, pos: int) -> None:
+        """A new step starts on this rank (its STEP or STEP_TOKENS arrived): every
+        allreduce until the next one belongs to it."""
+        self.step, self.pos = step, pos
 
     def allreduce(self, partial: torch.Tensor, layer: int, phase: int) -> torch.Tensor:
         return self.wait(self.start(partial, layer, phase, self.pos))
@@ -66,7 +74,7 @@ class StarWorker:
         wire = partial.to(
             wire_dtype_for(phase, self.wire_dtype), memory_format=torch.contiguous_format
         )
-        header = DataHeader(
+        header = SumHeader(
             self.session, self.step, pos, layer, phase, wire.dtype, tuple(wire.shape)
         )
         self.channel.send_data([encode_data(Kind.PARTIAL, header), tensor_payload(wire)])
@@ -97,23 +105,13 @@ class StarWorker:
         """This rank's HEAD output for one row of the current step: its logits slice
         or candidates."""
         out = out.contiguous()
-        header = DataHeader(
-            self.session,
-            self.step,
-            row,
-            0,
-            0,
-            out.dtype,
-            tuple(out.shape),
-            round=round_,
-            mode=mode,
-        )
+        header = HeadHeader(self.session, self.step, row, round_, mode, out.dtype, tuple(out.shape))
         self.channel.send([encode_data(Kind.HEAD, header), tensor_payload(out)])
         self.stats.bytes_sent += header.nbytes()
 
-    def send_hidden(self, h: torch.Tensor, stage: int, pos: int) -> None:
+    def send_hidden(self, h: torch.Tensor, stage: int) -> None:
         """A pipeline stage's output, from its lead rank to the master (HIDDEN)."""
         out = h.contiguous()
-        header = DataHeader(self.session, self.step, pos, stage, 0, out.dtype, tuple(out.shape))
+        header = HiddenHeader(self.session, self.step, stage, out.dtype, tuple(out.shape))
         self.channel.send([encode_data(Kind.HIDDEN, header), tensor_payload(out)])
         self.stats.bytes_sent += header.nbytes()

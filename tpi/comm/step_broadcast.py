@@ -10,7 +10,15 @@ import torch
 
 from tpi.comm.links import LinkSet, WorkerLink
 from tpi.comm.traffic import AllreduceStats
-from tpi.comm.wire import DataHeader, Kind, encode_control, encode_data, ids_payload, tensor_payload
+from tpi.comm.wire import (
+    FinalHeader,
+    Kind,
+    StepHeader,
+    encode_control,
+    encode_data,
+    ids_payload,
+    tensor_payload,
+)
 
 
 class StepPlan(Protocol):
@@ -63,16 +71,8 @@ class StepBroadcaster:
         `step`, that step's input to a later pipeline stage."""
         pos = plan.first_pos
         step = self._advance(pos) if step is None else step
-        header = DataHeader(
-            self.session,
-            step,
-            pos,
-            0,
-            0,
-            h.dtype,
-            tuple(h.shape),
-            chunks=pieces,
-            plan=tuple(plan.to_ints()),
+        header = StepHeader(
+            self.session, step, pos, pieces, h.dtype, tuple(h.shape), tuple(plan.to_ints())
         )
         self._send_all(
             [encode_data(Kind.STEP, header), tensor_payload(h)], h.numel() * h.element_size()
@@ -81,8 +81,7 @@ class StepBroadcaster:
     def final(self, h: torch.Tensor) -> None:
         """A pipeline's final hidden states of the step in progress, to ranks outside
         its last stage, for their vocabulary rows of the head (FINAL)."""
-        step, pos = self.clock.step, self.clock.pos
-        header = DataHeader(self.session, step, pos, 0, 0, h.dtype, tuple(h.shape))
+        header = FinalHeader(self.session, self.clock.step, h.dtype, tuple(h.shape))
         self._send_all(
             [encode_data(Kind.FINAL, header), tensor_payload(h)], h.numel() * h.element_size()
         )

@@ -7,12 +7,15 @@ Every message is a ZeroMQ multipart message:
 
 Control kinds carry a small JSON object as body, checked against a schema
 before use (STEP_TOKENS also carries the token ids as raw int64 bytes). Data
-kinds carry a fixed binary header with exactly the fields that kind uses, so a
-receiver can check that a tensor belongs where it is about to be used:
+kinds carry a fixed binary header of their own, with exactly the fields that
+kind uses, each meaning one thing, so a receiver can check that a tensor
+belongs where it is about to be used:
 
-    STEP         session, step, pos, chunks, dtype, shape, plan   (hidden states in)
-    PARTIAL/SUM  session, step, pos, layer, phase, dtype, shape
-    HEAD         session, step, pos, round, mode, dtype, shape    (pos: the row answered)
+    STEP         StepHeader    session, step, pos, chunks, dtype, shape, plan
+    PARTIAL/SUM  SumHeader     session, step, pos, layer, phase, dtype, shape
+    HEAD         HeadHeader    session, step, row, round, mode, dtype, shape
+    HIDDEN       HiddenHeader  session, step, stage, dtype, shape
+    FINAL        FinalHeader   session, step, dtype, shape
 
 A STEP's plan (tpi.model.batch.BatchPlan as integers) says which sequences of a
 batch its rows belong to; it follows the shape as a u16 count and u32 values.
@@ -35,7 +38,9 @@ import torch
 from tpi.errors import TpiError
 
 MAGIC = b"TP"
-PROTOCOL_VERSION = 5  # 4: batches (a STEP carries its plan, a HEAD its row); 5: HIDDEN
+PROTOCOL_VERSION = (
+    6  # 4: batches; 5: HIDDEN; 6: a header type per data kind (HEAD row, HIDDEN stage)
+)
 MAX_CONTROL_BYTES = 64 * 1024
 # No tensor frame is larger: the master cuts longer passes into pieces
 # (tpi.master.engine), so a worker can refuse anything bigger before it is
@@ -142,20 +147,109 @@ DTYPE_CODES = {
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
 
 _PREFIX = struct.Struct("<2sBB")
-# Per data kind: its named fields (in wire order) and their packing; dtype and ndim follow.
+
+
+class DataHeader:
+    """What every data header has: a session, a step, and the tensor's dtype and
+    shape (which the payload must match). Subclasses are dataclasses with slots,
+    not frozen: a frozen dataclass is ~3x slower to build, and headers are built
+    per message on the allreduce path; nobody mutates one."""
+
+    __slots__ = ()
+    session: int
+    step: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(slots=True)
+class StepHeader(DataHeader):
+    """STEP: hidden states entering a group's layers."""
+
+    session: int
+    step: int
+    pos: int  # the first position of the step's first sequence
+    chunks: int  # pieces the step is cut into (1 = none)
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    plan: tuple[int, ...] = ()  # its BatchPlan as integers
+
+
+@dataclass(slots=True)
+class SumHeader(DataHeader):
+    """PARTIAL (a rank's share) and SUM (the total) of one allreduce."""
+
+    session: int
+    step: int
+    pos: int  # the first row of the piece it belongs to (overlapped pieces differ)
+    layer: int
+    phase: int  # a Phase
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def key(self) -> tuple[int, int, int, int]:
+        """(step, layer, phase, pos): tpi.comm.reducer's key of this allreduce."""
+        return (self.step, self.layer, self.phase, self.pos)
+
+
+@dataclass(slots=True)
+class HeadHeader(DataHeader):
+    """HEAD: a rank's logits slice or token candidates for one row of a step."""
+
+    session: int
+    step: int
+    row: int  # the pass row whose next token is chosen
+    round: int  # 0, or the top-p round that asked for more candidates
+    mode: int  # a HeadMode
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class HiddenHeader(DataHeader):
+    """HIDDEN: a pipeline stage's output hidden states."""
+
+    session: int
+    step: int
+    stage: int  # the index of the stage whose output this is
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class FinalHeader(DataHeader):
+    """FINAL: a pipeline's final hidden states, for ranks outside its last stage."""
+
+    session: int
+    step: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+HEADERS: dict[Kind, type[DataHeader]] = {
+    Kind.STEP: StepHeader,
+    Kind.PARTIAL: SumHeader,
+    Kind.SUM: SumHeader,
+    Kind.HEAD: HeadHeader,
+    Kind.HIDDEN: HiddenHeader,
+    Kind.FINAL: FinalHeader,
+}
+# Per data kind: its fields before dtype and shape, in wire order, and their packing.
 _FIELDS: dict[Kind, tuple[str, ...]] = {
-    Kind.STEP: ("session", "step", "pos", "chunks"),
-    Kind.PARTIAL: ("session", "step", "pos", "layer", "phase"),
-    Kind.SUM: ("session", "step", "pos", "layer", "phase"),
-    Kind.HEAD: ("session", "step", "pos", "round", "mode"),
-    Kind.HIDDEN: ("session", "step", "pos", "layer"),  # layer: the stage's index
-    Kind.FINAL: ("session", "step", "pos"),
+    kind: tuple(f for f in cls.__dataclass_fields__ if f not in ("dtype", "shape", "plan"))
+    for kind, cls in HEADERS.items()
 }
 _CODES = {
     "session": "Q",
     "step": "I",
     "pos": "I",
+    "row": "I",
     "layer": "H",
+    "stage": "H",
     "phase": "B",
     "chunks": "B",
     "round": "B",
@@ -168,28 +262,6 @@ _HEADERS = {
 _DIM = struct.Struct("<I")
 _PLAN_COUNT = struct.Struct("<H")
 _SHAPES = [struct.Struct("<" + "I" * n) for n in range(5)]
-
-
-@dataclass(slots=True)
-class DataHeader:
-    """The fixed header of a data message. Fields a kind does not carry are 0.
-    (Not frozen: a frozen dataclass is ~3x slower to build, and headers are built
-    per message on the allreduce path; nobody mutates one.)"""
-
-    session: int
-    step: int
-    pos: int
-    layer: int
-    phase: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    chunks: int = 0  # STEP: prefill chunks the step is cut into (1 = none)
-    round: int = 0  # HEAD: 0, or the top-p round that asked for more candidates
-    mode: int = 0  # HEAD: a HeadMode
-    plan: tuple[int, ...] = ()  # STEP: its BatchPlan as integers
-
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass
@@ -213,6 +285,8 @@ def encode_control(kind: Kind, body: dict[str, Any]) -> bytes:
 
 
 def encode_data(kind: Kind, h: DataHeader) -> bytes:
+    if type(h) is not HEADERS[kind]:
+        raise TypeError(f"{kind.name} takes a {HEADERS[kind].__name__}, not {type(h).__name__}")
     if len(h.shape) > MAX_NDIM:
         raise ValueError("too many dimensions")
     fields = [getattr(h, f) for f in _FIELDS[kind]]
@@ -228,19 +302,9 @@ def encode_data(kind: Kind, h: DataHeader) -> bytes:
     return out
 
 
-_BUILDERS = {
-    Kind.STEP: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], 0, 0, dt, sh, chunks=v[3]),
-    Kind.PARTIAL: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], v[3], v[4], dt, sh),
-    Kind.SUM: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], v[3], v[4], dt, sh),
-    Kind.HEAD: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], 0, 0, dt, sh, round=v[3], mode=v[4]),
-    Kind.HIDDEN: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], v[3], 0, dt, sh),
-    Kind.FINAL: lambda v, dt, sh: DataHeader(v[0], v[1], v[2], 0, 0, dt, sh),
-}
-
-
 def _check_data_fields(kind: Kind, h: DataHeader) -> None:
     """Values a well-behaved peer never sends, refused before anything is used."""
-    if kind == Kind.STEP and h.chunks < 1:
+    if isinstance(h, StepHeader) and h.chunks < 1:
         raise ProtocolError("STEP with no chunks")
     if kind in (Kind.PARTIAL, Kind.SUM) and h.phase not in Phase._value2member_map_:
         raise ProtocolError(f"{kind.name} of unknown phase {h.phase}")
@@ -354,8 +418,9 @@ def decode(frames: list[Any]) -> Message:
         shape = _SHAPES[ndim].unpack_from(body_bytes, layout.size)
         if payload is None:
             raise ProtocolError(f"{kind.name} without payload")
-        header = _BUILDERS[kind](values, CODE_DTYPES[dcode], shape)
-        header.plan = plan
+        header = HEADERS[kind](*values, CODE_DTYPES[dcode], shape)
+        if plan:
+            header.plan = plan
         _check_data_fields(kind, header)
         return Message(kind, header, payload)
     if len(body_bytes) > MAX_CONTROL_BYTES:

@@ -1,10 +1,11 @@
 """The vocabulary-parallel embedding and LM head, both sides of the wire.
 
 Every rank holds its vocabulary rows of the embedding and LM head (a split made
-with --vocab-parallel). Only token ids go out with a step (STEP_TOKENS); each
-rank embeds the ids that fall in its rows (zeros elsewhere) and an fp32
-allreduce assembles the embeddings; after the layers each rank computes its
-slice of the logits and answers the head request that came with the step:
+with --vocab-parallel). Only token ids go out with a step (STEP_TOKENS, sent by
+the master's forward pass: tpi.master.forward); each rank embeds the ids that
+fall in its rows (zeros elsewhere) and an fp32 allreduce assembles the
+embeddings; after the layers each rank computes its slice of the logits and
+answers the head request (tpi.model.want.Want) that came with the step:
 
 - "logits" (tests, perplexity): its whole logits slice (HEAD mode LOGITS);
 - "choose" (generation): for each row of the pass whose next token is wanted
@@ -29,18 +30,18 @@ from tpi.comm.star_master import StarMaster
 from tpi.comm.star_worker import StarWorker
 from tpi.comm.step_broadcast import StepBroadcaster
 from tpi.comm.wire import HeadMode, Phase, ProtocolError
-from tpi.model.batch import BatchPlan
 from tpi.model.config import ModelConfig
 from tpi.model.layers import embed, logits
 from tpi.model.vocab_head import HeadRequest, candidates, choose, more, slice_is_smaller
+from tpi.model.want import Want, WantMode
 from tpi.model.weights import HeadWeights
 
 EMBED_LAYER = 0  # the embedding sum is keyed by its phase (Phase.EMBED), not a layer
-HEAD_MODES = ("none", "logits", "choose")
 
 
 class SpreadVocab:
-    """Rank 0: its own vocabulary rows, plus the step broadcast and head gathering."""
+    """Rank 0: its own vocabulary rows, the embedding sum over every rank, and the
+    head's gathering (with a further top-p round's request, HEAD_MORE)."""
 
     def __init__(
         self,
@@ -61,8 +62,9 @@ class SpreadVocab:
         self.sizes = sizes  # vocabulary rows per rank
         self.starts = [sum(sizes[:r]) for r in range(len(sizes))]
 
-    def start(self, ids: list[int], plan: BatchPlan, pieces: int, want: dict) -> torch.Tensor:
-        self.broadcast.tokens(ids, plan, pieces, want)
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        """The embeddings of `ids`, summed over every rank's rows (each rank got the
+        ids with the step and sums its share)."""
         partial = embed(torch.tensor(ids, dtype=torch.long), self.head, self.dtype)
         return self.collective.allreduce(partial, EMBED_LAYER, Phase.EMBED)
 
@@ -126,33 +128,19 @@ class HeadService:
         partial = embed(ids, self.head, dtype)
         return self.collective.allreduce(partial, EMBED_LAYER, Phase.EMBED)
 
-    def answer(self, h: torch.Tensor, want: dict) -> None:
-        """Send what the step's head request asks for, computed from final states `h`."""
-        mode = want.get("mode")
-        if mode not in HEAD_MODES:
-            raise ProtocolError(f"unknown head request mode {mode!r}")
+    def answer(self, h: torch.Tensor, want: Want) -> None:
+        """Send what the step's head request asks for, computed from final states `h`
+        (the want was checked against the step's rows when it arrived)."""
         self._last = {}
-        if mode == "none":
+        if want.mode == WantMode.NONE:
             return
         eps = self.cfg.rms_norm_eps
-        if mode == "logits":
-            rows = want.get("rows")
-            if isinstance(rows, list):  # these rows of a batch
-                if not rows or any(not isinstance(r, int) or not 0 <= r < h.shape[0] for r in rows):
-                    raise ProtocolError("head request for rows the step does not have")
-                picked = h[rows]
-            else:
-                picked = h if rows == "all" else h[-1:]
+        if want.mode == WantMode.LOGITS:
+            picked = h if want.rows is None else h[list(want.rows)]
             self.collective.send_head(logits(picked, self.head, eps), 0, HeadMode.LOGITS)
             return
-        try:
-            asked = [(int(r["row"]), HeadRequest.from_dict(r)) for r in want["requests"]]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ProtocolError(f"bad head request: {e}") from None
-        if not asked or any(not 0 <= row < h.shape[0] for row, _ in asked):
-            raise ProtocolError("head request for rows the step does not have")
-        out_rows = logits(h[[row for row, _ in asked]], self.head, eps)
-        for (row, req), row_logits in zip(asked, out_rows, strict=True):
+        out_rows = logits(h[want.chosen_rows], self.head, eps)
+        for (row, req), row_logits in zip(want.requests, out_rows, strict=True):
             self._last[row] = (row_logits, req)
             out = candidates(row_logits, self.head.start, self.cfg.vocab_size, req)
             self.collective.send_head(out, 0, HeadMode.CANDIDATES, row)

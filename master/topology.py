@@ -1,0 +1,113 @@
+"""Who takes part in each step of a cluster, built from the split index.
+
+A split says how the ranks are arranged: one tensor-parallel group of every
+rank, or pipeline stages (each a group of ranks that share its layers), and
+whether the vocabulary is spread over every rank. From that the master needs
+these groups, each with the one broadcaster that starts a step on it and the
+one collective that sums its partials:
+
+- `first`: stage 0's workers (every worker, without a pipeline). Their
+  allreduces include rank 0's own partials: rank 0's decoder uses
+  `first.collective` (or none at all, when it is alone in stage 0).
+- `world`: every worker. A vocabulary-parallel step starts here (its token ids
+  go to every rank) and the embedding is summed over every rank. Without a
+  pipeline, `world` is `first`.
+- `later`: each later pipeline stage's group (tpi.master.remote_stage).
+- `final`: the ranks outside the last stage, which receive the final hidden
+  states for their vocabulary rows (vocabulary-parallel pipelines only).
+
+Every broadcaster and collective shares one step clock: a step is numbered
+once, by whichever group starts it, and every allreduce of it carries that number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tpi.comm.head_gather import HeadGatherer
+from tpi.comm.inbox import Inbox
+from tpi.comm.links import WorkerLink
+from tpi.comm.star_master import StarMaster
+from tpi.comm.step_broadcast import StepBroadcaster, StepClock
+from tpi.comm.traffic import AllreduceStats
+from tpi.master.remote_stage import RemoteStage
+from tpi.model.decoder import Collective, LocalCollective
+from tpi.model.partition import Stage
+
+
+@dataclass
+class Group:
+    """Workers that start a step together and sum their partials in one star."""
+
+    broadcast: StepBroadcaster
+    collective: StarMaster
+
+    @property
+    def members(self) -> list[WorkerLink]:
+        return self.broadcast.members
+
+
+@dataclass
+class Topology:
+    first: Group
+    world: Group
+    heads: HeadGatherer
+    later: list[RemoteStage]
+    final: StepBroadcaster | None
+    vocab_parallel: bool
+    inbox: Inbox  # every worker's messages, filed by kind
+    timeout_s: float  # how long a worker may stay silent in a step
+    # What rank 0 relays for later stages (their steps and allreduces), counted apart
+    # from its own traffic.
+    relay_stats: AllreduceStats
+
+    @classmethod
+    def build(
+        cls,
+        index: dict,
+        inbox: Inbox,
+        wire_dtype: torch.dtype,
+        timeout_s: float,
+    ) -> Topology:
+        """The groups of the split described by `index` (tpi.storage.split), over
+        the links of `inbox` (rank r's link is links[r - 1])."""
+        links = inbox.links.links
+        clock, stats = StepClock(), AllreduceStats()
+        stages = [Stage.from_dict(d) for d in index.get("stages") or ()]
+
+        def group(members: list[WorkerLink] | None, counters: AllreduceStats) -> Group:
+            bc = StepBroadcaster(inbox.links, inbox.session, clock, counters, members=members)
+            return Group(bc, StarMaster(inbox, clock, wire_dtype, timeout_s, counters, members))
+
+        def ranks(stage: Stage) -> list[WorkerLink]:
+            return [links[r - 1] for r in stage.ranks if r != 0]
+
+        first = group(ranks(stages[0]) if stages else None, stats)
+        world = group(None, stats) if stages else first
+        relay = AllreduceStats()
+        later = []
+        for i, st in enumerate(stages[1:], start=1):
+            members = ranks(st)
+            g = group(members, relay)
+            hub = g.collective if len(members) > 1 else None
+            later.append(RemoteStage(i, st, members, g.broadcast, hub))
+        vocab_parallel = bool(index.get("vocab_parallel"))
+        final = None
+        if stages and vocab_parallel:
+            last = set(stages[-1].ranks)
+            outside = [link for link in links if link.rank not in last]
+            final = StepBroadcaster(inbox.links, inbox.session, clock, stats, members=outside)
+        heads = HeadGatherer(inbox, clock, len(links) + 1, stats, timeout_s)
+        return cls(first, world, heads, later, final, vocab_parallel, inbox, timeout_s, relay)
+
+    @property
+    def collective(self) -> StarMaster:
+        """Stage 0's allreduce (every worker's, without a pipeline)."""
+        return self.first.collective
+
+    def rank0_collective(self) -> Collective:
+        """What rank 0's own decoder sums its partials with: stage 0's star, or
+        nothing when rank 0 is alone in its stage."""
+        return self.first.collective if self.first.members else LocalCollective()
