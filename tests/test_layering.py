@@ -103,6 +103,32 @@ CONTRACTS = (
         ("tpi.comm", "tpi.sources", "tpi.text", "tpi.cli"),
     ),
     Contract(
+        "the engine runs each pass through a Forward: it never talks to workers",
+        "tpi.master.engine",
+        ("tpi.comm",),
+    ),
+    Contract(
+        "the master's vocabulary embeds and chooses: it never starts a step",
+        "tpi.master.vocab",
+        ("tpi.comm",),
+    ),
+    Contract(
+        "a forward pass reaches workers only through its topology's groups",
+        "tpi.master.forward",
+        ("tpi.comm",),
+    ),
+    Contract(
+        "the groups of a step are arranged in one place, the topology",
+        "tpi.master",
+        ("tpi.comm.step_broadcast", "tpi.comm.star_master", "tpi.comm.head_gather"),
+        exempt=("tpi.master.topology", "tpi.master.remote_stage", "tpi.master.pipeline"),
+    ),
+    Contract(
+        "a worker's session admits, loads and serves; its steps' math is in worker.steps",
+        "tpi.worker.session",
+        ("tpi.model", "tpi.comm.star_worker"),
+    ),
+    Contract(
         "only the commands, the master and the worker use the planner",
         "tpi",
         ("tpi.planning",),
@@ -172,7 +198,11 @@ def test_a_forbidden_import_is_caught():
         "tpi.model.layers", "def f():\n    from ..comm.wire import Kind\n", False
     )
     graph["tpi.runtime.fake"] = imports_of("tpi.runtime.fake", "import tpi.master.engine\n", False)
+    graph["tpi.master.engine"] = graph["tpi.master.engine"] | imports_of(
+        "tpi.master.engine", "from tpi.comm.step_broadcast import StepBroadcaster\n", False
+    )
     found = violations(graph)
+    assert any("tpi.master.engine imports tpi.comm.step_broadcast" in v for v in found), found
     assert any("tpi.model.layers imports tpi.comm.wire" in v for v in found), found
     assert any("tpi.runtime.fake imports tpi.master.engine" in v for v in found), found
 

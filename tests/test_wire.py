@@ -11,9 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tpi.comm.wire import (
+    DATA_KINDS,
+    HEADERS,
     PROTOCOL_VERSION,
+    FinalHeader,
+    HeadHeader,
+    HiddenHeader,
     Kind,
     ProtocolError,
+    StepHeader,
     SumHeader,
     decode,
     encode_control,
@@ -81,3 +87,45 @@ def test_valid_prefix_with_junk_or_truncation(kind, junk, cut):
     for frames in ([head], [head[: max(0, len(head) - cut)]], [head, junk]):
         with contextlib.suppress(ProtocolError):
             decode(frames)
+
+
+# Every data kind, with each of its fields set apart from the others, so a field
+# read from another's place (the old shared header's `pos` as a HEAD's row) shows.
+HEADER_EXAMPLES = {
+    Kind.STEP: StepHeader(11, 12, 13, 3, torch.float32, (2, 5), (0, 13, 2)),
+    Kind.PARTIAL: SumHeader(21, 22, 23, 24, 1, torch.bfloat16, (2, 5)),
+    Kind.SUM: SumHeader(31, 32, 33, 34, 2, torch.float32, (1, 5)),
+    Kind.HEAD: HeadHeader(41, 42, 43, 4, 2, torch.float64, (7, 3)),
+    Kind.HIDDEN: HiddenHeader(51, 52, 3, torch.float16, (4, 5)),
+    Kind.FINAL: FinalHeader(61, 62, torch.float32, (4, 5)),
+}
+
+
+def test_every_data_kind_has_its_own_header_and_round_trips():
+    assert set(HEADER_EXAMPLES) == set(DATA_KINDS) == set(HEADERS)
+    for kind, h in HEADER_EXAMPLES.items():
+        msg = decode([encode_data(kind, h), bytes(h.nbytes())])
+        assert msg.kind == kind and type(msg.data) is HEADERS[kind] and msg.data == h
+    head = decode([encode_data(Kind.HEAD, HEADER_EXAMPLES[Kind.HEAD]), bytes(7 * 3 * 8)]).data
+    assert (head.row, head.round, head.mode) == (43, 4, 2)
+    hidden = decode([encode_data(Kind.HIDDEN, HEADER_EXAMPLES[Kind.HIDDEN]), bytes(40)]).data
+    assert hidden.stage == 3 and not hasattr(hidden, "pos")
+
+
+def test_a_header_of_another_kind_is_not_encoded():
+    with pytest.raises(TypeError, match="SUM takes a SumHeader"):
+        encode_data(Kind.SUM, HEADER_EXAMPLES[Kind.HEAD])
+    with pytest.raises(TypeError, match="STEP takes a StepHeader"):
+        encode_data(Kind.STEP, HEADER_EXAMPLES[Kind.FINAL])
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from(sorted(DATA_KINDS)), cut=st.integers(1, 12), junk=st.binary(max_size=8))
+def test_a_cut_or_padded_data_header_is_refused(kind, cut, junk):
+    frame = encode_data(kind, HEADER_EXAMPLES[kind])
+    payload = bytes(HEADER_EXAMPLES[kind].nbytes())
+    with pytest.raises(ProtocolError):
+        decode([frame[:-cut], payload])
+    if junk:
+        with pytest.raises(ProtocolError):
+            decode([frame + junk, payload])
