@@ -14,7 +14,7 @@ test suites share the machine without the lock: a timed step first waits (up to
 the placement's figure is its fastest run (the least disturbed).
 
     python benchmarks/planner.py [--rounds 2] [--lock /tmp/tpi-machine.lock]
-    python benchmarks/planner.py --table benchmarks/results/planner.json   # README table
+    python benchmarks/planner.py --table benchmarks/results/planner.json   # docs/performance.md's table
 """
 
 from __future__ import annotations
@@ -385,7 +385,7 @@ SCEN_INDEX = {
 
 
 def table(path: Path) -> str:
-    """The README's markdown table from a results file."""
+    """The markdown table of docs/performance.md from a results file."""
     data = json.loads(Path(path).read_text())
     lines = [
         "| cluster | placement | shares | predicted ms/token | measured ms/token | error | predicted / measured TTFT ms |",

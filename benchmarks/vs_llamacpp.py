@@ -56,8 +56,8 @@ from benchmarks.common import median, write_result  # noqa: E402
 
 LLAMA_BINARIES = ("llama-bench", "llama-quantize", "llama-completion")
 BUILD_HINT = (
-    "build llama.cpp (see README, 'tpi vs llama.cpp') and pass its bin directory "
-    "with --llama-cpp DIR or $LLAMA_CPP_BIN"
+    "build llama.cpp (see docs/performance.md, 'Building llama.cpp') and pass its bin "
+    "directory with --llama-cpp DIR or $LLAMA_CPP_BIN"
 )
 # tpi format -> the llama.cpp type holding the same information.
 SMOL_FORMATS = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_1"}
@@ -291,7 +291,7 @@ MODEL_NAMES = {"smollm2": "SmolLM2-135M", "7b": "7B-shaped"}
 
 
 def table(rows: list[dict]) -> str:
-    """The README's markdown table."""
+    """The markdown table of docs/performance.md."""
     lines = [
         "| model | tpi / llama.cpp format | threads | decode ms/token tpi | llama.cpp "
         "| tpi ÷ llama.cpp | prefill tok/s tpi | llama.cpp | tpi ÷ llama.cpp "

@@ -1,6 +1,7 @@
 """benchmarks/vs_llamacpp.py without timing anything: parsing of recorded `llama-bench -o
-json` and `tpi bench` outputs, medians, ratios, the README table and the targets, and
-the GGUF writer the 7B comparison relies on (read back through tpi's own converter)."""
+json` and `tpi bench` outputs, medians, ratios, the docs/performance.md table and the
+targets, and the GGUF writer the 7B comparison relies on (read back through tpi's own
+converter)."""
 
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def test_medians_ratios_table_and_targets():
 
 
 def test_missing_llama_cpp_says_how_to_build_it(tmp_path):
-    with pytest.raises(BenchError, match="llama-bench.*README"):
+    with pytest.raises(BenchError, match="llama-bench.*docs/performance.md"):
         LlamaCpp.find(tmp_path)
     r = CliRunner().invoke(main, ["--work", str(tmp_path / "w")], env={"LLAMA_CPP_BIN": None})
     assert r.exit_code != 0
