@@ -4,9 +4,12 @@ and where the key comes from. (A live server with a key: test_serve.py.)"""
 from __future__ import annotations
 
 import pytest
+from click.testing import CliRunner
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from tpi.cli import cli
+from tpi.errors import TpiError
 from tpi.master.serve.api_key import ApiKeyCheck, api_key_from
 
 
@@ -65,3 +68,20 @@ def test_the_key_comes_from_the_option_else_the_environment(monkeypatch, tmp_pat
     assert api_key_from(None) == "from-file"
     monkeypatch.delenv("TPI_API_KEY")
     assert api_key_from(None) is None
+
+
+def test_an_empty_key_file_is_refused_not_taken_for_no_key(tmp_path):
+    # An empty file (a secret not yet written) must not leave the server open to all.
+    (tmp_path / "key").write_text("\n")
+    with pytest.raises(TpiError, match=r"the API key file .*key is empty"):
+        api_key_from(f"@{tmp_path / 'key'}")
+
+
+def test_an_unreadable_key_file_is_one_line_before_the_model_is_loaded(tmp_path):
+    # The model does not exist either: the key file must be the first thing reported.
+    args = ["serve", "--model", str(tmp_path / "no-model"), "--port", "0"]
+    r = CliRunner().invoke(cli, [*args, "--api-key", f"@{tmp_path / 'missing'}"])
+    assert r.exit_code == 1
+    assert r.output == (
+        f"Error: cannot read the API key file {tmp_path / 'missing'}: No such file or directory\n"
+    )
