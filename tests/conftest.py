@@ -36,6 +36,27 @@ def llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama written without transformers (fast), whose greedy answers never
+    end early: for unit tests of what serves a model (tests/tiny_llama.py)."""
+    from tests.tiny_llama import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def torch_kernels():
+    """torch's kernels only, for this module: tests of what serves a model, not of the
+    native kernels, spare their first build (seconds, in a fresh $TPI_HOME)."""
+    from tpi.kernels import native
+
+    was = native._off
+    native.set_enabled(False)
+    yield
+    native._off = was
+
+
+@pytest.fixture(scope="session")
 def qwen2_dir(tmp_path_factory) -> Path:
     """Qwen2-style: q/k/v bias, tied embeddings."""
     return make_model(tmp_path_factory.mktemp("qwen2"), "qwen2", tied=True, seed=1)
