@@ -157,7 +157,7 @@ def test_a_wrong_method_is_an_openai_style_error(client):
     assert err["message"] == "Method Not Allowed"
 
 
-def test_a_body_over_the_limit_is_413(client):
+def test_a_body_over_the_limit_is_413_whether_announced_or_streamed(client):
     big = json.dumps({"prompt": "a" * 5000}).encode()
     err = _error(client.post(TEXT, content=big, headers={"content-type": "application/json"}), 413)
     assert err == {
@@ -166,6 +166,13 @@ def test_a_body_over_the_limit_is_413(client):
         "param": None,
         "code": "request_too_large",
     }
+
+    def chunked():  # no Content-Length: counted as it comes
+        for i in range(0, len(big), 1000):
+            yield big[i : i + 1000]
+
+    r = client.post(TEXT, content=chunked(), headers={"content-type": "application/json"})
+    assert _error(r, 413)["code"] == "request_too_large"
 
 
 def test_the_body_limit_comes_before_the_api_key(tiny_llama_dir, torch_kernels):
