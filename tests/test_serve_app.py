@@ -112,7 +112,7 @@ def test_n_choices_beyond_the_queue_are_refused_whole_and_admit_nothing(client):
 
 def test_an_empty_prompt_and_a_prompt_list_are_refused_naming_the_field(client):
     err = _error(client.post(TEXT, json={"prompt": "", "max_tokens": 1}), 400)
-    assert err["message"] == "the prompt is empty"
+    assert err["message"] == "the prompt is empty" and err["param"] == "prompt"
     err = _error(client.post(TEXT, json={"prompt": ["a", "b"], "max_tokens": 1}), 400)
     assert (
         err["message"] == "prompt lists must hold exactly one prompt" and err["param"] == "prompt"
