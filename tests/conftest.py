@@ -45,15 +45,21 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def torch_kernels():
-    """torch's kernels only, for this module: tests of what serves a model, not of the
-    native kernels, spare their first build (seconds, in a fresh $TPI_HOME)."""
+def plain_torch():
+    """torch's own kernels on one thread, for this module: tests of what serves a
+    model, not of its speed, spare the native kernels' first build (seconds, in a
+    fresh $TPI_HOME) and OpenMP's hand-offs between threads, which cost tens of ms
+    per tiny operation on a busy machine."""
+    import torch
+
     from tpi.kernels import native
 
-    was = native._off
+    was_off, threads = native._off, torch.get_num_threads()
     native.set_enabled(False)
+    torch.set_num_threads(1)
     yield
-    native._off = was
+    native._off = was_off
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ USER = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def client(tiny_llama_dir, torch_kernels):
+def client(tiny_llama_dir, plain_torch):
     with app_client(
         tiny_llama_dir, capacity=2, max_request_bytes=4000, batching=BatchSettings(max_batch=3)
     ) as c:
@@ -175,7 +175,7 @@ def test_a_body_over_the_limit_is_413_whether_announced_or_streamed(client):
     assert _error(r, 413)["code"] == "request_too_large"
 
 
-def test_the_body_limit_comes_before_the_api_key(tiny_llama_dir, torch_kernels):
+def test_the_body_limit_comes_before_the_api_key(tiny_llama_dir, plain_torch):
     with app_client(tiny_llama_dir, api_key="k", max_request_bytes=100) as c:
         assert c.post(TEXT, content=b"x" * 200).status_code == 413  # no key, but too big
         assert c.post(TEXT, content=b"x" * 50).status_code == 401
@@ -185,7 +185,7 @@ def test_the_body_limit_comes_before_the_api_key(tiny_llama_dir, torch_kernels):
         assert r.status_code == 200
 
 
-def test_a_failed_model_answers_503_and_health_says_down(tiny_llama_dir, torch_kernels):
+def test_a_failed_model_answers_503_and_health_says_down(tiny_llama_dir, plain_torch):
     holder = tiny_holder(tiny_llama_dir)
     with app_client(tiny_llama_dir, holder=holder) as c:
         holder.failed(TpiError("rank 1 (10.0.0.2:5555) stopped answering"))
