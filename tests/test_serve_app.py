@@ -211,3 +211,11 @@ def test_request_sampling_overrides_the_command_line_field_by_field():
     assert sampling(max_tokens=5, max_completion_tokens=7).max_new_tokens == 7
     state.defaults = SamplingParams(max_new_tokens=0)
     assert sampling().max_new_tokens == DEFAULT_MAX_TOKENS
+
+
+def test_the_generation_thread_ends_with_the_app(tiny_llama_dir, plain_torch):
+    with app_client(tiny_llama_dir) as c:
+        thread = c.app.state.generation._thread
+        assert thread.is_alive()
+    thread.join(5)  # the app's lifespan closed the queue
+    assert not thread.is_alive()
