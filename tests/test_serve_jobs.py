@@ -118,6 +118,8 @@ def test_a_cluster_lost_during_a_pass_fails_every_job_then_reconnects(tiny_llama
     lost = LinkLost(1, "10.0.0.2:5555", "connection lost")
 
     def lose_once() -> None:  # where the cluster view asks every rank for its counters
+        if q.running < 2:
+            return  # the second choice may join a pass later
         q.between_passes.remove(lose_once)
         raise lost
 
