@@ -36,6 +36,33 @@ def llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama written without transformers (fast), whose greedy answers never
+    end early: for unit tests of what serves a model (tests/tiny_llama.py)."""
+    from tests.tiny_llama import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def plain_torch():
+    """torch's own kernels on one thread, for this module: tests of what serves a
+    model, not of its speed, spare the native kernels' first build (seconds, in a
+    fresh $TPI_HOME) and OpenMP's hand-offs between threads, which cost tens of ms
+    per tiny operation on a busy machine."""
+    import torch
+
+    from tpi.kernels import native
+
+    was_off, threads = native._off, torch.get_num_threads()
+    native.set_enabled(False)
+    torch.set_num_threads(1)
+    yield
+    native._off = was_off
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
 def qwen2_dir(tmp_path_factory) -> Path:
     """Qwen2-style: q/k/v bias, tied embeddings."""
     return make_model(tmp_path_factory.mktemp("qwen2"), "qwen2", tied=True, seed=1)

@@ -1,4 +1,4 @@
-"""A live `tpi serve` process for tests."""
+"""`tpi serve` for tests: a live process, or its app in this process (TestClient)."""
 
 from __future__ import annotations
 
@@ -59,3 +59,29 @@ def live_server(
             proc.kill()
             proc.wait()
         log.close()
+
+
+def tiny_holder(model_dir: Path, reopen=None):
+    """A ModelHolder of `model_dir` loaded in this process (no cluster)."""
+    from tpi.master.engine import load_engine
+    from tpi.master.loader import LoadedModel
+    from tpi.master.serve.model_holder import ModelHolder
+    from tpi.text.tokenizer import TextTokenizer
+
+    loaded = LoadedModel(model_dir, load_engine(model_dir), TextTokenizer(model_dir), 0.0)
+    return ModelHolder(loaded, reopen, retry_interval=0.0 if reopen else 5.0)
+
+
+@contextmanager
+def app_client(model_dir: Path, holder=None, max_new_tokens: int = 4, **kwargs):
+    """FastAPI's TestClient on `tpi serve`'s app over `model_dir`, in this process:
+    greedy, `max_new_tokens` by default; `kwargs` go to create_app."""
+    from fastapi.testclient import TestClient
+
+    from tpi.master.sampling import SamplingParams
+    from tpi.master.serve.app import create_app
+
+    holder = holder or tiny_holder(model_dir)
+    app = create_app(holder, "tiny", SamplingParams(max_new_tokens=max_new_tokens), **kwargs)
+    with TestClient(app) as client:
+        yield client

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from pathlib import Path
 
+from tpi.errors import TpiError
 from tpi.master.serve.protocol import error_body
 
 OPEN_PATHS = ("/health", "/", "/favicon.ico")  # no API key needed
@@ -42,6 +44,12 @@ def api_key_from(value: str | None) -> str | None:
     """--api-key, or $TPI_API_KEY; a value starting with @ names a file holding it."""
     key = value or os.environ.get("TPI_API_KEY")
     if key and key.startswith("@"):
-        with open(key[1:]) as f:
-            key = f.read().strip()
+        path = Path(key[1:]).expanduser()
+        try:
+            key = path.read_text().strip()
+        except OSError as e:
+            raise TpiError(f"cannot read the API key file {path}: {e.strerror or e}") from None
+        if not key:
+            # Taken for "no key", it would open the server to everyone.
+            raise TpiError(f"the API key file {path} is empty")
     return key or None

@@ -104,8 +104,10 @@ def serve(
     from tpi.master.serve.model_holder import ModelHolder
     from tpi.runtime.memory_budget import parse_size
 
-    max_request_size = parse_size(max_request_size)  # a bad size fails before binding
+    # A bad size or key file fails before binding and loading.
+    max_request_size = parse_size(max_request_size)
     kv_budget = parse_size(kv_budget) if kv_budget else None
+    api_key = api_key_from(api_key)
     listener = bind_listener(host, port)  # before loading: a busy port fails at once
     port = listener.getsockname()[1]
     loaded, elastic = open_elastic(opts, echo=lambda m: click.echo(f"tpi: {m}", err=True))
@@ -132,7 +134,7 @@ def serve(
         ModelHolder(loaded, reopen, elastic=elastic),
         name,
         defaults,
-        api_key_from(api_key),
+        api_key,
         queue_size,
         max_request_size,
         BatchSettings(max_batch, prefill_chunk, kv_budget, per_position),

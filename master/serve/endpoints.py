@@ -57,10 +57,10 @@ def _state(request: Request) -> ServerState:
     return request.app.state.tpi
 
 
-def _check_fits(state: ServerState, ids: list[int]) -> None:
+def _check_fits(state: ServerState, ids: list[int], param: str) -> None:
     limit = state.holder.loaded.engine.max_positions
     if not ids:
-        raise ApiError(400, "the prompt is empty", param="messages")
+        raise ApiError(400, "the prompt is empty", param=param)
     if len(ids) >= limit:
         raise ApiError(
             400,
@@ -105,7 +105,7 @@ async def _respond(ids: list[int], req: SamplingFields, request: Request, endpoi
     """Queue one generation (n choices) and answer it in `endpoint`'s shape, streamed
     or whole."""
     state = _state(request)
-    _check_fits(state, ids)
+    _check_fits(state, ids, "messages" if endpoint is CHAT else "prompt")
     answer = Answer(await _submit(state, ids, req), endpoint, state.model_name)
     if req.stream:
         include = bool(req.stream_options and req.stream_options.include_usage)

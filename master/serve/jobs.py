@@ -231,8 +231,8 @@ class GenerationQueue:
             )
             batcher.submit(seq)
         except BaseException as e:  # reported to the request, never kills the thread
-            job.emit("error", e)
             self._finished(job, "error")
+            job.emit("error", e)
             return
         self._jobs[id(seq)] = (job, run, seq)
 
@@ -242,13 +242,15 @@ class GenerationQueue:
             if not seq.done.is_set():
                 continue
             del self._jobs[key]
-            if seq.error is not None:
-                job.emit("error", seq.error)
-                reason = "error"
-            else:
-                reason = run.finish(seq.stats.stop_reason)
-                job.emit("done", reason)
+            error = seq.error
+            reason = "error" if error is not None else run.finish(seq.stats.stop_reason)
+            # Counted as finished before the client hears of it: a client that asks
+            # again at once finds its place free (no 429) and /health up to date.
             self._finished(job, reason)
+            if error is not None:
+                job.emit("error", error)
+            else:
+                job.emit("done", reason)
 
     def _run(self) -> None:
         while not self._closed:

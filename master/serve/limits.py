@@ -11,10 +11,6 @@ from tpi.master.serve.protocol import error_body
 DEFAULT_MAX_REQUEST_BYTES = 2_000_000  # a 128K-token prompt fits; a 20 MB body does not
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimit:
     """ASGI middleware: a body over `limit` bytes is answered 413 and never buffered
     whole (Content-Length is checked first, a chunked body is counted as it comes)."""
@@ -44,27 +40,31 @@ class BodyLimit:
         if declared.isdigit() and int(declared) > self.limit:
             return await self._reject(send)
         seen = 0
-        started = False
+        started = rejected = False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, rejected
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge
+                    if not started and not rejected:
+                        rejected = True
+                        await self._reject(send)
+                    # To the app the client has left (an exception raised here would
+                    # reach it as a body it failed to parse: a 400), and whatever it
+                    # answers now is dropped.
+                    return {"type": "http.disconnect"}
             return message
 
         async def tracked(message):
             nonlocal started
+            if rejected:
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        try:
-            await self.app(scope, counted, tracked)
-        except _TooLarge:
-            if not started:
-                await self._reject(send)
+        await self.app(scope, counted, tracked)
 
 
 def check_prompt_chars(text_chars: int, context: int, max_token_chars: int) -> None:
