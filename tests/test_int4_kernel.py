@@ -90,10 +90,10 @@ def test_what_the_kernel_does_not_serve_is_declined(monkeypatch) -> None:
     assert i4.matmul_int4(x, narrow.packed, narrow.scale_zero, 32) is None
     odd, _, _ = _weight(64, 48, 16, seed=6)  # width not a multiple of 32
     assert i4.matmul_int4(torch.randn(1, 48), odd.packed, odd.scale_zero, 16) is None
-    # torch packing for another CPU (rows paired otherwise): linear() keeps to torch
+    # weights held in a layout the kernel does not read: linear() keeps to torch
     import tpi.model.linear as lin
 
-    monkeypatch.setattr(lin, "native_layout", lambda: Int4Layout(32, False))
+    monkeypatch.setattr(lin, "held_layout", lambda: Int4Layout(32, False))
     lin.int4_packed_for_the_kernel.cache_clear()
     try:
         assert not lin.int4_packed_for_the_kernel()

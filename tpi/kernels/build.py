@@ -1,7 +1,8 @@
 """Compiles a kernel's C source once per machine into $TPI_HOME/kernels.
 
-The library is built for the CPU it runs on (-march=native: AVX2 or AVX-512 where
-there is one), so it is never shipped prebuilt; a wheel would have to pick one
+The library is built for the CPU it runs on (on x86 -march=native: AVX2 or AVX-512
+where there is one; on AArch64 the extensions the kernel reports, see
+`aarch64_march`), so it is never shipped prebuilt; a wheel would have to pick one
 instruction set for every machine. Compiling takes under a second with gcc
 (0.6-0.8 s measured, benchmarks/results/small_matmul.json).
 The file name carries a hash of the source, the compiler's version, the flags and
@@ -16,9 +17,11 @@ torch's kernels: same results up to float rounding, slower for several rows.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
+import platform
 import secrets
 import shutil
 import socket
@@ -31,6 +34,46 @@ log = logging.getLogger("tpi.kernels")
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 COMPILE_TIMEOUT_S = 120
+
+# AArch64 extensions the kernels use, as the kernel reports them to a process
+# (getauxval; the bits of Linux's asm/hwcap.h). gcc's -march=native reads
+# /proc/cpuinfo instead, which names no features under emulation (qemu shows the
+# host's) and whose names differ between kernels; the bits do not.
+HWCAP_ASIMDDP = 1 << 20  # SDOT/UDOT
+HWCAP2_I8MM = 1 << 13  # SMMLA
+HWCAP2_BF16 = 1 << 14
+_AT_HWCAP, _AT_HWCAP2 = 16, 26
+
+
+def aarch64_march(hwcap: int, hwcap2: int) -> str:
+    """The -march for an AArch64 CPU with these hwcaps: plain NEON (armv8-a), else
+    armv8.2-a with the dot product, int8 matrix and bfloat16 extensions it has."""
+    ext = "".join(
+        name
+        for have, name in (
+            (hwcap & HWCAP_ASIMDDP, "+dotprod"),
+            (hwcap2 & HWCAP2_I8MM, "+i8mm"),
+            (hwcap2 & HWCAP2_BF16, "+bf16"),
+        )
+        if have
+    )
+    return f"-march=armv8.2-a{ext}" if ext else "-march=armv8-a"
+
+
+def _hwcaps() -> tuple[int, int]:
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+        getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+        return int(getauxval(_AT_HWCAP)), int(getauxval(_AT_HWCAP2))
+    except (OSError, AttributeError):  # not glibc: plain NEON is always there
+        return 0, 0
+
+
+def machine_flags() -> tuple[str, ...]:
+    """The compiler flags for this machine's CPU."""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return tuple(aarch64_march(*_hwcaps()) if f == "-march=native" else f for f in FLAGS)
+    return FLAGS
 
 
 def enabled() -> bool:
@@ -45,6 +88,8 @@ def compiler() -> str | None:
 
 
 def _cpu_features() -> str:
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "hwcaps {:x} {:x}".format(*_hwcaps())
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -68,7 +113,7 @@ def _discard(path: Path) -> None:
         path.unlink()
 
 
-def library_path(source: Path, cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
+def library_path(source: Path, cc: str, flags: tuple[str, ...]) -> Path:
     # The headers and sources beside the source are part of it (it may include them:
     # decode_layer.c includes the other kernels).
     beside = sorted(p for p in source.parent.glob("*.[ch]") if p != source)
@@ -82,11 +127,13 @@ def library_path(source: Path, cc: str, flags: tuple[str, ...] = FLAGS) -> Path:
     return tpi_home() / "kernels" / f"{source.stem}-{key}.so"
 
 
-def build(source: Path, flags: tuple[str, ...] = FLAGS) -> Path | None:
+def build(source: Path, flags: tuple[str, ...] | None = None, cc: str | None = None) -> Path | None:
     """The compiled library of `source` (built now if needed), or None with the
-    reason logged once: no compiler, or the compiler failed. (Other `flags`: the
-    tests build the AVX2 variant a laptop would get.)"""
-    cc = compiler()
+    reason logged once: no compiler, or the compiler failed. (Other `flags` and
+    `cc`: the tests build the AVX2 variant a laptop would get, and AArch64 ones
+    with a cross compiler.)"""
+    flags = machine_flags() if flags is None else flags
+    cc = cc or compiler()
     if cc is None:
         log.info("no C compiler found: torch's kernels are used for small matmuls")
         return None
@@ -95,7 +142,8 @@ def build(source: Path, flags: tuple[str, ...] = FLAGS) -> Path | None:
         return out
     # Unique across processes and hosts sharing $TPI_HOME (pids repeat in containers).
     tmp = out.with_name(f".{out.name}.partial-{socket.gethostname()}-{secrets.token_hex(4)}")
-    cmd = [cc, *flags, str(source), "-o", str(tmp)]
+    # libm named: a process without it loaded (a test driver) can load the library too.
+    cmd = [cc, *flags, str(source), "-o", str(tmp), "-lm"]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         done = subprocess.run(cmd, capture_output=True, timeout=COMPILE_TIMEOUT_S)

@@ -34,6 +34,11 @@
 #ifdef __AVX512F__
 #define NR 6 /* weight rows per tile */
 #define MV 4 /* x vectors (of 16 rows) per tile */
+#elif defined(__aarch64__)
+/* NEON: 32 registers of 4 floats, a v16f in four: 6 x 1 tiles hold 24 accumulators
+ * and the 4 of x (3 x 2 would need 32 for those alone, and spill). */
+#define NR 6
+#define MV 1
 #else
 #define NR 3
 #define MV 2
@@ -82,6 +87,11 @@ typedef void (*tile_fn)(const float*, int64_t, int64_t, const float*, float*, in
 #ifdef __AVX512F__
 #define TILES(R) TILE(R, 1) TILE(R, 2) TILE(R, 3) TILE(R, 4)
 #define FNS(R) {tile_##R##_1, tile_##R##_2, tile_##R##_3, tile_##R##_4}
+TILES(1) TILES(2) TILES(3) TILES(4) TILES(5) TILES(6)
+static const tile_fn TILE_FNS[NR][MV] = {FNS(1), FNS(2), FNS(3), FNS(4), FNS(5), FNS(6)};
+#elif defined(__aarch64__)
+#define TILES(R) TILE(R, 1)
+#define FNS(R) {tile_##R##_1}
 TILES(1) TILES(2) TILES(3) TILES(4) TILES(5) TILES(6)
 static const tile_fn TILE_FNS[NR][MV] = {FNS(1), FNS(2), FNS(3), FNS(4), FNS(5), FNS(6)};
 #else

@@ -1,4 +1,5 @@
-/* Products of a few activation rows with a 4-bit weight in torch's packed CPU layout.
+/* Products of a few activation rows with a 4-bit weight in torch's packed CPU layout
+ * (x86; AArch64 reads the split's own layout, int4_arm.h).
  *
  *   y[m, n] = sum_k x[m, k] * ((q[n, k] - 8) * scale[k / g, n] + zero[k / g, n])
  *
@@ -32,16 +33,43 @@
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
 #include <immintrin.h>
 #define HAVE_INT4 1
+#elif defined(__aarch64__)
+#include "int4_arm.h" /* the split's own layout, on every AArch64 CPU */
+#define HAVE_INT4_ARM 1
 #endif
 
 #define BLOCK 64  /* weight rows per block of the packed layout */
 #define XROWS 4   /* rows of x per pass over a block (more are looped) */
 
 int tpi_int4_supported(void) {
-#ifdef HAVE_INT4
+#if defined(HAVE_INT4) || defined(HAVE_INT4_ARM)
     return 1;
 #else
     return 0;
+#endif
+}
+
+/* How tpi_matmul_i4 takes x: 0 as it is (float32), 1 rounded to bfloat16 (x86), 2 as
+ * two int8 digits per weight group (AArch64 with dot products, digits_arm.h). */
+int tpi_int4_activations(void) {
+#if defined(HAVE_INT4)
+    return 1;
+#elif defined(HAVE_INT4_ARM) && defined(__ARM_FEATURE_DOTPROD)
+    return 2;
+#else
+    return 0;
+#endif
+}
+
+/* The layout tpi_matmul_i4 reads (tpi.quant.int4_pack): 2 * rows per block + 1 for
+ * rows paired half a block apart (x86: "b64h", 129), 0 for "rows" (AArch64), -1 none. */
+int tpi_int4_layout(void) {
+#if defined(HAVE_INT4)
+    return 2 * BLOCK + 1;
+#elif defined(HAVE_INT4_ARM)
+    return 0;
+#else
+    return -1;
 #endif
 }
 
@@ -110,9 +138,10 @@ static inline void block_rows(const uint32_t* xp, const float* xs, int MB, int64
 }
 #endif
 
-/* x (M, K) float32; packed: N * K / 2 bytes (layout above); scale_zero: (K / gs, N, 2)
- * bfloat16; y (M, N). N a multiple of 64, gs even, K a multiple of gs. Returns 0,
- * -1 when out of memory, -2 when this build cannot (no AVX512-BF16/VBMI). */
+/* x (M, K) float32; packed: N * K / 2 bytes (layout above; on AArch64 int4_arm.h's);
+ * scale_zero: (K / gs, N, 2) bfloat16; y (M, N). N a multiple of 64, gs even, K a
+ * multiple of gs (AArch64: N of 4, gs and K of 32). Returns 0, -1 when out of
+ * memory, -2 when this build cannot (x86 without AVX512-BF16/VBMI, or the shape). */
 int tpi_matmul_i4(const float* x, int64_t M, int64_t K, const uint8_t* packed,
                   const uint16_t* scale_zero, int64_t gs, int64_t N, float* y) {
 #ifdef HAVE_INT4
@@ -152,6 +181,10 @@ int tpi_matmul_i4(const float* x, int64_t M, int64_t K, const uint8_t* packed,
     free(xp);
     free(xs);
     return 0;
+#elif defined(HAVE_INT4_ARM)
+    /* rows in tiles of 4, x by groups of 32 */
+    if (K % 32 || gs % 32 || K % gs || N % 4) return -2;
+    return arm_matmul_i4(x, M, K, packed, scale_zero, gs, N, y);
 #else
     (void)x, (void)M, (void)K, (void)packed, (void)scale_zero, (void)gs, (void)N, (void)y;
     return -2;

@@ -18,7 +18,8 @@
  * torch's int8 kernel rounds them): one instruction then does 32 products, and 4
  * rows cost what one does (a 7B-shaped layer: 7.6 against 7.3 ms; converted to
  * float32 and multiplied by FMAs, 4 rows took 10.1 ms, bound by the FMA units).
- * Elsewhere they are converted to float32 and the activations taken as they are.
+ * Elsewhere they are converted to float32 and the activations taken as they are,
+ * except on AArch64 CPUs with dot products (int8_arm.h: x as two int8 digits).
  * (VNNI dot products on activations cut in two int8 digits were measured too:
  * no faster than the float path here; on activations quantized to int8 per 32,
  * as llama.cpp's Q8_0 does, 8-10% faster at SmolLM2's width and none at 7B's,
@@ -302,6 +303,8 @@ static void split(int64_t N, int64_t align, int64_t* a, int64_t* b) {
     *b = *a + per < N ? *a + per : N;
 }
 
+#include "int8_arm.h" /* AArch64 with dot products: int8 weights by SDOT / SMMLA */
+
 /* K must be a multiple of 16. */
 void tpi_matmul_f32(const float* x, int64_t M, int64_t K, const float* w, int64_t N, float* y) {
     int T = threads_for(N);
@@ -323,10 +326,24 @@ int tpi_int8_rounds_to_bf16(int64_t K) {
 #endif
 }
 
+/* How tpi_matmul_i8 takes x of width K: 0 as it is (float32), 1 rounded to bfloat16,
+ * 2 as two int8 digits a row (digits_arm.h). */
+int tpi_int8_activations(int64_t K) {
+#ifdef HAVE_INT8_DOT
+    (void)K;
+    return 2;
+#else
+    return tpi_int8_rounds_to_bf16(K);
+#endif
+}
+
 /* K must be a multiple of 16; scale: N bfloat16 values. Returns -1 when out of
  * memory (for x in bfloat16), 0 otherwise. */
 int tpi_matmul_i8(const float* x, int64_t M, int64_t K, const int8_t* w, const uint16_t* scale,
                   int64_t N, float* y) {
+#ifdef HAVE_INT8_DOT
+    return dot_matmul_i8(x, M, K, w, scale, N, y);
+#endif
     int T = threads_for(N);
 #ifdef HAVE_BF16_DOT
     if (tpi_int8_rounds_to_bf16(K)) {

@@ -18,9 +18,10 @@ Products with float32 rows go to the native kernels where they are built
 per sequence of a batch) and for more (f32_gemm; a prompt), int8 weights for any
 number of rows (small_matmul; decode, batches and prefill: they read every weight
 once for all rows, against activations rounded to bf16 where the CPU has bf16 dot
-products, as torch's kernel rounds them; float32 as they are), and int4 weights for
-a few rows (int4_matmul, torch's packed layout read as it is). Anything they cannot
-serve falls through to torch.
+products, as torch's kernel rounds them; two int8 digits on AArch64 with dot
+products; float32 as they are), and int4 weights (int4_matmul: on x86 a few rows,
+torch's packed layout read as it is; on AArch64 any number, in the layout splits
+store). Anything they cannot serve falls through to torch.
 """
 
 from __future__ import annotations
@@ -31,13 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from tpi.errors import TpiError
-from tpi.kernels import int4_matmul
 from tpi.kernels.f32_gemm import gemm_f32
 from tpi.kernels.int4_matmul import matmul_int4
 from tpi.kernels.small_matmul import MAX_ROWS as SMALL_ROWS
 from tpi.kernels.small_matmul import matmul_f32, matmul_f32_cols, matmul_int8
 from tpi.quant.formats import QUANT_DTYPE, FloatT, Int4Weight, Int8Weight, Weight, int8_fits
-from tpi.quant.int4_pack import Int4Layout, native_layout
+from tpi.quant.int4_pack import held_layout, kernel_layout, native_layout, unpack
 
 DEQUANT_MIN_TOKENS = 96
 
@@ -64,10 +64,20 @@ def _dequantized(w: Int8Weight) -> torch.Tensor:
 
 @functools.cache
 def int4_packed_for_the_kernel() -> bool:
-    """Whether this machine's int4 weights (held in torch's layout for this CPU) are
-    packed as the native int4 kernel reads them."""
-    kernel = Int4Layout(int4_matmul.BLOCK_ROWS, int4_matmul.HALF_PAIRS)
-    return native_layout() == kernel
+    """Whether this machine's int4 weights (held in tpi.quant.int4_pack.held_layout)
+    are packed as the native int4 kernel reads them."""
+    kernel = kernel_layout()
+    return kernel is not None and held_layout() == kernel
+
+
+def _int4_dequantized(w: Int4Weight) -> torch.Tensor:
+    """w as float32, from a layout torch's int4 kernel does not read (AArch64's
+    kernel's, with that kernel turned off after the weights were loaded)."""
+    q = unpack(w.packed, held_layout()).float()
+    n, k = q.shape
+    s, z = w.scale_zero[..., 0].float().t(), w.scale_zero[..., 1].float().t()
+    g = w.group_size
+    return ((q.view(n, k // g, g) - 8) * s[..., None] + z[..., None]).view(n, k)
 
 
 def _native(x: torch.Tensor, w: Weight) -> torch.Tensor | None:
@@ -134,6 +144,8 @@ def _torch_linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None) -> torc
         else:
             # The torch.* binding, not torch.ops: it releases the GIL and dispatches faster.
             y = torch._weight_int8pack_mm(xq.contiguous(), w.q, w.scale)
+    elif held_layout() != native_layout():
+        return F.linear(x, _int4_dequantized(w).to(x.dtype), bias)
     else:
         y = torch._weight_int4pack_mm_for_cpu(
             x.to(QUANT_DTYPE).contiguous(), w.packed, w.group_size, w.scale_zero

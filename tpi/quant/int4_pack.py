@@ -1,13 +1,19 @@
-"""torch's packed int4 weight layout, made portable across CPUs.
+"""int4 weight layouts: the portable one splits store, and torch's packed ones.
 
-`torch.ops.aten._weight_int4pack_mm_for_cpu` reads 4-bit weights in a layout
-that depends on the CPU it runs on: rows are cut into blocks of BLOCK_N
-(64 with AVX512, 32 with AVX2 or the plain build, other sizes elsewhere), each
-block is stored K-major, and two rows share a byte: row n with row n + BLOCK_N/2
-in a full AVX block ("half" pairing), neighbouring rows otherwise ("adjacent").
-A split made on one machine may be loaded on another, so the layout written to
-disk is named (e.g. "b64h") in the manifest, and a node whose own layout differs
-repacks on load (correct, just slower) instead of computing garbage.
+A split stores 4-bit weights in the "rows" layout, the same whichever machine made
+it: row n's K / 2 bytes in order, byte j holding k = 2j in its low nibble and
+k = 2j + 1 in its high one (as GGUF's and safetensors' 4-bit formats keep rows).
+Each machine makes the layout its own products read when it loads a shard
+(`held_layout`, `to_held`): the native kernel's where that runs here (AArch64
+reads "rows" as it is; x86 with AVX512-BF16/VBMI torch's "b64h"), else torch's.
+
+`torch.ops.aten._weight_int4pack_mm_for_cpu` reads 4-bit weights in a layout that
+depends on the CPU it runs on: rows are cut into blocks of BLOCK_N (64 with
+AVX512, 32 with AVX2, 16 on AArch64, other sizes elsewhere), each block is stored
+K-major, and two rows share a byte: row n with row n + BLOCK_N/2 in a full AVX
+block ("half" pairing), neighbouring rows otherwise ("adjacent"). Splits made
+before "rows" stored the making machine's torch layout and name it (e.g. "b64h")
+in their manifest: they load anywhere, repacked the same way.
 
 Values are unsigned nibbles 0..15 (torch subtracts 8 when it dequantizes).
 """
@@ -26,58 +32,56 @@ ROW_MULTIPLE = 16  # the kernel handles row blocks of 16, 32, 48 or 64
 
 @dataclass(frozen=True)
 class Int4Layout:
-    block_n: int
+    block_n: int  # 0: "rows" (no blocks)
     half_pairs: bool  # full blocks pair row n with n + block_n/2 (AVX); else n with n + 1
 
     @property
     def name(self) -> str:
+        if self.block_n == 0:
+            return "rows"
         return f"b{self.block_n}{'h' if self.half_pairs else 'a'}"
 
     @classmethod
     def parse(cls, name: str) -> Int4Layout:
+        if name == "rows":
+            return ROWS
         try:
             if name[0] != "b" or name[-1] not in "ha":
                 raise ValueError
-            return cls(int(name[1:-1]), name[-1] == "h")
+            layout = cls(int(name[1:-1]), name[-1] == "h")
         except (ValueError, IndexError):
             raise TpiError(f"unknown int4 weight layout {name!r}") from None
+        if layout.block_n <= 0 or layout.block_n % 2:
+            raise TpiError(f"unknown int4 weight layout {name!r}")
+        return layout
 
 
+ROWS = Int4Layout(0, False)  # what splits store (module docstring)
 CANDIDATES = tuple(Int4Layout(b, h) for b in (64, 32, 16, 128) for h in (True, False))
-
-
-def _pair_block(block: torch.Tensor, half: bool) -> torch.Tensor:
-    """(K, nb) nibbles of one row block -> (K, nb/2) bytes."""
-    if half:
-        lo, hi = block[:, : block.shape[1] // 2], block[:, block.shape[1] // 2 :]
-    else:
-        lo, hi = block[:, 0::2], block[:, 1::2]
-    return lo | (hi << 4)
-
-
-def _unpair_block(packed: torch.Tensor, half: bool) -> torch.Tensor:
-    """(K, nb/2) bytes -> (K, nb) nibbles."""
-    lo, hi = packed & 0x0F, packed >> 4
-    if half:
-        return torch.cat([lo, hi], dim=1)
-    return torch.stack([lo, hi], dim=2).reshape(packed.shape[0], -1)
-
-
-def _blocks(n: int, block_n: int):
-    for start in range(0, n, block_n):
-        yield start, min(block_n, n - start)
 
 
 def pack(q: torch.Tensor, layout: Int4Layout) -> torch.Tensor:
     """Nibbles (N, K) uint8 in 0..15 -> packed uint8 (N, K/2) in `layout`."""
     n, k = q.shape
+    if layout == ROWS:
+        if k % 2:
+            raise ValueError(f"int4 packing needs an even width, got {n}x{k}")
+        return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
     if n % ROW_MULTIPLE or k % 2:
         raise ValueError(f"int4 packing needs rows % {ROW_MULTIPLE} == 0, got {n}x{k}")
+    b = layout.block_n
+    full = n // b * b
     out = torch.empty(n * k // 2, dtype=torch.uint8)
-    for start, nb in _blocks(n, layout.block_n):
-        half = layout.half_pairs and nb == layout.block_n
-        block = q[start : start + nb].t()  # (K, nb): K-major within the block
-        out[start * k // 2 : (start + nb) * k // 2] = _pair_block(block, half).reshape(-1)
+    if full:  # every full block at once: (blocks, K, b), K-major within each
+        blocks = q[:full].reshape(n // b, b, k).transpose(1, 2)
+        if layout.half_pairs:
+            lo, hi = blocks[..., : b // 2], blocks[..., b // 2 :]
+        else:
+            lo, hi = blocks[..., 0::2], blocks[..., 1::2]
+        out[: full * k // 2] = (lo | (hi << 4)).reshape(-1)
+    if full < n:  # a last, partial block: neighbouring rows paired
+        tail = q[full:].t()
+        out[full * k // 2 :] = (tail[:, 0::2] | (tail[:, 1::2] << 4)).reshape(-1)
     return out.view(n, k // 2)
 
 
@@ -85,12 +89,23 @@ def unpack(packed: torch.Tensor, layout: Int4Layout) -> torch.Tensor:
     """Packed uint8 (N, K/2) in `layout` -> nibbles (N, K) uint8."""
     n, half_k = packed.shape
     k = 2 * half_k
+    if layout == ROWS:
+        return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(n, k)
     flat = packed.reshape(-1)
     q = torch.empty(n, k, dtype=torch.uint8)
-    for start, nb in _blocks(n, layout.block_n):
-        half = layout.half_pairs and nb == layout.block_n
-        chunk = flat[start * half_k : (start + nb) * half_k].view(k, nb // 2)
-        q[start : start + nb] = _unpair_block(chunk, half).t()
+    b = layout.block_n
+    full = n // b * b
+    if full:
+        chunk = flat[: full * half_k].view(n // b, k, b // 2)
+        lo, hi = chunk & 0x0F, chunk >> 4
+        if layout.half_pairs:
+            blocks = torch.cat([lo, hi], dim=2)
+        else:
+            blocks = torch.stack([lo, hi], dim=3).reshape(n // b, k, b)
+        q[:full] = blocks.transpose(1, 2).reshape(full, k)
+    if full < n:
+        chunk = flat[full * half_k :].view(k, (n - full) // 2)
+        q[full:] = torch.stack([chunk & 0x0F, chunk >> 4], dim=2).reshape(k, n - full).t()
     return q
 
 
@@ -113,14 +128,31 @@ def native_layout() -> Int4Layout | None:
 
 
 def disk_layout() -> Int4Layout:
-    """The layout new splits are written in: this machine's, so it loads as is."""
-    return native_layout() or Int4Layout(64, True)
+    """The layout new splits are written in, on every machine."""
+    return ROWS
 
 
-def to_native(packed: torch.Tensor, layout: Int4Layout) -> torch.Tensor:
-    """`packed` (stored in `layout`) in the layout this machine's kernel reads."""
-    native = native_layout()
-    if native == layout:
+def kernel_layout() -> Int4Layout | None:
+    """The layout this machine's native int4 kernel reads (None: no kernel here)."""
+    from tpi.kernels import int4_matmul
+
+    code = int4_matmul.layout_code()
+    if code is None:
+        return None
+    return ROWS if code == 0 else Int4Layout(code // 2, bool(code % 2))
+
+
+@functools.cache
+def held_layout() -> Int4Layout | None:
+    """The layout int4 weights are held in on this machine: the native kernel's where
+    it runs, else torch's (None: torch's is none of the known ones)."""
+    return kernel_layout() or native_layout()
+
+
+def to_held(packed: torch.Tensor, layout: Int4Layout) -> torch.Tensor:
+    """`packed` (stored in `layout`) in the layout this machine holds (`held_layout`)."""
+    held = held_layout()
+    if held == layout:
         return packed
     q = unpack(packed, layout)
-    return pack(q, native) if native is not None else torch_pack(q)
+    return pack(q, held) if held is not None else torch_pack(q)

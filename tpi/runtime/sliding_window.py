@@ -28,7 +28,7 @@ import torch
 from tpi.errors import TpiError
 from tpi.model.weights import LayerWeights
 from tpi.quant.formats import TRANSPOSED_SUFFIX, FloatT, transposable
-from tpi.quant.int4_pack import Int4Layout, native_layout
+from tpi.quant.int4_pack import Int4Layout, held_layout
 from tpi.quant.quantize import LINEAR_NAMES, memory_dtype
 from tpi.runtime.expert_stream import ExpertLayouts, ExpertStore
 from tpi.runtime.slot_fill import converted_bytes, place, repack_int4
@@ -193,15 +193,15 @@ class SlidingWindowLayers:
         self.dtype = dtype
         self.layout = layout
         self.layouts = layout.layouts
-        native = native_layout()
-        # Packed int4 made on a CPU with another layout is repacked as it loads.
-        self.repack_int4 = layout.int4_layout is not None and layout.int4_layout != native
+        held = held_layout()
+        # int4 is stored in the split's portable layout; this CPU's products may read
+        # another, made as each layer loads (tpi.quant.int4_pack).
+        self.repack_int4 = layout.int4_layout is not None and layout.int4_layout != held
         if self.repack_int4:
-            log.warning(
-                "int4 weights were packed as %s, this CPU's torch reads %s: repacking each layer "
-                "as it loads (slower; split on a machine like this one to avoid it)",
+            log.info(
+                "int4 weights are stored as %s, held here as %s: repacked as each layer loads",
                 layout.int4_layout.name,
-                native.name if native else "its own layout",
+                held.name if held else "torch's layout",
             )
         self.convert = layout.convert
         self.threads = torch.get_num_threads()  # FloatT blocks, one per thread

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from tpi.quant.formats import INT4_SUFFIX, FloatT
-from tpi.quant.int4_pack import Int4Layout, to_native
+from tpi.quant.int4_pack import Int4Layout, to_held
 from tpi.storage.tensor_file import ALIGN
 
 # (name, dtype on disk, shape, begin, end) as tensor_file lays a span out
@@ -66,7 +66,7 @@ def place(
 
 
 def repack_int4(tensors: dict[str, Held], layout: Int4Layout) -> None:
-    """Turn int4 tensors packed for another CPU's kernel into this one's, in place."""
+    """Turn int4 tensors stored in `layout` into the one this CPU holds, in place."""
     for name, t in tensors.items():
         if name.endswith(INT4_SUFFIX):
-            t.copy_(to_native(t, layout))
+            t.copy_(to_held(t, layout))

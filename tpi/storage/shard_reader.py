@@ -9,7 +9,7 @@ import torch
 from tpi.errors import CheckpointError
 from tpi.model.weights import HeadWeights, LayerWeights, head_from_tensors
 from tpi.quant.formats import INT4_SUFFIX, hold_transposed
-from tpi.quant.int4_pack import to_native
+from tpi.quant.int4_pack import to_held
 from tpi.quant.quantize import HEAD_TABLES, memory_dtype
 from tpi.storage.expert_file import experts_file
 from tpi.storage.manifest import HEAD_FILE, ShardError, layer_file, read_manifest, verify_files
@@ -58,7 +58,7 @@ class RankShard:
         out = {}
         for k, v in tensors.items():
             if k.endswith(INT4_SUFFIX):
-                v = to_native(v, quant.packing)
+                v = to_held(v, quant.packing)
             else:
                 v = v.to(memory_dtype(k, v.dtype, dtype, quant.quantized))
             out[k] = v
