@@ -21,7 +21,7 @@ from tpi.model.linear import int4_packed_for_the_kernel, linear
 from tpi.model.rope import RotaryTables
 from tpi.model.weights import LayerWeights
 from tpi.quant.formats import FloatT, Int4Weight, Int8Weight
-from tpi.quant.int4_pack import native_layout, pack
+from tpi.quant.int4_pack import held_layout, pack
 from tpi.quant.quantize import quantize_int4, quantize_int8
 
 pytestmark = pytest.mark.skipif(decode_layer.library() is None, reason="no C compiler here")
@@ -36,7 +36,7 @@ def _held(w: torch.Tensor, kind: str):
     if kind == "int8":
         return Int8Weight(*quantize_int8(w))
     q, sz = quantize_int4(w, 32)
-    return Int4Weight(pack(q, native_layout()), sz)
+    return Int4Weight(pack(q, held_layout()), sz)
 
 
 def _layer(kind: str, bias: bool, seed: int = 0) -> LayerWeights:

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from tpi.kernels import int4_matmul as i4
+from tpi.kernels.digits import as_digits
 from tpi.model.linear import int4_packed_for_the_kernel, linear
 from tpi.quant.formats import Int4Weight
-from tpi.quant.int4_pack import Int4Layout, native_layout, pack
+from tpi.quant.int4_pack import Int4Layout, held_layout, pack
 from tpi.quant.quantize import quantize_int4
 
 pytestmark = pytest.mark.skipif(
@@ -24,15 +25,17 @@ def _weight(n: int, k: int, group: int, seed: int, mean: float = 0.0) -> Int4Wei
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.05 + mean
     q, sz = quantize_int4(w, group)
-    return Int4Weight(pack(q, native_layout()), sz), q, sz
+    return Int4Weight(pack(q, held_layout()), sz), q, sz
 
 
 def _reference(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
-    """float64 x (rounded to bfloat16, as the kernel takes it) @ ((q - 8) s + z).T"""
+    """float64 x (rounded as the kernel takes it: to bfloat16 on x86) @ ((q - 8) s + z).T"""
     group = q.shape[1] // sz.shape[0]
     scale = sz[..., 0].double().t().repeat_interleave(group, dim=1)
     zero = sz[..., 1].double().t().repeat_interleave(group, dim=1)
-    return x.bfloat16().double() @ ((q.double() - 8) * scale + zero).t()
+    taken = i4.activations()
+    xr = x.bfloat16().double() if taken == 1 else as_digits(x, group) if taken == 2 else x.double()
+    return xr @ ((q.double() - 8) * scale + zero).t()
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ import torch
 from tpi.kernels import build as kbuild
 from tpi.kernels import native
 from tpi.kernels import small_matmul as sm
+from tpi.kernels.digits import as_digits
 from tpi.model.linear import gate_and_up, linear
 from tpi.quant.formats import FloatT, Int8Weight
 
@@ -47,12 +48,18 @@ def test_int8_rows_match_float64(n: int, k: int) -> None:
     scale = (torch.rand(n, generator=g) + 0.01).to(torch.bfloat16)
     ref_w = q.double() * scale.double()[:, None]
     # Where the CPU has bfloat16 dot products the kernel rounds x to bfloat16 (as
-    # torch's int8 kernel does); elsewhere it multiplies x as it is.
-    rounded = sm.int8_rounds_to_bf16(k)
+    # torch's int8 kernel does); AArch64 with dot products takes two int8 digits;
+    # elsewhere it multiplies x as it is.
+    taken = sm.int8_activations(k)
+    assert (taken == sm.AS_BF16) == sm.int8_rounds_to_bf16(k)
     for m in (*range(1, sm.MAX_ROWS + 1), 13, 95):  # int8: any row count
         x = torch.randn(m, k, generator=g)
         x[:, 0] *= 40  # an outlier channel
-        xr = x.bfloat16().double() if rounded else x.double()
+        xr = {
+            sm.AS_FLOAT32: x.double(),
+            sm.AS_BF16: x.bfloat16().double(),
+            sm.AS_DIGITS: as_digits(x, k) if taken == sm.AS_DIGITS else None,
+        }[taken]
         _close(sm.matmul_int8(x, q, scale), xr @ ref_w.T)
 
 

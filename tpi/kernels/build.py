@@ -87,6 +87,30 @@ def compiler() -> str | None:
     return None
 
 
+def kernels_summary() -> str:
+    """Which native kernels this process runs, in a few words (device profiles carry
+    it: slices timed with one build say nothing about another)."""
+    from tpi.kernels import native
+
+    if not enabled() or native.disabled():
+        return "torch (native kernels off)"
+    if compiler() is None:
+        return "torch (no C compiler)"
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "NEON" + aarch64_march(*_hwcaps()).removeprefix("-march=armv8.2-a").removeprefix(
+            "-march=armv8-a"
+        )
+    flags = f" {_cpu_features()} "
+    for name, want in (
+        ("AVX-512+BF16", " avx512_bf16 "),
+        ("AVX-512", " avx512f "),
+        ("AVX2", " avx2 "),
+    ):
+        if want in flags:
+            return name
+    return f"{platform.machine()} (generic vectors)"
+
+
 def _cpu_features() -> str:
     if platform.machine().lower() in ("aarch64", "arm64"):
         return "hwcaps {:x} {:x}".format(*_hwcaps())

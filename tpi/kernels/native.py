@@ -20,6 +20,11 @@ def set_enabled(flag: bool) -> None:
     _off = not flag
 
 
+def disabled() -> bool:
+    """Whether set_enabled(False) turned the kernels off in this process."""
+    return _off
+
+
 class NativeLibrary:
     """One C source's library, loaded once per process on first `get()`."""
 

@@ -30,6 +30,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.tpi_matmul_f32_cols.argtypes = [p, i, i, p, i, i, p]
     lib.tpi_matmul_i8.argtypes = [p, i, i, p, p, i, p]
     lib.tpi_int8_rounds_to_bf16.argtypes = [i]
+    lib.tpi_int8_activations.argtypes = [i]
+    lib.tpi_int8_activations.restype = ctypes.c_int
     for f in (lib.tpi_matmul_f32, lib.tpi_matmul_f32_cols):
         f.restype = None
     lib.tpi_matmul_i8.restype = ctypes.c_int
@@ -109,3 +111,14 @@ def int8_rounds_to_bf16(k: int) -> bool:
     (AVX512-BF16 dot products) rather than multiplying them as float32."""
     lib = library()
     return bool(lib is not None and lib.tpi_int8_rounds_to_bf16(k))
+
+
+AS_FLOAT32, AS_BF16, AS_DIGITS = 0, 1, 2  # how matmul_int8 takes its activations
+
+
+def int8_activations(k: int) -> int:
+    """How matmul_int8 takes activations of width k on this CPU: as float32, rounded
+    to bfloat16 (x86 with AVX512-BF16) or as two int8 digits a row (AArch64 with dot
+    products, tpi.kernels.digits)."""
+    lib = library()
+    return int(lib.tpi_int8_activations(k)) if lib is not None else AS_FLOAT32

@@ -9,6 +9,7 @@ afresh every time: it changes while a node runs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from tpi import __version__
+from tpi.kernels.build import kernels_summary
 from tpi.model.config import ModelConfig
 from tpi.planning.profile import SCHEMA, DeviceFacts, SliceProfile, slices_key
 from tpi.planning.slice_probe import PROBE_BYTES, Setting, measure_head, measure_point, shape_key
@@ -39,6 +41,8 @@ Echo = Callable[[str], None]
 
 
 def _cpu_name() -> str:
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return arm_cpu_name()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -46,6 +50,47 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# Arm's own cores by MIDR part number (implementer 0x41), the ones small boards carry.
+ARM_PARTS = {
+    0xD03: "Cortex-A53",
+    0xD04: "Cortex-A35",
+    0xD05: "Cortex-A55",
+    0xD07: "Cortex-A57",
+    0xD08: "Cortex-A72",
+    0xD09: "Cortex-A73",
+    0xD0A: "Cortex-A75",
+    0xD0B: "Cortex-A76",
+    0xD0C: "Neoverse-N1",
+    0xD0D: "Cortex-A77",
+    0xD40: "Neoverse-V1",
+    0xD41: "Cortex-A78",
+    0xD44: "Cortex-X1",
+    0xD46: "Cortex-A510",
+    0xD47: "Cortex-A710",
+    0xD49: "Neoverse-N2",
+    0xD4B: "Cortex-A78C",
+}
+
+
+def arm_cpu_name(sys_root: Path = Path("/")) -> str:
+    """An AArch64 CPU's name: the board's (device tree, "Raspberry Pi 5 Model B") and
+    the core's (from its MIDR_EL1 register as Linux shows it). Never /proc/cpuinfo's
+    "model name": ARM kernels print none, and under emulation it is the host's."""
+    parts = []
+    with contextlib.suppress(OSError):
+        model = (sys_root / "proc/device-tree/model").read_bytes().rstrip(b"\0").decode()
+        parts.append(model.strip())
+    midr = sys_root / "sys/devices/system/cpu/cpu0/regs/identification/midr_el1"
+    with contextlib.suppress(OSError, ValueError):
+        value = int(midr.read_text().strip(), 16)
+        implementer, part = (value >> 24) & 0xFF, (value >> 4) & 0xFFF
+        if implementer == 0x41 and part in ARM_PARTS:
+            parts.append(ARM_PARTS[part])
+        else:
+            parts.append(f"implementer {implementer:#x} part {part:#x}")
+    return ", ".join(parts + ["aarch64"])
 
 
 def _cores() -> int:
@@ -62,6 +107,7 @@ def identity() -> dict:
         "schema": SCHEMA,
         "host": socket.gethostname(),
         "cpu": _cpu_name(),
+        "kernels": kernels_summary(),
         "cores": _cores(),
         "threads": torch.get_num_threads(),
         "cpu_limit": round(limit, 3) if limit is not None else None,
@@ -180,6 +226,7 @@ def device_facts(
     return DeviceFacts(
         host=ident["host"],
         cpu=ident["cpu"],
+        kernels=ident["kernels"],
         cores=ident["cores"],
         threads=ident["threads"],
         cpu_limit=cpu_limit(),

@@ -36,6 +36,9 @@ class DeviceFacts:
     tpi: str
     measured_at: str
     probe_seconds: float
+    # The native kernels its slices were timed with (tpi.kernels.build.kernels_summary):
+    # an ARM board's NEON, a laptop's AVX2, or torch's where there are none.
+    kernels: str | None = None
 
     @property
     def capacity(self) -> tuple[int, str]:
