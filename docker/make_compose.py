@@ -1,6 +1,11 @@
 """Write docker-compose.yml for a master and N workers.
 
     python docker/make_compose.py --workers 5 > docker/docker-compose.yml
+    python docker/make_compose.py --workers 2 --arm-workers 1   # the last one on arm64
+
+An arm64 worker runs the tpi:arm64 image (docker/build.sh --arm64) on the
+linux/arm64 platform: under qemu-user on an x86 host (docker/arm64-emulation.sh),
+natively on an ARM one.
 
 Every node gets the same emulated device (memory, CPUs) and link (latency,
 bandwidth), each overridable from the environment when running compose, e.g.
@@ -60,7 +65,7 @@ services:
 
 WORKER = """
   worker{i}:
-    <<: *device
+    <<: *device{arm}
     command: ["worker"]
     environment:
       <<: *link
@@ -69,7 +74,7 @@ WORKER = """
       TPI_WINDOW: ${{TPI_WINDOW:-}}
       TPI_THREADS: ${{TPI_THREADS:-}}
     volumes:
-      - models:/models:ro
+      - models:/models:ro{arm_volumes}
     depends_on:
       prepare:
         condition: service_completed_successfully
@@ -103,10 +108,22 @@ volumes:
 """
 
 
-def render(n: int) -> str:
+ARM = """
+    image: tpi:arm64
+    platform: linux/arm64"""
+# An x86 host's /sys/devices/system/cpu under qemu: oneDNN's AArch64 CPU probe crashes
+# on it (tests/arm64_root.py); the worker sees a 4-core Cortex-A76's instead.
+ARM_VOLUMES = """
+      - ./arm64-cpu:/sys/devices/system/cpu:ro"""
+
+
+def render(n: int, arm: int = 0) -> str:
     out = HEADER.format(n=n, world=n + 1)
     for i in range(1, n + 1):
-        out += WORKER.format(i=i, port=PORT)
+        on_arm = i > n - arm
+        out += WORKER.format(
+            i=i, port=PORT, arm=ARM if on_arm else "", arm_volumes=ARM_VOLUMES if on_arm else ""
+        )
     depends = "\n".join(
         ["      prepare:\n        condition: service_completed_successfully"]
         + [f"      worker{i}:\n        condition: service_started" for i in range(1, n + 1)]
@@ -118,10 +135,13 @@ def render(n: int) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--workers", type=int, default=3)
+    p.add_argument("--arm-workers", type=int, default=0, help="the last N workers on linux/arm64")
     a = p.parse_args()
     if a.workers < 1:
         raise SystemExit("--workers must be >= 1")
-    print(render(a.workers), end="")
+    if not 0 <= a.arm_workers <= a.workers:
+        raise SystemExit(f"--arm-workers must be between 0 and --workers ({a.workers})")
+    print(render(a.workers, a.arm_workers), end="")
 
 
 if __name__ == "__main__":

@@ -3,19 +3,22 @@
 # registry is reachable), start a master and N workers with compose, each with a
 # memory and CPU cap and a shaped link, wait until the master is healthy, print
 # its URL. Stop it with docker/down.sh (same --project).
-#   docker/up.sh [--workers 3] [--mem-limit 4g] [--cpus 1.0] [--latency 5ms]
-#                [--bandwidth 100mbit] [--port 8000] [--project tpi] [--no-build]
-#                [--timeout 900]
+#   docker/up.sh [--workers 3] [--arm-workers 0] [--mem-limit 4g] [--cpus 1.0]
+#                [--latency 5ms] [--bandwidth 100mbit] [--port 8000] [--project tpi]
+#                [--no-build] [--timeout 900]
+# --arm-workers N (or TPI_ARM_WORKERS=N): the last N workers run on linux/arm64, under
+# qemu on an x86 host (image tpi:arm64, docker/build-arm64.sh).
 # Other settings pass through the environment (TPI_MEMORY_BUDGET, TPI_WINDOW,
 # TPI_MODEL, TPI_QUANT, TPI_CURVE, TPI_LINK_METHOD, TPI_PP / TPI_STAGES; see
 # docker-compose.yml).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
-workers=3 project=tpi build=1 timeout=900
+workers=3 project=tpi build=1 timeout=900 arm=${TPI_ARM_WORKERS:-0}
 while [ $# -gt 0 ]; do
     case "$1" in
         --workers) workers=$2; shift 2 ;;
+        --arm-workers) arm=$2; shift 2 ;;
         --mem-limit) export TPI_MEM_LIMIT=$2; shift 2 ;;
         --cpus) export TPI_CPUS=$2; shift 2 ;;
         --latency) export TPI_LINK_LATENCY=$2; shift 2 ;;
@@ -24,19 +27,24 @@ while [ $# -gt 0 ]; do
         --project) project=$2; shift 2 ;;
         --no-build) build=0; shift ;;
         --timeout) timeout=$2; shift 2 ;;
-        -h | --help) sed -n '2,10p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
 done
 [[ "$workers" =~ ^[1-9][0-9]*$ ]] || die "--workers must be a positive number, not '$workers'"
+[[ "$arm" =~ ^[0-9]+$ ]] && [ "$arm" -le "$workers" ] ||
+    die "--arm-workers must be a number from 0 to --workers ($workers), not '$arm'"
 need_engine
 if [ "$build" = 1 ] || ! docker image inspect tpi:latest >/dev/null 2>&1; then
     "$TPI_ROOT/docker/build.sh"
 fi
+if [ "$arm" -gt 0 ] && { [ "$build" = 1 ] || ! docker image inspect tpi:arm64 >/dev/null 2>&1; }; then
+    "$TPI_ROOT/docker/build-arm64.sh"
+fi
 
 # A compose file for this N beside the committed one (relative paths hold).
 file="$TPI_ROOT/docker/.compose-$project.yml"
-python3 "$TPI_ROOT/docker/make_compose.py" --workers "$workers" >"$file"
+python3 "$TPI_ROOT/docker/make_compose.py" --workers "$workers" --arm-workers "$arm" >"$file"
 dc() { compose -p "$project" -f "$file" "$@"; }
 
 start=$(date +%s)

@@ -7,9 +7,11 @@ each running its own kernels (built at first use on the ARM worker, as on a Pi).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,8 +31,8 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPT = list(range(5, 25))
-STEPS = 6
+STEPS = 8
+MARGIN = 0.5  # logits; the ARM rank moves them by ~1% of the largest (~0.2)
 CPU = "cortex-a76"  # qemu's model of the Raspberry Pi 5's core: NEON with dot products
 START_TIMEOUT_S = 600  # importing torch under emulation takes ~20-60 s
 
@@ -44,12 +46,28 @@ def root() -> Path:
 
 
 def _install_tpi(root: Path) -> None:
-    """This checkout's tpi (master/ and worker/ as tpi.master, tpi.worker) into the root."""
+    """This checkout's tpi into the root, as pip installs it (its commands are entry
+    points: they need the package's metadata)."""
     app = root / "opt" / "tpi-app"
     shutil.rmtree(app, ignore_errors=True)
     app.mkdir(parents=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(REPO / "tpi", app / "tpi", symlinks=False, ignore=ignore)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(app),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
 
 
 def _chroot(root: Path, argv: list[str], env: dict[str, str]) -> list[str]:
@@ -92,9 +110,9 @@ def arm_worker(root: Path, name: str) -> Iterator[str]:
     work.mkdir(parents=True)
     inside = f"/work/{name}"
     env = {**os.environ, "QEMU_CPU": CPU}
-    # The kernels compile at first use; here once before the cluster waits on them
-    # (they stay in the root's TPI_HOME until the source changes).
-    warm = "from tpi.kernels import decode_layer, f32_gemm; print(decode_layer.library() is not None, f32_gemm.LIBRARY.get() is not None)"
+    # The worker builds its kernels before it listens (tpi.kernels.warm); here once
+    # first, timed on its own (they stay in the root's TPI_HOME until the source changes).
+    warm = "from tpi.kernels.warm import build_all; print(build_all(lambda _m: None))"
     t0 = time.perf_counter()
     done = subprocess.run(
         _chroot(root, ["python3", "-c", warm], _env("/work/home")),
@@ -103,7 +121,7 @@ def arm_worker(root: Path, name: str) -> Iterator[str]:
         timeout=START_TIMEOUT_S,
         env=env,
     )
-    assert done.stdout.split() == ["True", "True"], done.stderr[-3000:]
+    assert done.stdout.split() == ["True"], done.stderr[-3000:]
     print(f"ARM kernels built (or found) in {time.perf_counter() - t0:.0f} s")
     argv = [
         "python3",
@@ -138,37 +156,54 @@ def arm_worker(root: Path, name: str) -> Iterator[str]:
             time.sleep(0.5)
         yield address.read_text().strip()
     finally:
-        os.killpg(proc.pid, 15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
             proc.wait()
 
 
-def test_x86_master_x86_worker_and_arm_worker_agree_with_one_x86_node(root, llama_dir, tmp_path):
+def test_x86_master_x86_worker_and_arm_worker_agree_with_one_x86_node(root, smollm_dir, tmp_path):
+    """SmolLM2, 3 ranks, on a prompt whose greedy tokens win by a clear margin at every
+    step in each format (checked: agreement within a margin smaller than int4's
+    noise would be luck; a random model's margins are that small). The same split on
+    an all-x86 cluster is the reference for the logits: identical shards, only the
+    ARM rank's kernels differ."""
+    from tpi.text.tokenizer import TextTokenizer
+
+    prompt = TextTokenizer(smollm_dir).encode_chat(
+        [{"role": "user", "content": "Name the largest planet in the solar system."}]
+    )
     t0 = time.perf_counter()
     _install_tpi(root)
-    with local_workers(1, tmp_path) as lc, arm_worker(root, "w-" + tmp_path.name) as arm:
-        started = time.perf_counter()
-        print(f"ARM worker up at {arm} after {started - t0:.0f} s")
+    with local_workers(2, tmp_path) as lc, arm_worker(root, "w-" + tmp_path.name) as arm:
+        print(f"ARM worker up at {arm} after {time.perf_counter() - t0:.0f} s")
+        x86 = addresses(lc)
         for quant in ("none", "int8", "int4"):
-            one = open_model(str(llama_dir), "fp32", quiet=True, quant=quant)
+            one = open_model(str(smollm_dir), "fp32", quiet=True, quant=quant)
             try:
-                follow = greedy(one.engine, PROMPT, STEPS)
-                want = step_logits(one.engine, PROMPT, follow)
+                follow = greedy(one.engine, prompt, STEPS)
+                top = step_logits(one.engine, prompt, follow).topk(2, dim=-1).values
             finally:
                 one.close()
+            assert (top[:STEPS, 0] - top[:STEPS, 1]).min() > MARGIN, quant
+            with cluster_model(smollm_dir, x86, quant=quant) as lm:
+                want = step_logits(lm.engine, prompt, follow)
             q0 = time.perf_counter()
-            with cluster_model(llama_dir, [*addresses(lc), arm], quant=quant) as lm:
+            with cluster_model(smollm_dir, [x86[0], arm], quant=quant) as lm:
                 assert lm.cluster is not None and len(lm.cluster.links.links) == 2
-                got = step_logits(lm.engine, PROMPT, follow)
+                got = step_logits(lm.engine, prompt, follow)
             print(f"{quant}: {time.perf_counter() - q0:.0f} s on the mixed cluster")
-            # Same greedy tokens: every step's argmax is the one x86 node's token.
-            assert got.argmax(-1).tolist() == want.argmax(-1).tolist(), quant
+            # The same greedy tokens as one x86 node: each step's argmax is its token.
+            assert got.argmax(-1).tolist()[:STEPS] == follow, quant
+            err = ((got - want).abs().max() / want.abs().max()).item()
             cos = F.cosine_similarity(got.flatten(), want.flatten(), dim=0).item()
+            print(f"{quant}: logits against the x86 cluster: max error {err:.2e}, cosine {cos:.6f}")
             if quant == "none":  # float32 everywhere: sums in another order only
-                assert (got - want).abs().max() <= 1e-4 * want.abs().max(), quant
+                assert err <= 1e-4, quant
             else:  # the ARM rank multiplies two int8 digits, x86's rounds x to bfloat16
                 assert cos > 0.9995, (quant, cos)
     print(f"mixed cluster test: {time.perf_counter() - t0:.0f} s")

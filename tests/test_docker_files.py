@@ -177,7 +177,16 @@ def test_dockerfile_pins_cpu_torch_runs_unprivileged_and_copies_what_exists():
 def test_scripts_parse():
     for script in ("entrypoint.sh", "shape-link.sh"):
         subprocess.run(["sh", "-n", str(DOCKER / script)], check=True)
-    for script in ("common.sh", "engine.sh", "base-image.sh", "build.sh", "up.sh", "down.sh"):
+    for script in (
+        "common.sh",
+        "engine.sh",
+        "base-image.sh",
+        "build.sh",
+        "build-arm64.sh",
+        "arm64-emulation.sh",
+        "up.sh",
+        "down.sh",
+    ):
         subprocess.run(["bash", "-n", str(DOCKER / script)], check=True)
 
 
@@ -375,3 +384,30 @@ def _stop_processes_mentioning(text: str) -> None:
         if text in cmdline:
             os.kill(int(proc.name), signal.SIGTERM)
     time.sleep(0.2)
+
+
+def test_arm_workers_run_the_arm64_image_on_linux_arm64():
+    """TPI_ARM_WORKERS / --arm-workers N: the last N workers on linux/arm64, with the
+    CPU list an AArch64 process expects in place of the x86 host's (tests/arm64_root.py)."""
+    out = subprocess.run(
+        [sys.executable, str(DOCKER / "make_compose.py"), "--workers", "3", "--arm-workers", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    services = yaml.safe_load(out)["services"]
+    assert services["worker3"]["platform"] == "linux/arm64"
+    assert services["worker3"]["image"] == "tpi:arm64"
+    assert "./arm64-cpu:/sys/devices/system/cpu:ro" in services["worker3"]["volumes"]
+    for name in ("worker1", "worker2", "master"):
+        assert "platform" not in services[name]
+    assert services["master"]["environment"]["TPI_WORKERS"].count("worker") == 3
+    cpu = DOCKER / "arm64-cpu"
+    assert (cpu / "possible").read_text().strip() == "0-3"
+    assert (cpu / "cpu3/regs/identification/midr_el1").is_file()
+    bad = subprocess.run(
+        [sys.executable, str(DOCKER / "make_compose.py"), "--workers", "2", "--arm-workers", "3"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "--arm-workers" in bad.stderr

@@ -311,3 +311,26 @@ def test_int8_takes_the_kernel_at_every_row_count(monkeypatch) -> None:
         y = linear(x[:rows], w)
         assert calls == [rows]
         assert torch.equal(y[0], alone[0]), rows
+
+
+def test_a_worker_builds_every_kernel_library_before_it_listens(monkeypatch, tmp_path) -> None:
+    """tpi.kernels.warm: all five libraries built and loaded at once (a worker does
+    this before listening, so no compile falls inside a session's step)."""
+    from tpi.kernels import decode_layer, decode_ops, f32_gemm, int4_matmul
+    from tpi.kernels.warm import build_all
+
+    monkeypatch.setenv("TPI_HOME", str(tmp_path))
+    libraries = (sm, decode_ops, int4_matmul, f32_gemm, decode_layer)
+    for m in libraries:
+        m.LIBRARY.forget()
+    said: list[str] = []
+    try:
+        assert build_all(said.append)
+        built = sorted(p.name.split("-")[0] for p in (tmp_path / "kernels").glob("*.so"))
+        assert built == sorted(
+            ["decode_layer", "decode_ops", "f32_gemm", "int4_matmul", "small_matmul"]
+        )
+        assert said and kbuild.kernels_summary() in said[0] and "5/5" in said[0]
+    finally:
+        for m in libraries:
+            m.LIBRARY.forget()

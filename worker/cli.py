@@ -111,6 +111,7 @@ def worker(
     from tpi.comm.auth import require_secret
     from tpi.comm.curve import CurveKeys
     from tpi.comm.links import normalize_address
+    from tpi.kernels.warm import build_all
     from tpi.paths import tpi_home
     from tpi.runtime.memory_budget import parse_size
     from tpi.storage.atomic import atomic_write_text
@@ -143,6 +144,7 @@ def worker(
         max_context=max_context,
         secret=secret,
     )
+    build_all(logging.getLogger("tpi.worker").info)  # before listening: see tpi.kernels.warm
     daemon = WorkerDaemon(address, store or tpi_home() / "store", curve=curve, options=options)
     if port_file:
         atomic_write_text(port_file, daemon.address + "\n")
