@@ -23,7 +23,7 @@ from tpi.planning.profile import DeviceFacts, LinkFacts, NodeProfile, SliceProfi
 from tpi.planning.request import ProfileRequest
 from tpi.planning.slice_probe import Setting, probe_points, shape_key
 from tpi.planning.solver import Plan, solve
-from tpi.runtime.rank_runtime import DEFAULT_MAX_CONTEXT
+from tpi.runtime.memory_model import DEFAULT_MAX_CONTEXT
 
 PLAN_MODES = ("auto", "even")
 # ms/token is predicted for a decode this far into its context (prompt + half the answer).

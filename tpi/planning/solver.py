@@ -135,6 +135,7 @@ class _Search:
                 self.wl.fmt,
                 baseline_bytes=node.baseline_bytes,
                 head=head,
+                capacity_source=node.capacity_source,
             )
             need = memory(context=self.wl.context, capacity=node.capacity)
             if need is None:
