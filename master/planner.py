@@ -139,6 +139,7 @@ def workload(req: PlanRequest, cfg: ModelConfig, fmt: Format) -> Workload:
         prompt_tokens=req.prompt_tokens,
         context=context,
         wire_bytes=2 if req.wire_dtype in ("bf16", "fp16") else 4,
+        context_fixed=req.max_context is not None,
     )
 
 
@@ -152,7 +153,7 @@ def make_plan(
     fmt = Format(req.dtype, req.quant, req.group_size, stored_dtype(req.model_dir))
     profiles = gather_profiles(req, cfg, fmt, secret, curve, echo)
     setting = Setting(req.dtype, req.quant, req.group_size, True)
-    speeds = [node_speed(cfg, p, setting) for p in profiles]
+    speeds = [node_speed(cfg, p, setting, master=i == 0) for i, p in enumerate(profiles)]
     return solve(cfg, speeds, workload(req, cfg, fmt)), profiles
 
 

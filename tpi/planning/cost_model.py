@@ -94,7 +94,9 @@ class NodeSpeed:
     disk_bytes_per_s: float | None = None
     capacity: int | None = None  # memory it may plan in (None: unlimited)
     capacity_source: str = "unlimited"
-    baseline_bytes: int = 0  # the runtime before weights
+    # The rank's process before weights, as it will measure it at load
+    # (tpi.runtime.memory_model.expected_baseline of its profile).
+    baseline_bytes: int = 0
     link: LinkFacts = field(default_factory=LinkFacts)
 
     def curves(self, resident: bool) -> PhaseCurves:
@@ -136,6 +138,8 @@ class Workload:
     prompt_tokens: int = 64  # for TTFT
     context: int = 4096  # tokens the KV cache is planned for
     wire_bytes: int = 4  # bytes per element of partial sums on the wire
+    # The context was asked for (--max-context): a rank never shrinks it to fit.
+    context_fixed: bool = False
 
 
 @dataclass(frozen=True)
@@ -181,8 +185,8 @@ def _link_s(link: LinkFacts, nbytes: float) -> float:
 def memory_of(
     cfg: ModelConfig, node: NodeSpeed, rp: RankPlacement, wl: Workload, is_master: bool
 ) -> MemoryNeed:
-    """The memory rank `rp` plans at its window (the runtime's own plan,
-    tpi.runtime.memory_model, over footprint's sizes)."""
+    """The memory rank `rp` plans at its window within the node's capacity (the
+    runtime's own plan, tpi.runtime.memory_model, over footprint's sizes)."""
     return memory_at(
         cfg,
         rp.rank_slice,
@@ -191,8 +195,8 @@ def memory_of(
         context=wl.context,
         baseline_bytes=node.baseline_bytes,
         head=head_bytes(cfg, wl.fmt) if is_master else 0,
-        capacity=None,
-        fit_context_to_capacity=False,
+        capacity=node.capacity,
+        fit_context_to_capacity=not wl.context_fixed,
     )
 
 

@@ -8,7 +8,29 @@ Two callers give it the sizes, and both call `plan_rank_memory`:
   StreamLayout (slot, staging, experts), the head it loaded, and its baseline;
 - the planner (tpi.planning.footprint) computes them from shapes, for shares nobody
   has split yet, to predict the window each rank will choose.
-So a window the planner predicts is the one the runtime plans, given the same sizes.
+So a window the planner predicts is one the runtime accepts, given the same sizes
+(tests/test_memory_model.py checks both against real splits).
+
+Baseline: the memory of the rank's process that is neither weights nor KV cache nor
+activations (Python, torch, the session, the master's tokenizer). The runtime
+measures it at load: its RSS, freed heap returned to the OS first, minus the head
+and layers it already holds. The planner cannot measure that process at that point:
+what it has is the node's profile (tpi.planning.device_probe), whose `rss_bytes` is
+the same process (the master itself; a worker's daemon) measured earlier, before it
+connected for the run, verified a shard or (the master) loaded the tokenizer. So the
+planner's baseline is the profile's plus what a process was measured to gain between
+the two points (`expected_baseline`), a margin that errs on the side of a smaller
+window: a streaming rank reads every layer per token whatever its window, so a few
+layers less cost little, and a window refused at load costs the run. Measured under
+`tpi cluster --workers 3 --mem-limit 700MB` with SmolLM2: the master's baseline at
+load 35-41 MiB above its profile (its tokenizer alone 29-41 MiB; 58-70 MiB before
+freed heap was returned), a worker's 9-21 MiB. Allowed: 48 MiB on every rank, and
+a KiB per vocabulary entry for the master's tokenizer (96 MiB for SmolLM2).
+
+A context is shrunk to fit (when none was asked for) so that the window asked for,
+or two layers, still fits beside its KV cache: then a runtime whose measured
+baseline is below the planner's margin gets at least the planned context, and the
+planned window still fits.
 
 Everything here is arithmetic on the sizes given; the budget is given too (the
 runtime resolves its cgroup limit, tpi.runtime.memory_budget.effective_budget; the
@@ -28,6 +50,8 @@ from tpi.runtime.memory_budget import MemoryBudgetError, format_size
 DEFAULT_MAX_CONTEXT = 4096  # when memory is planned: the KV cache is reserved for this
 ACTIVATION_BASE = 32 * 1024**2
 MIN_FITTED_CONTEXT = 256  # a context shrunk to fit a budget is a multiple of this
+LOAD_GROWTH_BYTES = 48 << 20  # a process from its profile to its load (see above)
+TOKENIZER_BYTES_PER_ENTRY = 1024  # the master's tokenizer: SmolLM2's took 600-860
 
 Note = Callable[[str], None]
 
@@ -55,6 +79,12 @@ def context_limit(cfg: ModelConfig, max_context: int | None, planned: bool) -> i
     if planned:
         return min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
     return cfg.max_position_embeddings
+
+
+def expected_baseline(profiled_rss: int, vocab_size: int, master: bool) -> int:
+    """The baseline a rank will measure at load, from its process's RSS in its profile."""
+    tokenizer = vocab_size * TOKENIZER_BYTES_PER_ENTRY if master else 0
+    return profiled_rss + LOAD_GROWTH_BYTES + tokenizer
 
 
 @dataclass(frozen=True)
@@ -100,16 +130,17 @@ def fit_context(
     layer_bytes: int,
     num_layers: int,
     budget_bytes: int | None,
+    window: int | None = None,
 ) -> int:
     """`context`, or fewer tokens (a multiple of MIN_FITTED_CONTEXT) when the KV cache
-    and activations reserved for it would leave the budget no room for a window of
-    two layers (one, for a single-layer model). A 70B-shaped
+    and activations reserved for it would leave the budget no room for `window`
+    layers (two when none is asked for; one, for a single-layer model). A 70B-shaped
     model keeps 0.64 MB of fp32 keys and values per token on one node: 4096 tokens
     alone are 2.7 GB. If not even MIN_FITTED_CONTEXT fits, `context` is returned and
     the plan names what is short."""
     if budget_bytes is None or per_position_bytes <= 0:
         return context
-    room = budget_bytes - fixed_bytes - min(2, num_layers) * layer_bytes
+    room = budget_bytes - fixed_bytes - min(window or 2, num_layers) * layer_bytes
     fits = room // per_position_bytes // MIN_FITTED_CONTEXT * MIN_FITTED_CONTEXT
     if fits >= context or fits < MIN_FITTED_CONTEXT:
         return context
@@ -332,7 +363,7 @@ def _fitted_context(
     note: Note | None,
 ) -> int:
     """A big model's KV cache for the default context may not fit a small device:
-    then the context shrinks to what leaves room for a window, and says so."""
+    then the context shrinks to what leaves room for the window, and says so."""
 
     def fit(with_staging: int) -> int:
         return fit_context(
@@ -342,6 +373,7 @@ def _fitted_context(
             layer_bytes=sizes.layer_bytes,
             num_layers=sizes.num_layers,
             budget_bytes=budget,
+            window=window,
         )
 
     fitted = fit(staging)

@@ -33,6 +33,7 @@ from tpi.runtime.sliding_window import SlidingWindowLayers, StreamLayout
 from tpi.storage.checkpoint_rank import CheckpointRank
 from tpi.storage.shard_reader import RankShard
 from tpi.system.cgroup_limits import memory_limit
+from tpi.system.malloc import release_freed_memory
 from tpi.system.process_memory import rss_bytes
 
 
@@ -47,7 +48,9 @@ class RankRuntime:
 
 
 def measured_baseline(held_bytes: int) -> int:
-    """This process before weights: its RSS less the weights it already holds."""
+    """This process before weights: its RSS with freed heap returned to the OS first
+    (a profiled process holds none either), less the weights it already holds."""
+    release_freed_memory()
     return max(0, rss_bytes() - held_bytes)
 
 
