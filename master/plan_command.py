@@ -7,45 +7,21 @@ import json
 import click
 
 from tpi import cli_options as opt
-from tpi.master.cli_options import MODEL_HELP
+from tpi.master import cli_options as master_opt
 
 
 @click.command()
-@click.option("--model", "-m", default=None, metavar="PATH|NAME", help=MODEL_HELP)
-@click.option(
-    "--workers",
-    "-w",
-    default=None,
-    metavar="HOST:PORT,...",
-    help="Worker daemons that could take part (rank 1, 2, ... in this order).",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["fp32", "bf16"]),
-    default="fp32",
-    show_default=True,
-    help="Compute dtype the run would use.",
-)
+@opt.model(master_opt.MODEL_HELP)
+@master_opt.workers("Worker daemons that could take part (rank 1, 2, ... in this order).")
+@opt.compute_dtype("Compute dtype the run would use.")
 @opt.quant("none", "Weight format the run would split the model in.")
 @opt.group_size()
-@click.option(
-    "--wire-dtype",
-    type=click.Choice(["fp32", "bf16", "fp16"]),
-    default="fp32",
-    show_default=True,
-    help="Precision of partial sums on the network.",
-)
+@opt.wire_dtype("Precision of partial sums on the network.")
 @opt.max_context(
     "Tokens of context the KV cache would be planned for (default: the model's, at most 4096)."
 )
 @opt.memory_budget("Memory this machine (the master) may use, e.g. 2GB.")
-@click.option(
-    "--prompt-tokens",
-    type=click.IntRange(min=1),
-    default=64,
-    show_default=True,
-    help="Prompt length the time to first token is predicted for.",
-)
+@master_opt.prompt_tokens("Prompt length the time to first token is predicted for.")
 @click.option(
     "--position",
     type=click.IntRange(min=1),
