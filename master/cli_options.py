@@ -208,12 +208,23 @@ def sampling_options(max_new_default: int) -> list:
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed", "max_new_tokens")
 
 
-def _worker_list(opts: dict) -> list[str]:
+def worker_list(workers: str | None) -> list[str]:
+    """--workers as a list, else the workers of an enclosing `tpi cluster`."""
     parent = click.get_current_context().obj or {}  # set by an enclosing `tpi cluster`
-    workers = opts["workers"]
     if workers:
         return [w.strip() for w in workers.split(",") if w.strip()]
     return list(parent.get("cluster_workers", []))
+
+
+def use_threads(threads: int | None) -> None:
+    """Torch's compute threads: --threads, else an enclosing `tpi cluster`'s share of the
+    cores, else torch's default (all of them)."""
+    parent = click.get_current_context().obj or {}
+    threads = threads or parent.get("cluster_threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _shares_for(shares: str | None, configured: list[str], workers: list[str]) -> str | None:
@@ -236,20 +247,16 @@ def open_from_options(opts: dict, workers: list[str] | None = None):
 
     ctx = click.get_current_context()
     parent = ctx.obj or {}  # set by an enclosing `tpi cluster`
-    configured = _worker_list(opts)
-    worker_list = configured if workers is None else workers
-    replanned = list(worker_list) != configured
+    configured = worker_list(opts["workers"])
+    active = configured if workers is None else workers
+    replanned = list(active) != configured
     pipelined = is_layout(opts["plan_mode"] or parent.get("cluster_plan"))
-    threads = opts["threads"] or parent.get("cluster_threads")
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    use_threads(opts["threads"])
     loaded = open_model(
         opts["model"],
         opts["dtype"],
-        workers=list(worker_list),
-        shares=_shares_for(opts["shares"] or parent.get("cluster_shares"), configured, worker_list),
+        workers=list(active),
+        shares=_shares_for(opts["shares"] or parent.get("cluster_shares"), configured, active),
         wire_dtype=opts["wire_dtype"],
         timeout_s=opts["timeout"],
         secret_file=opts["secret_file"],
@@ -291,7 +298,7 @@ def open_elastic(opts: dict, echo=None):
         with ctx.scope(cleanup=False):
             return open_from_options(opts, workers)
 
-    configured = _worker_list(opts)
+    configured = worker_list(opts["workers"])
     if opts.get("prestage") and configured:
         say(f"pre-staged the shards a recovery would need in {prestage(opener, configured):.1f} s")
     loaded = open_from_options(opts)
