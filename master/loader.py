@@ -188,6 +188,7 @@ class OpenRequest:
     insecure: bool = False
     curve_dir: str | None = None
     data_link: bool = True
+    direct_hops: bool = True  # a pipeline's later stages hand outputs on among themselves
     quant: str | None = None
     group_size: int = 32
     vocab_parallel: bool = False
@@ -324,6 +325,7 @@ def connect(req: OpenRequest, split_dir: Path, placement: Placement) -> ClusterS
             windows=placement.worker_windows,
             max_context=placement.memory.max_context,
             data_link=req.data_link,
+            direct_hops=req.direct_hops,
         )
         cluster.start()
     return cluster

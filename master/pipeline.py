@@ -76,7 +76,7 @@ class PipelineForward:
 
     @property
     def num_stages(self) -> int:
-        return len(self.stages) + 1
+        return self.first.topology.stages
 
     def run(self, ids: list[int], plan: BatchPlan, pieces: int, want: Want) -> torch.Tensor:
         """Final hidden states of one pass: embedded and run through every stage,

@@ -2,9 +2,13 @@
 
 Its group of workers gets the hidden states entering the stage (a STEP to the
 group), works on its own, and its lead rank returns the stage's output
-(HIDDEN). A group of several ranks sums its partials through the master, which
-hubs that allreduce with zeros as its own partial (workers have no links to
-each other: every link is the master's, authenticated and optionally encrypted).
+(HIDDEN). Through the master, a group of several ranks sums its partials through
+it, the hub of that allreduce with zeros as its own partial.
+
+With direct hops, every stage after the first is one `RemoteStage` to the
+master: a chain that starts at stage 1's group and whose output comes back from
+the last stage's lead; in between, each stage hands its output straight to the
+next one and each group's allreduce is hubbed by its own lead (worker.peers).
 """
 
 from __future__ import annotations
@@ -28,22 +32,28 @@ STAGE_TRAFFIC = frozenset({Kind.PARTIAL, Kind.HIDDEN})
 class RemoteStage:
     """A later stage, as the master drives it."""
 
-    index: int
-    stage: Stage
-    links: list[WorkerLink]  # the stage's group, lead first
-    broadcast: StepBroadcaster  # STEP to the group
-    hub: StarMaster | None  # the group's allreduce (None: a stage of one rank)
+    index: int  # the stage whose output comes back (a chain's last)
+    stage: Stage  # the layers it covers (a chain: from its first stage's to its last's)
+    links: list[WorkerLink]  # the group its input goes to, lead first
+    broadcast: StepBroadcaster  # STEP to that group
+    hub: StarMaster | None  # the group's allreduce through the master (None: not hubbed here)
+    # Who sends the output back (default: the group's lead), and the ranks of a
+    # chain's later stages (watched: a lost link among them fails the pass).
+    output_from: WorkerLink | None = None
+    others: list[WorkerLink] = field(default_factory=list)
     ranks: set[int] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.ranks = {link.rank for link in self.links}
+        self.ranks = {link.rank for link in [*self.links, *self.others]}
 
     @property
     def lead(self) -> WorkerLink:
-        return self.links[0]
+        return self.output_from or self.links[0]
 
     def where(self) -> str:
         first, end = self.stage.layers
+        if self.others:
+            return f"in pipeline stages up to {self.index} (layers {first}-{end - 1})"
         return f"in pipeline stage {self.index} (layers {first}-{end - 1})"
 
     def patience(self, timeout_s: float) -> float:

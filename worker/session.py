@@ -16,8 +16,9 @@ from tpi.quant.formats import weight_nbytes
 from tpi.runtime.node_stats import node_stats
 from tpi.storage.read_check import CorruptShard
 from tpi.worker.handshake import Hello, Refused, admit
-from tpi.worker.master_channel import MasterChannel, SessionEnded
+from tpi.worker.master_channel import MasterChannel, PeerLost, SessionEnded
 from tpi.worker.options import WorkerOptions
+from tpi.worker.peers import PeerSetupFailed, open_peer_links, peer_links
 from tpi.worker.profile_service import serve_profile
 from tpi.worker.rank_loader import LoadedRank, LoadRequest, load_rank
 from tpi.worker.steps import RankSteps
@@ -62,8 +63,15 @@ class Session:
                 offer = {"data_port": self.data_listener.port, "data_ticket": ticket.hex()}
             shard_dir = admit(channel, self.hello, self.options, self.store, offer)
             msg = channel.next(None)
+            if msg.kind == Kind.PEERS:  # a pipeline's direct hops: links to other workers
+                self._open_peers(msg)
+                msg = channel.next(None)
             if msg.kind != Kind.LOAD:
                 raise SessionEnded(f"expected LOAD, got {msg.kind.name}")
+            if msg.body.get("direct_hops") is not True:
+                for link in channel.peers.values():
+                    link.close()
+                channel.peers = {}
             if msg.body.get("data_link") is True and self.data_listener is not None:
                 try:
                     channel.data = self.data_listener.accept(
@@ -99,6 +107,8 @@ class Session:
             body = {"session": self.hello.session, "reason": str(e)}
             channel.endpoint.send(channel.peer, [encode_control(Kind.REFUSE, body)])
             return f"refused: {e}"
+        except PeerLost as e:  # the master names the other worker, not this one
+            return self._report(str(e), peer_rank=e.rank)
         except CorruptShard as e:
             why = str(e)
             if shard_dir is not None and self.store.discard_pushed(shard_dir):
@@ -126,11 +136,24 @@ class Session:
                 raise SessionEnded(f"unexpected {msg.kind.name} in a probe session")
             serve_profile(self.channel, msg, self.options, self.store)
 
-    def _report(self, message: str) -> str:
+    def _report(self, message: str, **extra) -> str:
         """Tell the master what broke here; the daemon then goes back to waiting."""
         with contextlib.suppress(SessionEnded):
-            self.channel.control(Kind.ERROR, message=message)
+            self.channel.control(Kind.ERROR, message=message, **extra)
         return f"error: {message}"
+
+    def _open_peers(self, msg: Message) -> None:
+        """The direct links PEERS asks for; PEERED says whether they are all open
+        (if not, the master keeps every hop through itself)."""
+        try:
+            self.channel.peers = open_peer_links(
+                peer_links(msg), self.data_listener, self.hello.session, DATA_TIMEOUT_S
+            )
+            failed = ""
+        except PeerSetupFailed as e:
+            failed = str(e)
+            log.warning("direct links to other workers: %s", failed)
+        self.channel.control(Kind.PEERED, failed=failed)
 
     def _serve(self, msg: Message) -> None:
         steps = self.steps

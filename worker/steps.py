@@ -5,7 +5,8 @@ that message carries (every allreduce of the step uses it: `StarWorker.begin`):
 
 - STEP (hidden states): a tensor-parallel rank, or a rank of a later pipeline
   stage, runs its slice of its layers on them; a later stage's lead rank then
-  sends the stage's output (HIDDEN).
+  sends the stage's output: to the master (HIDDEN), or with direct hops straight
+  to the next stage's ranks (their STEP) unless its stage is the last.
 - STEP_TOKENS (token ids and the head's want): a vocabulary-parallel rank embeds
   its share of the ids (summed over every rank), runs its layers (a later stage
   first waits for its input, a STEP), takes the final hidden states (a rank
@@ -19,7 +20,17 @@ import time
 
 import torch
 
-from tpi.comm.wire import Kind, Message, ProtocolError, payload_ids, payload_tensor
+from tpi.comm.wire import (
+    HiddenHeader,
+    Kind,
+    Message,
+    ProtocolError,
+    StepHeader,
+    encode_data,
+    payload_ids,
+    payload_tensor,
+    tensor_payload,
+)
 from tpi.model.batch import BatchPlan, PlanError
 from tpi.model.want import Want
 from tpi.worker.master_channel import BETWEEN_STEPS, MasterChannel
@@ -48,8 +59,16 @@ class RankSteps:
         loaded.collective.begin(h.step, h.pos)
         t0 = time.perf_counter()
         out = decoder.run(x, plan, h.chunks)
-        if loaded.hands_on is not None:  # the next stage starts from here
-            loaded.collective.send_hidden(out, loaded.hands_on)
+        if loaded.next_stage:  # the next stage starts from here, without the master
+            out = out.contiguous()
+            nxt = StepHeader(
+                h.session, h.step, h.pos, h.chunks, out.dtype, tuple(out.shape), h.plan
+            )
+            frames = [encode_data(Kind.STEP, nxt), tensor_payload(out)]
+            for rank in loaded.next_stage:
+                self.channel.send_to(rank, frames)
+        elif loaded.hands_on is not None:
+            self._send_hidden(out, h.step)
         self._count(t0)
 
     def step_tokens(self, msg: Message) -> None:
@@ -74,7 +93,7 @@ class RankSteps:
             h = self._expect(Kind.STEP, x.shape, b["step"]).to(decoder.dtype, copy=True)
             h = decoder.run(h, plan, 1)
             if loaded.hands_on is not None:
-                loaded.collective.send_hidden(h, loaded.hands_on)
+                self._send_hidden(h, b["step"])
         if not loaded.last_stage and want.anything:
             # The final states, for this rank's head rows.
             h = self._expect(Kind.FINAL, x.shape, b["step"]).to(decoder.dtype)
@@ -86,6 +105,15 @@ class RankSteps:
         if loaded.head is None or msg.body["step"] != loaded.collective.step:
             raise ProtocolError("HEAD_MORE for a step this worker did not sample")
         loaded.head.more(msg.body["row"], msg.body["round"], msg.body["count"])
+
+    def _send_hidden(self, out: torch.Tensor, step: int) -> None:
+        """This stage's output, from its lead to the master (HIDDEN)."""
+        out = out.contiguous()
+        header = HiddenHeader(
+            self.channel.session, step, self.loaded.hands_on, out.dtype, out.shape
+        )
+        self.channel.send([encode_data(Kind.HIDDEN, header), tensor_payload(out)])
+        self.loaded.collective.stats.bytes_sent += header.nbytes()
 
     def _count(self, t0: float) -> None:
         self.compute_seconds += time.perf_counter() - t0

@@ -81,6 +81,8 @@ class Kind(IntEnum):
     PROFILE = 24  # worker -> master: the measurements
     HIDDEN = 25  # worker -> master: a pipeline stage's output hidden states (data)
     FINAL = 26  # master -> workers: a pipeline's final hidden states, for their head rows (data)
+    PEERS = 27  # master -> worker: open these direct links to other workers (pipeline hops)
+    PEERED = 28  # worker -> master: the direct links are open (or why not)
 
 
 class Phase(IntEnum):
@@ -134,6 +136,8 @@ SCHEMAS: dict[Kind, dict[str, type | tuple[type, ...]]] = {
     Kind.HEAD_MORE: {"session": int, "step": int, "row": int, "round": int, "count": int},
     Kind.PROFILE_REQUEST: {"session": int, "request": dict},
     Kind.PROFILE: {"session": int, "profile": dict},
+    Kind.PEERS: {"session": int, "links": list},
+    Kind.PEERED: {"session": int, "failed": str},
 }
 MAX_STEP_TOKENS = 1 << 20
 MAX_PLAN_INTS = 4096  # a plan's integers: 3 per sequence of a batch, plus releases

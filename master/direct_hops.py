@@ -1,0 +1,100 @@
+"""Direct hops: the master asks its pipeline's workers to link to each other.
+
+For every pair that needs a link (tpi.master.topology.direct_hop_pairs), the
+master makes a ticket and tells both ends over their authenticated control
+links (PEERS): the accepting worker takes only a connection that presents that
+ticket on its data port, the connecting one presents it. Each worker answers
+PEERED. A worker that cannot reach another is said in one line, and the
+session keeps every hop through the master (the planner's other shape).
+
+Where a worker is reached at another address than the master's own (an
+emulated link's relay, a NAT), TPI_PEER_ROUTES maps it: a JSON object
+{connecting worker: {accepting worker: "host:port"}}, workers named by the
+addresses the master was given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+from tpi.comm.data_link import new_ticket
+from tpi.comm.links import ClusterError, LinkLost, WorkerLink, display_address, normalize_address
+from tpi.comm.wire import Kind, Message, encode_control
+from tpi.master.topology import direct_hop_pairs
+from tpi.model.partition import Stage
+
+PEERS_TIMEOUT_S = 30.0
+ROUTES_ENV = "TPI_PEER_ROUTES"
+
+
+def _key(address: str) -> str:
+    return display_address(normalize_address(address))
+
+
+def peer_routes() -> dict[str, dict[str, str]]:
+    """TPI_PEER_ROUTES, keys normalized (empty when unset)."""
+    text = os.environ.get(ROUTES_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        routes = json.loads(text)
+        return {_key(a): {_key(b): str(v) for b, v in to.items()} for a, to in routes.items()}
+    except (ValueError, AttributeError, TypeError):
+        raise ClusterError(f"{ROUTES_ENV} is not a JSON object of objects") from None
+
+
+def peer_plan(
+    stages: list[Stage], links: list[WorkerLink], welcomes: dict[int, Message]
+) -> tuple[dict[int, list[dict]], str]:
+    """What each rank's PEERS holds, or ({}, why not) when a worker offers no port."""
+    routes = peer_routes()
+    wanted: dict[int, list[dict]] = {}
+    for conn, acc in direct_hop_pairs(stages):
+        port = welcomes[acc].body.get("data_port")
+        if not isinstance(port, int) or not port:
+            return {}, f"rank {acc} ({links[acc - 1].name}) has no data port for other workers"
+        target = links[acc - 1]
+        host = target.address[len("tcp://") :].rpartition(":")[0].strip("[]")
+        route = routes.get(_key(links[conn - 1].address), {}).get(_key(target.address))
+        if route is not None:
+            host, _, port_text = route.rpartition(":")
+            port = int(port_text)
+        ticket = new_ticket().hex()
+        wanted.setdefault(conn, []).append(
+            {"rank": acc, "ticket": ticket, "host": host, "port": port}
+        )
+        wanted.setdefault(acc, []).append({"rank": conn, "ticket": ticket})
+    return wanted, ""
+
+
+def open_direct_hops(
+    links: list[WorkerLink],
+    session: int,
+    stages: list[Stage],
+    welcomes: dict[int, Message],
+    expect: Callable[..., dict[int, Message]],
+    echo: Callable[[str], None],
+) -> bool:
+    """Ask the workers to open the direct links these stages need; False (said
+    in one line) when any cannot, and every hop then goes through the master."""
+    wanted, why = peer_plan(stages, links, welcomes)
+    if not why:
+        for rank, entries in wanted.items():
+            body = {"session": session, "links": entries}
+            links[rank - 1].send([encode_control(Kind.PEERS, body)])
+        try:
+            got = expect({Kind.PEERED}, PEERS_TIMEOUT_S, set(wanted), "opening direct links")
+        except LinkLost as e:
+            raise ClusterError(str(e), e.address) from None
+        failed = [(r, m.body["failed"]) for r, m in sorted(got.items()) if m.body["failed"]]
+        if failed:
+            r, reason = failed[0]
+            why = f"rank {r} ({links[r - 1].name}): {reason}"
+    if why:
+        echo(
+            f"direct hops between pipeline stages off ({why}): their outputs go through the master"
+        )
+        return False
+    return True
