@@ -184,20 +184,6 @@ class Engine:
         h = self._pass([BatchRow(0, last, last_pos)], Want.logits([len(last) - 1]))
         return self.vocab.logits(h[-1:])[0]
 
-    def feed(self, ids: Sequence[int], pos: int = 0, slot: int = 0) -> None:
-        """Put tokens at positions [pos, pos+len) of `slot` into every rank's KV cache,
-        choosing nothing (a recovery replaying a sequence)."""
-        for piece, p in self._pieces(ids, pos):
-            self._pass([BatchRow(slot, piece, p)], Want.nothing())
-
-    def forward_token(self, ids: Sequence[int], pos: int, sampler: Sampler, slot: int = 0) -> int:
-        """Run tokens at positions [pos, pos+len) and choose the next token."""
-        *early, (last, last_pos) = self._pieces(ids, pos)
-        for piece, p in early:
-            self._pass([BatchRow(slot, piece, p)], Want.nothing())
-        (token,) = self.step([BatchRow(slot, last, last_pos, sampler)])
-        return token
-
     def reuse_start(self, prompt: Sequence[int], slot: int = 0) -> int:
         """Where a new prompt must start running in `slot`: after the longest prefix
         already cached there (at least one token runs, to produce logits)."""
@@ -218,11 +204,6 @@ class Engine:
         """Logits after the prompt, reusing the longest cached prefix."""
         start = self._reuse(prompt)
         return self.forward(prompt[start:], start)
-
-    def prefill_token(self, prompt: Sequence[int], sampler: Sampler) -> int:
-        """The first new token after the prompt, reusing the longest cached prefix."""
-        start = self._reuse(prompt)
-        return self.forward_token(prompt[start:], start, sampler)
 
     def reset(self) -> None:
         for slot in list(self.slots):

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from tests.cluster_helpers import addresses, cluster_model, local_workers
-from tpi.master.batching import Batcher, BatchSequence, KVBudgetError
+from tpi.master.batching import Batcher, BatchSequence
 from tpi.master.engine import BatchRow, load_engine
 from tpi.master.generation import generate_tokens
+from tpi.master.kv_budget import KVBudgetError
 from tpi.master.loader import MemoryOptions
 from tpi.master.sampling import Sampler, SamplingParams
 from tpi.model.batch import BatchPlan, PlanError, Segment
