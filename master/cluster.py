@@ -20,7 +20,7 @@ from tpi.comm.links import ClusterError, WorkerLink
 from tpi.comm.wire import Kind, encode_control
 from tpi.dtypes import DTYPES
 from tpi.master.connection import CONNECT_TIMEOUT_S, WorkerConnections
-from tpi.master.direct_hops import open_direct_hops
+from tpi.master.direct_hops import open_direct_hops, peer_routes, route
 from tpi.master.shard_sender import VERIFY_TIMEOUT_S, ShardSender
 from tpi.master.topology import Topology
 from tpi.model.partition import Stage
@@ -117,6 +117,7 @@ class ClusterSession(WorkerConnections):
         if not self.data_link or self.curve is not None or not isinstance(port, int) or not port:
             return False
         host = link.address[len("tcp://") :].rpartition(":")[0].strip("[]")
+        host, port = route(peer_routes(), "master", link.address) or (host, port)
         try:
             data = connect_data_link(
                 host,

@@ -7,10 +7,10 @@ ticket on its data port, the connecting one presents it. Each worker answers
 PEERED. A worker that cannot reach another is said in one line, and the
 session keeps every hop through the master (the planner's other shape).
 
-Where a worker is reached at another address than the master's own (an
-emulated link's relay, a NAT), TPI_PEER_ROUTES maps it: a JSON object
+Where a worker's data port is reached at another address than the master's
+own (an emulated link's relay, a NAT), TPI_PEER_ROUTES maps it: a JSON object
 {connecting worker: {accepting worker: "host:port"}}, workers named by the
-addresses the master was given.
+addresses the master was given, the master's own data links under "master".
 """
 
 from __future__ import annotations
@@ -40,9 +40,22 @@ def peer_routes() -> dict[str, dict[str, str]]:
         return {}
     try:
         routes = json.loads(text)
-        return {_key(a): {_key(b): str(v) for b, v in to.items()} for a, to in routes.items()}
+        return {
+            a if a == "master" else _key(a): {_key(b): str(v) for b, v in to.items()}
+            for a, to in routes.items()
+        }
     except (ValueError, AttributeError, TypeError):
         raise ClusterError(f"{ROUTES_ENV} is not a JSON object of objects") from None
+
+
+def route(routes: dict[str, dict[str, str]], source: str, target: str) -> tuple[str, int] | None:
+    """Where `source` (a worker's address, or "master") reaches `target`'s data port,
+    if TPI_PEER_ROUTES says so."""
+    to = routes.get(source if source == "master" else _key(source), {}).get(_key(target))
+    if to is None:
+        return None
+    host, _, port = to.rpartition(":")
+    return host, int(port)
 
 
 def peer_plan(
@@ -57,10 +70,7 @@ def peer_plan(
             return {}, f"rank {acc} ({links[acc - 1].name}) has no data port for other workers"
         target = links[acc - 1]
         host = target.address[len("tcp://") :].rpartition(":")[0].strip("[]")
-        route = routes.get(_key(links[conn - 1].address), {}).get(_key(target.address))
-        if route is not None:
-            host, _, port_text = route.rpartition(":")
-            port = int(port_text)
+        host, port = route(routes, links[conn - 1].address, target.address) or (host, port)
         ticket = new_ticket().hex()
         wanted.setdefault(conn, []).append(
             {"rank": acc, "ticket": ticket, "host": host, "port": port}
@@ -89,6 +99,8 @@ def open_direct_hops(
         except LinkLost as e:
             raise ClusterError(str(e), e.address) from None
         failed = [(r, m.body["failed"]) for r, m in sorted(got.items()) if m.body["failed"]]
+        # A worker that could not reach another says why; its peer only saw nobody come.
+        failed.sort(key=lambda f: "cannot reach" not in f[1])
         if failed:
             r, reason = failed[0]
             why = f"rank {r} ({links[r - 1].name}): {reason}"

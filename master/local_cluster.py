@@ -1,12 +1,20 @@
 """Start N worker daemons as local processes on loopback (for `tpi cluster`),
 optionally emulating small devices: memory and CPU caps (cgroups, where the
-kernel lets us), and slow links (the user-space link shaper)."""
+kernel lets us), and slow links (the user-space link shaper).
+
+Emulated links: every byte between two devices crosses a relay with the link's
+latency and bandwidth: the master's control and data links to each worker
+(that worker's link), and the direct links between workers of a pipeline (the
+slower of the two workers' links: a far device costs every link to it). The
+master learns the relays' addresses from TPI_PEER_ROUTES (tpi.master.direct_hops)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,9 +25,16 @@ from tpi.comm.links import ClusterError, display_address
 from tpi.emulation.cgroups import Cgroup, CgroupFactory
 from tpi.emulation.link_shaper import LinkSpec, parse_duration, parse_rate, start_process
 from tpi.errors import TpiError
+from tpi.master.direct_hops import ROUTES_ENV
 from tpi.system.lifeline import lifeline, spawn
 
 START_TIMEOUT_S = 60.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -56,6 +71,7 @@ class LocalWorker:
     log_path: Path
     address: str = ""
     cgroup: Cgroup | None = None
+    data_port: int | None = None  # chosen here when links are emulated (relayed)
 
 
 @dataclass
@@ -76,6 +92,10 @@ class LocalCluster:
     shaper: subprocess.Popen | None = None  # the first shaper (one per distinct link)
     shapers: list[subprocess.Popen] = field(default_factory=list)
     master_cgroup: Cgroup | None = None
+    # Every relay's address and its link (emulated links only; tests and benchmarks).
+    relay_specs: dict[str, LinkSpec] = field(default_factory=dict)
+    # Where each device reaches each worker's data port (TPI_PEER_ROUTES), when relayed.
+    routes: dict[str, dict[str, str]] = field(default_factory=dict)
     _cgroups: CgroupFactory | None = None
     _lifelines: list[int] = field(default_factory=list)  # write ends: closed when we exit
 
@@ -92,7 +112,15 @@ class LocalCluster:
         self._lifelines.append(write_end)
         return read_end
 
-    def _spawn(self, i: int, listen: str = "tcp://127.0.0.1:0") -> LocalWorker:
+    def _shaped(self) -> bool:
+        return any(
+            (s := self.link_of(i)) is not None and (s.latency_s > 0 or s.rate_bps)
+            for i in range(1, self.count + 1)
+        )
+
+    def _spawn(
+        self, i: int, listen: str = "tcp://127.0.0.1:0", data_port: int | None = None
+    ) -> LocalWorker:
         wdir = self.base_dir / f"worker{i}"
         wdir.mkdir(exist_ok=True)
         port_file = wdir / "address"
@@ -109,10 +137,10 @@ class LocalCluster:
             "--port-file",
             str(port_file),
             "--data-port",
-            # A relayed link (the user-space shaper) carries the control port only:
-            # no data link then, so the emulated link delays every byte. Otherwise any
-            # free port: a restart on the old control port must not collide.
-            "off" if self.link_of(i) is not None else "0",
+            # Relayed links: a port chosen here, so the relays in front of it can be
+            # made before the worker says where it listens. Otherwise any free port:
+            # a restart on the old control port must not collide.
+            str(data_port or (_free_port() if self._shaped() else 0)),
             "--parent-fd",
             str(parent_fd := self._lifeline()),
             *self.extra_args,
@@ -129,6 +157,7 @@ class LocalCluster:
         with open(log_path, "ab") as log:
             proc = spawn(cmd, log, parent_fd, env)
         w = LocalWorker(i, proc, port_file, log_path)
+        w.data_port = int(cmd[cmd.index("--data-port") + 1]) or None
         if self._cgroups is not None and limits.any:
             # Python takes ~0.1 s to start; the worker allocates nothing big before that.
             w.cgroup = self._cgroups.create(
@@ -160,19 +189,63 @@ class LocalCluster:
                 f"device caps NOT enforced ({factory.reason}); workers still plan within the memory limit"
             )
 
+    def _pair_link(self, a: LocalWorker, b: LocalWorker) -> LinkSpec | None:
+        """The emulated link between two workers: the slower of their links."""
+        specs = [s for s in (self.link_of(a.index), self.link_of(b.index)) if s is not None]
+        if not specs:
+            return None
+        rates = [s.rate_bps for s in specs if s.rate_bps]
+        return LinkSpec(max(s.latency_s for s in specs), min(rates) if rates else None)
+
     def _start_shaper(self) -> None:
-        """One relay process per distinct link setting, in front of its workers."""
-        groups: dict[LinkSpec, list[LocalWorker]] = {}
+        """One relay process per distinct link setting, in front of every port a
+        device reaches another by: the master's control and data links to each
+        worker, and each worker's data port as its pipeline peers reach it."""
+        routes: dict[LinkSpec, set[str]] = {}
+        control: dict[LinkSpec, list[LocalWorker]] = {}
+        wanted: list[tuple[str, str, LinkSpec]] = []  # (from, to worker address, spec)
         for w in self.workers:
             spec = self.link_of(w.index)
             if spec is not None and (spec.latency_s > 0 or spec.rate_bps):
-                groups.setdefault(spec, []).append(w)
-        for k, (spec, members) in enumerate(groups.items()):
+                control.setdefault(spec, []).append(w)
+                routes.setdefault(spec, set()).add(w.address)
+        if not control:
+            return
+        for w in self.workers:
+            target = f"127.0.0.1:{w.data_port}"
+            for other in [None, *self.workers]:
+                if other is w:
+                    continue
+                spec = self.link_of(w.index) if other is None else self._pair_link(other, w)
+                if spec is not None and (spec.latency_s > 0 or spec.rate_bps):
+                    routes.setdefault(spec, set()).add(target)
+                    wanted.append(("master" if other is None else other.address, w.address, spec))
+        mappings = self._relay(routes, control)
+        final = {w.address: w.address for w in self.workers}
+        for w in self.workers:
+            for spec, members in control.items():
+                if w in members:
+                    final[w.address] = mappings[spec][w.address]
+        for src, dst, spec in wanted:
+            worker = next(w for w in self.workers if w.address == dst)
+            relay = mappings[spec][f"127.0.0.1:{worker.data_port}"]
+            self.routes.setdefault(final.get(src, src), {})[final[dst]] = relay
+        for w in self.workers:
+            w.address = final[w.address]
+        self._old_routes = os.environ.get(ROUTES_ENV)
+        os.environ[ROUTES_ENV] = json.dumps(self.routes)
+
+    def _relay(
+        self, routes: dict[LinkSpec, set[str]], control: dict[LinkSpec, list[LocalWorker]]
+    ) -> dict[LinkSpec, dict[str, str]]:
+        """Start the relay processes; returns each one's {target: relayed address}."""
+        mappings = {}
+        for k, (spec, targets) in enumerate(routes.items()):
             suffix = "" if k == 0 else f"-{k}"
             with open(self.base_dir / f"shaper{suffix}.log", "ab") as log:
                 try:
-                    proc, mapping = start_process(
-                        [w.address for w in members],
+                    proc, mappings[spec] = start_process(
+                        sorted(targets),
                         spec,
                         self.base_dir / f"shaper{suffix}.json",
                         log,
@@ -183,8 +256,8 @@ class LocalCluster:
                     raise ClusterError(f"{e} (see shaper{suffix}.log)") from None
             self.shapers.append(proc)
             self.shaper = self.shaper or proc
-            for w in members:
-                w.address = mapping[w.address]
+            self.relay_specs.update({relay: spec for relay in mappings[spec].values()})
+        for spec, members in control.items():
             who = (
                 ""
                 if len(members) == len(self.workers)
@@ -193,6 +266,7 @@ class LocalCluster:
             self.notes.append(
                 f"links{who}: {spec.describe()} (user-space relay; round trip = 2 x latency)"
             )
+        return mappings
 
     def start(self) -> list[str]:
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +329,7 @@ class LocalCluster:
             os.killpg(old.proc.pid, signal.SIGKILL)
         old.proc.wait()
         port = old.port_file.read_text().strip().rpartition(":")[2]
-        w = self._spawn(index, f"tcp://127.0.0.1:{port}")
+        w = self._spawn(index, f"tcp://127.0.0.1:{port}", old.data_port)
         self.workers[index - 1] = w
         self._wait_address(w, time.monotonic() + START_TIMEOUT_S)
         if old.address != display_address(old.port_file.read_text().strip()):
@@ -290,6 +364,12 @@ class LocalCluster:
         self.workers.clear()
         self.shaper = None
         self.shapers.clear()
+        if hasattr(self, "_old_routes"):
+            if self._old_routes is None:
+                os.environ.pop(ROUTES_ENV, None)
+            else:
+                os.environ[ROUTES_ENV] = self._old_routes
+            del self._old_routes
         for fd in self._lifelines:
             with contextlib.suppress(OSError):
                 os.close(fd)

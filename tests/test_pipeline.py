@@ -421,7 +421,7 @@ def test_direct_hops_give_single_node_tokens_without_the_master_between_stages(
         return output(self, link, msg, step, shape)
 
     monkeypatch.setattr(remote_stage.RemoteStage, "output", spy)
-    ws = addresses(workers)
+    ws = addresses(workers)[: plan.count("w")]
     with cluster_model(deep_llama, ws, plan_mode=plan, stage_layers=stage_layers) as lm:
         top = lm.cluster.topology
         assert top.direct and len(top.later) == 1 and top.stages == plan.count("|") + 1
@@ -442,7 +442,7 @@ def test_a_worker_that_cannot_reach_another_falls_back_to_hops_through_the_maste
 
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
-    ws = addresses(workers)
+    ws = addresses(workers)[:2]
     routes = {ws[1]: {ws[0]: f"127.0.0.1:{closed.getsockname()[1]}"}}
     monkeypatch.setenv("TPI_PEER_ROUTES", json.dumps(routes))
     said = []

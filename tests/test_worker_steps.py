@@ -51,6 +51,8 @@ class SummingChannel:
     the same values (the master's own share zeros), HEADs and HIDDENs are kept,
     and `next` hands out what the test queued."""
 
+    session = SESSION
+
     def __init__(self, queued: list[Message] | None = None) -> None:
         self.sent: list[Message] = []
         self.queued = list(queued or [])

@@ -20,6 +20,7 @@ each other.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tpi.comm.data_link import DataLink, DataListener, connect
@@ -76,6 +77,7 @@ def open_peer_links(
     listener: DataListener | None,
     session: int,
     link_timeout_s: float,
+    alive: Callable[[], None] | None = None,
 ) -> dict[int, DataLink]:
     """Every link of `wanted`, by the peer's rank; raises PeerSetupFailed (every
     link opened so far closed) naming the first peer that could not be reached."""
@@ -95,7 +97,9 @@ def open_peer_links(
                 raise PeerSetupFailed("this worker has no data port for other workers to reach")
             try:
                 links.update(
-                    listener.accept_each(session, accepting, ACCEPT_TIMEOUT_S, link_timeout_s)
+                    listener.accept_each(
+                        session, accepting, ACCEPT_TIMEOUT_S, link_timeout_s, alive
+                    )
                 )
             except TimeoutError as e:
                 raise PeerSetupFailed(f"other workers did not connect in time ({e})") from None

@@ -23,6 +23,7 @@ from tpi.worker.profile_service import serve_profile
 from tpi.worker.rank_loader import LoadedRank, LoadRequest, load_rank
 from tpi.worker.steps import RankSteps
 from tpi.worker.store import ShardStore
+from tpi.worker.watchdog import beat
 
 log = logging.getLogger("tpi.worker")
 DATA_ACCEPT_TIMEOUT_S = 10.0  # the master connects before it sends LOAD
@@ -75,7 +76,7 @@ class Session:
             if msg.body.get("data_link") is True and self.data_listener is not None:
                 try:
                     channel.data = self.data_listener.accept(
-                        self.hello.session, ticket, DATA_ACCEPT_TIMEOUT_S, DATA_TIMEOUT_S
+                        self.hello.session, ticket, DATA_ACCEPT_TIMEOUT_S, DATA_TIMEOUT_S, beat
                     )
                 except TimeoutError as e:
                     raise SessionEnded(str(e)) from None
@@ -147,7 +148,7 @@ class Session:
         (if not, the master keeps every hop through itself)."""
         try:
             self.channel.peers = open_peer_links(
-                peer_links(msg), self.data_listener, self.hello.session, DATA_TIMEOUT_S
+                peer_links(msg), self.data_listener, self.hello.session, DATA_TIMEOUT_S, beat
             )
             failed = ""
         except PeerSetupFailed as e:
