@@ -59,12 +59,13 @@ def route(routes: dict[str, dict[str, str]], source: str, target: str) -> tuple[
 
 
 def peer_plan(
-    stages: list[Stage], links: list[WorkerLink], welcomes: dict[int, Message]
+    pairs: list[tuple[int, int]], links: list[WorkerLink], welcomes: dict[int, Message]
 ) -> tuple[dict[int, list[dict]], str]:
-    """What each rank's PEERS holds, or ({}, why not) when a worker offers no port."""
+    """What each rank's PEERS holds for these (connecting, accepting) pairs, or
+    ({}, why not) when a worker offers no port."""
     routes = peer_routes()
     wanted: dict[int, list[dict]] = {}
-    for conn, acc in direct_hop_pairs(stages):
+    for conn, acc in pairs:
         port = welcomes[acc].body.get("data_port")
         if not isinstance(port, int) or not port:
             return {}, f"rank {acc} ({links[acc - 1].name}) has no data port for other workers"
@@ -79,6 +80,33 @@ def peer_plan(
     return wanted, ""
 
 
+def link_workers(
+    pairs: list[tuple[int, int]],
+    links: list[WorkerLink],
+    session: int,
+    welcomes: dict[int, Message],
+    expect: Callable[..., dict[int, Message]],
+) -> str:
+    """Ask the workers to open a direct link for each (connecting, accepting) pair;
+    returns "" when all did, else which worker could not and why."""
+    wanted, why = peer_plan(pairs, links, welcomes)
+    if why:
+        return why
+    for rank, entries in wanted.items():
+        links[rank - 1].send([encode_control(Kind.PEERS, {"session": session, "links": entries})])
+    try:
+        got = expect({Kind.PEERED}, PEERS_TIMEOUT_S, set(wanted), "opening direct links")
+    except LinkLost as e:
+        raise ClusterError(str(e), e.address) from None
+    failed = [(r, m.body["failed"]) for r, m in sorted(got.items()) if m.body["failed"]]
+    # A worker that could not reach another says why; its peer only saw nobody come.
+    failed.sort(key=lambda f: "cannot reach" not in f[1])
+    if not failed:
+        return ""
+    r, reason = failed[0]
+    return f"rank {r} ({links[r - 1].name}): {reason}"
+
+
 def open_direct_hops(
     links: list[WorkerLink],
     session: int,
@@ -89,21 +117,7 @@ def open_direct_hops(
 ) -> bool:
     """Ask the workers to open the direct links these stages need; False (said
     in one line) when any cannot, and every hop then goes through the master."""
-    wanted, why = peer_plan(stages, links, welcomes)
-    if not why:
-        for rank, entries in wanted.items():
-            body = {"session": session, "links": entries}
-            links[rank - 1].send([encode_control(Kind.PEERS, body)])
-        try:
-            got = expect({Kind.PEERED}, PEERS_TIMEOUT_S, set(wanted), "opening direct links")
-        except LinkLost as e:
-            raise ClusterError(str(e), e.address) from None
-        failed = [(r, m.body["failed"]) for r, m in sorted(got.items()) if m.body["failed"]]
-        # A worker that could not reach another says why; its peer only saw nobody come.
-        failed.sort(key=lambda f: "cannot reach" not in f[1])
-        if failed:
-            r, reason = failed[0]
-            why = f"rank {r} ({links[r - 1].name}): {reason}"
+    why = link_workers(direct_hop_pairs(stages), links, session, welcomes, expect)
     if why:
         echo(
             f"direct hops between pipeline stages off ({why}): their outputs go through the master"

@@ -78,6 +78,8 @@ class MasterChannel:
         self.peers: dict[int, DataLink] = {}
         self.step_source: int | None = None
         self.hub: int | None = None
+        # A probe session: answer the other workers' PINGs on the direct links.
+        self.echo_peers = False
 
     # --- sending ---------------------------------------------------------------------
 
@@ -198,11 +200,16 @@ class MasterChannel:
         source = self.step_source
         link = self.peers[source] if source is not None else None
         while True:
+            if self.echo_peers and self.peers:
+                self._echo_pings()
             if self._master_gone():
                 raise SessionEnded("master disconnected")
             if deadline is not None and time.monotonic() > deadline:
                 raise SessionEnded(f"master silent for {timeout_s:g} s")
-            if link is None:
+            if self.echo_peers and self.peers:
+                self.endpoint.wait(POLL_S, list(self.peers.values()))
+                inb = self.endpoint.recv(0)
+            elif link is None:
                 inb = self.endpoint.recv(POLL_S)
             else:
                 # Steps come from another worker: wait on its link and the master's.
@@ -213,6 +220,19 @@ class MasterChannel:
             beat()
             if inb is not None and (msg := self._accept(inb)) is not None:
                 return msg
+
+    def _echo_pings(self) -> None:
+        """Answer every PING another worker sent over a direct link (a probe
+        session's round-trip timing); a peer that closed its link is forgotten."""
+        pong = [encode_control(Kind.PONG, {"session": self.session}), b""]
+        for rank, link in list(self.peers.items()):
+            try:
+                while link.readable():
+                    if decode(link.recv(0.0)).kind == Kind.PING:
+                        link.send(pong)
+            except (TimeoutError, DataLinkClosed, ProtocolError):
+                link.close()
+                del self.peers[rank]
 
     def _from_peer(self, link: DataLink, peer: int) -> Message | None:
         try:

@@ -20,15 +20,19 @@ each other.
 from __future__ import annotations
 
 import contextlib
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tpi.comm.data_link import DataLink, DataListener, connect
-from tpi.comm.wire import Message, ProtocolError
+from tpi.comm.data_link import DataLink, DataLinkClosed, DataListener, connect
+from tpi.comm.wire import Kind, Message, ProtocolError, decode, encode_control
 
 CONNECT_TIMEOUT_S = 5.0
 ACCEPT_TIMEOUT_S = 10.0
 MAX_PEERS = 64
+MAX_PEER_PINGS = 50
+PING_TIMEOUT_S = 5.0
 
 
 class PeerSetupFailed(Exception):
@@ -109,3 +113,28 @@ def open_peer_links(
                 link.close()
         raise
     return links
+
+
+def peer_round_trips(channel, pings: int) -> dict[int, float]:
+    """The median round trip to each peer this worker has a link to (the planner's
+    link matrix: home networks are not uniform). The peer echoes while it waits
+    for its master (MasterChannel.echo_peers); a peer that does not answer within
+    PING_TIMEOUT_S is left out."""
+    out: dict[int, float] = {}
+    ping = [encode_control(Kind.PING, {"session": channel.session}), b""]
+    for rank, link in sorted(channel.peers.items()):
+        times = []
+        try:
+            for _ in range(pings):
+                t0 = time.perf_counter()
+                link.send(ping)
+                for _ in range(4):  # a few stray frames at most (a late PONG is one)
+                    if decode(link.recv(PING_TIMEOUT_S)).kind == Kind.PONG:
+                        break
+                else:
+                    raise ProtocolError(f"rank {rank} does not answer PINGs")
+                times.append(time.perf_counter() - t0)
+        except (TimeoutError, DataLinkClosed, ProtocolError):
+            continue
+        out[rank] = statistics.median(times)
+    return out

@@ -18,7 +18,13 @@ from tpi.storage.read_check import CorruptShard
 from tpi.worker.handshake import Hello, Refused, admit
 from tpi.worker.master_channel import MasterChannel, PeerLost, SessionEnded
 from tpi.worker.options import WorkerOptions
-from tpi.worker.peers import PeerSetupFailed, open_peer_links, peer_links
+from tpi.worker.peers import (
+    MAX_PEER_PINGS,
+    PeerSetupFailed,
+    open_peer_links,
+    peer_links,
+    peer_round_trips,
+)
 from tpi.worker.profile_service import serve_profile
 from tpi.worker.rank_loader import LoadedRank, LoadRequest, load_rank
 from tpi.worker.steps import RankSteps
@@ -129,13 +135,25 @@ class Session:
             self.loaded = self.steps = None
 
     def _probe_only(self) -> str:
-        """A session that only measures (tpi plan, --plan auto): no shard, no LOAD."""
-        self.channel.control(Kind.WELCOME, have_shard=False, partial={})
+        """A session that only measures (tpi plan, --plan auto): no shard, no LOAD.
+        Besides this device's profile, the round trips to the other workers: the
+        master links them (PEERS) and asks each in turn to time its links, while
+        the others echo."""
+        offer = {"data_port": self.data_listener.port} if self.data_listener else {}
+        self.channel.control(Kind.WELCOME, have_shard=False, partial={}, **offer)
+        self.channel.echo_peers = True
         while True:
             msg = self.channel.next(None)
-            if msg.kind != Kind.PROFILE_REQUEST:
+            if msg.kind == Kind.PROFILE_REQUEST:
+                serve_profile(self.channel, msg, self.options, self.store)
+            elif msg.kind == Kind.PEERS:
+                self._open_peers(msg)
+            elif msg.kind == Kind.PEER_RTT_REQUEST:
+                pings = max(1, min(msg.body["pings"], MAX_PEER_PINGS))
+                rtts = peer_round_trips(self.channel, pings)
+                self.channel.control(Kind.PEER_RTT, rtts={str(r): t for r, t in rtts.items()})
+            else:
                 raise SessionEnded(f"unexpected {msg.kind.name} in a probe session")
-            serve_profile(self.channel, msg, self.options, self.store)
 
     def _report(self, message: str, **extra) -> str:
         """Tell the master what broke here; the daemon then goes back to waiting."""

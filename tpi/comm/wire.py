@@ -83,6 +83,8 @@ class Kind(IntEnum):
     FINAL = 26  # master -> workers: a pipeline's final hidden states, for their head rows (data)
     PEERS = 27  # master -> worker: open these direct links to other workers (pipeline hops)
     PEERED = 28  # worker -> master: the direct links are open (or why not)
+    PEER_RTT_REQUEST = 29  # master -> worker: time a round trip to each of your peers
+    PEER_RTT = 30  # worker -> master: the medians, by peer rank
 
 
 class Phase(IntEnum):
@@ -138,6 +140,8 @@ SCHEMAS: dict[Kind, dict[str, type | tuple[type, ...]]] = {
     Kind.PROFILE: {"session": int, "profile": dict},
     Kind.PEERS: {"session": int, "links": list},
     Kind.PEERED: {"session": int, "failed": str},
+    Kind.PEER_RTT_REQUEST: {"session": int, "pings": int},
+    Kind.PEER_RTT: {"session": int, "rtts": dict},
 }
 MAX_STEP_TOKENS = 1 << 20
 MAX_PLAN_INTS = 4096  # a plan's integers: 3 per sequence of a batch, plus releases
