@@ -1,17 +1,10 @@
 """Start N worker daemons as local processes on loopback (for `tpi cluster`),
 optionally emulating small devices: memory and CPU caps (cgroups, where the
-kernel lets us), and slow links (the user-space link shaper).
-
-Emulated links: every byte between two devices crosses a relay with the link's
-latency and bandwidth: the master's control and data links to each worker
-(that worker's link), and the direct links between workers of a pipeline (the
-slower of the two workers' links: a far device costs every link to it). The
-master learns the relays' addresses from TPI_PEER_ROUTES (tpi.master.direct_hops)."""
+kernel lets us), and slow links (relays: tpi.master.link_relays)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -23,9 +16,8 @@ from pathlib import Path
 
 from tpi.comm.links import ClusterError, display_address
 from tpi.emulation.cgroups import Cgroup, CgroupFactory
-from tpi.emulation.link_shaper import LinkSpec, parse_duration, parse_rate, start_process
-from tpi.errors import TpiError
-from tpi.master.direct_hops import ROUTES_ENV
+from tpi.emulation.link_shaper import LinkSpec, parse_duration, parse_rate
+from tpi.master.link_relays import LinkRelays
 from tpi.system.lifeline import lifeline, spawn
 
 START_TIMEOUT_S = 60.0
@@ -96,6 +88,7 @@ class LocalCluster:
     relay_specs: dict[str, LinkSpec] = field(default_factory=dict)
     # Where each device reaches each worker's data port (TPI_PEER_ROUTES), when relayed.
     routes: dict[str, dict[str, str]] = field(default_factory=dict)
+    _relays: LinkRelays | None = None
     _cgroups: CgroupFactory | None = None
     _lifelines: list[int] = field(default_factory=list)  # write ends: closed when we exit
 
@@ -189,84 +182,14 @@ class LocalCluster:
                 f"device caps NOT enforced ({factory.reason}); workers still plan within the memory limit"
             )
 
-    def _pair_link(self, a: LocalWorker, b: LocalWorker) -> LinkSpec | None:
-        """The emulated link between two workers: the slower of their links."""
-        specs = [s for s in (self.link_of(a.index), self.link_of(b.index)) if s is not None]
-        if not specs:
-            return None
-        rates = [s.rate_bps for s in specs if s.rate_bps]
-        return LinkSpec(max(s.latency_s for s in specs), min(rates) if rates else None)
-
     def _start_shaper(self) -> None:
-        """One relay process per distinct link setting, in front of every port a
-        device reaches another by: the master's control and data links to each
-        worker, and each worker's data port as its pipeline peers reach it."""
-        routes: dict[LinkSpec, set[str]] = {}
-        control: dict[LinkSpec, list[LocalWorker]] = {}
-        wanted: list[tuple[str, str, LinkSpec]] = []  # (from, to worker address, spec)
-        for w in self.workers:
-            spec = self.link_of(w.index)
-            if spec is not None and (spec.latency_s > 0 or spec.rate_bps):
-                control.setdefault(spec, []).append(w)
-                routes.setdefault(spec, set()).add(w.address)
-        if not control:
-            return
-        for w in self.workers:
-            target = f"127.0.0.1:{w.data_port}"
-            for other in [None, *self.workers]:
-                if other is w:
-                    continue
-                spec = self.link_of(w.index) if other is None else self._pair_link(other, w)
-                if spec is not None and (spec.latency_s > 0 or spec.rate_bps):
-                    routes.setdefault(spec, set()).add(target)
-                    wanted.append(("master" if other is None else other.address, w.address, spec))
-        mappings = self._relay(routes, control)
-        final = {w.address: w.address for w in self.workers}
-        for w in self.workers:
-            for spec, members in control.items():
-                if w in members:
-                    final[w.address] = mappings[spec][w.address]
-        for src, dst, spec in wanted:
-            worker = next(w for w in self.workers if w.address == dst)
-            relay = mappings[spec][f"127.0.0.1:{worker.data_port}"]
-            self.routes.setdefault(final.get(src, src), {})[final[dst]] = relay
-        for w in self.workers:
-            w.address = final[w.address]
-        self._old_routes = os.environ.get(ROUTES_ENV)
-        os.environ[ROUTES_ENV] = json.dumps(self.routes)
-
-    def _relay(
-        self, routes: dict[LinkSpec, set[str]], control: dict[LinkSpec, list[LocalWorker]]
-    ) -> dict[LinkSpec, dict[str, str]]:
-        """Start the relay processes; returns each one's {target: relayed address}."""
-        mappings = {}
-        for k, (spec, targets) in enumerate(routes.items()):
-            suffix = "" if k == 0 else f"-{k}"
-            with open(self.base_dir / f"shaper{suffix}.log", "ab") as log:
-                try:
-                    proc, mappings[spec] = start_process(
-                        sorted(targets),
-                        spec,
-                        self.base_dir / f"shaper{suffix}.json",
-                        log,
-                        START_TIMEOUT_S,
-                        parent_fd=self._lifeline(),
-                    )
-                except TpiError as e:
-                    raise ClusterError(f"{e} (see shaper{suffix}.log)") from None
-            self.shapers.append(proc)
-            self.shaper = self.shaper or proc
-            self.relay_specs.update({relay: spec for relay in mappings[spec].values()})
-        for spec, members in control.items():
-            who = (
-                ""
-                if len(members) == len(self.workers)
-                else f" (worker {', '.join(str(w.index) for w in members)})"
-            )
-            self.notes.append(
-                f"links{who}: {spec.describe()} (user-space relay; round trip = 2 x latency)"
-            )
-        return mappings
+        """The relays of the emulated links, if any (tpi.master.link_relays)."""
+        relays = LinkRelays(self.base_dir, self._lifeline, START_TIMEOUT_S)
+        relays.start(self.workers, self.link_of)
+        self.shapers, self.shaper = relays.procs, relays.procs[0] if relays.procs else None
+        self.relay_specs, self.routes = relays.specs, relays.routes
+        self.notes += relays.notes
+        self._relays = relays
 
     def start(self) -> list[str]:
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -364,12 +287,9 @@ class LocalCluster:
         self.workers.clear()
         self.shaper = None
         self.shapers.clear()
-        if hasattr(self, "_old_routes"):
-            if self._old_routes is None:
-                os.environ.pop(ROUTES_ENV, None)
-            else:
-                os.environ[ROUTES_ENV] = self._old_routes
-            del self._old_routes
+        if self._relays is not None:
+            self._relays.forget()
+            self._relays = None
         for fd in self._lifelines:
             with contextlib.suppress(OSError):
                 os.close(fd)
