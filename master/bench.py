@@ -255,8 +255,8 @@ def bench(prompt_tokens, new_tokens, out, concurrency, prefill_chunk, nano_batch
     loaded = open_from_options(
         {**opts, "max_context": opts["max_context"] or prompt_tokens + new_tokens + 8}
     )
-    if nano_batches is not None and loaded.engine.planner is not None:
-        loaded.engine.planner.fixed_nano = nano_batches
+    if nano_batches is not None and loaded.engine.chunking is not None:
+        loaded.engine.chunking.fixed_nano = nano_batches
     if concurrency > 1:
         report = run_concurrent(loaded, prompt_tokens, new_tokens, concurrency, prefill_chunk)
     else:

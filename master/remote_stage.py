@@ -22,7 +22,7 @@ from tpi.comm.links import LinkLost, WorkerLink
 from tpi.comm.star_master import StarMaster
 from tpi.comm.step_broadcast import StepBroadcaster
 from tpi.comm.wire import Kind, Message, payload_tensor
-from tpi.model.batch import BatchPlan
+from tpi.model.batch import BatchStep
 from tpi.model.partition import Stage
 
 STAGE_TRAFFIC = frozenset({Kind.PARTIAL, Kind.HIDDEN})
@@ -77,9 +77,9 @@ class RemoteStage:
     def num_layers(self) -> int:
         return self.stage.layers[1] - self.stage.layers[0]
 
-    def start(self, h: torch.Tensor, plan: BatchPlan, step: int, pieces: int = 1) -> None:
+    def start(self, h: torch.Tensor, batch: BatchStep, step: int, pieces: int = 1) -> None:
         """Send the stage its input for `step` (its group then works on its own)."""
-        self.broadcast.hidden(h, plan, pieces, step=step)
+        self.broadcast.hidden(h, batch, pieces, step=step)
 
     def output(self, link: WorkerLink, msg: Message, step: int, shape) -> torch.Tensor:
         """The stage's output from a HIDDEN message, checked."""
@@ -94,12 +94,12 @@ class RemoteStage:
             )
         return payload_tensor(msg.payload, got)
 
-    def run(self, h: torch.Tensor, plan: BatchPlan, pieces: int, inbox: Inbox, timeout_s: float):
+    def run(self, h: torch.Tensor, batch: BatchStep, pieces: int, inbox: Inbox, timeout_s: float):
         """The stage, start to output, for the step in progress (nothing else in flight)."""
         step = self.broadcast.clock.step
         if self.hub is not None:
             self.hub.reducer.expect(step)
-        self.start(h, plan, step, pieces)
+        self.start(h, batch, step, pieces)
         while True:
             try:
                 link, msg = inbox.take(

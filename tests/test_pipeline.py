@@ -380,7 +380,7 @@ def test_continuous_batching_through_a_pipeline_gives_each_sequence_its_tokens(
         deep_llama, addresses(workers), plan_mode=plan, vocab_parallel=vocab_parallel
     ) as lm:
         if nano:  # batches cut into micro-batches that flow through the stages
-            lm.engine.planner.fixed_nano = nano
+            lm.engine.chunking.fixed_nano = nano
         seqs = seqs_for(sampled)
         batched(lm.engine, seqs, join_late={2: 4}, max_batch=4, prefill_chunk=8)
         assert [s.tokens for s in seqs] == expected

@@ -161,7 +161,7 @@ def test_a_placement_the_solver_chose_runs_with_single_node_parity(
             assert plan is not None and len(plan.chosen.node_names) == 2
             assert plan.chosen.shares[0] == 1 and plan.chosen.shares[1] > 1  # the master least
             assert plan.windows[1] < cfg.num_layers  # the worker streams
-            assert loaded.cluster.worker_info[1]["plan"]["window"] == plan.windows[1]
+            assert loaded.cluster.worker_info[1]["memory"]["window"] == plan.windows[1]
             assert greedy(loaded.engine, PROMPT, 8) == expected
         finally:
             loaded.close()

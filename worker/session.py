@@ -96,14 +96,14 @@ class Session:
             )
             channel.keep_steps = self.loaded.stage_layers is not None
             self.steps = RankSteps(channel, self.loaded, self._serve)
-            plan = self.loaded.runtime.plan
+            memory = self.loaded.runtime.memory
             channel.control(
                 Kind.READY,
                 load_seconds=self.loaded.load_seconds,
                 resident_bytes=self.loaded.runtime.layers.resident_bytes,
                 max_context=self.loaded.runtime.decoder.max_positions,
-                plan=plan.to_dict(),
-                plan_text=plan.describe(),
+                memory=memory.to_dict(),
+                memory_text=memory.describe(),
             )
             while True:
                 self._serve(channel.next(None))

@@ -31,7 +31,7 @@ from tpi.comm.wire import (
     payload_tensor,
     tensor_payload,
 )
-from tpi.model.batch import BatchPlan, PlanError
+from tpi.model.batch import BatchStep, BatchStepError
 from tpi.model.want import Want
 from tpi.worker.master_channel import BETWEEN_STEPS, MasterChannel
 from tpi.worker.rank_loader import LoadedRank
@@ -54,15 +54,15 @@ class RankSteps:
             raise ProtocolError(f"malformed STEP {h}")
         if loaded.head is not None:
             raise ProtocolError("STEP with hidden states sent to a vocabulary-parallel rank")
-        plan = _plan(h.plan, h.shape[0])
+        batch = _batch(h.batch, h.shape[0])
         x = payload_tensor(msg.payload, h).to(decoder.dtype, copy=True)
         loaded.collective.begin(h.step, h.pos)
         t0 = time.perf_counter()
-        out = decoder.run(x, plan, h.chunks)
+        out = decoder.run(x, batch, h.chunks)
         if loaded.next_stage:  # the next stage starts from here, without the master
             out = out.contiguous()
             nxt = StepHeader(
-                h.session, h.step, h.pos, h.chunks, out.dtype, tuple(out.shape), h.plan
+                h.session, h.step, h.pos, h.chunks, out.dtype, tuple(out.shape), h.batch
             )
             frames = [encode_data(Kind.STEP, nxt), tensor_payload(out)]
             for rank in loaded.next_stage:
@@ -79,19 +79,19 @@ class RankSteps:
         ids = payload_ids(msg.payload, decoder.cfg.vocab_size)
         if b["chunks"] < 1:
             raise ProtocolError(f"malformed STEP_TOKENS {b}")
-        plan = _plan(b["plan"], ids.numel())
+        batch = _batch(b["batch"], ids.numel())
         try:
             want = Want.from_wire(b["head"], ids.numel())
         except ValueError as e:
             raise ProtocolError(str(e)) from None
-        loaded.collective.begin(b["step"], plan.segments[0].pos)
+        loaded.collective.begin(b["step"], batch.segments[0].pos)
         t0 = time.perf_counter()
         x = loaded.head.embed(ids, decoder.dtype)
         if loaded.stage == 0:
-            h = decoder.run(x, plan, b["chunks"])
+            h = decoder.run(x, batch, b["chunks"])
         else:  # a later pipeline stage: its input comes when the stages before are done
             h = self._expect(Kind.STEP, x.shape, b["step"]).to(decoder.dtype, copy=True)
-            h = decoder.run(h, plan, 1)
+            h = decoder.run(h, batch, 1)
             if loaded.hands_on is not None:
                 self._send_hidden(h, b["step"])
         if not loaded.last_stage and want.anything:
@@ -135,8 +135,8 @@ class RankSteps:
         return payload_tensor(msg.payload, h)
 
 
-def _plan(values, tokens: int) -> BatchPlan:
+def _batch(values, tokens: int) -> BatchStep:
     try:
-        return BatchPlan.from_ints(values, tokens)
-    except (PlanError, TypeError) as e:
-        raise ProtocolError(f"malformed step plan: {e}") from None
+        return BatchStep.from_ints(values, tokens)
+    except (BatchStepError, TypeError) as e:
+        raise ProtocolError(f"malformed batch step: {e}") from None
