@@ -5,17 +5,11 @@ from __future__ import annotations
 import click
 
 from tpi.cli_options import apply
-from tpi.master.cli_options import (
-    ENGINE_OPTIONS,
-    open_elastic,
-    open_from_options,
-    sampling_from_options,
-    sampling_options,
-)
+from tpi.master import cli_options as master_opt
 
 
 @click.command()
-@apply(ENGINE_OPTIONS + sampling_options(max_new_default=512))
+@apply(master_opt.ENGINE_OPTIONS + master_opt.sampling_options(max_new_default=512))
 @click.option(
     "--host",
     default="127.0.0.1",
@@ -39,20 +33,13 @@ from tpi.master.cli_options import (
     show_default=True,
     help="Requests admitted at once, running or waiting; more get HTTP 429.",
 )
-@click.option(
-    "--max-batch",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="Requests generated together, in the same forward passes (a pass reads the "
-    "weights once for all of them). 1: one at a time.",
+@master_opt.max_batch(
+    "Requests generated together, in the same forward passes (a pass reads the "
+    "weights once for all of them). 1: one at a time."
 )
-@click.option(
-    "--prefill-chunk",
-    type=click.IntRange(min=0),
-    default=128,
-    show_default=True,
-    help="Prompt tokens fed per pass while other requests decode, so a long new prompt "
+@master_opt.prefill_chunk(
+    128,
+    "Prompt tokens fed per pass while other requests decode, so a long new prompt "
     "does not stall running streams (0: a prompt runs whole).",
 )
 @click.option(
@@ -110,8 +97,10 @@ def serve(
     api_key = api_key_from(api_key)
     listener = bind_listener(host, port)  # before loading: a busy port fails at once
     port = listener.getsockname()[1]
-    loaded, elastic = open_elastic(opts, echo=lambda m: click.echo(f"tpi: {m}", err=True))
-    defaults = sampling_from_options(loaded, opts)
+    loaded, elastic = master_opt.open_elastic(
+        opts, echo=lambda m: click.echo(f"tpi: {m}", err=True)
+    )
+    defaults = master_opt.sampling_from_options(loaded, opts)
     name = model_name or loaded.model_dir.name
     if name.startswith("rank"):  # a split's rank0 directory: name it after the split
         name = loaded.model_dir.parent.name
@@ -120,14 +109,14 @@ def serve(
     def reopen():
         # Runs in the generation thread: click's current context is thread-local.
         with ctx.scope(cleanup=False):
-            return open_from_options(opts)
+            return master_opt.open_from_options(opts)
 
     reopen = reopen if loaded.cluster is not None else None
-    plan = loaded.runtime.plan if loaded.runtime is not None else None
-    if kv_budget is None and plan is not None and plan.budget_bytes is not None:
+    memory = loaded.runtime.memory if loaded.runtime is not None else None
+    if kv_budget is None and memory is not None and memory.budget_bytes is not None:
         # A memory budget reserved one context's KV cache on every rank: a batch
         # shares that reservation (its sequences' positions add up to at most it).
-        kv_budget = plan.kv_bytes
+        kv_budget = memory.kv_bytes
     # A budget is per node: positions are charged at the largest rank's bytes.
     per_position = _largest_kv_bytes_per_position(loaded)
     app = create_app(
@@ -150,7 +139,7 @@ def _largest_kv_bytes_per_position(loaded) -> int:
     per = [loaded.engine.decoder.caches.bytes_per_position]
     cluster = loaded.cluster
     for info in cluster.worker_info.values() if cluster is not None else ():
-        plan, context = info.get("plan") or {}, info.get("max_context")
-        if isinstance(context, int) and context > 0 and isinstance(plan.get("kv_bytes"), int):
-            per.append(plan["kv_bytes"] // context)
+        memory, context = info.get("memory") or {}, info.get("max_context")
+        if isinstance(context, int) and context > 0 and isinstance(memory.get("kv_bytes"), int):
+            per.append(memory["kv_bytes"] // context)
     return max(per)
