@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import click
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -40,7 +41,14 @@ def _run(engine, new: int) -> tuple[float, float]:
 @click.command()
 @click.option("--rounds", default=5, show_default=True)
 @click.option("--new-tokens", default=32, show_default=True)
-def main(rounds: int, new_tokens: int) -> None:
+@click.option(
+    "--threads",
+    default=1,
+    show_default=True,
+    help="torch threads (1: a shared machine's other jobs cost OpenMP's barriers most)",
+)
+def main(rounds: int, new_tokens: int, threads: int) -> None:
+    torch.set_num_threads(threads)
     model = ensure_default_model(click.echo)
     results = {}
     for quant in ("none", "int8", "int4"):
@@ -70,7 +78,7 @@ def main(rounds: int, new_tokens: int) -> None:
             row["torch"]["prefill_128_ms"] / row["native"]["prefill_128_ms"], 2
         )
         results["fp32" if quant == "none" else quant] = row
-        click.echo(f"{quant}: {row}")
+        click.echo(f"{quant}: {row}", err=True)
     write_result(
         "kernels_off",
         {

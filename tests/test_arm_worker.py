@@ -8,6 +8,7 @@ each running its own kernels (built at first use on the ARM worker, as on a Pi).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -112,7 +113,12 @@ def arm_worker(root: Path, name: str) -> Iterator[str]:
     env = {**os.environ, "QEMU_CPU": CPU}
     # The worker builds its kernels before it listens (tpi.kernels.warm); here once
     # first, timed on its own (they stay in the root's TPI_HOME until the source changes).
-    warm = "from tpi.kernels.warm import build_all; print(build_all(lambda _m: None))"
+    # ... and what a device profile will say of this node (tpi.planning.device_probe).
+    warm = (
+        "import json; from tpi.kernels.warm import build_all;"
+        " from tpi.planning.device_probe import identity;"
+        " print(build_all(lambda _m: None), json.dumps(identity()))"
+    )
     t0 = time.perf_counter()
     done = subprocess.run(
         _chroot(root, ["python3", "-c", warm], _env("/work/home")),
@@ -121,7 +127,11 @@ def arm_worker(root: Path, name: str) -> Iterator[str]:
         timeout=START_TIMEOUT_S,
         env=env,
     )
-    assert done.stdout.split() == ["True"], done.stderr[-3000:]
+    ready, _, ident = done.stdout.partition(" ")
+    assert ready == "True", done.stderr[-3000:]
+    ident = json.loads(ident)
+    # Profiles see the device as it is: the core its ID register names, its kernels.
+    assert ident["cpu"] == "Cortex-A76, aarch64" and ident["kernels"] == "NEON+dotprod", ident
     print(f"ARM kernels built (or found) in {time.perf_counter() - t0:.0f} s")
     argv = [
         "python3",

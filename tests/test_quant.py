@@ -25,6 +25,7 @@ from tpi.quant.int4_pack import (
     CANDIDATES,
     ROWS,
     Int4Layout,
+    held_layout,
     native_layout,
     pack,
     torch_pack,
@@ -101,7 +102,7 @@ def test_quantized_linears_match_a_dequantized_reference():
         assert torch.allclose(got8, ref8, atol=0.02 * ref8.abs().max())
         q4, sz = quantize_int4(w, 32)
         ref4 = xb @ _dequant_int4(q4, sz).t()
-        got4 = linear(x, Int4Weight(pack(q4, native_layout()), sz))
+        got4 = linear(x, Int4Weight(pack(q4, held_layout()), sz))
         assert torch.allclose(got4, ref4, atol=0.02 * ref4.abs().max())
 
 

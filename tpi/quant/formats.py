@@ -136,10 +136,10 @@ class Int8Weight:
 
 @dataclass
 class Int4Weight:
-    """Group-wise asymmetric int4 in torch's packed layout (see tpi.quant.int4_pack):
+    """Group-wise asymmetric int4, packed (see tpi.quant.int4_pack):
     w[n, k] ~= (q[n, k] - 8) * scale[k // g, n] + zero[k // g, n]."""
 
-    packed: torch.Tensor  # (N, K/2) uint8, this machine's native layout
+    packed: torch.Tensor  # (N, K/2) uint8, in the layout this machine holds (held_layout)
     scale_zero: torch.Tensor  # (K/g, N, 2) bf16
 
     @property

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from tpi.errors import TpiError
+from tpi.kernels import int4_matmul
 
 ROW_MULTIPLE = 16  # the kernel handles row blocks of 16, 32, 48 or 64
 
@@ -134,8 +135,6 @@ def disk_layout() -> Int4Layout:
 
 def kernel_layout() -> Int4Layout | None:
     """The layout this machine's native int4 kernel reads (None: no kernel here)."""
-    from tpi.kernels import int4_matmul
-
     code = int4_matmul.layout_code()
     if code is None:
         return None
