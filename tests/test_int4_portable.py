@@ -66,3 +66,16 @@ def test_an_unknown_layout_is_refused_in_one_line():
     with pytest.raises(QuantError, match="unknown int4 weight layout 'b7x'"):
         QuantSpec.from_dict({"mode": "int4", "int4_layout": "b7x"})
     assert QuantSpec.from_dict({"mode": "int4", "int4_layout": "rows"}).packing == ROWS
+
+
+def test_slices_are_timed_with_int4_weights_as_a_shard_loads_them():
+    """The planner's probe holds int4 weights in the layout the runtime holds (not
+    the split's), so the kernels it times read what they will read."""
+    from tpi.planning.slice_probe import Setting, _held
+    from tpi.quant.int4_pack import held_layout
+    from tpi.quant.quantize import quantize_int4
+
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(3))
+    held = _held({"gate_up": w}, Setting(quant="int4"))
+    q, _ = quantize_int4(w, 32)
+    assert torch.equal(unpack(held["gate_up.q4"], held_layout()), q)

@@ -45,7 +45,14 @@ from tpi.model.weights import (
     HeadWeights,
     LayerWeights,
 )
-from tpi.quant.formats import FloatT, hold_transposed, weight_from_tensors, weight_nbytes
+from tpi.quant.formats import (
+    INT4_SUFFIX,
+    FloatT,
+    hold_transposed,
+    weight_from_tensors,
+    weight_nbytes,
+)
+from tpi.quant.int4_pack import to_held
 from tpi.quant.quantize import LINEAR_NAMES, QuantSpec, memory_dtype, quantize_tensors
 from tpi.quant.quantize import quantize_embedding as quantize_table
 from tpi.runtime.resident_layers import ResidentLayers
@@ -176,6 +183,8 @@ def _held(tensors: dict[str, torch.Tensor], setting: Setting) -> dict[str, torch
         k: v.to(memory_dtype(k, v.dtype, compute, spec.quantized)).contiguous()
         for k, v in stored.items()
     }
+    for k in [k for k in held if k.endswith(INT4_SUFFIX)]:  # as a shard loads (int4_pack)
+        held[k] = to_held(held[k], spec.packing)
     if setting.resident and setting.quant not in ("int8", "int4"):
         held = hold_transposed(held, LINEAR_NAMES)
     return held
