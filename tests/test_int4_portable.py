@@ -79,3 +79,18 @@ def test_slices_are_timed_with_int4_weights_as_a_shard_loads_them():
     held = _held({"gate_up": w}, Setting(quant="int4"))
     q, _ = quantize_int4(w, 32)
     assert torch.equal(unpack(held["gate_up.q4"], held_layout()), q)
+
+
+@pytest.mark.parametrize("shape", [(112, 96), (208, 34), (64, 2), (48, 4096)])
+def test_the_native_repack_makes_torchs_layouts_exactly(shape):
+    """tpi_int4_pack_blocks (a split's "rows" into torch's blocks, at load): every
+    block size and pairing, full and partial blocks, widths not a multiple of 16."""
+    from tpi.kernels import int4_matmul
+    from tpi.quant.int4_pack import CANDIDATES, pack
+
+    q = torch.randint(0, 16, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    for layout in CANDIDATES:
+        got = int4_matmul.pack_blocks(pack(q, ROWS), layout.block_n, layout.half_pairs)
+        if got is None:
+            pytest.skip("no C compiler here")
+        assert torch.equal(got, pack(q, layout)), layout

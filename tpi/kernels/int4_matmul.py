@@ -38,6 +38,8 @@ def _bind(lib: ctypes.CDLL) -> None:
     p, i = ctypes.c_void_p, ctypes.c_int64
     lib.tpi_matmul_i4.argtypes = [p, i, i, p, p, i, i, p]
     lib.tpi_matmul_i4.restype = ctypes.c_int
+    lib.tpi_int4_pack_blocks.argtypes = [p, i, i, i, ctypes.c_int, p]
+    lib.tpi_int4_pack_blocks.restype = None
     for f in (lib.tpi_int4_supported, lib.tpi_int4_layout, lib.tpi_int4_activations):
         f.argtypes = []
         f.restype = ctypes.c_int
@@ -103,3 +105,16 @@ def matmul_int4(
     if lib.tpi_matmul_i4(x.data_ptr(), x.shape[0], k, *ptrs, group, n, y.data_ptr()):
         return None
     return y
+
+
+def pack_blocks(rows: torch.Tensor, block_n: int, half_pairs: bool) -> torch.Tensor | None:
+    """int4 weights (N, K / 2) in the "rows" layout -> torch's block layout (block_n
+    rows a block, pairs half a block apart or neighbours), or None without the library."""
+    lib = LIBRARY.get()
+    n, hk = rows.shape
+    if lib is None or rows.dtype != torch.uint8 or n % 2 or block_n % 2:
+        return None
+    rows = rows.contiguous()
+    out = torch.empty(n, hk, dtype=torch.uint8)
+    lib.tpi_int4_pack_blocks(rows.data_ptr(), n, 2 * hk, block_n, int(half_pairs), out.data_ptr())
+    return out

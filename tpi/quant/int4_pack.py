@@ -153,5 +153,9 @@ def to_held(packed: torch.Tensor, layout: Int4Layout) -> torch.Tensor:
     held = held_layout()
     if held == layout:
         return packed
+    if layout == ROWS and held is not None:  # a split's: natively where built (~0.3 GB/s in torch)
+        fast = int4_matmul.pack_blocks(packed, held.block_n, held.half_pairs)
+        if fast is not None:
+            return fast
     q = unpack(packed, layout)
     return pack(q, held) if held is not None else torch_pack(q)
