@@ -16,12 +16,11 @@ request boundary, never mid-generation: `grow()`.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tpi.comm.links import ClusterError, display_address, normalize_address
+from tpi.comm.links import ClusterError, display_address, normalize_address, tcp_reachable
 
 MAX_REPLANS = 4  # re-opens per recovery (each may find one more worker gone)
 POLICIES = ("continue", "fail")
@@ -61,17 +60,6 @@ def prestage(opener: Callable[[list[str]], object], workers: list[str]) -> float
             if close is not None:
                 close("pre-staged")
     return time.perf_counter() - t0
-
-
-def reachable(address: str, timeout_s: float = 0.5) -> bool:
-    """Whether something accepts TCP connections at a worker's address (a cheap
-    check before a re-open that would otherwise wait out a handshake timeout)."""
-    host, _, port = _key(address).rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
 
 
 class ElasticCluster:
@@ -142,7 +130,7 @@ class ElasticCluster:
         """At a request boundary: take back configured workers that answer again.
         Returns whether the cluster was re-opened (the old one is closed)."""
         missing = [w for w in self.configured if _key(w) not in {_key(a) for a in self.active}]
-        back = [w for w in missing if reachable(w)]
+        back = [w for w in missing if tcp_reachable(w)]
         if not back:
             return False
         have = {_key(w) for w in [*self.active, *back]}
