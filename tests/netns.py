@@ -60,20 +60,7 @@ def lan(count: int) -> Iterator[list[Host]]:
             _ip("netns", "add", h.netns)
             made.append(h.netns)
             port = f"p{i}"
-            _ip(
-                "-n",
-                switch,
-                "link",
-                "add",
-                port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                h.netns,
-            )
+            _ip(*f"-n {switch} link add {port} type veth peer name eth0 netns {h.netns}".split())
             _ip("-n", switch, "link", "set", port, "master", "br0", "up")
             _ip("-n", h.netns, "link", "set", "lo", "up")
             _ip("-n", h.netns, "addr", "add", f"{h.address}/24", "dev", "eth0")
