@@ -257,29 +257,6 @@ def keygen_cmd(directory: str, force: bool) -> None:
     click.echo(f"use: --secret-file {d}/secret --curve {d}   (on the master and on every worker)")
 
 
-@cli.command("models")
-def models_cmd() -> None:
-    """List models converted into the cache ($TPI_HOME/models)."""
-    from tpi.paths import models_dir
-    from tpi.sources.default_model import DEFAULT_MODEL_NAME, find_embedded_gguf
-    from tpi.sources.model_registry import cached_models
-
-    found = cached_models()
-    click.echo(f"cache: {models_dir()}")
-    if not found:
-        click.echo("no converted models yet")
-    for m in found:
-        tag = "  (default)" if m.name == DEFAULT_MODEL_NAME else ""
-        click.echo(f"{m.name:40s} {m.size_bytes / 1e6:9.1f} MB  {m.path}{tag}")
-    if DEFAULT_MODEL_NAME not in {m.name for m in found}:
-        state = (
-            "installed, converts on first use"
-            if find_embedded_gguf()
-            else "not installed, installs on first use"
-        )
-        click.echo(f"default {DEFAULT_MODEL_NAME}: {state}")
-
-
 @cli.command("probe")
 @click.option(
     "--model",
@@ -358,6 +335,18 @@ def probe_cmd(
         slices[slices_key(shape_key(cfg), setting.key())] = prof
     node = NodeProfile("this node", facts, slices)
     click.echo(json_mod.dumps(node.to_dict(), indent=2) if as_json else describe_profile(node))
+
+
+def _add_commands() -> None:
+    # Commands of the shared library, in modules of their own (imported at once:
+    # they import nothing heavy until run).
+    from tpi.model_commands import COMMANDS as MODEL_COMMANDS
+
+    for command in MODEL_COMMANDS:
+        cli.add_command(command)
+
+
+_add_commands()
 
 
 def main() -> None:
