@@ -341,8 +341,9 @@ def _add_commands() -> None:
     # Commands of the shared library, in modules of their own (imported at once:
     # they import nothing heavy until run).
     from tpi.model_commands import COMMANDS as MODEL_COMMANDS
+    from tpi.service_command import service
 
-    for command in MODEL_COMMANDS:
+    for command in (*MODEL_COMMANDS, service):
         cli.add_command(command)
 
 
