@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts (machine description, JSON output)."""
+"""Helpers shared by the benchmark scripts (machine description, JSON output, where
+their files live)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import platform
 import statistics
 from pathlib import Path
 
+import click
 import psutil
 import torch
+
+from tpi.paths import tpi_home
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -43,3 +47,14 @@ def write_result(name: str, data: dict, out: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"benchmark": name, "machine": machine(), **data}, indent=2) + "\n")
     return path
+
+
+def work_option(under_home: str, help: str):
+    """--work: the script's working directory, by default `under_home` in $TPI_HOME."""
+    return click.option(
+        "--work",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=tpi_home() / under_home,
+        show_default=True,
+        help=help,
+    )

@@ -185,7 +185,7 @@ def predicted(plan_json: dict, model: str, subset: tuple[int, ...], shares: tupl
     req = PlanRequest(model_dir, (), max_context=CONTEXT, prompt_tokens=PROMPT, position=POSITION)
     wl = workload(req, cfg, fmt)
     profiles = [NodeProfile.from_dict(p) for p in plan_json["profiles"]]
-    nodes = [node_speed(cfg, p, Setting()) for p in profiles]
+    nodes = [node_speed(cfg, p, Setting(), master=i == 0) for i, p in enumerate(profiles)]
     pl = placement_for(cfg, nodes, wl, subset, shares)
     if isinstance(pl, str):
         return None, pl

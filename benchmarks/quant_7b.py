@@ -31,7 +31,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import work_option, write_result  # noqa: E402
 from benchmarks.make_synthetic import make_synthetic  # noqa: E402
 
 TPI = str(Path(sys.executable).parent / "tpi")
@@ -143,13 +143,7 @@ def ttft_runs(model: Path, env: dict, work: Path, results: dict, want, save) -> 
 
 
 @click.command()
-@click.option(
-    "--work",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path(os.environ.get("TPI_HOME", "~/.cache/tpi")).expanduser() / "bench",
-    show_default=True,
-    help="Where the synthetic model and the splits live.",
-)
+@work_option("bench", "Where the synthetic model and the splits live.")
 @click.option("--prompt-tokens", default=16, show_default=True)
 @click.option("--new-tokens", default=4, show_default=True)
 @click.option("--only", default=None, help="Comma-separated run names to (re)run.")

@@ -41,7 +41,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import work_option, write_result  # noqa: E402
 from benchmarks.synthetic_split import model_card, write_synthetic_split  # noqa: E402
 
 TPI = str(Path(sys.executable).parent / "tpi")
@@ -342,13 +342,7 @@ def clean(work: Path) -> None:
 
 
 @click.command()
-@click.option(
-    "--work",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path(os.environ.get("TPI_HOME", "~/.cache/tpi")).expanduser() / "bench-70b",
-    show_default=True,
-    help="Where the splits, the worker stores and the run logs live.",
-)
+@work_option("bench-70b", "Where the splits, the worker stores and the run logs live.")
 @click.option("--worlds", default="4,1,8", show_default=True, help="World sizes, in run order.")
 @click.option("--shape", type=click.Choice(sorted(SHAPES)), default="70b", show_default=True)
 @click.option("--prompt-tokens", default=16, show_default=True)

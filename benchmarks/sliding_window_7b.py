@@ -22,7 +22,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import work_option, write_result  # noqa: E402
 from benchmarks.make_synthetic import make_synthetic  # noqa: E402
 
 TPI = str(Path(sys.executable).parent / "tpi")
@@ -183,13 +183,7 @@ def _ratios(runs: dict) -> dict:
 
 
 @click.command()
-@click.option(
-    "--work",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path(os.environ.get("TPI_HOME", "~/.cache/tpi")).expanduser() / "bench",
-    show_default=True,
-    help="Where the synthetic model and splits live.",
-)
+@work_option("bench", "Where the synthetic model and splits live.")
 @click.option("--prompt-tokens", default=16, show_default=True)
 @click.option("--new-tokens", default=3, show_default=True)
 @click.option(

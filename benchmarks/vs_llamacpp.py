@@ -52,7 +52,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.common import median, write_result  # noqa: E402
+from benchmarks.common import median, work_option, write_result  # noqa: E402
 
 LLAMA_BINARIES = ("llama-bench", "llama-quantize", "llama-completion")
 BUILD_HINT = (
@@ -658,13 +658,7 @@ def int_list(text: str) -> list[int]:
 @click.option(
     "--tpi", default=None, help="The tpi command to measure (default: beside this Python)."
 )
-@click.option(
-    "--work",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path(os.environ.get("TPI_HOME", "~/.cache/tpi")).expanduser() / "bench" / "vs_llamacpp",
-    show_default=True,
-    help="Where the model files of both engines are made and cached.",
-)
+@work_option("bench/vs_llamacpp", "Where the model files of both engines are made and cached.")
 @click.option(
     "--lock",
     type=click.Path(dir_okay=False, path_type=Path),

@@ -10,6 +10,7 @@ import click
 import torch
 
 from tpi.cli_options import apply
+from tpi.master import cli_options as master_opt
 from tpi.master.batching import Batcher, BatchSequence
 from tpi.master.cli_options import ENGINE_OPTIONS, open_from_options
 from tpi.master.sampling import Sampler, SamplingParams
@@ -211,13 +212,7 @@ def run_concurrent(
 
 @click.command()
 @apply(ENGINE_OPTIONS)
-@click.option(
-    "--prompt-tokens",
-    type=click.IntRange(min=1),
-    default=64,
-    show_default=True,
-    help="Length of the (synthetic) prompt whose prefill is timed (TTFT).",
-)
+@master_opt.prompt_tokens("Length of the (synthetic) prompt whose prefill is timed (TTFT).")
 @click.option(
     "--new-tokens",
     type=click.IntRange(min=1),
@@ -239,12 +234,8 @@ def run_concurrent(
     help="Requests generated at once, batched as 'tpi serve' batches them: reports "
     "aggregate tokens/s and each request's ms/token.",
 )
-@click.option(
-    "--prefill-chunk",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="With --concurrency: prompt tokens per pass (0: every prompt whole, at once).",
+@master_opt.prefill_chunk(
+    0, "With --concurrency: prompt tokens per pass (0: every prompt whole, at once)."
 )
 @click.option(
     "--nano-batches",

@@ -11,19 +11,12 @@ import click
 
 from tpi import cli_options as opt
 from tpi.cli_options import apply
-from tpi.master.cli_options import (
-    ENGINE_OPTIONS,
-    PlanType,
-    open_elastic,
-    open_from_options,
-    sampling_from_options,
-    sampling_options,
-)
+from tpi.master import cli_options as master_opt
 
 
 @click.command()
 @click.argument("prompt", required=False)
-@apply(ENGINE_OPTIONS + sampling_options(max_new_default=256))
+@apply(master_opt.ENGINE_OPTIONS + master_opt.sampling_options(max_new_default=256))
 @click.option(
     "--prompts-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -31,13 +24,7 @@ from tpi.master.cli_options import (
     help="Answer every line of this file (one prompt per line) instead of PROMPT, "
     "generated together in batches; prints one JSON line per answer, in order.",
 )
-@click.option(
-    "--max-batch",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="With --prompts-file: prompts generated together.",
-)
+@master_opt.max_batch("With --prompts-file: prompts generated together.")
 @click.option(
     "--raw",
     is_flag=True,
@@ -70,8 +57,8 @@ def generate(prompt, prompts_file, max_batch, raw, system, stats, **opts):
         prompt = sys.stdin.read()
     if prompts_file is None and not prompt.strip():
         raise PromptError("the prompt is empty")
-    loaded, elastic = open_elastic(opts)
-    params = sampling_from_options(loaded, opts)
+    loaded, elastic = master_opt.open_elastic(opts)
+    params = master_opt.sampling_from_options(loaded, opts)
     tok = loaded.tokenizer
     # A lost worker is a pause: the answer goes on over the survivors (tpi.master.elastic).
     recover = (lambda e: elastic.recover(e).engine) if elastic is not None else None
@@ -111,7 +98,7 @@ def generate(prompt, prompts_file, max_batch, raw, system, stats, **opts):
 
 
 @click.command()
-@apply(ENGINE_OPTIONS + sampling_options(max_new_default=512))
+@apply(master_opt.ENGINE_OPTIONS + master_opt.sampling_options(max_new_default=512))
 @click.option("--system", default=None, help="System prompt for the whole conversation.")
 def chat(system, **opts):
     """Chat with the model in the terminal (history kept across turns).
@@ -123,8 +110,8 @@ def chat(system, **opts):
     from tpi.master.chat_repl import run_repl
     from tpi.master.chat_session import ChatSession
 
-    loaded, elastic = open_elastic(opts)
-    params = sampling_from_options(loaded, opts)
+    loaded, elastic = master_opt.open_elastic(opts)
+    params = master_opt.sampling_from_options(loaded, opts)
     click.echo(f"model: {loaded.model_dir} (loaded in {loaded.load_seconds:.1f} s)", err=True)
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
@@ -139,7 +126,7 @@ def chat(system, **opts):
         if elastic is not None:
             current[0] = elastic.loaded
         current[0].close("reconnecting")
-        current[0] = open_from_options(opts)
+        current[0] = master_opt.open_from_options(opts)
         if elastic is not None:  # every configured worker again
             elastic.loaded, elastic.active = current[0], list(elastic.configured)
         return current[0].engine
@@ -199,21 +186,8 @@ def chat(system, **opts):
     help="Emulated link bandwidth in each direction, e.g. 100mbit, 1gbit; a list gives each "
     "worker its own ('none': unlimited).",
 )
-@click.option(
-    "--plan",
-    "plan_mode",
-    type=PlanType(),
-    default=None,
-    metavar="auto|even|LAYOUT",
-    help='Placement for the command run (see its --plan), e.g. "master,w1 | w2,w3".',
-)
-@click.option(
-    "--pp",
-    type=click.IntRange(min=1),
-    default=None,
-    metavar="N",
-    help="Pipeline stages for the command run (see its --pp).",
-)
+@master_opt.plan_mode('Placement for the command run (see its --plan), e.g. "master,w1 | w2,w3".')
+@opt.pp("Pipeline stages for the command run (see its --pp).")
 @click.pass_context
 def cluster(
     ctx,

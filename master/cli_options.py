@@ -1,6 +1,10 @@
-"""Options shared by every master command (generate, chat, bench, serve)."""
+"""Options of the master's commands (generate, chat, bench, serve, perplexity, plan,
+cluster), each declared once; a command that means one a little differently passes its
+own help text."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import click
 
@@ -28,53 +32,65 @@ class PlanType(click.ParamType):
         )
 
 
+def workers(help: str) -> Callable:
+    return click.option("--workers", "-w", default=None, metavar="HOST:PORT,...", help=help)
+
+
+def plan_mode(help: str) -> Callable:
+    return click.option(
+        "--plan", "plan_mode", type=PlanType(), default=None, metavar="auto|even|LAYOUT", help=help
+    )
+
+
+def prompt_tokens(help: str) -> Callable:
+    return click.option(
+        "--prompt-tokens", type=click.IntRange(min=1), default=64, show_default=True, help=help
+    )
+
+
+def max_batch(help: str) -> Callable:
+    return click.option(
+        "--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help=help
+    )
+
+
+def prefill_chunk(default: int, help: str) -> Callable:
+    return click.option(
+        "--prefill-chunk",
+        type=click.IntRange(min=0),
+        default=default,
+        show_default=True,
+        help=help,
+    )
+
+
 ENGINE_OPTIONS = [
-    click.option("--model", "-m", default=None, metavar="PATH|NAME", help=MODEL_HELP),
-    click.option(
-        "--workers",
-        "-w",
-        default=None,
-        metavar="HOST:PORT,...",
-        help="Worker daemons to run the model with (rank 1, 2, ... in this order). None: this machine alone.",
+    opt.model(MODEL_HELP),
+    workers(
+        "Worker daemons to run the model with (rank 1, 2, ... in this order). None: this machine alone."
     ),
     opt.shares(),
-    click.option(
-        "--plan",
-        "plan_mode",
-        type=PlanType(),
-        default=None,
-        metavar="auto|even|LAYOUT",
-        help="How the model is placed on the workers. auto: measure every node (profiles "
+    plan_mode(
+        "How the model is placed on the workers. auto: measure every node (profiles "
         "cached in $TPI_HOME/profiles), then choose each rank's share, its window and which "
         "devices take part, for the lowest predicted ms/token within every node's memory "
         "('tpi plan' shows the candidates and why). even: every worker, --shares (default "
         'even), tensor parallel. LAYOUT: pipeline stages, e.g. "master,w1 | w2,w3": each '
         "group runs its range of layers tensor-parallel, the stages one after the other "
         "(w1, w2, ... are --workers in order; the master is in the first stage). "
-        "Default: even (and always with --shares or a model split beforehand).",
+        "Default: even (and always with --shares or a model split beforehand)."
     ),
-    click.option(
-        "--pp",
-        type=click.IntRange(min=1),
-        default=None,
-        metavar="N",
-        help="Pipeline stages: the master and --workers, in order, cut into N groups of "
+    opt.pp(
+        "Pipeline stages: the master and --workers, in order, cut into N groups of "
         "(nearly) equal size, each running its range of layers tensor-parallel "
-        "(--pp 2 with 3 workers: master,w1 | w2,w3). Default: 1 (tensor parallel only).",
+        "(--pp 2 with 3 workers: master,w1 | w2,w3). Default: 1 (tensor parallel only)."
     ),
-    click.option(
-        "--stage-layers",
-        default=None,
-        metavar="N,N,...",
-        help="Layers per pipeline stage, in order (e.g. 10,20 for a faster second stage). "
-        "Default: as even as the layer count allows.",
+    opt.stage_layers(
+        "Layers per pipeline stage, in order (e.g. 10,20 for a faster second stage). "
+        "Default: as even as the layer count allows."
     ),
-    click.option(
-        "--wire-dtype",
-        type=click.Choice(["fp32", "bf16", "fp16"]),
-        default="fp32",
-        show_default=True,
-        help="Precision of partial sums on the network (bf16/fp16 halve the bytes; sums are still done in fp32).",
+    opt.wire_dtype(
+        "Precision of partial sums on the network (bf16/fp16 halve the bytes; sums are still done in fp32)."
     ),
     click.option(
         "--timeout",
@@ -84,13 +100,7 @@ ENGINE_OPTIONS = [
         help="Seconds to wait for a worker's reply within a step before giving up "
         "(dead or frozen workers are detected within ~5 s regardless).",
     ),
-    click.option(
-        "--dtype",
-        type=click.Choice(["fp32", "bf16"]),
-        default="fp32",
-        show_default=True,
-        help="Compute dtype (bf16 halves memory, at some accuracy cost).",
-    ),
+    opt.compute_dtype("Compute dtype (bf16 halves memory, at some accuracy cost)."),
     opt.quant(
         None,
         "Weight-only quantization of the matmul weights (made once by an automatic split): "
@@ -198,12 +208,23 @@ def sampling_options(max_new_default: int) -> list:
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed", "max_new_tokens")
 
 
-def _worker_list(opts: dict) -> list[str]:
+def worker_list(workers: str | None) -> list[str]:
+    """--workers as a list, else the workers of an enclosing `tpi cluster`."""
     parent = click.get_current_context().obj or {}  # set by an enclosing `tpi cluster`
-    workers = opts["workers"]
     if workers:
         return [w.strip() for w in workers.split(",") if w.strip()]
     return list(parent.get("cluster_workers", []))
+
+
+def use_threads(threads: int | None) -> None:
+    """Torch's compute threads: --threads, else an enclosing `tpi cluster`'s share of the
+    cores, else torch's default (all of them)."""
+    parent = click.get_current_context().obj or {}
+    threads = threads or parent.get("cluster_threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _shares_for(shares: str | None, configured: list[str], workers: list[str]) -> str | None:
@@ -226,20 +247,16 @@ def open_from_options(opts: dict, workers: list[str] | None = None):
 
     ctx = click.get_current_context()
     parent = ctx.obj or {}  # set by an enclosing `tpi cluster`
-    configured = _worker_list(opts)
-    worker_list = configured if workers is None else workers
-    replanned = list(worker_list) != configured
+    configured = worker_list(opts["workers"])
+    active = configured if workers is None else workers
+    replanned = list(active) != configured
     pipelined = is_layout(opts["plan_mode"] or parent.get("cluster_plan"))
-    threads = opts["threads"] or parent.get("cluster_threads")
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    use_threads(opts["threads"])
     loaded = open_model(
         opts["model"],
         opts["dtype"],
-        workers=list(worker_list),
-        shares=_shares_for(opts["shares"] or parent.get("cluster_shares"), configured, worker_list),
+        workers=list(active),
+        shares=_shares_for(opts["shares"] or parent.get("cluster_shares"), configured, active),
         wire_dtype=opts["wire_dtype"],
         timeout_s=opts["timeout"],
         secret_file=opts["secret_file"],
@@ -281,7 +298,7 @@ def open_elastic(opts: dict, echo=None):
         with ctx.scope(cleanup=False):
             return open_from_options(opts, workers)
 
-    configured = _worker_list(opts)
+    configured = worker_list(opts["workers"])
     if opts.get("prestage") and configured:
         say(f"pre-staged the shards a recovery would need in {prestage(opener, configured):.1f} s")
     loaded = open_from_options(opts)

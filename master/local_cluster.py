@@ -17,7 +17,7 @@ from tpi.comm.links import ClusterError, display_address
 from tpi.emulation.cgroups import Cgroup, CgroupFactory
 from tpi.emulation.link_shaper import LinkSpec, parse_duration, parse_rate, start_process
 from tpi.errors import TpiError
-from tpi.system.lifeline import lifeline
+from tpi.system.lifeline import lifeline, spawn
 
 START_TIMEOUT_S = 60.0
 
@@ -126,21 +126,8 @@ class LocalCluster:
         if limits.memory_bytes is not None:
             # Planned against even where no cgroup enforces it.
             cmd += ["--memory-budget", str(limits.memory_bytes)]
-        # Own process group: Ctrl-C in the terminal reaches only the master,
-        # which then stops the workers itself.
         with open(log_path, "ab") as log:
-            try:
-                proc = subprocess.Popen(
-                    cmd,
-                    stdout=log,
-                    stderr=log,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                    env=env,
-                    pass_fds=(parent_fd,),
-                )
-            finally:
-                os.close(parent_fd)
+            proc = spawn(cmd, log, parent_fd, env)
         w = LocalWorker(i, proc, port_file, log_path)
         if self._cgroups is not None and limits.any:
             # Python takes ~0.1 s to start; the worker allocates nothing big before that.

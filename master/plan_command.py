@@ -3,49 +3,26 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
 from tpi import cli_options as opt
-from tpi.master.cli_options import MODEL_HELP
+from tpi.master import cli_options as master_opt
 
 
 @click.command()
-@click.option("--model", "-m", default=None, metavar="PATH|NAME", help=MODEL_HELP)
-@click.option(
-    "--workers",
-    "-w",
-    default=None,
-    metavar="HOST:PORT,...",
-    help="Worker daemons that could take part (rank 1, 2, ... in this order).",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["fp32", "bf16"]),
-    default="fp32",
-    show_default=True,
-    help="Compute dtype the run would use.",
-)
+@opt.model(master_opt.MODEL_HELP)
+@master_opt.workers("Worker daemons that could take part (rank 1, 2, ... in this order).")
+@opt.compute_dtype("Compute dtype the run would use.")
 @opt.quant("none", "Weight format the run would split the model in.")
 @opt.group_size()
-@click.option(
-    "--wire-dtype",
-    type=click.Choice(["fp32", "bf16", "fp16"]),
-    default="fp32",
-    show_default=True,
-    help="Precision of partial sums on the network.",
-)
+@opt.wire_dtype("Precision of partial sums on the network.")
 @opt.max_context(
     "Tokens of context the KV cache would be planned for (default: the model's, at most 4096)."
 )
 @opt.memory_budget("Memory this machine (the master) may use, e.g. 2GB.")
-@click.option(
-    "--prompt-tokens",
-    type=click.IntRange(min=1),
-    default=64,
-    show_default=True,
-    help="Prompt length the time to first token is predicted for.",
-)
+@master_opt.prompt_tokens("Prompt length the time to first token is predicted for.")
 @click.option(
     "--position",
     type=click.IntRange(min=1),
@@ -93,37 +70,14 @@ def plan(
     from tpi.comm.auth import require_secret
     from tpi.comm.curve import CurveKeys
     from tpi.master.planner import PlanRequest, make_plan
-    from tpi.planning.report import describe_plan, describe_profile
-    from tpi.progress import ProgressReporter
     from tpi.runtime.memory_budget import parse_size
-    from tpi.sources.model_registry import resolve_model
 
     parent = click.get_current_context().obj or {}  # set by an enclosing `tpi cluster`
-    worker_list = (
-        [w.strip() for w in workers.split(",") if w.strip()]
-        if workers
-        else parent.get("cluster_workers", [])
-    )
-    threads = threads or parent.get("cluster_threads")
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    worker_list = master_opt.worker_list(workers)
+    master_opt.use_threads(threads)
     budget = memory_budget or parent.get("cluster_memory_budget")
-
-    def say(message: str) -> None:
-        click.echo(message, err=True)
-
-    with ProgressReporter("converting") as progress:
-        model_dir = resolve_model(model, say, progress)
-    from tpi.storage.split import is_split_dir
-
-    if is_split_dir(model_dir):
-        raise click.UsageError(
-            "tpi plan chooses the shares of a new split: give the model itself, not a split"
-        )
     req = PlanRequest(
-        model_dir=model_dir,
+        model_dir=_model_to_place(model),
         workers=tuple(worker_list),
         dtype=dtype,
         quant=quant,
@@ -137,7 +91,34 @@ def plan(
     )
     secret = require_secret(secret_file, insecure, "the master") if worker_list else None
     curve = CurveKeys.load(curve_dir, "master") if curve_dir else None
-    result, profiles = make_plan(req, secret, curve, say)
+    result, profiles = make_plan(req, secret, curve, _say)
+    _show(result, profiles, as_json)
+
+
+def _say(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def _model_to_place(model: str | None) -> Path:
+    """The model --model names (converted once if need be); never a split, whose shares
+    are already chosen."""
+    from tpi.progress import ProgressReporter
+    from tpi.sources.model_registry import resolve_model
+    from tpi.storage.split import is_split_dir
+
+    with ProgressReporter("converting") as progress:
+        model_dir = resolve_model(model, _say, progress)
+    if is_split_dir(model_dir):
+        raise click.UsageError(
+            "tpi plan chooses the shares of a new split: give the model itself, not a split"
+        )
+    return model_dir
+
+
+def _show(result, profiles: list, as_json: bool) -> None:
+    """The plan and every node's profile: as JSON, or as text for a reader."""
+    from tpi.planning.report import describe_plan, describe_profile
+
     if as_json:
         out = {"plan": result.to_dict(), "profiles": [p.to_dict() for p in profiles]}
         click.echo(json.dumps(out, indent=2))

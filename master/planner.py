@@ -23,7 +23,7 @@ from tpi.planning.profile import DeviceFacts, LinkFacts, NodeProfile, SliceProfi
 from tpi.planning.request import ProfileRequest
 from tpi.planning.slice_probe import Setting, probe_points, shape_key
 from tpi.planning.solver import Plan, solve
-from tpi.runtime.rank_runtime import DEFAULT_MAX_CONTEXT
+from tpi.runtime.memory_model import DEFAULT_MAX_CONTEXT
 
 PLAN_MODES = ("auto", "even")
 # ms/token is predicted for a decode this far into its context (prompt + half the answer).
@@ -139,6 +139,7 @@ def workload(req: PlanRequest, cfg: ModelConfig, fmt: Format) -> Workload:
         prompt_tokens=req.prompt_tokens,
         context=context,
         wire_bytes=2 if req.wire_dtype in ("bf16", "fp16") else 4,
+        context_fixed=req.max_context is not None,
     )
 
 
@@ -152,7 +153,7 @@ def make_plan(
     fmt = Format(req.dtype, req.quant, req.group_size, stored_dtype(req.model_dir))
     profiles = gather_profiles(req, cfg, fmt, secret, curve, echo)
     setting = Setting(req.dtype, req.quant, req.group_size, True)
-    speeds = [node_speed(cfg, p, setting) for p in profiles]
+    speeds = [node_speed(cfg, p, setting, master=i == 0) for i, p in enumerate(profiles)]
     return solve(cfg, speeds, workload(req, cfg, fmt)), profiles
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,3 +34,13 @@ def cluster_model(model_dir, workers: list[str], **kw) -> Iterator[LoadedModel]:
         yield lm
     finally:
         lm.close()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 15.0, poll: float = 0.1) -> bool:
+    """Whether `predicate()` comes true within `timeout` seconds, asked every `poll`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return False

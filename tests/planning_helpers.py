@@ -13,29 +13,20 @@ def tiny_config(
     layers: int = 2, heads: int = 2, kv: int = 2, intermediate: int = 256
 ) -> ModelConfig:
     """hidden 8, head_dim 4, vocabulary 32, tied embeddings, no biases."""
-    return ModelConfig(
-        model_type="llama",
-        vocab_size=32,
-        hidden_size=8,
-        intermediate_size=intermediate,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv,
-        head_dim=4,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        rope=RopeConfig(10000.0),
-        tie_word_embeddings=True,
-        attention_bias=False,
-        o_proj_bias=False,
-        mlp_bias=False,
-        sliding_windows=(None,) * layers,
-    )
+    return shaped_config(layers, 8, heads, kv, intermediate, 32, head_dim=4, tied=True)
 
 
 def shaped_config(
-    layers: int, hidden: int, heads: int, kv: int, intermediate: int, vocab: int
+    layers: int,
+    hidden: int,
+    heads: int,
+    kv: int,
+    intermediate: int,
+    vocab: int,
+    head_dim: int | None = None,
+    tied: bool = False,
 ) -> ModelConfig:
+    """A Llama config of these shapes (head_dim: hidden / heads unless given), no biases."""
     return ModelConfig(
         model_type="llama",
         vocab_size=vocab,
@@ -44,11 +35,11 @@ def shaped_config(
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=kv,
-        head_dim=hidden // heads,
+        head_dim=head_dim or hidden // heads,
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,
         rope=RopeConfig(10000.0),
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         attention_bias=False,
         o_proj_bias=False,
         mlp_bias=False,

@@ -8,13 +8,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.cluster_helpers import addresses, local_workers
+from tests.cluster_helpers import addresses, local_workers, wait_for
 from tests.serve_helpers import live_server
 from tests.stepping import greedy
 from tpi.comm.links import ClusterError, LinkLost
@@ -185,15 +184,6 @@ def test_a_restarted_worker_is_taken_back_at_the_next_request(llama_dir, tmp_pat
 # --- the commands, as users run them --------------------------------------------------
 
 
-def _wait(predicate, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @pytest.mark.slow  # 200 SmolLM2 tokens on 3 ranks, twice: minutes on 2 shared cores
 @pytest.mark.parametrize(
     "plan", [[], ["--plan", "master | w1 | w2"]], ids=["tensor-parallel", "pipeline"]
@@ -263,7 +253,7 @@ def test_a_streamed_chat_completion_survives_a_kill(tmp_path, smollm_dir):
         assert "tpi_cluster_recoveries_total 1.0" in metrics
         # The worker comes back: the next request runs on all three ranks again.
         lc.restart(2)
-        assert _wait(lambda: httpx.get(base + "/health").json()["world"] == 3, 30)
+        assert wait_for(lambda: httpx.get(base + "/health").json()["world"] == 3, 30, poll=0.05)
         again = (
             client.chat.completions.create(model="m", messages=msgs, max_tokens=20, temperature=0)
             .choices[0]

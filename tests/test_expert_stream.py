@@ -165,31 +165,30 @@ def test_a_budget_too_small_for_every_layers_picks_cuts_the_expert_slots(
     two layers. The arithmetic, then a store with one slot per layer (3 picks per
     token): the picks are read one by one, as the per-layer cache dictates, and the
     logits are the resident ones."""
-    import dataclasses
-
-    from tpi.runtime import rank_runtime
+    from tpi.runtime import memory_model
     from tpi.runtime.sliding_window import StreamLayout
     from tpi.storage.shard_reader import RankShard
 
-    layout = StreamLayout.of(RankShard(int4_split / "rank0"), torch.float32)
-    ex = dataclasses.replace(layout.experts, slot_bytes=1000, staging_bytes=0)
-    assert ex.moe_layers() == 2
-    lay = dataclasses.replace(layout, experts=ex)
+    experts = StreamLayout.of(RankShard(int4_split / "rank0"), torch.float32).experts
+    ex = memory_model.ExpertSizes(
+        experts.held_per_layer(), 3, experts.moe_layers(), slot_bytes=1000, staging_bytes=0
+    )
+    assert ex.moe_layers == 2
     staging = 7 + ex.cache_bytes(3)  # 7: the layers' own staging
-    fit = rank_runtime._fit_expert_slots
-    kw = dict(other=50_000, rank=0, echo=None)
-    assert fit(lay, 3, staging, budget=None, **kw) == (3, staging)
-    assert fit(lay, 3, staging, budget=50_007 + 6000, **kw) == (3, staging)  # 2 x 3 fit
+    fit = memory_model.fit_expert_slots
+    kw = dict(other=50_000, note=None)
+    assert fit(ex, 3, staging, budget=None, **kw) == (3, staging)
+    assert fit(ex, 3, staging, budget=50_007 + 6000, **kw) == (3, staging)  # 2 x 3 fit
     said = []
-    kw["echo"] = said.append
-    assert fit(lay, 3, staging, budget=50_007 + 5999, **kw) == (2, 7 + 4000)
+    kw["note"] = said.append
+    assert fit(ex, 3, staging, budget=50_007 + 5999, **kw) == (2, 7 + 4000)
     assert "2 expert slot(s) per MoE layer" in said[0]
-    assert fit(lay, 3, staging, budget=10, **kw) == (1, 7 + 2000)  # never below one
+    assert fit(ex, 3, staging, budget=10, **kw) == (1, 7 + 2000)  # never below one
 
     resident, rt_all = _load(int4_split)
     want = step_logits(resident, PROMPT, FOLLOW)
     rt_all.close()
-    monkeypatch.setattr(rank_runtime, "_expert_slots", lambda *_a: 1)
+    monkeypatch.setattr(memory_model, "_expert_slots", lambda *_a: 1)
     engine, runtime = _load(int4_split, window=1)
     try:
         got = step_logits(engine, PROMPT, FOLLOW)

@@ -20,7 +20,7 @@ import pytest
 import torch
 import zmq
 
-from tests.cluster_helpers import addresses, cluster_model, local_workers
+from tests.cluster_helpers import addresses, cluster_model, local_workers, wait_for
 from tests.serve_helpers import TPI, live_server
 from tests.stepping import greedy
 from tpi.comm.links import ClusterError, LinkLost
@@ -32,15 +32,6 @@ from tpi.storage.split import split_model
 
 PROMPT = list(range(5, 25))
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _wait_for(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 # --- 1. an unauthenticated peer cannot reserve a worker -----------------------------------
@@ -229,7 +220,7 @@ def test_local_workers_and_shaper_die_with_their_parent(tmp_path, ending):
         stderr=subprocess.DEVNULL,
     )
     try:
-        assert _wait_for(pids_file.exists, 60), "the parent did not start its workers"
+        assert wait_for(pids_file.exists, 60), "the parent did not start its workers"
         pids = json.loads(pids_file.read_text())
         assert all(psutil.pid_exists(p) for p in pids)
         if ending == "sigterm":
@@ -246,7 +237,7 @@ def test_local_workers_and_shaper_die_with_their_parent(tmp_path, ending):
                         alive.append(p)
             return not alive
 
-        assert _wait_for(gone, 15), "children outlived their parent"
+        assert wait_for(gone, 15), "children outlived their parent"
     finally:
         if parent.poll() is None:
             parent.kill()
@@ -354,7 +345,7 @@ def test_a_hung_worker_is_named_within_seconds(llama_dir, tmp_path, how):
         stderr=log,
     )
     try:
-        assert _wait_for(port_file.exists, 60)
+        assert wait_for(port_file.exists, 60)
         address = port_file.read_text().strip().replace("tcp://", "")
         lm = open_model(str(llama_dir), "fp32", quiet=True, workers=[address])
         try:
@@ -416,10 +407,10 @@ def test_a_non_streaming_request_stops_when_its_client_leaves(smol_server):
 
     t = threading.Thread(target=ask)
     t.start()
-    assert _wait_for(lambda: _busy(smol_server), 10)
+    assert wait_for(lambda: _busy(smol_server), 10)
     t.join()
     left = time.monotonic()
-    assert _wait_for(lambda: not _busy(smol_server), 10)
+    assert wait_for(lambda: not _busy(smol_server), 10)
     assert time.monotonic() - left < 4
     recent = httpx.get(smol_server + "/health", timeout=10).json()["recent"]
     assert recent[-1]["finish_reason"] == "cancelled"
@@ -493,7 +484,7 @@ def test_health_notices_a_worker_that_died_while_idle(llama_dir, tmp_path, polic
                 r = httpx.get(base + "/health", timeout=10).json()
                 return r["status"] == "ok" and r["world"] == 2 and len(r["recoveries"]) == 1
 
-            assert _wait_for(down if policy == "fail" else replanned, 20)
+            assert wait_for(down if policy == "fail" else replanned, 20)
 
 
 @pytest.mark.parametrize("max_batch", [1, 8])
@@ -519,13 +510,13 @@ def test_requests_queued_or_batched_at_a_cluster_failure_get_503_not_500(tmp_pat
 
         first = threading.Thread(target=ask, args=(0,))
         first.start()
-        assert _wait_for(lambda: _busy(base), 10)
+        assert wait_for(lambda: _busy(base), 10)
         queued = [threading.Thread(target=ask, args=(i,)) for i in (1, 2)]
         for t in queued:
             t.start()
         state = "waiting" if max_batch == 1 else "running"
         want = 2 if max_batch == 1 else 3
-        assert _wait_for(lambda: httpx.get(base + "/health", timeout=10).json()[state] == want, 10)
+        assert wait_for(lambda: httpx.get(base + "/health", timeout=10).json()[state] == want, 10)
         lc.signal_worker(2, signal.SIGKILL)
         for t in [first, *queued]:
             t.join(60)

@@ -115,8 +115,8 @@ def test_a_placement_the_solver_chose_runs_with_single_node_parity(
             fit_context_to_capacity=False,
         ).total
 
-    def emulated(cfg_, profile, setting):
-        s = real(cfg_, profile, setting)
+    def emulated(cfg_, profile, setting, **kw):
+        s = real(cfg_, profile, setting, **kw)
         if profile.name == "master":
             head = head_bytes(cfg, Format())
             cap = need(s, 0, head) + 1

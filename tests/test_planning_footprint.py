@@ -10,7 +10,7 @@ from tests.factories import make_model
 from tpi.model.config import load_config
 from tpi.planning.footprint import Format, head_bytes, layer_bytes, plan_memory
 from tpi.quant.quantize import QuantSpec
-from tpi.runtime.memory_budget import activation_bytes, kv_cache_bytes, plan_window
+from tpi.runtime.memory_model import activation_bytes, kv_cache_bytes, plan_window
 from tpi.runtime.sliding_window import StreamLayout
 from tpi.storage.shard_reader import RankShard
 from tpi.storage.split import split_model

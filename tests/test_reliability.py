@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster_helpers import addresses, cluster_model, local_workers
+from tests.cluster_helpers import addresses, cluster_model, local_workers, wait_for
 from tests.stepping import greedy
 from tpi.comm.links import ClusterError
 from tpi.master.chat_repl import run_repl
@@ -46,15 +46,6 @@ def _worker_log(lc: LocalCluster, index: int) -> str:
     return lc.workers[index - 1].log_path.read_text(errors="replace")
 
 
-def _wait_for(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
 def test_dead_or_frozen_worker_is_reported_within_seconds(llama_dir, tmp_path, sig):
     with local_workers(2, tmp_path) as lc:
@@ -73,10 +64,10 @@ def test_dead_or_frozen_worker_is_reported_within_seconds(llama_dir, tmp_path, s
         assert err is not None and LOST.search(str(err)), err
         assert when - hit["at"] < 5.0, f"took {when - hit['at']:.1f} s"
         # The surviving worker went back to waiting ...
-        assert _wait_for(lambda: "session ended" in _worker_log(lc, 1))
+        assert wait_for(lambda: "session ended" in _worker_log(lc, 1))
         if sig == signal.SIGSTOP:
             lc.signal_worker(2, signal.SIGCONT)  # ... and so does the frozen one once thawed.
-            assert _wait_for(lambda: "session ended" in _worker_log(lc, 2))
+            assert wait_for(lambda: "session ended" in _worker_log(lc, 2))
         else:
             lc.restart(2)
         with cluster_model(llama_dir, addresses(lc)) as again:  # no restart of worker 1 needed
@@ -106,7 +97,7 @@ def test_workers_survive_a_killed_master(llama_dir, tmp_path):
         master.kill()
         master.wait()
         for i in (1, 2):
-            assert _wait_for(
+            assert wait_for(
                 lambda i=i: "session ended: master disconnected" in _worker_log(lc, i)
             ), _worker_log(lc, i)
         with cluster_model(llama_dir, addresses(lc)) as again:

@@ -18,13 +18,8 @@ from tpi.cli import cli
 from tpi.errors import TpiError
 from tpi.master.engine import load_engine
 from tpi.master.loader import MemoryOptions, open_model
-from tpi.runtime.memory_budget import (
-    MIN_FITTED_CONTEXT,
-    MemoryBudgetError,
-    fit_context,
-    parse_size,
-    plan_window,
-)
+from tpi.runtime.memory_budget import MemoryBudgetError, parse_size
+from tpi.runtime.memory_model import MIN_FITTED_CONTEXT, fit_context, plan_window
 from tpi.runtime.sliding_window import SlidingWindowLayers, StreamLayout
 from tpi.storage.shard_reader import RankShard
 from tpi.storage.split import split_model

@@ -75,3 +75,28 @@ def test_activity_counts_cpu_and_reads_but_not_the_skipped_thread(tmp_path):
     before = watchdog._activity(skip_tid=me)
     (tmp_path / "f").read_bytes()
     assert watchdog._activity(skip_tid=me) - before < 1 << 20  # the skipped thread's do not
+
+
+def test_a_main_thread_waiting_for_a_busy_child_process_is_not_hung(exits):
+    # The native kernels' first build waits for a compiler for seconds: its CPU time
+    # is the worker's progress.
+    import subprocess
+    import sys
+
+    burn = f"import time\nend = time.monotonic() + {3 * HANG_S}\nwhile time.monotonic() < end: pass"
+    with watchdog.Watchdog(HANG_S):
+        subprocess.run([sys.executable, "-c", burn], check=True, timeout=30)
+    assert exits.codes == []
+
+
+def test_a_main_thread_waiting_for_an_idle_child_process_is_hung(exits):
+    import subprocess
+    import sys
+
+    with watchdog.Watchdog(HANG_S):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            assert exits.fired.wait(10 * HANG_S)
+        finally:
+            child.kill()
+            child.wait()

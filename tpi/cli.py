@@ -150,13 +150,9 @@ def convert_gguf_cmd(
     "Give every rank its vocabulary rows of the embedding and LM head (by the same shares) "
     "instead of all of them to rank 0."
 )
-@click.option(
-    "--pp",
-    type=click.IntRange(min=1),
-    default=None,
-    metavar="N",
-    help="Pipeline stages: the ranks in order, cut into N groups of (nearly) equal size; "
-    "each rank's shard then holds only its stage's layers.",
+@opt.pp(
+    "Pipeline stages: the ranks in order, cut into N groups of (nearly) equal size; "
+    "each rank's shard then holds only its stage's layers."
 )
 @click.option(
     "--stages",
@@ -165,12 +161,7 @@ def convert_gguf_cmd(
     help="Ranks per pipeline stage, in order (e.g. 3,1: master and workers 1-2, then worker 3 "
     "alone); instead of --pp.",
 )
-@click.option(
-    "--stage-layers",
-    default=None,
-    metavar="N,N,...",
-    help="Layers per pipeline stage (default: as even as the layer count allows).",
-)
+@opt.stage_layers("Layers per pipeline stage (default: as even as the layer count allows).")
 @click.option("--force", is_flag=True, help="Replace --out if it already holds files.")
 def split_cmd(
     model: str | None,
@@ -258,21 +249,11 @@ def keygen_cmd(directory: str, force: bool) -> None:
 
 
 @cli.command("probe")
-@click.option(
-    "--model",
-    "-m",
-    default=None,
-    metavar="PATH|NAME",
-    help="Also time this node's layer slices of this model (as 'tpi plan' would ask). "
-    "Default: only the device (CPU, memory, disk).",
+@opt.model(
+    "Also time this node's layer slices of this model (as 'tpi plan' would ask). "
+    "Default: only the device (CPU, memory, disk)."
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(["fp32", "bf16"]),
-    default="fp32",
-    show_default=True,
-    help="Compute dtype of the timed slices.",
-)
+@opt.compute_dtype("Compute dtype of the timed slices.")
 @opt.quant("none", "Weight format of the timed slices.")
 @opt.group_size()
 @click.option(
@@ -282,12 +263,8 @@ def keygen_cmd(directory: str, force: bool) -> None:
     show_default=True,
     help="Time the slice sizes clusters of up to this many ranks would give this node.",
 )
-@click.option(
-    "--store",
-    type=click.Path(file_okay=False, path_type=str),
-    default=None,
-    help="Directory whose disk's read speed is measured (a worker's --store). "
-    "Default: $TPI_HOME/splits.",
+@opt.store(
+    "Directory whose disk's read speed is measured (a worker's --store). Default: $TPI_HOME/splits."
 )
 @opt.threads("Torch threads to time with (a profile is per thread count).")
 @opt.memory_budget("This node's --memory-budget, if it runs with one (it plans within it).")

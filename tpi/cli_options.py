@@ -8,6 +8,7 @@ plan for every rank), it passes its own help text, never its own declaration.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
@@ -23,6 +24,44 @@ def apply(options: list[Callable]) -> Callable:
         return f
 
     return decorate
+
+
+def model(help: str) -> Callable:
+    return click.option("--model", "-m", default=None, metavar="PATH|NAME", help=help)
+
+
+def compute_dtype(help: str) -> Callable:
+    return click.option(
+        "--dtype",
+        type=click.Choice(["fp32", "bf16"]),
+        default="fp32",
+        show_default=True,
+        help=help,
+    )
+
+
+def wire_dtype(help: str) -> Callable:
+    return click.option(
+        "--wire-dtype",
+        type=click.Choice(["fp32", "bf16", "fp16"]),
+        default="fp32",
+        show_default=True,
+        help=help,
+    )
+
+
+def pp(help: str) -> Callable:
+    return click.option("--pp", type=click.IntRange(min=1), default=None, metavar="N", help=help)
+
+
+def stage_layers(help: str) -> Callable:
+    return click.option("--stage-layers", default=None, metavar="N,N,...", help=help)
+
+
+def store(help: str) -> Callable:
+    return click.option(
+        "--store", type=click.Path(file_okay=False, path_type=Path), default=None, help=help
+    )
 
 
 def shares(help: str | None = None) -> Callable:

@@ -24,12 +24,9 @@ PARENT_GONE_EXIT_S = 5.0
     help="Address to listen on for a master, e.g. tcp://192.168.1.20:5555 "
     "(host:port works too; port 0 picks a free port).",
 )
-@click.option(
-    "--store",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Directory of shards: pushed ones are kept here; a rank directory from "
-    "'tpi split' copied here is used as is. Default: $TPI_HOME/store.",
+@opt.store(
+    "Directory of shards: pushed ones are kept here; a rank directory from "
+    "'tpi split' copied here is used as is. Default: $TPI_HOME/store."
 )
 @click.option(
     "--port-file",

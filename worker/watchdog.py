@@ -6,8 +6,10 @@ Python code is deadlocked, or stuck in a C call, still looks alive to the
 master, which would wait for its partial sums until the step timeout. This
 watchdog thread looks for signs of life every half second: a beat (the main
 thread passes through its receive loop twice a second while it waits for
-messages), CPU time, or bytes read from disk, by any thread but libzmq's. None
-for HANG_S seconds means hung: it logs every thread's stack and exits, the
+messages), CPU time, or bytes read from disk, by any thread but libzmq's, or
+CPU time of a child process it waits for (the native kernels' compiler at a
+first step, which may take longer than HANG_S on a busy machine). None for
+HANG_S seconds means hung: it logs every thread's stack and exits, the
 link drops, and the master reports the rank. (A C call stuck while holding the
 GIL would starve this thread too; the C calls a worker makes, torch, zlib,
 file and socket I/O, release it. faulthandler's C-level timer could catch that
@@ -39,10 +41,31 @@ def beat() -> None:
     _last_beat = time.monotonic()
 
 
+def _children_ticks(pid: str, depth: int = 3) -> int:
+    """CPU ticks of the live descendants of `pid` (a compiler driver's own children
+    do the work), `depth` generations deep."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+            except (OSError, ValueError, IndexError):
+                continue  # ended meanwhile
+            if depth > 1:
+                total += _children_ticks(child, depth - 1)
+    return total
+
+
 def _activity(skip_tid: int) -> int:
     """CPU ticks plus bytes read, summed over this process's threads but libzmq's
-    I/O threads (heartbeats) and the watchdog itself."""
-    total = 0
+    I/O threads (heartbeats) and the watchdog itself, plus the CPU ticks of the
+    child processes it waits for."""
+    total = _children_ticks("self")
     for task in Path("/proc/self/task").iterdir():
         try:
             if int(task.name) == skip_tid or (task / "comm").read_text().startswith("ZMQbg"):

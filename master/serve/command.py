@@ -5,17 +5,11 @@ from __future__ import annotations
 import click
 
 from tpi.cli_options import apply
-from tpi.master.cli_options import (
-    ENGINE_OPTIONS,
-    open_elastic,
-    open_from_options,
-    sampling_from_options,
-    sampling_options,
-)
+from tpi.master import cli_options as master_opt
 
 
 @click.command()
-@apply(ENGINE_OPTIONS + sampling_options(max_new_default=512))
+@apply(master_opt.ENGINE_OPTIONS + master_opt.sampling_options(max_new_default=512))
 @click.option(
     "--host",
     default="127.0.0.1",
@@ -39,20 +33,13 @@ from tpi.master.cli_options import (
     show_default=True,
     help="Requests admitted at once, running or waiting; more get HTTP 429.",
 )
-@click.option(
-    "--max-batch",
-    type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
-    help="Requests generated together, in the same forward passes (a pass reads the "
-    "weights once for all of them). 1: one at a time.",
+@master_opt.max_batch(
+    "Requests generated together, in the same forward passes (a pass reads the "
+    "weights once for all of them). 1: one at a time."
 )
-@click.option(
-    "--prefill-chunk",
-    type=click.IntRange(min=0),
-    default=128,
-    show_default=True,
-    help="Prompt tokens fed per pass while other requests decode, so a long new prompt "
+@master_opt.prefill_chunk(
+    128,
+    "Prompt tokens fed per pass while other requests decode, so a long new prompt "
     "does not stall running streams (0: a prompt runs whole).",
 )
 @click.option(
@@ -110,8 +97,10 @@ def serve(
     api_key = api_key_from(api_key)
     listener = bind_listener(host, port)  # before loading: a busy port fails at once
     port = listener.getsockname()[1]
-    loaded, elastic = open_elastic(opts, echo=lambda m: click.echo(f"tpi: {m}", err=True))
-    defaults = sampling_from_options(loaded, opts)
+    loaded, elastic = master_opt.open_elastic(
+        opts, echo=lambda m: click.echo(f"tpi: {m}", err=True)
+    )
+    defaults = master_opt.sampling_from_options(loaded, opts)
     name = model_name or loaded.model_dir.name
     if name.startswith("rank"):  # a split's rank0 directory: name it after the split
         name = loaded.model_dir.parent.name
@@ -120,7 +109,7 @@ def serve(
     def reopen():
         # Runs in the generation thread: click's current context is thread-local.
         with ctx.scope(cleanup=False):
-            return open_from_options(opts)
+            return master_opt.open_from_options(opts)
 
     reopen = reopen if loaded.cluster is not None else None
     plan = loaded.runtime.plan if loaded.runtime is not None else None

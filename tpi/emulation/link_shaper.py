@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tpi.errors import TpiError
-from tpi.system.lifeline import watch_parent
+from tpi.system.lifeline import spawn, watch_parent
 
 READ_CHUNK = 64 * 1024
 
@@ -182,18 +182,7 @@ def start_process(
         cmd += ["--route", route]
     if parent_fd is not None:
         cmd += ["--parent-fd", str(parent_fd)]
-    try:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            pass_fds=(parent_fd,) if parent_fd is not None else (),
-        )
-    finally:
-        if parent_fd is not None:
-            os.close(parent_fd)
+    proc = spawn(cmd, log, parent_fd)
     deadline = time.monotonic() + timeout_s
     while not ready_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tpi.kernels.decode_ops import cache_step_ok, contiguous_f32
+from tpi.kernels.decode_ops import cache_step_args, contiguous_f32
 from tpi.kernels.native import NativeLibrary
 
 F32, INT8, INT4 = 1, 2, 3  # Mat.kind: float32 rows, int8 rows with scales, packed int4
@@ -82,12 +82,12 @@ def attention_half(
     (tpi.model.rope's rotate-half tables), k and v written to `keys`/`values`
     (n_kv, capacity, hd) at `pos`, attention over [0, pos], the o product."""
     lib = library()
-    n_kv, cap, hd = keys.shape
-    hidden, rot = norm.numel(), cos.numel()
+    n_kv, _, hd = keys.shape
+    hidden = norm.numel()
     if (
         lib is None
         or not _row(h, norm)
-        or not cache_step_ok(cos, signed_sin, keys, values, pos, n_q)
+        or (step := cache_step_args(cos, signed_sin, keys, values, pos, n_q, scale)) is None
         or qkv.k != hidden
         or qkv.n != (n_q + 2 * n_kv) * hd
         or o.k != n_q * hd
@@ -95,25 +95,9 @@ def attention_half(
     ):
         return None
     out = torch.empty(1, hidden, dtype=torch.float32)
+    mats = (ctypes.byref(qkv), ctypes.byref(o))
     rc = lib.tpi_attention_half(
-        h.data_ptr(),
-        hidden,
-        norm.data_ptr(),
-        eps,
-        ctypes.byref(qkv),
-        ctypes.byref(o),
-        cos.data_ptr(),
-        signed_sin.data_ptr(),
-        rot,
-        keys.data_ptr(),
-        values.data_ptr(),
-        cap,
-        pos,
-        n_q,
-        n_kv,
-        hd,
-        scale,
-        out.data_ptr(),
+        h.data_ptr(), hidden, norm.data_ptr(), eps, *mats, *step, out.data_ptr()
     )
     return out if rc == 0 else None
 

@@ -66,20 +66,21 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
-def cache_step_ok(
+def cache_step_args(
     cos: torch.Tensor,
     signed_sin: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
     pos: int,
     n_q: int,
-) -> bool:
-    """Whether one token's rotary tables, this layer's cache buffers (n_kv, capacity,
-    hd) and position are what the native attention takes (here and in a fused
-    half-layer, tpi.kernels.decode_layer)."""
+    scale: float,
+) -> tuple | None:
+    """The native attention's arguments for one token's rotary tables, this layer's
+    cache buffers (n_kv, capacity, hd), position and heads (here and in a fused
+    half-layer, tpi.kernels.decode_layer); None where they are not what it takes."""
     n_kv, cap, hd = keys.shape
     rot = cos.shape[-1] if cos.dim() else 0
-    return not (
+    if (
         n_q % n_kv
         or not 0 <= pos < cap
         or rot > hd
@@ -88,7 +89,10 @@ def cache_step_ok(
         or signed_sin.numel() != rot
         or values.shape != keys.shape
         or not contiguous_f32(cos, signed_sin, keys, values)
-    )
+    ):
+        return None
+    tables = (cos.data_ptr(), signed_sin.data_ptr(), rot)
+    return (*tables, keys.data_ptr(), values.data_ptr(), cap, pos, n_q, n_kv, hd, scale)
 
 
 def attend_one(
@@ -107,35 +111,17 @@ def attend_one(
     `keys`/`values` (n_kv, capacity, hd), and every q head's softmax attention over
     positions [0, pos] of its KV head, written to `out` (n_q * hd). qkv holds the
     n_q query heads, then the n_kv key and n_kv value heads. False: not done."""
-    n_kv, cap, hd = keys.shape
-    rot = cos.shape[-1]
+    n_kv, _, hd = keys.shape
     lib = LIBRARY.get()
     if (
         lib is None
-        or not cache_step_ok(cos, signed_sin, keys, values, pos, n_q)
+        or (step := cache_step_args(cos, signed_sin, keys, values, pos, n_q, scale)) is None
         or qkv.numel() != (n_q + 2 * n_kv) * hd
         or out.numel() != n_q * hd
         or not contiguous_f32(qkv, out)
     ):
         return False
-    return (
-        lib.tpi_attend_one_f32(
-            qkv.data_ptr(),
-            cos.data_ptr(),
-            signed_sin.data_ptr(),
-            rot,
-            keys.data_ptr(),
-            values.data_ptr(),
-            cap,
-            pos,
-            n_q,
-            n_kv,
-            hd,
-            scale,
-            out.data_ptr(),
-        )
-        == 0
-    )
+    return lib.tpi_attend_one_f32(qkv.data_ptr(), *step, out.data_ptr()) == 0
 
 
 def attend_rows(

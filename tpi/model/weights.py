@@ -13,6 +13,7 @@ read alone (tpi.storage.expert_file).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -211,18 +212,25 @@ def slice_layer(
     to rank 0 only, so the allreduce adds them exactly once. Norms and the router
     are whole on every rank.
     """
-    hd = cfg.head_dim
-    q0, q1 = rs.q_heads
-    k0, k1 = rs.kv_heads
-    m0, m1 = rs.mlp
     names = hf_names(cfg)
+    out = _slice_norms(get, cfg, names, layer)
+    out.update(_slice_attention(get, cfg, names, layer, rs))
+    if cfg.layer_is_moe(layer):
+        out.update(_slice_experts(get, names, layer, rs))
+    else:
+        out.update(_slice_mlp(get, cfg, names, layer, rs))
+    return out
 
-    def name(s: str) -> str:
-        return hf_layer_name(layer, s)
 
-    def rows(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        return t[a:b].contiguous()
+def _rows(t: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    return t[a:b].contiguous()
 
+
+def _slice_norms(
+    get: Callable[[str], torch.Tensor], cfg: ModelConfig, names: HfNames, layer: int
+) -> dict[str, torch.Tensor]:
+    """The layer's norms, whole."""
+    name = functools.partial(hf_layer_name, layer)
     out: dict[str, torch.Tensor] = {
         ATTN_NORM: get(name("input_layernorm.weight")).contiguous(),
         MLP_NORM: get(name(names.mlp_norm)).contiguous(),
@@ -233,49 +241,70 @@ def slice_layer(
     if cfg.qk_norm:
         out[Q_NORM] = get(name("self_attn.q_norm.weight")).contiguous()
         out[K_NORM] = get(name("self_attn.k_norm.weight")).contiguous()
+    return out
+
+
+def _slice_attention(
+    get: Callable[[str], torch.Tensor], cfg: ModelConfig, names: HfNames, layer: int, rs: RankSlice
+) -> dict[str, torch.Tensor]:
+    """The rows of the rank's q heads and KV heads (fused into one matrix), and the
+    matching columns of o_proj."""
+    name = functools.partial(hf_layer_name, layer)
+    hd = cfg.head_dim
+    q0, q1 = rs.q_heads
+    k0, k1 = rs.kv_heads
+    out: dict[str, torch.Tensor] = {}
     if names.qkv_fused is not None:
         fused = get(name(names.qkv_fused))
         k_at, v_at = cfg.num_heads * hd, (cfg.num_heads + cfg.num_kv_heads) * hd
-        q = rows(fused, q0 * hd, q1 * hd)
-        k = rows(fused, k_at + k0 * hd, k_at + k1 * hd)
-        v = rows(fused, v_at + k0 * hd, v_at + k1 * hd)
+        q = _rows(fused, q0 * hd, q1 * hd)
+        k = _rows(fused, k_at + k0 * hd, k_at + k1 * hd)
+        v = _rows(fused, v_at + k0 * hd, v_at + k1 * hd)
         del fused
     else:
-        q = rows(get(name("self_attn.q_proj.weight")), q0 * hd, q1 * hd)
-        k = rows(get(name("self_attn.k_proj.weight")), k0 * hd, k1 * hd)
-        v = rows(get(name("self_attn.v_proj.weight")), k0 * hd, k1 * hd)
+        q = _rows(get(name("self_attn.q_proj.weight")), q0 * hd, q1 * hd)
+        k = _rows(get(name("self_attn.k_proj.weight")), k0 * hd, k1 * hd)
+        v = _rows(get(name("self_attn.v_proj.weight")), k0 * hd, k1 * hd)
     out[QKV] = cat_rows([q, k, v])
     del q, k, v
     if cfg.attention_bias:
         out[QKV_BIAS] = torch.cat(
             [
-                rows(get(name("self_attn.q_proj.bias")), q0 * hd, q1 * hd),
-                rows(get(name("self_attn.k_proj.bias")), k0 * hd, k1 * hd),
-                rows(get(name("self_attn.v_proj.bias")), k0 * hd, k1 * hd),
+                _rows(get(name("self_attn.q_proj.bias")), q0 * hd, q1 * hd),
+                _rows(get(name("self_attn.k_proj.bias")), k0 * hd, k1 * hd),
+                _rows(get(name("self_attn.v_proj.bias")), k0 * hd, k1 * hd),
             ],
             0,
         )
     out[O_PROJ] = get(name("self_attn.o_proj.weight"))[:, q0 * hd : q1 * hd].contiguous()
     if cfg.o_proj_bias and rs.rank == 0:
         out[O_BIAS] = get(name("self_attn.o_proj.bias")).contiguous()
-    if cfg.layer_is_moe(layer):
-        out.update(_slice_experts(get, names, layer, rs))
-        return out
+    return out
+
+
+def _slice_mlp(
+    get: Callable[[str], torch.Tensor], cfg: ModelConfig, names: HfNames, layer: int, rs: RankSlice
+) -> dict[str, torch.Tensor]:
+    """The rows of the rank's MLP columns in gate and up (fused into one matrix), and
+    the matching columns of down_proj."""
+    name = functools.partial(hf_layer_name, layer)
+    m0, m1 = rs.mlp
+    out: dict[str, torch.Tensor] = {}
     if names.gate_up_fused is not None:
         fused = get(name(names.gate_up_fused))
         half = fused.shape[0] // 2
-        gate, up = rows(fused, m0, m1), rows(fused, half + m0, half + m1)
+        gate, up = _rows(fused, m0, m1), _rows(fused, half + m0, half + m1)
         del fused
     else:
-        gate = rows(get(name("mlp.gate_proj.weight")), m0, m1)
-        up = rows(get(name("mlp.up_proj.weight")), m0, m1)
+        gate = _rows(get(name("mlp.gate_proj.weight")), m0, m1)
+        up = _rows(get(name("mlp.up_proj.weight")), m0, m1)
     out[GATE_UP] = cat_rows([gate, up])
     del gate, up
     if cfg.mlp_bias:
         out[GATE_UP_BIAS] = torch.cat(
             [
-                rows(get(name("mlp.gate_proj.bias")), m0, m1),
-                rows(get(name("mlp.up_proj.bias")), m0, m1),
+                _rows(get(name("mlp.gate_proj.bias")), m0, m1),
+                _rows(get(name("mlp.up_proj.bias")), m0, m1),
             ],
             0,
         )

@@ -47,7 +47,7 @@ from tpi.errors import TpiError
 from tpi.model.config import ModelConfig
 from tpi.model.partition import RankSlice
 from tpi.planning.curves import Curve
-from tpi.planning.footprint import Format, MemoryNeed, head_bytes, layer_bytes, plan_memory
+from tpi.planning.footprint import Format, MemoryNeed, head_bytes, layer_bytes, memory_at
 from tpi.planning.profile import LinkFacts
 
 # The master's own work per allreduce and worker: taking a partial off the
@@ -94,7 +94,9 @@ class NodeSpeed:
     disk_bytes_per_s: float | None = None
     capacity: int | None = None  # memory it may plan in (None: unlimited)
     capacity_source: str = "unlimited"
-    baseline_bytes: int = 0  # the runtime before weights
+    # The rank's process before weights, as it will measure it at load
+    # (tpi.runtime.memory_model.expected_baseline of its profile).
+    baseline_bytes: int = 0
     link: LinkFacts = field(default_factory=LinkFacts)
 
     def curves(self, resident: bool) -> PhaseCurves:
@@ -136,6 +138,8 @@ class Workload:
     prompt_tokens: int = 64  # for TTFT
     context: int = 4096  # tokens the KV cache is planned for
     wire_bytes: int = 4  # bytes per element of partial sums on the wire
+    # The context was asked for (--max-context): a rank never shrinks it to fit.
+    context_fixed: bool = False
 
 
 @dataclass(frozen=True)
@@ -181,27 +185,112 @@ def _link_s(link: LinkFacts, nbytes: float) -> float:
 def memory_of(
     cfg: ModelConfig, node: NodeSpeed, rp: RankPlacement, wl: Workload, is_master: bool
 ) -> MemoryNeed:
-    """The memory rank `rp` plans at its window (footprint's rules, the runtime's)."""
-    head = head_bytes(cfg, wl.fmt) if is_master else 0
-    need = plan_memory(
+    """The memory rank `rp` plans at its window within the node's capacity (the
+    runtime's own plan, tpi.runtime.memory_model, over footprint's sizes)."""
+    return memory_at(
         cfg,
         rp.rank_slice,
         wl.fmt,
+        window=rp.window,
         context=wl.context,
         baseline_bytes=node.baseline_bytes,
-        head=head,
-        capacity=None,
-        fit_context_to_capacity=False,
+        head=head_bytes(cfg, wl.fmt) if is_master else 0,
+        capacity=node.capacity,
+        fit_context_to_capacity=not wl.context_fixed,
     )
-    return MemoryNeed(
-        rp.window,
-        need.layer,
-        need.kv_bytes,
-        need.head_bytes,
-        need.activation_bytes,
-        need.baseline_bytes,
-        need.context,
+
+
+@dataclass(frozen=True)
+class _Times:
+    """Per rank (in stage order): seconds per layer of each phase, per token."""
+
+    att: list[float]  # decode attention
+    mlp: list[float]
+    att_pre: list[float]  # the prompt's
+    mlp_pre: list[float]
+    link: list[float]  # a partial up and its sum down (0 for the master)
+    link_pre: list[float]
+    read: list[float]  # one layer file from disk (0: all layers resident)
+    speed: list[float]  # the share of its short-run speed it sustains
+
+
+def _times(cfg: ModelConfig, nodes: list[NodeSpeed], ranks, wl: Workload) -> _Times:
+    L = cfg.num_layers
+    row_bytes = cfg.hidden_size * wl.wire_bytes
+    rows = wl.prompt_tokens / PREFILL_ROWS
+    t = _Times([], [], [], [], [], [], [], [])
+    for i, rp in enumerate(ranks):
+        node = nodes[rp.node]
+        rs = rp.rank_slice
+        cur = node.curves(rp.window >= L)
+        q = rs.n_q
+        extra = max(0, wl.position - SHORT_POS)
+        t.att.append(cur.attention(q) + cur.attention_per_position(q) * extra)
+        t.mlp.append(cur.mlp(rs.n_mlp))
+        t.att_pre.append(cur.attention_prefill(q) * rows)
+        t.mlp_pre.append(cur.mlp_prefill(rs.n_mlp) * rows)
+        t.link.append(0.0 if i == 0 else _link_s(node.link, row_bytes))
+        t.link_pre.append(0.0 if i == 0 else _link_s(node.link, row_bytes * wl.prompt_tokens))
+        t.speed.append(max(node.sustained, 1e-3))
+        if rp.window >= L:
+            t.read.append(0.0)
+        else:
+            if not node.disk_bytes_per_s:
+                raise PlacementError(f"{node.name}: streams layers but its disk speed is unknown")
+            t.read.append(layer_bytes(cfg, rs, wl.fmt).disk / node.disk_bytes_per_s)
+    return t
+
+
+def _messages(nodes: list[NodeSpeed], ranks) -> tuple[float, list[float]]:
+    """(the master's CPU per phase for the workers' messages, each rank's CPU per
+    message exchange): as measured with the link, the constants where not."""
+    master_msg = [nodes[rp.node].link.master_cpu_s for rp in ranks[1:]]
+    per_worker = (
+        sum(master_msg) / len(master_msg)
+        if master_msg and None not in master_msg
+        else MASTER_MESSAGE_S
     )
+    overhead = per_worker * (len(ranks) - 1)
+    msg = [overhead] + [
+        nodes[rp.node].link.worker_cpu_s
+        if nodes[rp.node].link.worker_cpu_s is not None
+        else WORKER_MESSAGE_S
+        for rp in ranks[1:]
+    ]
+    return overhead, msg
+
+
+@dataclass(frozen=True)
+class _Token:
+    """One token's (or prompt's) phases over every rank."""
+
+    L: int
+    head: float  # the master's head, embedding and per-token overhead
+    overhead: float  # the master's message CPU per phase
+    msg: list[float]
+    in_line: list[float]  # reads that add to a phase (a window of 1)
+    speed: list[float]
+
+    def time(
+        self, att: list[float], mlp: list[float], links: list[float]
+    ) -> tuple[float, float, list[float]]:
+        """(time at full speed, the slowest CPU's bound, each rank's CPU seconds)."""
+        n, L, in_line = len(att), self.L, self.in_line
+        sync = (
+            L
+            * (
+                max(att[i] + in_line[i] + links[i] for i in range(n))
+                + max(mlp[i] + links[i] for i in range(n))
+                + 2 * self.overhead
+            )
+            + self.head
+        )
+        work = [
+            L * (att[i] + mlp[i] + 2 * self.msg[i]) + (self.head if i == 0 else 0.0)
+            for i in range(n)
+        ]
+        cpu = max(work[i] / self.speed[i] + L * in_line[i] for i in range(n))
+        return sync, cpu, work
 
 
 def predict(
@@ -215,109 +304,78 @@ def predict(
         raise PlacementError("the one stage must run every layer")
     ranks = stage.ranks
     n, L = len(ranks), cfg.num_layers
-    row_bytes = cfg.hidden_size * wl.wire_bytes
-    rows = wl.prompt_tokens / PREFILL_ROWS
-    c_att, c_mlp, p_att, p_mlp, link, link_pre, read, speed = [], [], [], [], [], [], [], []
-    for i, rp in enumerate(ranks):
-        node = nodes[rp.node]
-        rs = rp.rank_slice
-        cur = node.curves(rp.window >= L)
-        q = rs.n_q
-        extra = max(0, wl.position - SHORT_POS)
-        c_att.append(cur.attention(q) + cur.attention_per_position(q) * extra)
-        c_mlp.append(cur.mlp(rs.n_mlp))
-        p_att.append(cur.attention_prefill(q) * rows)
-        p_mlp.append(cur.mlp_prefill(rs.n_mlp) * rows)
-        link.append(0.0 if i == 0 else _link_s(node.link, row_bytes))
-        link_pre.append(0.0 if i == 0 else _link_s(node.link, row_bytes * wl.prompt_tokens))
-        speed.append(max(node.sustained, 1e-3))
-        if rp.window >= L:
-            read.append(0.0)
-        else:
-            if not node.disk_bytes_per_s:
-                raise PlacementError(f"{node.name}: streams layers but its disk speed is unknown")
-            read.append(layer_bytes(cfg, rs, wl.fmt).disk / node.disk_bytes_per_s)
+    t = _times(cfg, nodes, ranks, wl)
     serial = {i for i, rp in enumerate(ranks) if rp.window == 1}
     # Window 1: the next layer is read only once this one is released, in line.
-    in_line = [read[i] if i in serial else 0.0 for i in range(n)]
-    # What a message exchange costs the master's CPU, per worker and phase, and each
-    # worker's (both measured with the link; the constants where they were not).
-    master_msg = [nodes[rp.node].link.master_cpu_s for rp in ranks[1:]]
-    per_worker = (
-        sum(master_msg) / len(master_msg)
-        if master_msg and None not in master_msg
-        else MASTER_MESSAGE_S
-    )
-    overhead = per_worker * (n - 1)
-    msg = [0.0] + [
-        nodes[rp.node].link.worker_cpu_s
-        if nodes[rp.node].link.worker_cpu_s is not None
-        else WORKER_MESSAGE_S
-        for rp in ranks[1:]
-    ]
-    msg[0] = overhead
+    in_line = [t.read[i] if i in serial else 0.0 for i in range(n)]
+    overhead, msg = _messages(nodes, ranks)
     master = nodes[ranks[0].node]
     head = master.head_s + master.embed_s + TOKEN_OVERHEAD_S
-
-    def token(
-        att: list[float], mlp: list[float], links: list[float]
-    ) -> tuple[float, float, list[float]]:
-        """(time at full speed, the slowest CPU's bound, each rank's CPU seconds)."""
-        sync = (
-            L
-            * (
-                max(att[i] + in_line[i] + links[i] for i in range(n))
-                + max(mlp[i] + links[i] for i in range(n))
-                + 2 * overhead
-            )
-            + head
-        )
-        work = [L * (att[i] + mlp[i] + 2 * msg[i]) + (head if i == 0 else 0.0) for i in range(n)]
-        cpu = max(work[i] / speed[i] + L * in_line[i] for i in range(n))
-        return sync, cpu, work
-
-    disk_bound = max((L * read[i] for i in range(n) if read[i] and i not in serial), default=0.0)
-    sync, cpu, work = token(c_att, c_mlp, link)
+    token = _Token(L, head, overhead, msg, in_line, t.speed)
+    disk_bound = max(
+        (L * t.read[i] for i in range(n) if t.read[i] and i not in serial), default=0.0
+    )
+    sync, cpu, work = token.time(t.att, t.mlp, t.link)
     total = max(sync, cpu, disk_bound)
-    sync_pre, cpu_pre, _ = token(p_att, p_mlp, link_pre)
+    sync_pre, cpu_pre, _ = token.time(t.att_pre, t.mlp_pre, t.link_pre)
     ttft = max(sync_pre, cpu_pre, disk_bound)
-
     costs = []
     for i, rp in enumerate(ranks):
-        node = nodes[rp.node]
-        disk = L * in_line[i] if i in serial else max(0.0, L * read[i] - max(sync, cpu))
+        disk = L * in_line[i] if i in serial else max(0.0, L * t.read[i] - max(sync, cpu))
         # Its CPU seconds at its sustained pace, where that is what it spends.
-        compute = min(max(work[i], work[i] / speed[i]), total - disk)
-        mem = memory_of(cfg, node, rp, wl, i == 0)
-        costs.append(
-            RankCost(
-                rank=i,
-                node=node.name,
-                q_heads=rp.rank_slice.n_q,
-                kv_heads=rp.rank_slice.n_kv,
-                mlp_columns=rp.rank_slice.n_mlp,
-                window=rp.window,
-                compute_ms=1000 * compute,
-                allreduce_ms=1000 * max(0.0, total - compute - disk),
-                disk_ms=1000 * disk,
-                memory_bytes=mem.total,
-                capacity_bytes=node.capacity,
-                capacity_source=node.capacity_source,
-            )
-        )
-    if disk_bound >= max(sync, cpu):
-        worst = max(costs, key=lambda c: c.disk_ms)
-        why = f"disk reads of rank {worst.rank} ({worst.node})"
-    elif cpu > sync:
-        i = max(range(n), key=lambda k: work[k] / speed[k])
-        why = (
-            f"the CPU of rank {i} ({costs[i].node}), which keeps "
-            f"{100 * speed[i]:.0f}% of its short-run speed"
-        )
-    else:
-        i = max(range(n), key=lambda k: L * (c_att[k] + c_mlp[k] + in_line[k] + 2 * link[k]))
-        if 2 * link[i] > c_att[i] + c_mlp[i]:
-            why = f"the link to rank {i} ({costs[i].node}): {1000 * link[i]:.2f} ms per allreduce"
-        else:
-            why = f"compute of rank {i} ({costs[i].node})"
+        compute = min(max(work[i], work[i] / t.speed[i]), total - disk)
+        costs.append(_rank_cost(cfg, nodes[rp.node], rp, wl, i, compute, total, disk))
+    why = _bottleneck(costs, t, work, in_line, L, disk_bound >= max(sync, cpu), cpu > sync)
     return Prediction(1000 * total, 1000 * ttft, tuple(costs), why)
+
+
+def _rank_cost(
+    cfg: ModelConfig,
+    node: NodeSpeed,
+    rp: RankPlacement,
+    wl: Workload,
+    i: int,
+    compute: float,
+    total: float,
+    disk: float,
+) -> RankCost:
+    return RankCost(
+        rank=i,
+        node=node.name,
+        q_heads=rp.rank_slice.n_q,
+        kv_heads=rp.rank_slice.n_kv,
+        mlp_columns=rp.rank_slice.n_mlp,
+        window=rp.window,
+        compute_ms=1000 * compute,
+        allreduce_ms=1000 * max(0.0, total - compute - disk),
+        disk_ms=1000 * disk,
+        memory_bytes=memory_of(cfg, node, rp, wl, i == 0).total,
+        capacity_bytes=node.capacity,
+        capacity_source=node.capacity_source,
+    )
+
+
+def _bottleneck(
+    costs: list[RankCost],
+    t: _Times,
+    work: list[float],
+    in_line: list[float],
+    L: int,
+    disk_bound: bool,
+    cpu_bound: bool,
+) -> str:
+    """What sets the pace, in words."""
+    n = len(costs)
+    if disk_bound:
+        worst = max(costs, key=lambda c: c.disk_ms)
+        return f"disk reads of rank {worst.rank} ({worst.node})"
+    if cpu_bound:
+        i = max(range(n), key=lambda k: work[k] / t.speed[k])
+        return (
+            f"the CPU of rank {i} ({costs[i].node}), which keeps "
+            f"{100 * t.speed[i]:.0f}% of its short-run speed"
+        )
+    i = max(range(n), key=lambda k: L * (t.att[k] + t.mlp[k] + in_line[k] + 2 * t.link[k]))
+    if 2 * t.link[i] > t.att[i] + t.mlp[i]:
+        return f"the link to rank {i} ({costs[i].node}): {1000 * t.link[i]:.2f} ms per allreduce"
+    return f"compute of rank {i} ({costs[i].node})"

@@ -2,8 +2,9 @@
 
 The rules are the ones a split and the runtime follow (tpi.quant.quantize for
 what each matrix is stored as, tpi.runtime.sliding_window for what a slot
-holds, tpi.runtime.memory_budget for the rest of a rank's plan), so that a
-placement's memory can be predicted for shares nobody has split yet.
+holds), so that a placement's memory can be predicted for shares nobody has
+split yet; the plan over these sizes is the runtime's own
+(tpi.runtime.memory_model), imported, not copied.
 tests/test_planning_footprint.py checks them against real splits.
 """
 
@@ -15,12 +16,14 @@ from tpi.model.config import ModelConfig
 from tpi.model.partition import RankSlice
 from tpi.quant.formats import INT8_K_MULTIPLE
 from tpi.quant.int4_pack import ROW_MULTIPLE
-from tpi.runtime.memory_budget import (
-    ACTIVATION_BASE,
-    activation_bytes,
+from tpi.runtime.memory_budget import MemoryBudgetError
+from tpi.runtime.memory_model import (
+    RankSizes,
+    WindowPlan,
     activation_bytes_per_position,
-    fit_context,
     kv_cache_bytes,
+    need_at_window,
+    plan_rank_memory,
 )
 from tpi.runtime.slot_fill import aligned
 
@@ -102,26 +105,53 @@ def head_bytes(cfg: ModelConfig, fmt: Format, rows: int | None = None) -> int:
 
 @dataclass(frozen=True)
 class MemoryNeed:
-    """What a rank would plan (tpi.runtime.memory_budget.WindowPlan.need_bytes)."""
+    """What a rank would plan: tpi.runtime.memory_model's plan over footprint's sizes."""
 
-    window: int  # layers held; == num_layers: all resident, nothing re-read
+    plan: WindowPlan
     layer: LayerBytes
-    kv_bytes: int
-    head_bytes: int
-    activation_bytes: int
-    baseline_bytes: int
     context: int
 
     @property
+    def window(self) -> int:
+        """Layers held; == num_layers: all resident, nothing re-read."""
+        return self.plan.window
+
+    @property
     def total(self) -> int:
-        return (
-            self.baseline_bytes
-            + self.window * self.layer.memory
-            + self.layer.staging
-            + self.kv_bytes
-            + self.head_bytes
-            + self.activation_bytes
-        )
+        return self.plan.need_bytes
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.plan.kv_bytes
+
+    @property
+    def head_bytes(self) -> int:
+        return self.plan.head_bytes
+
+    @property
+    def activation_bytes(self) -> int:
+        return self.plan.activation_bytes
+
+    @property
+    def baseline_bytes(self) -> int:
+        return self.plan.baseline_bytes
+
+
+def rank_sizes(
+    cfg: ModelConfig, rs: RankSlice, fmt: Format, *, baseline_bytes: int, head: int
+) -> RankSizes:
+    """The memory model's inputs for rank `rs` in format `fmt`, from shapes alone
+    (the runtime measures the same from the shard: rank_runtime.rank_sizes)."""
+    layer = layer_bytes(cfg, rs, fmt)
+    return RankSizes(
+        num_layers=cfg.num_layers,
+        layer_bytes=layer.memory,
+        staging_bytes=layer.staging,
+        head_bytes=head,
+        baseline_bytes=baseline_bytes,
+        kv_per_position=kv_cache_bytes(cfg, rs, 1, ELEM[fmt.dtype]),
+        activation_per_position=activation_bytes_per_position(cfg, rs),
+    )
 
 
 def plan_memory(
@@ -134,38 +164,41 @@ def plan_memory(
     head: int,
     capacity: int | None,
     fit_context_to_capacity: bool = True,
+    capacity_source: str = "capacity",
 ) -> MemoryNeed | None:
-    """The largest window (all layers if they fit) within `capacity`, as the
-    runtime would choose it; None if not even one layer fits."""
-    layer = layer_bytes(cfg, rs, fmt)
-    elem = ELEM[fmt.dtype]
-    if fit_context_to_capacity:
-        context = fit_context(
+    """The largest window (all layers if they fit) within `capacity`, chosen by
+    the runtime's own plan; None if not even one layer fits."""
+    sizes = rank_sizes(cfg, rs, fmt, baseline_bytes=baseline_bytes, head=head)
+    try:
+        plan = plan_rank_memory(
+            sizes,
             context=context,
-            per_position_bytes=kv_cache_bytes(cfg, rs, 1, elem)
-            + activation_bytes_per_position(cfg, rs),
-            fixed_bytes=baseline_bytes + layer.staging + head + ACTIVATION_BASE,
-            layer_bytes=layer.memory,
-            num_layers=cfg.num_layers,
+            fit=fit_context_to_capacity,
+            window=None,
             budget_bytes=capacity,
+            budget_source=capacity_source,
         )
-
-    def need(window: int) -> MemoryNeed:
-        return MemoryNeed(
-            window,
-            layer,
-            kv_cache_bytes(cfg, rs, context, elem),
-            head,
-            activation_bytes(cfg, rs, context),
-            baseline_bytes,
-            context,
-        )
-
-    full = need(cfg.num_layers)
-    if capacity is None or full.total <= capacity:
-        return full
-    fixed = need(0).total
-    window = (capacity - fixed) // layer.memory if layer.memory else cfg.num_layers
-    if window < 1:
+    except MemoryBudgetError:
         return None
-    return need(int(min(window, cfg.num_layers)))
+    return MemoryNeed(plan.window_plan, layer_bytes(cfg, rs, fmt), plan.context)
+
+
+def memory_at(
+    cfg: ModelConfig,
+    rs: RankSlice,
+    fmt: Format,
+    *,
+    window: int,
+    context: int,
+    baseline_bytes: int,
+    head: int,
+    capacity: int | None,
+    fit_context_to_capacity: bool = True,
+) -> MemoryNeed:
+    """What rank `rs` plans when given `window` layers within `capacity` (over it or
+    not: a placement's memory is shown beside the node's capacity)."""
+    sizes = rank_sizes(cfg, rs, fmt, baseline_bytes=baseline_bytes, head=head)
+    plan = need_at_window(
+        sizes, context=context, fit=fit_context_to_capacity, window=window, budget_bytes=capacity
+    )
+    return MemoryNeed(plan.window_plan, layer_bytes(cfg, rs, fmt), plan.context)

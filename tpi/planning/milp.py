@@ -30,8 +30,7 @@ from tpi.planning.cost_model import (
     Workload,
     _link_s,
 )
-from tpi.planning.footprint import head_bytes, layer_bytes
-from tpi.runtime.memory_budget import activation_bytes, kv_cache_bytes
+from tpi.planning.footprint import head_bytes, layer_bytes, memory_at
 
 TIME_LIMIT_S = 10.0
 
@@ -53,7 +52,7 @@ def _line(f, total: int) -> tuple[float, float]:
 
 
 def _coefficients(
-    cfg: ModelConfig, node: NodeSpeed, wl: Workload, blocks: int, master: bool, elem: int
+    cfg: ModelConfig, node: NodeSpeed, wl: Workload, blocks: int, master: bool
 ) -> dict:
     """The node's times and memory, each as a + b * blocks."""
     L = cfg.num_layers
@@ -70,16 +69,17 @@ def _coefficients(
         return cur.mlp(_slice(cfg, x, blocks).n_mlp)
 
     def mem(x: int, window: int) -> float:
-        rs = _slice(cfg, x, blocks)
-        lb = layer_bytes(cfg, rs, wl.fmt)
-        return (
-            node.baseline_bytes
-            + window * lb.memory
-            + lb.staging
-            + kv_cache_bytes(cfg, rs, wl.context, elem)
-            + activation_bytes(cfg, rs, wl.context)
-            + (head_bytes(cfg, wl.fmt) if master else 0)
-        )
+        return memory_at(
+            cfg,
+            _slice(cfg, x, blocks),
+            wl.fmt,
+            window=window,
+            context=wl.context,
+            baseline_bytes=node.baseline_bytes,
+            head=head_bytes(cfg, wl.fmt) if master else 0,
+            capacity=None,
+            fit_context_to_capacity=False,
+        ).total
 
     def disk(x: int) -> float:
         if not node.disk_bytes_per_s:
@@ -113,7 +113,6 @@ def solve_shares(
     from tpi.planning.solver import quiet_fd_stdout
 
     L = cfg.num_layers
-    elem = {"fp32": 4, "bf16": 2}[wl.fmt.dtype]
     with quiet_fd_stdout():
         h = highspy.Highs()
     h.silent()
@@ -124,7 +123,7 @@ def solve_shares(
     n = len(nodes)
     coef = []
     for i, node in enumerate(nodes):
-        c = _coefficients(cfg, node, wl, blocks, i == 0, elem)
+        c = _coefficients(cfg, node, wl, blocks, i == 0)
         coef.append(c)
         big_t = max(big_t, c["worst"])
     big_t = 2 * big_t + 1.0

@@ -6,6 +6,7 @@ from tpi.model.config import ModelConfig
 from tpi.planning.cost_model import NodeSpeed, PhaseCurves
 from tpi.planning.profile import LinkFacts, NodeProfile, SliceProfile, slices_key
 from tpi.planning.slice_probe import Setting, shape_key
+from tpi.runtime.memory_model import expected_baseline
 
 
 def _curves(p: SliceProfile) -> PhaseCurves:
@@ -18,8 +19,11 @@ def _curves(p: SliceProfile) -> PhaseCurves:
     )
 
 
-def node_speed(cfg: ModelConfig, profile: NodeProfile, setting: Setting) -> NodeSpeed:
-    """The node's speed for `cfg` in `setting` (resident, and streamed if measured)."""
+def node_speed(
+    cfg: ModelConfig, profile: NodeProfile, setting: Setting, master: bool = False
+) -> NodeSpeed:
+    """The node's speed for `cfg` in `setting` (resident, and streamed if measured);
+    `master`: the node that will also hold the tokenizer (its baseline is larger)."""
     shape = shape_key(cfg)
     resident = profile.slices.get(
         slices_key(shape, Setting(**{**setting.to_dict(), "resident": True}).key())
@@ -41,7 +45,7 @@ def node_speed(cfg: ModelConfig, profile: NodeProfile, setting: Setting) -> Node
         disk_bytes_per_s=profile.device.disk_read_bytes_per_s,
         capacity=capacity,
         capacity_source=source,
-        baseline_bytes=profile.device.rss_bytes,
+        baseline_bytes=expected_baseline(profile.device.rss_bytes, cfg.vocab_size, master),
         link=profile.link if isinstance(profile.link, LinkFacts) else LinkFacts(),
     )
 

@@ -135,10 +135,14 @@ class _Search:
                 self.wl.fmt,
                 baseline_bytes=node.baseline_bytes,
                 head=head,
+                capacity_source=node.capacity_source,
             )
-            need = memory(context=self.wl.context, capacity=node.capacity)
+            fit = not self.wl.context_fixed
+            need = memory(
+                context=self.wl.context, capacity=node.capacity, fit_context_to_capacity=fit
+            )
             if need is None:
-                small = memory(context=self.wl.context, capacity=None)
+                small = memory(context=self.wl.context, capacity=None, fit_context_to_capacity=fit)
                 one = small.total - (small.window - 1) * small.layer.memory
                 return (
                     f"rank {i} ({node.name}) does not fit: needs {format_size(one)} for "
@@ -367,6 +371,7 @@ def _contexts(search: _Search, c: Candidate) -> list[int]:
             baseline_bytes=node.baseline_bytes,
             head=head_bytes(search.cfg, search.wl.fmt) if i == 0 else 0,
             capacity=node.capacity,
+            fit_context_to_capacity=not search.wl.context_fixed,
         )
         out.append(need.context if need else search.wl.context)
     return out

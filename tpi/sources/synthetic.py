@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -167,6 +168,13 @@ class SyntheticInt4Model:
 
     # --- int4 matrices -----------------------------------------------------------
 
+    def _block_generators(
+        self, layer: int, tensor: str, a: int, b: int, expert: int
+    ) -> Iterator[torch.Generator]:
+        """The generator of each block of rows (or columns) [a, b), in order."""
+        for blk in range(a // BLOCK, b // BLOCK):
+            yield _generator(self.seed, layer, tensor, expert * EXPERT_BLOCKS + blk)
+
     def rows_int4(
         self, layer: int, tensor: str, a: int, b: int, expert: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,8 +183,7 @@ class SyntheticInt4Model:
         _check_cut(a, b, n, f"{tensor} rows")
         base = self._base_scale(tensor)
         packed, sz = [], []
-        for blk in range(a // BLOCK, b // BLOCK):
-            g = _generator(self.seed, layer, tensor, expert * EXPERT_BLOCKS + blk)
+        for g in self._block_generators(layer, tensor, a, b, expert):
             # A row block's packed bytes are K-major (K, BLOCK/2): its own, whatever the cut.
             packed.append(_random_bytes(BLOCK * k // 2, g).view(BLOCK, k // 2))
             sz.append(_scale_zero(_scales((k // GROUP, BLOCK), base, g)))
@@ -191,8 +198,7 @@ class SyntheticInt4Model:
         _check_cut(a, b, k, f"{tensor} columns")
         base = self._base_scale(tensor)
         packed, sz = [], []
-        for blk in range(a // BLOCK, b // BLOCK):
-            g = _generator(self.seed, layer, tensor, expert * EXPERT_BLOCKS + blk)
+        for g in self._block_generators(layer, tensor, a, b, expert):
             # In each row block, column k's BLOCK nibbles are BLOCK/2 consecutive bytes.
             packed.append(_random_bytes(n * BLOCK // 2, g).view(n // LAYOUT.block_n, BLOCK, -1))
             sz.append(_scale_zero(_scales((BLOCK // GROUP, n), base, g)))

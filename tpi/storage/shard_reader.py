@@ -8,7 +8,7 @@ import torch
 
 from tpi.errors import CheckpointError
 from tpi.model.weights import HeadWeights, LayerWeights, head_from_tensors
-from tpi.quant.formats import INT4_SUFFIX, hold_transposed
+from tpi.quant.formats import INT4_SUFFIX, FloatT, hold_transposed
 from tpi.quant.int4_pack import to_native
 from tpi.quant.quantize import HEAD_TABLES, memory_dtype
 from tpi.storage.expert_file import experts_file
@@ -87,6 +87,10 @@ class RankShard:
         vocab = self.manifest.rank_slice.vocab
         # Always resident: float tables are held transposed (tpi.quant.formats.FloatT).
         tensors = hold_transposed(self._load(HEAD_FILE, dtype), HEAD_TABLES)
+        if any(isinstance(t, FloatT) for t in tensors.values()):
+            # The tables were copied out of the file's buffer; the final norm, a view
+            # into it, would keep the whole buffer (the tables' size again) alive.
+            tensors = {k: t if isinstance(t, FloatT) else t.clone() for k, t in tensors.items()}
         return head_from_tensors(tensors, vocab[0] if vocab else 0, self.config)
 
     def verify(self) -> None:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -94,58 +95,90 @@ def split_model(
     if dtype != "keep" and dtype not in DTYPES:
         raise ModelError(f"unknown storage dtype {dtype!r}")
     quant = quant or QuantSpec()
-    # 4-bit weights kept from a GGUF file pass into an int4 split of their group as is.
-    keep_int4 = quant.mode == "int4" and quant.group_size == GGUF_GROUP
     pin_mmap_threshold()
     ckpt = Checkpoint(model_dir)
-    target = DTYPES.get(dtype)
     source_dtype = ckpt.get("model.norm.weight").dtype
-    storage = target or source_dtype
+    storage = DTYPES.get(dtype) or source_dtype
     model_id = model_fingerprint(model_dir)
-
-    files: list[dict[str, dict]] = [{} for _ in partition.slices]
-    total = cfg.num_layers + 1
     try:
         with atomic_directory(out_dir) as tmp:
-            for r in range(partition.world):
-                (tmp / f"rank{r}").mkdir(parents=True)
-            for i in range(cfg.num_layers):
-                layer_cache: dict[str, torch.Tensor] = {}
-
-                def get(name: str, cache: dict[str, torch.Tensor] = layer_cache) -> torch.Tensor:
-                    # Each full tensor is read once per layer, then sliced for every rank.
-                    if name not in cache:
-                        kept = ckpt.get_int4(name) if keep_int4 else None
-                        cache[name] = kept if kept is not None else ckpt.get(name, storage)
-                    return cache[name]
-
-                for rs in partition.slices:
-                    if not rs.holds(i):
-                        continue  # another pipeline stage's layer
-                    tensors = quantize_tensors(slice_layer(get, cfg, i, rs), LINEAR_NAMES, quant)
-                    files[rs.rank].update(write_layer_files(tmp / f"rank{rs.rank}", i, tensors))
-                    del tensors
-                layer_cache.clear()
-                release_freed_memory()
-                if progress:
-                    progress(i + 1, total, f"layer {i}")
-            head = head_tensors(lambda n: ckpt.get(n, storage), cfg)
-            for rs in partition.slices:
-                if rs.vocab is None and rs.rank != 0:
-                    continue
-                part = slice_head(head, *rs.vocab) if rs.vocab else head
-                files[rs.rank][HEAD_FILE] = write_safetensors(
-                    tmp / f"rank{rs.rank}" / HEAD_FILE, quantize_head(part, quant)
-                )
-                del part
-            del head
-            copy_master_files(model_dir, tmp / "rank0", files[0])
+            shards = _ShardWriter(ckpt, cfg, partition, quant, storage, tmp)
+            shards.write_layers(progress)
+            shards.write_heads()
+            copy_master_files(model_dir, tmp / "rank0", shards.files[0])
             if progress:
-                progress(total, total, "head")
-            write_split_metadata(tmp, cfg, partition, model_id, STORED_NAMES[storage], files, quant)
+                progress(shards.steps, shards.steps, "head")
+            write_split_metadata(
+                tmp, cfg, partition, model_id, STORED_NAMES[storage], shards.files, quant
+            )
     finally:
         ckpt.close()
     return out_dir
+
+
+@dataclass
+class _ShardWriter:
+    """Writes every rank's shard files of one split into `tmp`/rank{r}, and lists
+    them (`files[rank]`: name -> sha256 and size) for the manifests."""
+
+    ckpt: Checkpoint
+    cfg: ModelConfig
+    partition: Partition
+    quant: QuantSpec
+    storage: torch.dtype
+    tmp: Path
+    files: list[dict[str, dict]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.files = [{} for _ in self.partition.slices]
+        for r in range(self.partition.world):
+            (self.tmp / f"rank{r}").mkdir(parents=True)
+
+    @property
+    def steps(self) -> int:
+        """What progress counts: every layer, then the head."""
+        return self.cfg.num_layers + 1
+
+    def write_layers(self, progress: Callable[[int, int, str], None] | None) -> None:
+        ckpt, cfg, quant = self.ckpt, self.cfg, self.quant
+        # 4-bit weights kept from a GGUF file pass into an int4 split of their group as is.
+        keep_int4 = quant.mode == "int4" and quant.group_size == GGUF_GROUP
+        for i in range(cfg.num_layers):
+            layer_cache: dict[str, torch.Tensor] = {}
+
+            def get(name: str, cache: dict[str, torch.Tensor] = layer_cache) -> torch.Tensor:
+                # Each full tensor is read once per layer, then sliced for every rank.
+                if name not in cache:
+                    kept = ckpt.get_int4(name) if keep_int4 else None
+                    cache[name] = kept if kept is not None else ckpt.get(name, self.storage)
+                return cache[name]
+
+            for rs in self.partition.slices:
+                if not rs.holds(i):
+                    continue  # another pipeline stage's layer
+                tensors = quantize_tensors(slice_layer(get, cfg, i, rs), LINEAR_NAMES, quant)
+                self.files[rs.rank].update(
+                    write_layer_files(self.tmp / f"rank{rs.rank}", i, tensors)
+                )
+                del tensors
+            layer_cache.clear()
+            release_freed_memory()
+            if progress:
+                progress(i + 1, self.steps, f"layer {i}")
+
+    def write_heads(self) -> None:
+        """The final norm, embedding and LM head: all of them to rank 0, or each rank
+        its vocabulary rows (vocab-parallel)."""
+        head = head_tensors(lambda n: self.ckpt.get(n, self.storage), self.cfg)
+        for rs in self.partition.slices:
+            if rs.vocab is None and rs.rank != 0:
+                continue
+            part = slice_head(head, *rs.vocab) if rs.vocab else head
+            self.files[rs.rank][HEAD_FILE] = write_safetensors(
+                self.tmp / f"rank{rs.rank}" / HEAD_FILE, quantize_head(part, self.quant)
+            )
+            del part
+        del head
 
 
 def quantize_head(head: dict[str, torch.Tensor], quant: QuantSpec) -> dict[str, torch.Tensor]:

@@ -10,14 +10,38 @@ must never be left running, re-parented to init, after their master is gone.
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 from collections.abc import Callable
+from typing import IO
 
 
 def lifeline() -> tuple[int, int]:
     """(read end for the child, write end the parent keeps; neither inherited by
     other children: pass the read end with Popen(pass_fds=...))."""
     return os.pipe()
+
+
+def spawn(
+    cmd: list[str], log: IO[bytes] | int, parent_fd: int | None, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """Start `cmd` with its output to `log` (a file or subprocess.DEVNULL), holding
+    `parent_fd` (the read end of a lifeline, closed here once passed on). In a session
+    of its own: Ctrl-C in the terminal reaches only the parent, which then stops the
+    child itself."""
+    try:
+        return subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+            pass_fds=(parent_fd,) if parent_fd is not None else (),
+        )
+    finally:
+        if parent_fd is not None:
+            os.close(parent_fd)
 
 
 def watch_parent(fd: int, on_parent_gone: Callable[[], None]) -> threading.Thread:
