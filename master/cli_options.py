@@ -12,7 +12,8 @@ from tpi import cli_options as opt
 
 MODEL_HELP = (
     "Model: a Hugging Face checkpoint directory, a directory made by 'tpi split', a .gguf file "
-    "(converted once), or the name of a cached model (see 'tpi models'). "
+    "(converted once), the name of a cached model (see 'tpi models'), or ORG/NAME[@REVISION] "
+    "(or ORG/NAME/FILE.gguf) on the Hugging Face hub, downloaded on first use ('tpi pull'). "
     "Default: the embedded SmolLM2-135M-Instruct."
 )
 

@@ -118,6 +118,7 @@ def convert_gguf_cmd(
 
 @cli.command("split")
 @click.argument("model", required=False, default=None)
+@opt.assume_yes()
 @click.option(
     "--world",
     "-N",
@@ -180,7 +181,8 @@ def split_cmd(
     """Cut a model into one shard directory per rank.
 
     MODEL is what --model accepts elsewhere: a Hugging Face checkpoint directory,
-    a .gguf file, or a cached model name; omitted, the embedded default model.
+    a .gguf file, a cached model name or ORG/NAME on the hub; omitted, the embedded
+    default model.
 
     Each rank gets one safetensors file per layer holding only its slice
     (attention heads by KV group, MLP columns) and a manifest with sha256 of every
