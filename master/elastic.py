@@ -75,6 +75,7 @@ class ElasticCluster:
         workers: list[str],
         echo: Callable[[str], None] = lambda _m: None,
         policy: str = "continue",
+        discover: Callable[[list[str]], list[str]] | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}")
@@ -85,6 +86,8 @@ class ElasticCluster:
         self.echo = echo
         self.policy = policy
         self.recoveries: list[Recovery] = []
+        # --workers auto: workers found later (given those active) join the cluster.
+        self.discover = discover
 
     @property
     def world(self) -> int:
@@ -127,8 +130,10 @@ class ElasticCluster:
         return self.loaded
 
     def grow(self) -> bool:
-        """At a request boundary: take back configured workers that answer again.
-        Returns whether the cluster was re-opened (the old one is closed)."""
+        """At a request boundary: take back configured workers that answer again (and,
+        with `discover`, take in new ones). Returns whether the cluster was re-opened
+        (the old one is closed)."""
+        joined = self._newcomers()
         missing = [w for w in self.configured if _key(w) not in {_key(a) for a in self.active}]
         back = [w for w in missing if tcp_reachable(w)]
         if not back:
@@ -145,8 +150,17 @@ class ElasticCluster:
             self.loaded = old if alone else self.opener(list(self.active))
             return False
         self.active = wanted
-        self.echo(f"worker(s) {', '.join(back)} back: running on {self.world} ranks")
+        how = "joined" if set(back) <= set(joined) else "back"
+        self.echo(f"worker(s) {', '.join(back)} {how}: running on {self.world} ranks")
         return True
+
+    def _newcomers(self) -> list[str]:
+        if self.discover is None:
+            return []
+        known = {_key(w) for w in self.configured}
+        joined = [w for w in self.discover(list(self.active)) if _key(w) not in known]
+        self.configured += joined
+        return joined
 
     def _close(self, reason: str) -> None:
         close = getattr(self.loaded, "close", None)

@@ -5,8 +5,10 @@ namespace, so no test announces or listens on the machine's real interfaces."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,5 +71,9 @@ def lan(count: int) -> Iterator[list[Host]]:
         yield hosts
     finally:
         for ns in reversed(made):
-            subprocess.run(["ip", "netns", "pids", ns], capture_output=True)
+            # Only this test's processes run in its namespaces: none may outlive them.
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            for pid in pids.stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -321,8 +321,9 @@ def _add_commands() -> None:
     # they import nothing heavy until run).
     from tpi.model_commands import COMMANDS as MODEL_COMMANDS
     from tpi.service_command import service
+    from tpi.workers_command import workers
 
-    for command in (*MODEL_COMMANDS, service):
+    for command in (*MODEL_COMMANDS, service, workers):
         cli.add_command(command)
 
 

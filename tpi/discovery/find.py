@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from tpi.comm.curve import CurveKeys
 from tpi.comm.wire import PROTOCOL_VERSION
-from tpi.discovery.browse import Browser
+from tpi.discovery.browse import Browser, DiscoveryError
 from tpi.discovery.check import Verdict, check_all
 from tpi.discovery.record import Sighting
 
@@ -94,3 +94,34 @@ def describe_verdict(v: Verdict) -> str:
     if v.usable:
         return "free, same secret"
     return v.note or f"secret {v.secret}, {v.state}"
+
+
+def auto_workers(
+    secret: bytes | None,
+    curve: CurveKeys | None,
+    echo: Callable[[str], None],
+    browser: Browser | None = None,
+) -> list[str]:
+    """--workers auto: every free worker of this cluster announced within the wait
+    (sorted by address: ranks in a stable order); one line on what was found."""
+    if secret is None:
+        raise DiscoveryError(
+            "--workers auto uses only workers that prove the cluster's secret: set "
+            "TPI_SECRET or pass --secret-file (it does not work with --insecure)"
+        )
+    seconds = wait_seconds()
+    usable = usable_addresses(find_workers(secret, curve, seconds, browser), echo)
+    if usable:
+        echo(f"found {len(usable)} worker(s) of this cluster on the network: {', '.join(usable)}")
+    else:
+        echo(
+            f"found no worker of this cluster on the network within {seconds:g} s: "
+            "running on this machine alone"
+        )
+    return sorted(usable, key=_address_order)
+
+
+def _address_order(address: str) -> tuple:
+    host, _, port = address.rpartition(":")
+    parts = host.split(".")
+    return (tuple(int(p) if p.isdigit() else 0 for p in parts), int(port))
