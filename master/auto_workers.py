@@ -9,8 +9,14 @@ from dataclasses import dataclass, field
 
 import click
 
-from tpi.discovery.browse import Browser
-from tpi.discovery.find import AUTO, auto_workers, describe_verdict, find_workers
+from tpi.discovery.browse import Browser, DiscoveryError
+from tpi.discovery.find import (
+    AUTO,
+    AUTO_NEEDS_SECRET,
+    auto_workers,
+    describe_verdict,
+    find_workers,
+)
 
 _KEY = "tpi.auto_workers"
 
@@ -51,7 +57,9 @@ def discovered(secret_file: str | None, insecure: bool, curve_dir: str | None) -
     ctx = click.get_current_context()
     state = ctx.meta.get(_KEY)
     if state is None:
-        secret = None if insecure else require_secret(secret_file, False, "the master")
+        if insecure:  # before listening on the network at all
+            raise DiscoveryError(AUTO_NEEDS_SECRET)
+        secret = require_secret(secret_file, False, "the master")
         curve = CurveKeys.load(curve_dir, "master") if curve_dir else None
         browser = Browser()
         ctx.call_on_close(browser.close)

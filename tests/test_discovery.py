@@ -116,3 +116,21 @@ def test_a_stopped_worker_is_unreachable_and_the_announcement_decides_early(work
     assert usable_addresses(found, notes.append) == [ours]
     assert len(notes) == 2
     assert "protocol" in notes[0] and "--curve" in notes[1]
+
+
+def test_workers_auto_without_a_secret_is_one_line_before_listening(llama_dir, monkeypatch):
+    from click.testing import CliRunner
+
+    from tpi.cli import cli
+
+    def no_browsing(*args, **kwargs):
+        raise AssertionError("listened on the network without a secret")
+
+    monkeypatch.setattr("tpi.master.auto_workers.Browser", no_browsing)
+    args = ["generate", "--model", str(llama_dir), "--workers", "auto", "-n", "2", "hi"]
+    res = CliRunner().invoke(cli, [*args, "--insecure"])
+    assert res.exit_code == 1 and "--workers auto uses only workers that prove" in res.output
+    monkeypatch.delenv(SECRET_ENV)
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 1 and "shared secret" in res.output
+    assert "Traceback" not in res.output

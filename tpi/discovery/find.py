@@ -15,7 +15,11 @@ from tpi.discovery.record import Sighting
 
 AUTO = "auto"
 WAIT_ENV = "TPI_DISCOVERY_SECONDS"
-DEFAULT_WAIT_S = 3.0  # mDNS answers come within a fraction of a second; re-asks at 1 s and 3 s
+DEFAULT_WAIT_S = 3.0
+AUTO_NEEDS_SECRET = (
+    "--workers auto uses only workers that prove the cluster's secret: set TPI_SECRET or "
+    "pass --secret-file (it does not work with --insecure)"
+)  # mDNS answers come within a fraction of a second; re-asks at 1 s and 3 s
 
 
 def wait_seconds() -> float:
@@ -105,10 +109,7 @@ def auto_workers(
     """--workers auto: every free worker of this cluster announced within the wait
     (sorted by address: ranks in a stable order); one line on what was found."""
     if secret is None:
-        raise DiscoveryError(
-            "--workers auto uses only workers that prove the cluster's secret: set "
-            "TPI_SECRET or pass --secret-file (it does not work with --insecure)"
-        )
+        raise DiscoveryError(AUTO_NEEDS_SECRET)
     seconds = wait_seconds()
     usable = usable_addresses(find_workers(secret, curve, seconds, browser), echo)
     if usable:
