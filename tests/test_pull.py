@@ -197,6 +197,7 @@ def test_missing_repo_revision_and_gated_models_say_what_to_do(sharded, tmp_path
         assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.slow  # a conversion and two generations: the names themselves are unit-tested
 def test_a_gguf_is_named_by_repository_and_file(tmp_path):
     from tests.gguf_writer import write_gguf
 

@@ -111,6 +111,7 @@ def _fetch_all(listing: Listing, staging: Path, progress: ProgressFn | None) -> 
     if indexed:
         shards = shard_files(listing.ref.repo, staging / first[-1].name, listing.files)
         counter.total = sum(f.size or 0 for f in first + shards)
+        counter.done += _bytes_on_disk(staging, shards)  # an earlier try's, if any
         for f in shards:
             fetch_file(listing, f, staging, counter)
 

@@ -87,7 +87,8 @@ def _from_hub(ref: HubRef, echo: Callable[[str], None], progress: ProgressFn | N
         return ref.cache_dir
     if not consent.can_ask():
         raise ModelError(
-            f"{ref} is not downloaded yet: run 'tpi pull {ref}', or add --yes to download it now"
+            f"{ref} is neither a local path nor downloaded yet: 'tpi pull {ref}' fetches it "
+            "from the Hugging Face hub (or add --yes to fetch it now)"
         )
     listing = list_revision(ref)
     question = (
