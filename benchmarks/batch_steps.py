@@ -85,8 +85,8 @@ def _step_time(engine, batch: int, prompt: int, steps: int, nano: int | None) ->
     from tpi.master.batching import Batcher, BatchSequence
     from tpi.master.sampling import SamplingParams
 
-    if nano is not None and engine.planner is not None:
-        engine.planner.fixed_nano = nano
+    if nano is not None and engine.chunking is not None:
+        engine.chunking.fixed_nano = nano
     engine.reset()
     b = Batcher(engine, max_batch=batch, prefill_chunk=0)
     vocab = engine.cfg.vocab_size

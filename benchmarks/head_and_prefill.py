@@ -95,8 +95,8 @@ def main(latency_ms, prompt_tokens, decode_steps, repeats, out):
                 try:
                     _ttft(lm, prompt[:32])  # warm-up
                     if name == "overlapped":
-                        chunks = lm.engine.planner.chunks(prompt_tokens)
-                        results["measured_rtt_ms"] = round(1000 * lm.engine.planner.rtt_s, 2)
+                        chunks = lm.engine.chunking.chunks(prompt_tokens)
+                        results["measured_rtt_ms"] = round(1000 * lm.engine.chunking.rtt_s, 2)
                     ttft[name].append(_ttft(lm, prompt))
                 finally:
                     lm.close()

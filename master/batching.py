@@ -9,75 +9,32 @@ when done or cancelled, and a new prompt is fed in chunks of at most
 held up for a whole prompt.
 
 Each sequence keeps its own sampler (seeded sampling draws the same noise as it
-would alone), stop tokens and token budget, and the tokens it gets are exactly
-what `tpi.master.generation.generate_tokens` gives it alone.
+would alone), stop tokens and token budget, so the tokens it gets are exactly
+what it gets alone: a single answer (tpi.master.generation.generate_tokens) is
+this batcher running a batch of one.
 
-Admission counts KV-cache memory: a sequence is admitted only while the worst
-case of every admitted sequence's cache fits `kv_budget_bytes`; one that can
-never fit is refused (KVBudgetError), others wait.
+Admission counts KV-cache memory (tpi.master.kv_budget): a sequence is admitted
+only while the worst case of every admitted sequence's cache fits the budget.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+
+import torch
 
 from tpi.comm.links import ClusterError
-from tpi.errors import PromptError, TpiError
+from tpi.errors import PromptError
 from tpi.master.engine import BatchRow, Engine
-from tpi.master.generation import GenerationStats, check_prompt
-from tpi.master.sampling import Sampler, SamplingParams
+from tpi.master.kv_budget import KVBudget
+from tpi.master.sampling import Sampler
+from tpi.master.sequence import BatchSequence, check_prompt
 
-KV_MIN_CAPACITY = 256  # tpi.model.kv_cache.KVCache grows from this, by doubling
-
-
-class KVBudgetError(TpiError):
-    """A request whose KV cache can never fit the budget, even running alone."""
-
-
-def kv_positions_bound(positions: int, limit: int) -> int:
-    """The most positions a sequence of `positions` tokens makes a cache allocate
-    (caches grow by doubling, from KV_MIN_CAPACITY, up to `limit`)."""
-    return min(limit, max(KV_MIN_CAPACITY, 2 * positions))
-
-
-@dataclass
-class BatchSequence:
-    """One generation in the batch."""
-
-    prompt: list[int]
-    params: SamplingParams
-    stop_ids: frozenset[int] = frozenset()
-    on_token: Callable[[int], bool] | None = None  # False: stop here (a stop string)
-    cancel: threading.Event = field(default_factory=threading.Event)
-    stats: GenerationStats = field(default_factory=GenerationStats)
-    tokens: list[int] = field(default_factory=list)  # generated (stop tokens excluded)
-    done: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
-    # Set by the batcher:
-    slot: int = -1
-    fed: int = 0  # tokens of `feed` in the cache so far
-    # After a recovery: prompt + tokens so far but the last, to put back into the
-    # KV cache of the new cluster before decoding goes on (None otherwise).
-    replay: list[int] | None = None
-    budget: int = 0
-    next_token: int | None = None
-    sampler: Sampler | None = None
-    kv_bytes: int = 0
-    t_start: float = 0.0
-    t_decode: float = 0.0
-
-    @property
-    def feed(self) -> list[int]:
-        """What must be in the cache before this sequence decodes."""
-        return self.replay if self.replay is not None else self.prompt
-
-    @property
-    def prefilling(self) -> bool:
-        return self.fed < len(self.feed)
+# Failed passes in a row before giving up: each recovery costs a re-plan, maybe a
+# push, and a replay, and a cluster that keeps failing will not finish anything.
+MAX_RECOVERIES = 8
 
 
 class Batcher:
@@ -98,9 +55,8 @@ class Batcher:
         self.max_batch = max_batch
         # 0: a prompt runs whole in one pass.
         self.prefill_chunk = prefill_chunk
-        self.kv_budget_bytes = kv_budget_bytes
-        self.kv_bytes_per_position = (
-            kv_bytes_per_position or engine.decoder.caches.bytes_per_position
+        self.kv = KVBudget(
+            kv_budget_bytes, kv_bytes_per_position or engine.decoder.caches.bytes_per_position
         )
         self.waiting: deque[BatchSequence] = deque()
         self.running: list[BatchSequence] = []
@@ -109,33 +65,23 @@ class Batcher:
         # tpi.master.elastic: an engine over the surviving ranks after a loss (None: fail).
         self.recover = recover
         self.recoveries = 0
+        self._failed_in_a_row = 0
 
     # --- admission ------------------------------------------------------------------
 
-    def kv_need(self, seq: BatchSequence) -> int:
-        positions = min(self.engine.max_positions, len(seq.prompt) + seq.params.max_new_tokens)
-        bound = kv_positions_bound(positions, self.engine.max_positions)
-        return bound * self.kv_bytes_per_position
-
-    def _slot_bytes(self, slot: int) -> int:
-        return self.engine.decoder.caches.capacity(slot) * self.kv_bytes_per_position
+    @property
+    def kv_budget_bytes(self) -> int | None:
+        return self.kv.limit_bytes
 
     @property
     def kv_in_use(self) -> int:
-        """KV bytes held or promised: each running sequence's worst case (or what its
-        slot already holds, if more), and the caches idle slots keep for reuse."""
-        running = sum(max(s.kv_bytes, self._slot_bytes(s.slot)) for s in self.running)
-        return running + sum(self._slot_bytes(slot) for slot in self._free)
+        return self.kv.in_use(self.engine, self.running, self._free)
 
     def submit(self, seq: BatchSequence) -> None:
         """Queue a sequence; it joins the batch at the next step with room for it."""
         check_prompt(self.engine, seq.prompt)
         seq.params.validate()
-        if self.kv_budget_bytes is not None and self.kv_need(seq) > self.kv_budget_bytes:
-            raise KVBudgetError(
-                f"this request may need {self.kv_need(seq) / 2**20:.1f} MiB of KV cache; "
-                f"the budget is {self.kv_budget_bytes / 2**20:.1f} MiB (ask for fewer tokens)"
-            )
+        self.kv.refuse_if_never_fits(self.engine, seq)
         self.waiting.append(seq)
 
     def _admit(self) -> None:
@@ -145,11 +91,11 @@ class Batcher:
                 self.waiting.popleft()
                 self._finish(seq, "cancelled", running=False)
                 continue
-            need = self.kv_need(seq)
-            if self.kv_budget_bytes is not None and self.kv_in_use + need > self.kv_budget_bytes:
+            need = self.kv.need(self.engine, seq)
+            if not self.kv.fits(self.engine, self.running, self._free, need):
                 for slot in self._free:  # idle caches kept for reuse go first
                     self.engine.free(slot)
-                if self.kv_in_use + need > self.kv_budget_bytes:
+                if not self.kv.fits(self.engine, self.running, self._free, need):
                     return  # waits for running sequences to end (oldest first)
             self.waiting.popleft()
             self._start(seq, need)
@@ -167,7 +113,7 @@ class Batcher:
     def _start(self, seq: BatchSequence, need: int) -> None:
         slot, start = self._pick_slot(seq.prompt)
         self._free.remove(slot)
-        if start == 0 and self._slot_bytes(slot) > need:
+        if start == 0 and self.kv.slot_bytes(self.engine, slot) > need:
             self.engine.free(slot)  # a bigger cache than this sequence may need: regrow
         seq.slot, seq.fed, seq.kv_bytes = slot, start, need
         seq.budget = min(seq.params.max_new_tokens, self.engine.max_positions - len(seq.prompt))
@@ -224,17 +170,14 @@ class Batcher:
         try:
             out = self.engine.step([r for _, r in rows])
         except ClusterError as e:
-            if self.recover is not None:
-                for sampler, state in states:  # the failed step's draws, undone
-                    sampler.rewind(state)
-                if self._recover(e):
-                    return len(rows)
-            self._fail_all(e)
-            raise
+            self._survive(e, states)
+            return len(rows)
         except BaseException as e:
             self._fail_all(e)
             raise
         self.steps += 1
+        if states:  # a token was chosen: the failures before it are behind us
+            self._failed_in_a_row = 0
         now = time.perf_counter()
         for (seq, row), token in zip(rows, out, strict=True):
             if seq.prefilling:
@@ -257,9 +200,25 @@ class Batcher:
         for seq in list(self.running):
             self._finish(seq, "error", error=e)
 
-    def _recover(self, error: ClusterError) -> bool:
+    def _survive(self, error: ClusterError, states: list[tuple[Sampler, torch.Tensor]]) -> None:
+        """A pass failed on the cluster: go on over the survivors (the pass's draws
+        undone, so its tokens get the same noise again), or fail every running
+        sequence and raise."""
+        if self.recover is None:
+            self._fail_all(error)
+            raise error
+        if self._failed_in_a_row >= MAX_RECOVERIES:
+            gave_up = ClusterError(f"gave up after {MAX_RECOVERIES} recoveries in a row")
+            self._fail_all(gave_up)
+            raise gave_up from error
+        self._failed_in_a_row += 1
+        for sampler, state in states:
+            sampler.rewind(state)
+        self._recover(error)
+
+    def _recover(self, error: ClusterError) -> None:
         """Continue every running sequence on the engine `recover` gives: each is
-        replayed into a fresh slot, then decodes on. False when it cannot."""
+        replayed into a fresh slot, then decodes on."""
         try:
             engine = self.recover(error)
         except BaseException as e:  # the reason it cannot continue reaches every request
@@ -272,8 +231,9 @@ class Batcher:
             seq.slot = self._free.pop(0)
             if seq.tokens:
                 seq.replay = [*seq.prompt, *seq.tokens[:-1]]
+            else:  # the new cluster's caches are empty: the whole prompt runs
+                seq.stats.reused_tokens = 0
             seq.fed = 0
-        return True
 
     def _take(self, seq: BatchSequence, token: int) -> None:
         """The token chosen after seq's last row: keep it, or end the sequence."""

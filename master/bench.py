@@ -13,7 +13,8 @@ from tpi.cli_options import apply
 from tpi.master import cli_options as master_opt
 from tpi.master.batching import Batcher, BatchSequence
 from tpi.master.cli_options import ENGINE_OPTIONS, open_from_options
-from tpi.master.sampling import Sampler, SamplingParams
+from tpi.master.generation import generate_tokens
+from tpi.master.sampling import SamplingParams
 from tpi.quant.formats import weight_nbytes
 from tpi.runtime.node_stats import node_stats
 
@@ -102,19 +103,19 @@ def run_bench(loaded, prompt_tokens: int, new_tokens: int) -> dict:
     vocab = engine.cfg.vocab_size
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(min(10, vocab - 1), vocab, (prompt_tokens,), generator=g).tolist()
-    greedy = Sampler(SamplingParams(temperature=0.0))
-    engine.prefill_token(prompt[:4], greedy)  # warm-up (allocations, first reads)
+    # warm-up (allocations, first reads): the prompt's start, no decode step
+    list(generate_tokens(engine, prompt[:4], SamplingParams(max_new_tokens=1)))
     engine.reset()
     before = _all_stats(loaded)
+    # The loop `tpi generate` runs; the first token comes with the prompt.
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=new_tokens + 1)
     t0 = time.perf_counter()
-    tok = engine.prefill_token(prompt, greedy)
+    answer = generate_tokens(engine, prompt, greedy)
+    tokens = [next(answer)]
     ttft = time.perf_counter() - t0
     mid = _all_stats(loaded)
-    tokens = [tok]
     t1 = time.perf_counter()
-    for i in range(new_tokens):
-        tok = engine.forward_token([tok], prompt_tokens + i, greedy)
-        tokens.append(tok)
+    tokens += answer
     decode = time.perf_counter() - t1
     after = _all_stats(loaded)
     nodes = {}
@@ -254,8 +255,8 @@ def bench(prompt_tokens, new_tokens, out, concurrency, prefill_chunk, nano_batch
     loaded = open_from_options(
         {**opts, "max_context": opts["max_context"] or prompt_tokens + new_tokens + 8}
     )
-    if nano_batches is not None and loaded.engine.planner is not None:
-        loaded.engine.planner.fixed_nano = nano_batches
+    if nano_batches is not None and loaded.engine.chunking is not None:
+        loaded.engine.chunking.fixed_nano = nano_batches
     if concurrency > 1:
         report = run_concurrent(loaded, prompt_tokens, new_tokens, concurrency, prefill_chunk)
     else:

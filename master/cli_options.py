@@ -156,6 +156,17 @@ ENGINE_OPTIONS = [
         "than ZeroMQ; a worker that offers none, or --curve, keeps them on the control link. "
         "Also TPI_DATA_LINK=0.",
     ),
+    click.option(
+        "--direct-hops/--no-direct-hops",
+        default=True,
+        show_default=True,
+        envvar="TPI_DIRECT_HOPS",
+        help="In a pipeline, let each stage hand its output straight to the next stage's "
+        "workers (and a later group sum its partials through its own lead) over "
+        "authenticated worker-to-worker links: a token crosses each stage boundary once, "
+        "not twice through the master. Off (or a pair of workers that cannot reach each "
+        "other, or --curve): every hop goes through the master. Also TPI_DIRECT_HOPS=0.",
+    ),
     opt.max_context(
         "Tokens of context the KV cache is sized for and capped at (default: the model's, at most "
         "4096 when memory is planned: a window, a budget or a cgroup limit)."
@@ -282,6 +293,7 @@ def open_from_options(opts: dict, workers: list[str] | None = None):
         insecure=opts["insecure"],
         curve_dir=opts["curve_dir"],
         data_link=opts["data_link"],
+        direct_hops=opts["direct_hops"],
         quant=opts["quant"],
         group_size=int(opts["group_size"]),
         vocab_parallel=opts["vocab_parallel"],

@@ -20,8 +20,10 @@ from tpi.comm.links import ClusterError, WorkerLink
 from tpi.comm.wire import Kind, encode_control
 from tpi.dtypes import DTYPES
 from tpi.master.connection import CONNECT_TIMEOUT_S, WorkerConnections
+from tpi.master.direct_hops import open_direct_hops, peer_routes, route
 from tpi.master.shard_sender import VERIFY_TIMEOUT_S, ShardSender
 from tpi.master.topology import Topology
+from tpi.model.partition import Stage
 from tpi.storage.split import read_split_index
 
 
@@ -37,6 +39,9 @@ class ClusterSession(WorkerConnections):
     # Allreduce frames over a direct TCP connection per worker (tpi.comm.data_link),
     # where the worker offers one; off: everything over ZeroMQ.
     data_link: bool = True
+    # A pipeline's later stages hand their outputs on among themselves (where every
+    # pair of them can link up: tpi.master.direct_hops); off: through the master.
+    direct_hops: bool = True
     pushed_bytes: int = 0
     worker_info: dict[int, dict] = field(default_factory=dict)
     topology: Topology | None = None
@@ -68,6 +73,7 @@ class ClusterSession(WorkerConnections):
         need = [r for r, m in welcomes.items() if not m.body["have_shard"]]
         if need:
             self._push({r: welcomes[r].body["partial"] for r in need})
+        direct = self._direct_hops(welcomes)
         for link in self.links.links:
             body = {
                 "session": self.session,
@@ -76,13 +82,29 @@ class ClusterSession(WorkerConnections):
                 "window": self.windows.get(link.rank, self.window) if self.windows else self.window,
                 "max_context": self.max_context,
                 "data_link": self._open_data_link(link, welcomes[link.rank].body),
+                "direct_hops": direct,
             }
             link.send([encode_control(Kind.LOAD, body)])
         ranks = set(range(1, self.world))
         ready = self._expect({Kind.READY}, VERIFY_TIMEOUT_S, ranks, "while loading its shard")
         self.worker_info = {r: m.body for r, m in ready.items()}
         self.topology = Topology.build(
-            self.index, self.inbox, DTYPES[self.wire_dtype], self.timeout_s
+            self.index, self.inbox, DTYPES[self.wire_dtype], self.timeout_s, direct
+        )
+
+    def _direct_hops(self, welcomes: dict) -> bool:
+        """Whether a pipeline's later stages link up to hand their outputs on."""
+        stages = [Stage.from_dict(d) for d in self.index.get("stages") or ()]
+        if len(stages) < 2 or not self.direct_hops or self.index.get("vocab_parallel"):
+            return False  # (a vocabulary-parallel head's steps start on every rank)
+        if self.curve is not None:
+            self.echo(
+                "direct hops between pipeline stages off under --curve (their links would "
+                "travel unencrypted): their outputs go through the master"
+            )
+            return False
+        return open_direct_hops(
+            self.links.links, self.session, stages, welcomes, self._expect, self.echo
         )
 
     def _push(self, partials: dict[int, dict]) -> None:
@@ -95,6 +117,7 @@ class ClusterSession(WorkerConnections):
         if not self.data_link or self.curve is not None or not isinstance(port, int) or not port:
             return False
         host = link.address[len("tcp://") :].rpartition(":")[0].strip("[]")
+        host, port = route(peer_routes(), "master", link.address) or (host, port)
         try:
             data = connect_data_link(
                 host,

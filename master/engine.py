@@ -21,11 +21,11 @@ from tpi.errors import PromptError
 from tpi.master.forward import Forward, LocalForward
 from tpi.master.sampling import Sampler
 from tpi.master.vocab import Vocab, WholeVocab
-from tpi.model.batch import BatchPlan, Segment
+from tpi.model.batch import BatchStep, Segment
 from tpi.model.config import ModelConfig
 from tpi.model.decoder import LocalCollective
 from tpi.model.want import Want
-from tpi.runtime.prefill_plan import PrefillPlanner
+from tpi.runtime.prefill_chunking import PrefillChunking
 from tpi.runtime.rank_runtime import build_rank
 from tpi.storage.checkpoint_rank import CheckpointRank
 
@@ -58,7 +58,7 @@ class Engine:
         self.steps = 0
         # Cuts long prefills into chunks, and batches into nano-batches, whose
         # allreduces overlap compute (clusters).
-        self.planner: PrefillPlanner | None = None
+        self.chunking: PrefillChunking | None = None
         self.context_cap: int | None = None
         # Tokens per forward pass on a cluster (None: any): see _pieces.
         self.max_pass_tokens: int | None = None
@@ -100,31 +100,31 @@ class Engine:
     def _pass(self, rows: Sequence[BatchRow], want: Want) -> torch.Tensor:
         """Final hidden states of every row of a pass (rows of a sequence in order)."""
         caches = [self._check(r.slot, r.pos, len(r.ids)) for r in rows]
-        plan = BatchPlan(
+        batch = BatchStep(
             tuple(Segment(r.slot, r.pos, len(r.ids)) for r in rows),
             tuple(sorted(self._released)),
         )
         for r, cached in zip(rows, caches, strict=True):
             # Forget first: if this pass is interrupted the cache holds garbage past pos.
             del cached[r.pos :]
-        tokens = plan.tokens
-        if self.planner is None or tokens == 1:
+        tokens = batch.tokens
+        if self.chunking is None or tokens == 1:
             pieces = 1
         elif len(rows) == 1:
-            pieces = self.planner.chunks(tokens)
+            pieces = self.chunking.chunks(tokens)
         else:
-            pieces = self.planner.nano_batches(len(rows), tokens)
+            pieces = self.chunking.nano_batches(len(rows), tokens)
         ids = [t for r in rows for t in r.ids]
         waited = self.forward_pass.waiting_seconds()
         t0 = time.perf_counter()
-        h = self.forward_pass.run(ids, plan, pieces, want)
+        h = self.forward_pass.run(ids, batch, pieces, want)
         elapsed = time.perf_counter() - t0
         self._released.clear()
         self.forward_seconds += elapsed
-        if self.planner is not None:
+        if self.chunking is not None:
             compute = elapsed - (self.forward_pass.waiting_seconds() - waited)
             # This node's own layers (a pipeline's master runs only its stage's).
-            self.planner.observe(tokens, 2 * self.decoder.cfg.num_layers, compute)
+            self.chunking.observe(tokens, 2 * self.decoder.cfg.num_layers, compute)
         self.steps += 1
         for r, cached in zip(rows, caches, strict=True):
             cached.extend(r.ids)
@@ -153,7 +153,7 @@ class Engine:
         if not chosen:
             self._pass(rows, Want.nothing())
             return [None] * len(rows)
-        last = BatchPlan(tuple(Segment(r.slot, r.pos, len(r.ids)) for r in rows)).last_rows()
+        last = BatchStep(tuple(Segment(r.slot, r.pos, len(r.ids)) for r in rows)).last_rows()
         picks = [last[i] for i in chosen]
         reqs = [rows[i].sampler.request() for i in chosen]
         h = self._pass(rows, Want.choose(picks, reqs))
@@ -166,7 +166,7 @@ class Engine:
     def step_logits(self, rows: Sequence[BatchRow]) -> torch.Tensor:
         """Float32 logits (len(rows), vocab) after each row's last token: one batched
         pass, as `step` runs it (tests, scoring)."""
-        picks = BatchPlan(tuple(Segment(r.slot, r.pos, len(r.ids)) for r in rows)).last_rows()
+        picks = BatchStep(tuple(Segment(r.slot, r.pos, len(r.ids)) for r in rows)).last_rows()
         h = self._pass(rows, Want.logits(picks))
         return self.vocab.logits(h[picks])
 
@@ -183,20 +183,6 @@ class Engine:
             self._pass([BatchRow(0, piece, p)], Want.nothing())
         h = self._pass([BatchRow(0, last, last_pos)], Want.logits([len(last) - 1]))
         return self.vocab.logits(h[-1:])[0]
-
-    def feed(self, ids: Sequence[int], pos: int = 0, slot: int = 0) -> None:
-        """Put tokens at positions [pos, pos+len) of `slot` into every rank's KV cache,
-        choosing nothing (a recovery replaying a sequence)."""
-        for piece, p in self._pieces(ids, pos):
-            self._pass([BatchRow(slot, piece, p)], Want.nothing())
-
-    def forward_token(self, ids: Sequence[int], pos: int, sampler: Sampler, slot: int = 0) -> int:
-        """Run tokens at positions [pos, pos+len) and choose the next token."""
-        *early, (last, last_pos) = self._pieces(ids, pos)
-        for piece, p in early:
-            self._pass([BatchRow(slot, piece, p)], Want.nothing())
-        (token,) = self.step([BatchRow(slot, last, last_pos, sampler)])
-        return token
 
     def reuse_start(self, prompt: Sequence[int], slot: int = 0) -> int:
         """Where a new prompt must start running in `slot`: after the longest prefix
@@ -218,11 +204,6 @@ class Engine:
         """Logits after the prompt, reusing the longest cached prefix."""
         start = self._reuse(prompt)
         return self.forward(prompt[start:], start)
-
-    def prefill_token(self, prompt: Sequence[int], sampler: Sampler) -> int:
-        """The first new token after the prompt, reusing the longest cached prefix."""
-        start = self._reuse(prompt)
-        return self.forward_token(prompt[start:], start, sampler)
 
     def reset(self) -> None:
         for slot in list(self.slots):

@@ -1,7 +1,7 @@
 """One forward pass on the master, for each kind of parallelism.
 
 The engine (tpi.master.engine) asks a `Forward` for the final hidden states of
-a pass: token ids, the BatchPlan saying which sequence and position each row
+a pass: token ids, the BatchStep saying which sequence and position each row
 is, how many pieces to overlap, and what the head will want of the result.
 Three implementations, one per way the model is laid out:
 
@@ -25,7 +25,7 @@ import torch
 
 from tpi.master.topology import Topology
 from tpi.master.vocab import Vocab
-from tpi.model.batch import BatchPlan
+from tpi.model.batch import BatchStep
 from tpi.model.decoder import Decoder
 from tpi.model.want import Want
 
@@ -36,7 +36,7 @@ class Forward(Protocol):
         """Rank 0's own slice of the layers (its KV caches, dtype and context)."""
         ...
 
-    def run(self, ids: list[int], plan: BatchPlan, pieces: int, want: Want) -> torch.Tensor:
+    def run(self, ids: list[int], batch: BatchStep, pieces: int, want: Want) -> torch.Tensor:
         """Final hidden states (tokens, hidden) of the pass's rows."""
         ...
 
@@ -60,47 +60,36 @@ class LocalForward:
 
     def __init__(self, vocab: Vocab, decoder: Decoder) -> None:
         self.vocab = vocab
-        self._decoder = decoder
+        self.decoder = decoder
 
-    @property
-    def decoder(self) -> Decoder:
-        return self._decoder
+    def start(self, ids: list[int], batch: BatchStep, pieces: int, want: Want) -> torch.Tensor:
+        """Rank 0's hidden states entering layer 0."""
+        return self.vocab.embed(ids)
 
-    def run(self, ids: list[int], plan: BatchPlan, pieces: int, want: Want) -> torch.Tensor:
-        return self._decoder.run(self.vocab.embed(ids), plan, pieces)
+    def run(self, ids: list[int], batch: BatchStep, pieces: int, want: Want) -> torch.Tensor:
+        return self.decoder.run(self.start(ids, batch, pieces, want), batch, pieces)
 
     def waiting_seconds(self) -> float:
-        return local_waiting_seconds(self._decoder)
+        return local_waiting_seconds(self.decoder)
 
 
-class TensorParallelForward:
+class TensorParallelForward(LocalForward):
     """Stage 0's group (every worker, without a pipeline) runs each layer's slices
     together: the step starts on the workers, then rank 0 runs its own slice."""
 
     def __init__(self, vocab: Vocab, decoder: Decoder, topology: Topology) -> None:
-        self.vocab = vocab
-        self._decoder = decoder
+        super().__init__(vocab, decoder)
         self.topology = topology
 
-    @property
-    def decoder(self) -> Decoder:
-        return self._decoder
-
-    def start(self, ids: list[int], plan: BatchPlan, pieces: int, want: Want) -> torch.Tensor:
+    def start(self, ids: list[int], batch: BatchStep, pieces: int, want: Want) -> torch.Tensor:
         """Start the step on the workers; returns rank 0's hidden states entering
         layer 0. This numbers the step (the shared clock) even when no worker is
         in stage 0: later stages and every allreduce go by that number."""
         top = self.topology
         if top.vocab_parallel:
             # Every rank embeds its share of the ids; the sum is the embedding.
-            top.world.broadcast.tokens(ids, plan, pieces, want.to_wire())
+            top.world.broadcast.tokens(ids, batch, pieces, want.to_wire())
             return self.vocab.embed(ids)
         h = self.vocab.embed(ids)
-        top.first.broadcast.hidden(h, plan, pieces)
+        top.first.broadcast.hidden(h, batch, pieces)
         return h
-
-    def run(self, ids: list[int], plan: BatchPlan, pieces: int, want: Want) -> torch.Tensor:
-        return self._decoder.run(self.start(ids, plan, pieces, want), plan, pieces)
-
-    def waiting_seconds(self) -> float:
-        return local_waiting_seconds(self._decoder)

@@ -46,7 +46,7 @@ from tpi.planning.solver import Plan
 from tpi.progress import ProgressReporter
 from tpi.quant.quantize import QuantSpec
 from tpi.runtime.memory_budget import parse_size
-from tpi.runtime.prefill_plan import PrefillPlanner
+from tpi.runtime.prefill_chunking import PrefillChunking
 from tpi.runtime.rank_runtime import RankRuntime, build_rank
 from tpi.runtime.vocab_parallel import SpreadVocab
 from tpi.sources.model_registry import resolve_model
@@ -156,7 +156,9 @@ def pipeline_layout(
     return layout
 
 
-def plan_prefill(cluster: ClusterSession, engine: Engine, fixed: int | None) -> PrefillPlanner:
+def choose_prefill_chunking(
+    cluster: ClusterSession, engine: Engine, fixed: int | None
+) -> PrefillChunking:
     """Measure the link and this node's compute; chunk prefills to overlap them."""
     cfg = engine.cfg
     rs = RankShard(cluster.rank_dir(0)).manifest.rank_slice
@@ -164,12 +166,12 @@ def plan_prefill(cluster: ClusterSession, engine: Engine, fixed: int | None) -> 
     attn = hidden * (rs.n_q + 2 * rs.n_kv) * hd + rs.n_q * hd * hidden
     mlp = 3 * hidden * rs.n_mlp
     # Two FLOPs per weight and token, spread over the two phases of a layer.
-    planner = PrefillPlanner.estimate(cluster.measure_rtt(), attn + mlp, hidden, fixed)
+    chunking = PrefillChunking.estimate(cluster.measure_rtt(), attn + mlp, hidden, fixed)
     cluster.echo(
-        f"link round trip {1000 * planner.rtt_s:.2f} ms; prefill chunks "
-        + (str(fixed) if fixed else f"automatic (e.g. {planner.chunks(512)} for 512 tokens)")
+        f"link round trip {1000 * chunking.rtt_s:.2f} ms; prefill chunks "
+        + (str(fixed) if fixed else f"automatic (e.g. {chunking.chunks(512)} for 512 tokens)")
     )
-    return planner
+    return chunking
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,7 @@ class OpenRequest:
     insecure: bool = False
     curve_dir: str | None = None
     data_link: bool = True
+    direct_hops: bool = True  # a pipeline's later stages hand outputs on among themselves
     quant: str | None = None
     group_size: int = 32
     vocab_parallel: bool = False
@@ -324,6 +327,7 @@ def connect(req: OpenRequest, split_dir: Path, placement: Placement) -> ClusterS
             windows=placement.worker_windows,
             max_context=placement.memory.max_context,
             data_link=req.data_link,
+            direct_hops=req.direct_hops,
         )
         cluster.start()
     return cluster
@@ -339,13 +343,13 @@ def load(
     engine, runtime = load_rank0(rank0, torch_dtype, topology, placement.memory, req.echo)
     if cluster is None:
         if req.prefill_chunks:  # nothing to overlap alone; kept for checking the chunked math
-            engine.planner = PrefillPlanner(0.0, 0.0, fixed=req.prefill_chunks)
+            engine.chunking = PrefillChunking(0.0, 0.0, fixed=req.prefill_chunks)
         return engine, runtime
     engine.max_pass_tokens = max(1, MAX_FRAME_BYTES // (4 * engine.cfg.hidden_size))
     for info in cluster.worker_info.values():
         if isinstance(info.get("max_context"), int) and info["max_context"] > 0:
             engine.cap_context(info["max_context"])
-    engine.planner = plan_prefill(cluster, engine, req.prefill_chunks)
+    engine.chunking = choose_prefill_chunking(cluster, engine, req.prefill_chunks)
     return engine, runtime
 
 
@@ -384,7 +388,7 @@ def open_model(model: str | None, dtype: str = "fp32", **options) -> LoadedModel
         )
         if placement.memory.streaming:
             for r, info in sorted(cluster.worker_info.items()):
-                req.echo(f"rank {r}: {info.get('plan_text', '?')}")
+                req.echo(f"rank {r}: {info.get('memory_text', '?')}")
     seconds = time.perf_counter() - t0
     return LoadedModel(rank0, engine, tokenizer, seconds, cluster, runtime, plan=placement.plan)
 

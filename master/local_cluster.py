@@ -1,12 +1,13 @@
 """Start N worker daemons as local processes on loopback (for `tpi cluster`),
 optionally emulating small devices: memory and CPU caps (cgroups, where the
-kernel lets us), and slow links (the user-space link shaper)."""
+kernel lets us), and slow links (relays: tpi.master.link_relays)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,11 +16,17 @@ from pathlib import Path
 
 from tpi.comm.links import ClusterError, display_address
 from tpi.emulation.cgroups import Cgroup, CgroupFactory
-from tpi.emulation.link_shaper import LinkSpec, parse_duration, parse_rate, start_process
-from tpi.errors import TpiError
+from tpi.emulation.link_shaper import LinkSpec, parse_duration, parse_rate
+from tpi.master.link_relays import LinkRelays
 from tpi.system.lifeline import lifeline, spawn
 
 START_TIMEOUT_S = 60.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class LocalWorker:
     log_path: Path
     address: str = ""
     cgroup: Cgroup | None = None
+    data_port: int | None = None  # chosen here when links are emulated (relayed)
 
 
 @dataclass
@@ -76,6 +84,11 @@ class LocalCluster:
     shaper: subprocess.Popen | None = None  # the first shaper (one per distinct link)
     shapers: list[subprocess.Popen] = field(default_factory=list)
     master_cgroup: Cgroup | None = None
+    # Every relay's address and its link (emulated links only; tests and benchmarks).
+    relay_specs: dict[str, LinkSpec] = field(default_factory=dict)
+    # Where each device reaches each worker's data port (TPI_PEER_ROUTES), when relayed.
+    routes: dict[str, dict[str, str]] = field(default_factory=dict)
+    _relays: LinkRelays | None = None
     _cgroups: CgroupFactory | None = None
     _lifelines: list[int] = field(default_factory=list)  # write ends: closed when we exit
 
@@ -92,7 +105,15 @@ class LocalCluster:
         self._lifelines.append(write_end)
         return read_end
 
-    def _spawn(self, i: int, listen: str = "tcp://127.0.0.1:0") -> LocalWorker:
+    def _shaped(self) -> bool:
+        return any(
+            (s := self.link_of(i)) is not None and (s.latency_s > 0 or s.rate_bps)
+            for i in range(1, self.count + 1)
+        )
+
+    def _spawn(
+        self, i: int, listen: str = "tcp://127.0.0.1:0", data_port: int | None = None
+    ) -> LocalWorker:
         wdir = self.base_dir / f"worker{i}"
         wdir.mkdir(exist_ok=True)
         port_file = wdir / "address"
@@ -109,10 +130,10 @@ class LocalCluster:
             "--port-file",
             str(port_file),
             "--data-port",
-            # A relayed link (the user-space shaper) carries the control port only:
-            # no data link then, so the emulated link delays every byte. Otherwise any
-            # free port: a restart on the old control port must not collide.
-            "off" if self.link_of(i) is not None else "0",
+            # Relayed links: a port chosen here, so the relays in front of it can be
+            # made before the worker says where it listens. Otherwise any free port:
+            # a restart on the old control port must not collide.
+            str(data_port or (_free_port() if self._shaped() else 0)),
             "--parent-fd",
             str(parent_fd := self._lifeline()),
             *self.extra_args,
@@ -129,6 +150,7 @@ class LocalCluster:
         with open(log_path, "ab") as log:
             proc = spawn(cmd, log, parent_fd, env)
         w = LocalWorker(i, proc, port_file, log_path)
+        w.data_port = int(cmd[cmd.index("--data-port") + 1]) or None
         if self._cgroups is not None and limits.any:
             # Python takes ~0.1 s to start; the worker allocates nothing big before that.
             w.cgroup = self._cgroups.create(
@@ -161,38 +183,13 @@ class LocalCluster:
             )
 
     def _start_shaper(self) -> None:
-        """One relay process per distinct link setting, in front of its workers."""
-        groups: dict[LinkSpec, list[LocalWorker]] = {}
-        for w in self.workers:
-            spec = self.link_of(w.index)
-            if spec is not None and (spec.latency_s > 0 or spec.rate_bps):
-                groups.setdefault(spec, []).append(w)
-        for k, (spec, members) in enumerate(groups.items()):
-            suffix = "" if k == 0 else f"-{k}"
-            with open(self.base_dir / f"shaper{suffix}.log", "ab") as log:
-                try:
-                    proc, mapping = start_process(
-                        [w.address for w in members],
-                        spec,
-                        self.base_dir / f"shaper{suffix}.json",
-                        log,
-                        START_TIMEOUT_S,
-                        parent_fd=self._lifeline(),
-                    )
-                except TpiError as e:
-                    raise ClusterError(f"{e} (see shaper{suffix}.log)") from None
-            self.shapers.append(proc)
-            self.shaper = self.shaper or proc
-            for w in members:
-                w.address = mapping[w.address]
-            who = (
-                ""
-                if len(members) == len(self.workers)
-                else f" (worker {', '.join(str(w.index) for w in members)})"
-            )
-            self.notes.append(
-                f"links{who}: {spec.describe()} (user-space relay; round trip = 2 x latency)"
-            )
+        """The relays of the emulated links, if any (tpi.master.link_relays)."""
+        relays = LinkRelays(self.base_dir, self._lifeline, START_TIMEOUT_S)
+        relays.start(self.workers, self.link_of)
+        self.shapers, self.shaper = relays.procs, relays.procs[0] if relays.procs else None
+        self.relay_specs, self.routes = relays.specs, relays.routes
+        self.notes += relays.notes
+        self._relays = relays
 
     def start(self) -> list[str]:
         self.base_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +252,7 @@ class LocalCluster:
             os.killpg(old.proc.pid, signal.SIGKILL)
         old.proc.wait()
         port = old.port_file.read_text().strip().rpartition(":")[2]
-        w = self._spawn(index, f"tcp://127.0.0.1:{port}")
+        w = self._spawn(index, f"tcp://127.0.0.1:{port}", old.data_port)
         self.workers[index - 1] = w
         self._wait_address(w, time.monotonic() + START_TIMEOUT_S)
         if old.address != display_address(old.port_file.read_text().strip()):
@@ -290,6 +287,9 @@ class LocalCluster:
         self.workers.clear()
         self.shaper = None
         self.shapers.clear()
+        if self._relays is not None:
+            self._relays.forget()
+            self._relays = None
         for fd in self._lifelines:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -36,7 +36,7 @@ from tpi.comm.wake import WakePair
 from tpi.comm.wire import Kind, Message
 from tpi.master.forward import TensorParallelForward, local_waiting_seconds
 from tpi.master.remote_stage import RemoteStage
-from tpi.model.batch import BatchPlan
+from tpi.model.batch import BatchStep
 from tpi.model.decoder import Decoder
 from tpi.model.want import Want
 
@@ -76,33 +76,33 @@ class PipelineForward:
 
     @property
     def num_stages(self) -> int:
-        return len(self.stages) + 1
+        return self.first.topology.stages
 
-    def run(self, ids: list[int], plan: BatchPlan, pieces: int, want: Want) -> torch.Tensor:
+    def run(self, ids: list[int], batch: BatchStep, pieces: int, want: Want) -> torch.Tensor:
         """Final hidden states of one pass: embedded and run through every stage,
         as micro-batches (GPipe) where that pays."""
-        if self.can_gpipe and len(plan.segments) == 1 and plan.tokens > 1:
+        if self.can_gpipe and len(batch.segments) == 1 and batch.tokens > 1:
             # A prompt: at least one micro-batch per stage, so that the stages work at
             # once. A batch of sequences is cut as the planner says: decode reads every
             # weight once per micro-batch, so more micro-batches than the overlap pays
             # for only add weight reads.
-            pieces = max(pieces, min(self.num_stages, plan.tokens))
+            pieces = max(pieces, min(self.num_stages, batch.tokens))
         if self.can_gpipe and pieces > 1:
-            return self.gpipe(ids, plan, pieces, want)
-        h = self.decoder.run(self.first.start(ids, plan, pieces, want), plan, pieces)
+            return self.gpipe(ids, batch, pieces, want)
+        h = self.decoder.run(self.first.start(ids, batch, pieces, want), batch, pieces)
         t0 = time.perf_counter()
         for stage in self.stages:
-            h = stage.run(h, plan, pieces, self.inbox, self.timeout_s)
+            h = stage.run(h, batch, pieces, self.inbox, self.timeout_s)
         if self.final is not None and want.anything:
             self.final.final(h)
         self.remote_seconds += time.perf_counter() - t0
         return h
 
-    def gpipe(self, ids: list[int], plan: BatchPlan, pieces: int, want: Want) -> torch.Tensor:
+    def gpipe(self, ids: list[int], batch: BatchStep, pieces: int, want: Want) -> torch.Tensor:
         """Final hidden states of a pass cut into `pieces` micro-batches that flow
         through the stages one behind the other (one step each)."""
-        parts = plan.pieces(pieces)
-        subs = [BatchPlan(p.segments, plan.release if k == 0 else ()) for k, p in enumerate(parts)]
+        parts = batch.pieces(pieces)
+        subs = [BatchStep(p.segments, batch.release if k == 0 else ()) for k, p in enumerate(parts)]
         # Every STEP of stage 0 leaves now, before a router owns the sockets: its
         # workers run them in order, as the master does.
         inputs, steps = [], []
@@ -126,11 +126,11 @@ class PipelineForward:
 class _Router:
     """Owns the link sockets during a GPipe pass (see the module docstring)."""
 
-    def __init__(self, forward: PipelineForward, plans: dict[int, BatchPlan]) -> None:
+    def __init__(self, forward: PipelineForward, batches: dict[int, BatchStep]) -> None:
         self.stages = forward.stages
         self.inbox = forward.inbox
         self.hidden_size = forward.decoder.cfg.hidden_size
-        self.plans = plans
+        self.batches = batches
         self.clock = self.stages[0].broadcast.clock
         # A micro-batch may wait for every later stage: each may take its patience.
         self.patience = sum(st.patience(forward.timeout_s) for st in self.stages)
@@ -149,7 +149,7 @@ class _Router:
     def running(self) -> Iterator[_Router]:
         """The router thread's lifetime: every link socket is its own while inside."""
         self._wake = WakePair(self.inbox.links, "pipeline")
-        steps = sorted(self.plans)
+        steps = sorted(self.batches)
         for owner in [self.first, *(st.hub for st in self.stages)]:
             if owner is not None:
                 owner.reducer.expect(steps[0], steps[-1])
@@ -218,14 +218,14 @@ class _Router:
 
     def _forward(self, index: int, step: int, h: torch.Tensor) -> None:
         self._at[step] = index
-        self.stages[index].start(h, self.plans[step], step)
+        self.stages[index].start(h, self.batches[step], step)
 
     def _arrived(self, link: WorkerLink, msg: Message) -> None:
         step = msg.data.step
         if step not in self._at:
             raise LinkLost(link.rank, link.name, f"sent an output of step {step}, not in flight")
         index = self._at[step]
-        rows = self.plans[step].tokens
+        rows = self.batches[step].tokens
         h = self.stages[index].output(link, msg, step, (rows, self.hidden_size))
         if index + 1 < len(self.stages):
             self._forward(index + 1, step, h)

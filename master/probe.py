@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from tpi.comm.links import ClusterError, LinkLost
 from tpi.comm.wire import Kind, encode_control
 from tpi.master.connection import CONNECT_TIMEOUT_S, WorkerConnections
+from tpi.master.direct_hops import link_workers
 from tpi.planning.profile import LinkFacts
 from tpi.planning.request import PROBE_MANIFEST, ProfileRequest
 
 PINGS = 7
+PEER_TIMEOUT_S = 60.0  # a worker timing its links to every other one
 CPU_PINGS = 100  # enough exchanges for the CPU clocks' 10 ms ticks to say something
 PROFILE_TIMEOUT_S = 600.0  # a first profile of a slow device takes a while
 DEVICE_TIMEOUT_S = 90.0  # the device alone: a few seconds the first time
@@ -35,6 +37,32 @@ class ProbeSession(WorkerConnections):
 
     def _manifest_of(self, rank: int) -> str:
         return PROBE_MANIFEST  # a session that asks for no shard
+
+    def _start(self) -> None:
+        self.welcomes = self._handshake()
+
+    def peer_round_trips(self, pings: int = PINGS) -> dict[tuple[int, int], float]:
+        """Round trips between workers, by (rank, rank) both ways round: every pair
+        linked directly (as a pipeline's direct hops are), then each worker times
+        its links in turn while the others echo. A pair that cannot link up, or
+        whose timing fails, is missing (the planner then avoids it)."""
+        ranks = range(1, self.world)
+        pairs = [(a, b) for a in ranks for b in ranks if a > b]
+        if not pairs:
+            return {}
+        why = link_workers(pairs, self.links.links, self.session, self.welcomes, self._expect)
+        if why:
+            self.echo(f"not every worker reaches every other ({why})")
+        out: dict[tuple[int, int], float] = {}
+        for r in ranks:
+            self.links.links[r - 1].send(
+                [encode_control(Kind.PEER_RTT_REQUEST, {"session": self.session, "pings": pings})]
+            )
+            got = self._expect({Kind.PEER_RTT}, PEER_TIMEOUT_S, {r}, "timing its links")
+            for peer, rtt in got[r].body["rtts"].items():
+                if str(peer).isdigit() and int(peer) in ranks and isinstance(rtt, float):
+                    out[(r, int(peer))] = out[(int(peer), r)] = rtt
+        return out
 
     def profile(self, rank: int, request: ProfileRequest) -> dict:
         """Worker `rank`'s PROFILE answer to `request`."""

@@ -2,9 +2,13 @@
 
 Its group of workers gets the hidden states entering the stage (a STEP to the
 group), works on its own, and its lead rank returns the stage's output
-(HIDDEN). A group of several ranks sums its partials through the master, which
-hubs that allreduce with zeros as its own partial (workers have no links to
-each other: every link is the master's, authenticated and optionally encrypted).
+(HIDDEN). Through the master, a group of several ranks sums its partials through
+it, the hub of that allreduce with zeros as its own partial.
+
+With direct hops, every stage after the first is one `RemoteStage` to the
+master: a chain that starts at stage 1's group and whose output comes back from
+the last stage's lead; in between, each stage hands its output straight to the
+next one and each group's allreduce is hubbed by its own lead (worker.peers).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from tpi.comm.links import LinkLost, WorkerLink
 from tpi.comm.star_master import StarMaster
 from tpi.comm.step_broadcast import StepBroadcaster
 from tpi.comm.wire import Kind, Message, payload_tensor
-from tpi.model.batch import BatchPlan
+from tpi.model.batch import BatchStep
 from tpi.model.partition import Stage
 
 STAGE_TRAFFIC = frozenset({Kind.PARTIAL, Kind.HIDDEN})
@@ -28,22 +32,28 @@ STAGE_TRAFFIC = frozenset({Kind.PARTIAL, Kind.HIDDEN})
 class RemoteStage:
     """A later stage, as the master drives it."""
 
-    index: int
-    stage: Stage
-    links: list[WorkerLink]  # the stage's group, lead first
-    broadcast: StepBroadcaster  # STEP to the group
-    hub: StarMaster | None  # the group's allreduce (None: a stage of one rank)
+    index: int  # the stage whose output comes back (a chain's last)
+    stage: Stage  # the layers it covers (a chain: from its first stage's to its last's)
+    links: list[WorkerLink]  # the group its input goes to, lead first
+    broadcast: StepBroadcaster  # STEP to that group
+    hub: StarMaster | None  # the group's allreduce through the master (None: not hubbed here)
+    # Who sends the output back (default: the group's lead), and the ranks of a
+    # chain's later stages (watched: a lost link among them fails the pass).
+    output_from: WorkerLink | None = None
+    others: list[WorkerLink] = field(default_factory=list)
     ranks: set[int] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.ranks = {link.rank for link in self.links}
+        self.ranks = {link.rank for link in [*self.links, *self.others]}
 
     @property
     def lead(self) -> WorkerLink:
-        return self.links[0]
+        return self.output_from or self.links[0]
 
     def where(self) -> str:
         first, end = self.stage.layers
+        if self.others:
+            return f"in pipeline stages up to {self.index} (layers {first}-{end - 1})"
         return f"in pipeline stage {self.index} (layers {first}-{end - 1})"
 
     def patience(self, timeout_s: float) -> float:
@@ -67,9 +77,9 @@ class RemoteStage:
     def num_layers(self) -> int:
         return self.stage.layers[1] - self.stage.layers[0]
 
-    def start(self, h: torch.Tensor, plan: BatchPlan, step: int, pieces: int = 1) -> None:
+    def start(self, h: torch.Tensor, batch: BatchStep, step: int, pieces: int = 1) -> None:
         """Send the stage its input for `step` (its group then works on its own)."""
-        self.broadcast.hidden(h, plan, pieces, step=step)
+        self.broadcast.hidden(h, batch, pieces, step=step)
 
     def output(self, link: WorkerLink, msg: Message, step: int, shape) -> torch.Tensor:
         """The stage's output from a HIDDEN message, checked."""
@@ -84,12 +94,12 @@ class RemoteStage:
             )
         return payload_tensor(msg.payload, got)
 
-    def run(self, h: torch.Tensor, plan: BatchPlan, pieces: int, inbox: Inbox, timeout_s: float):
+    def run(self, h: torch.Tensor, batch: BatchStep, pieces: int, inbox: Inbox, timeout_s: float):
         """The stage, start to output, for the step in progress (nothing else in flight)."""
         step = self.broadcast.clock.step
         if self.hub is not None:
             self.hub.reducer.expect(step)
-        self.start(h, plan, step, pieces)
+        self.start(h, batch, step, pieces)
         while True:
             try:
                 link, msg = inbox.take(

@@ -12,7 +12,9 @@ one collective that sums its partials:
 - `world`: every worker. A vocabulary-parallel step starts here (its token ids
   go to every rank) and the embedding is summed over every rank. Without a
   pipeline, `world` is `first`.
-- `later`: each later pipeline stage's group (tpi.master.remote_stage).
+- `later`: each later pipeline stage's group (tpi.master.remote_stage); with
+  direct hops, one chain of them (the master only starts stage 1 and hears the
+  last stage's output).
 - `final`: the ranks outside the last stage, which receive the final hidden
   states for their vocabulary rows (vocabulary-parallel pipelines only).
 
@@ -62,6 +64,8 @@ class Topology:
     # What rank 0 relays for later stages (their steps and allreduces), counted apart
     # from its own traffic.
     relay_stats: AllreduceStats
+    direct: bool = False  # later stages hand their outputs on among themselves
+    stages: int = 1  # pipeline stages (a direct chain is one RemoteStage for many)
 
     @classmethod
     def build(
@@ -70,9 +74,11 @@ class Topology:
         inbox: Inbox,
         wire_dtype: torch.dtype,
         timeout_s: float,
+        direct: bool = False,
     ) -> Topology:
         """The groups of the split described by `index` (tpi.storage.split), over
-        the links of `inbox` (rank r's link is links[r - 1])."""
+        the links of `inbox` (rank r's link is links[r - 1]); `direct`: the later
+        stages hand their outputs on among themselves (see direct_hop_pairs)."""
         links = inbox.links.links
         clock, stats = StepClock(), AllreduceStats()
         stages = [Stage.from_dict(d) for d in index.get("stages") or ()]
@@ -88,7 +94,19 @@ class Topology:
         world = group(None, stats) if stages else first
         relay = AllreduceStats()
         later = []
-        for i, st in enumerate(stages[1:], start=1):
+        if direct and len(stages) > 1:
+            entry, last = group(ranks(stages[1]), relay), stages[-1]
+            chain = Stage(
+                (stages[1].layers[0], last.layers[1]), tuple(r for s in stages[1:] for r in s.ranks)
+            )
+            others = [links[r - 1] for s in stages[2:] for r in s.ranks]
+            exit_ = links[last.lead - 1]
+            later.append(
+                RemoteStage(
+                    len(stages) - 1, chain, entry.members, entry.broadcast, None, exit_, others
+                )
+            )
+        for i, st in enumerate(stages[1:] if not later else [], start=1):
             members = ranks(st)
             g = group(members, relay)
             hub = g.collective if len(members) > 1 else None
@@ -100,7 +118,20 @@ class Topology:
             outside = [link for link in links if link.rank not in last]
             final = StepBroadcaster(inbox.links, inbox.session, clock, stats, members=outside)
         heads = HeadGatherer(inbox, clock, len(links) + 1, stats, timeout_s)
-        return cls(first, world, heads, later, final, vocab_parallel, inbox, timeout_s, relay)
+        direct = direct and len(stages) > 1
+        return cls(
+            first,
+            world,
+            heads,
+            later,
+            final,
+            vocab_parallel,
+            inbox,
+            timeout_s,
+            relay,
+            direct,
+            max(1, len(stages)),
+        )
 
     @property
     def collective(self) -> StarMaster:
@@ -111,3 +142,17 @@ class Topology:
         """What rank 0's own decoder sums its partials with: stage 0's star, or
         nothing when rank 0 is alone in its stage."""
         return self.first.collective if self.first.members else LocalCollective()
+
+
+def direct_hop_pairs(stages: list[Stage]) -> list[tuple[int, int]]:
+    """The worker pairs that need a direct link for the hops of these pipeline
+    stages, as (connecting rank, accepting rank): inside each later stage's group,
+    every member and its lead (the group's allreduce); between later stages, the
+    lead of one and every rank of the next (the stage's output). Stage 0 is the
+    master's: it reaches stage 1 over its own links. The higher rank connects."""
+    pairs: set[tuple[int, int]] = set()
+    for i, st in enumerate(stages[1:], start=1):
+        pairs.update((r, st.lead) for r in st.ranks if r != st.lead)
+        if i + 1 < len(stages):
+            pairs.update((r, st.lead) for r in stages[i + 1].ranks)
+    return sorted((max(a, b), min(a, b)) for a, b in pairs)

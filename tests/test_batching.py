@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from tests.cluster_helpers import addresses, cluster_model, local_workers
-from tpi.master.batching import Batcher, BatchSequence, KVBudgetError
+from tpi.master.batching import Batcher, BatchSequence
 from tpi.master.engine import BatchRow, load_engine
 from tpi.master.generation import generate_tokens
+from tpi.master.kv_budget import KVBudgetError
 from tpi.master.loader import MemoryOptions
 from tpi.master.sampling import Sampler, SamplingParams
-from tpi.model.batch import BatchPlan, PlanError, Segment
+from tpi.model.batch import BatchStep, BatchStepError, Segment
 
 STEPS = 32
 # Different lengths, so sequences sit at different positions in every step.
@@ -48,20 +49,20 @@ def seqs_for(params_list) -> list[BatchSequence]:
 
 
 def test_plan_cuts_and_checks():
-    plan = BatchPlan(tuple(Segment(i, 10 + i, 1) for i in range(8)))
+    plan = BatchStep(tuple(Segment(i, 10 + i, 1) for i in range(8)))
     assert [(p.start, p.end) for p in plan.pieces(2)] == [(0, 4), (4, 8)]
-    one = BatchPlan.single(7, 10)
+    one = BatchStep.single(7, 10)
     assert [(p.segments[0].pos, p.segments[0].length) for p in one.pieces(3)] == [
         (7, 4),
         (11, 3),
         (14, 3),
     ]
-    mixed = BatchPlan((Segment(0, 0, 100), Segment(1, 5, 1), Segment(2, 9, 1)), release=(4,))
-    assert BatchPlan.from_ints(mixed.to_ints(), 102) == mixed
+    mixed = BatchStep((Segment(0, 0, 100), Segment(1, 5, 1), Segment(2, 9, 1)), release=(4,))
+    assert BatchStep.from_ints(mixed.to_ints(), 102) == mixed
     assert [len(p.segments) for p in mixed.pieces(2)] == [1, 2]  # never an empty piece
     for bad, rows in ([0, 0, 5, 0], 0), ([0, 0, 5, 3], 4), ([1], 3), ([0, 5000, 0, 1], 1):
-        with pytest.raises(PlanError):
-            BatchPlan.from_ints(bad, rows)
+        with pytest.raises(BatchStepError):
+            BatchStep.from_ints(bad, rows)
 
 
 @pytest.mark.parametrize("fixture", ["llama_dir", "qwen2_dir", "smollm_dir"])
@@ -186,7 +187,7 @@ def test_world_3_batches_give_each_sequence_its_tokens_alone(case, llama_dir, wo
         expected = [alone(lm.engine, p, prm) for p, prm in zip(PROMPTS, sampled, strict=True)]
         lm.engine.reset()
         if case.endswith("nano"):
-            lm.engine.planner.fixed_nano = 2  # batches cut into two overlapping nano-batches
+            lm.engine.chunking.fixed_nano = 2  # batches cut into two overlapping nano-batches
         seqs = seqs_for(sampled)
         batched(lm.engine, seqs, join_late={2: 4}, max_batch=4, prefill_chunk=8)
         assert [s.tokens for s in seqs] == expected
@@ -246,7 +247,7 @@ def test_one_node_int8_window_1_batches_give_each_sequence_its_tokens_alone(llam
 
     lm = open_model(str(llama_dir), "fp32", quiet=True, quant="int8", memory=MemoryOptions(1))
     try:
-        assert lm.runtime.plan.window == 1
+        assert lm.runtime.memory.window == 1
         expected = [alone(lm.engine, p, GREEDY) for p in PROMPTS]
         lm.engine.reset()
         seqs = seqs_for([GREEDY] * len(PROMPTS))

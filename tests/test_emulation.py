@@ -266,3 +266,43 @@ def test_each_worker_gets_its_own_cpu_cap_and_link(tmp_path):
         assert cpu_limit() is None  # the master (this process) is not capped here
     finally:
         lc.stop()
+
+
+def test_a_far_worker_costs_every_link_to_it_and_every_device_pair_is_relayed(llama_dir, tmp_path):
+    """Per-worker links: the master's links to each worker as given, a pair of workers
+    the slower of their two (a far device is far from everyone), each data port behind
+    a relay the master finds in TPI_PEER_ROUTES; a pipeline over them gives the
+    single-node tokens with its hops direct."""
+    import json
+    import os
+
+    from tpi.master.direct_hops import ROUTES_ENV
+
+    links = [LinkSpec(0.002), LinkSpec(0.002), LinkSpec(0.01)]
+    lc = LocalCluster(3, tmp_path, threads=1, worker_links=links)
+    addrs = lc.start()
+    try:
+        routes = json.loads(os.environ[ROUTES_ENV])
+        assert set(routes) == {"master", *addrs}
+        assert all(set(routes[a]) == set(addrs) - {a} for a in addrs)
+        assert set(routes["master"]) == set(addrs)
+        latency = {
+            (a, b): lc.relay_specs[relay].latency_s
+            for a, to in routes.items()
+            for b, relay in to.items()
+        }
+        w1, w2, w3 = addrs
+        assert latency[(w1, w2)] == latency[(w2, w1)] == latency[("master", w1)] == 0.002
+        assert latency[(w1, w3)] == latency[(w3, w2)] == latency[("master", w3)] == 0.01
+        expected = greedy(load_engine(llama_dir), PROMPT, 6)
+        lm = open_model(
+            str(llama_dir), "fp32", quiet=True, workers=addrs, plan_mode="master | w1 | w2,w3"
+        )
+        try:
+            assert lm.cluster.topology.direct
+            assert greedy(lm.engine, PROMPT, 6) == expected
+        finally:
+            lm.close()
+    finally:
+        lc.stop()
+    assert ROUTES_ENV not in os.environ

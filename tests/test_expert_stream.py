@@ -234,7 +234,7 @@ def test_a_shrinking_budget_takes_expert_slots_away_one_by_one(int4_split, monke
 
     engine, runtime = slots_at(1 << 40)
     assert runtime.layers.experts.per_layer == 3
-    budget = runtime.plan.need_bytes + step  # the least that holds 3 slots, and a bit
+    budget = runtime.memory.need_bytes + step  # the least that holds 3 slots, and a bit
     runtime.close()
     seen = []
     for _ in range(50):  # bounded: the budget falls by `step` each time

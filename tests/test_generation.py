@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from tests.factories import load_reference
+from tests.stepping import greedy
+from tpi.comm.links import ClusterError, LinkLost
 from tpi.errors import PromptError
 from tpi.master.chat_session import ChatSession
 from tpi.master.engine import load_engine
@@ -75,6 +77,73 @@ def test_cancel_stops_between_tokens(llama_dir):
         if len(out) == 3:
             cancel.set()
     assert len(out) == 3 and stats.stop_reason == "cancelled"
+
+
+def test_cancel_set_before_the_answer_still_runs_the_prompt_and_gives_a_token(llama_dir):
+    cancel = threading.Event()
+    cancel.set()
+    stats = GenerationStats()
+    out = list(
+        generate_tokens(load_engine(llama_dir), [5, 6, 7], GREEDY, frozenset(), stats, cancel)
+    )
+    assert len(out) == 1 and stats.stop_reason == "cancelled" and stats.decode_steps == 0
+
+
+@pytest.mark.parametrize(("max_pass", "passes"), [(None, 1), (16, 3)])
+def test_a_prompt_runs_whole_cut_only_by_the_largest_pass(llama_dir, max_pass, passes):
+    prompt = list(range(3, 43))
+    reference = load_engine(llama_dir)
+    reference.max_pass_tokens = max_pass
+    expected = greedy(reference, prompt, 6)
+    engine = load_engine(llama_dir)
+    engine.max_pass_tokens = max_pass
+    gen = generate_tokens(engine, prompt, SamplingParams(max_new_tokens=6))
+    first = next(gen)  # the token after the prompt comes with the prompt's last pass
+    assert engine.steps == passes
+    assert [first, *gen] == expected
+    assert engine.steps == passes + 5
+
+
+def _flaky(model_dir, fail_at: set[int]):
+    """An engine whose passes number `fail_at` (counted from 1) lose a rank."""
+    engine = load_engine(model_dir)
+    step, calls = engine.step, []
+
+    def flaky_step(rows):
+        calls.append(rows)
+        if len(calls) in fail_at:
+            raise LinkLost(1, "a:1", "killed")
+        return step(rows)
+
+    engine.step = flaky_step
+    return engine
+
+
+def test_a_lost_rank_in_the_prompt_and_mid_answer_is_a_pause_with_the_same_tokens(llama_dir):
+    params = SamplingParams(temperature=0.9, top_p=0.8, seed=11, max_new_tokens=12)
+    prompt = list(range(5, 25))
+    expected = list(generate_tokens(load_engine(llama_dir), prompt, params))
+    # The first engine fails in the prompt, the second at its third decode step.
+    engines = [_flaky(llama_dir, {4}), load_engine(llama_dir)]
+    stats = GenerationStats()
+    got = generate_tokens(
+        _flaky(llama_dir, {1}), prompt, params, stats=stats, recover=lambda e: engines.pop(0)
+    )
+    assert list(got) == expected
+    assert not engines and stats.new_tokens == 12 and stats.decode_steps == 11
+
+
+def test_a_cluster_that_keeps_failing_is_given_up(llama_dir):
+    engine = _flaky(llama_dir, set(range(1, 100)))
+    recovered = []
+
+    def recover(e):
+        recovered.append(e)
+        return engine
+
+    with pytest.raises(ClusterError, match="gave up after 8 recoveries"):
+        list(generate_tokens(engine, [5, 6, 7], GREEDY, recover=recover))
+    assert len(recovered) == 8
 
 
 def test_prompt_errors(llama_dir):

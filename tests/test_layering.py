@@ -40,7 +40,7 @@ CONTRACTS = (
         "emulation is for the cluster launcher and benchmarks only",
         "tpi",
         ("tpi.emulation",),
-        exempt=("tpi.emulation", "tpi.master.local_cluster"),
+        exempt=("tpi.emulation", "tpi.master.local_cluster", "tpi.master.link_relays"),
     ),
     Contract(
         "model math needs no storage, network, runtime, text or model sources",

@@ -115,7 +115,7 @@ def _runtime(shard: RankShard, budget, max_context, window=None):
         baseline_bytes=BASELINE,
     )
     try:
-        return rt.plan.window, rt.plan.need_bytes, rt.decoder.max_positions
+        return rt.memory.window, rt.memory.need_bytes, rt.decoder.max_positions
     finally:
         rt.close()
 
@@ -217,7 +217,7 @@ def test_a_smaller_measured_baseline_keeps_the_planned_window(splits, less):
         baseline_bytes=BASELINE - saved,
     )
     try:
-        assert rt.plan.window == need.window and rt.plan.need_bytes <= budget
+        assert rt.memory.window == need.window and rt.memory.need_bytes <= budget
         assert rt.decoder.max_positions >= need.context
         if saved > step:
             assert rt.decoder.max_positions == need.context + 2 * MIN_FITTED_CONTEXT
@@ -324,7 +324,7 @@ def test_a_window_planned_under_a_cap_is_one_the_runtime_accepts(streamed):
             baseline_bytes=PROFILE_RSS + LOAD_GROWTH,
         )
         rt.close()
-        return rt.plan
+        return rt.memory
 
     got = load(window)  # ... and the runtime accepts it
     assert got.window == window and got.need_bytes <= budget

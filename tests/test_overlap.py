@@ -17,7 +17,7 @@ from tpi.comm.wire import Kind, decode
 from tpi.master.engine import load_engine
 from tpi.master.loader import open_model
 from tpi.model.decoder import LocalCollective
-from tpi.runtime.prefill_plan import PrefillPlanner, choose_chunks
+from tpi.runtime.prefill_chunking import PrefillChunking, choose_chunks
 from tpi.storage.split import split_model
 
 PROMPT = list(range(5, 69))  # 64 tokens: four chunks of 16
@@ -38,12 +38,12 @@ def test_chunk_choice_follows_link_and_compute():
 
 
 def test_planner_learns_compute_speed_from_real_prefills():
-    p = PrefillPlanner(rtt_s=0.01, token_phase_s=1e-3)
+    p = PrefillChunking(rtt_s=0.01, token_phase_s=1e-3)
     p.observe(tokens=100, phases=2, compute_s=0.002)  # 1e-5 s per token-phase
     assert p.token_phase_s == pytest.approx(0.5e-3 + 0.5e-5)
     p.observe(tokens=1, phases=2, compute_s=1.0)  # a decode step: ignored
     assert p.token_phase_s == pytest.approx(0.5e-3 + 0.5e-5)
-    assert PrefillPlanner(0.01, 1e-3, fixed=3).chunks(100) == 3
+    assert PrefillChunking(0.01, 1e-3, fixed=3).chunks(100) == 3
 
 
 class RecordingCollective(LocalCollective):

@@ -336,7 +336,9 @@ def test_micro_batches_flow_through_the_stages_one_behind_the_other(
 
     monkeypatch.setattr(pipeline.RemoteStage, "start", spy_start)
     monkeypatch.setattr(pipeline._Router, "submit", spy_submit)
-    with cluster_model(deep_llama, addresses(workers), plan_mode="master,w1 | w2 | w3") as lm:
+    # Hops through the master, where it starts every stage (direct hops: below).
+    plan = "master,w1 | w2 | w3"
+    with cluster_model(deep_llama, addresses(workers), plan_mode=plan, direct_hops=False) as lm:
         before = {r: s["steps"] for r, s in lm.cluster.stats().items()}
         lm.engine.prefill(PROMPT)  # 20 tokens: at least 3 micro-batches
         after = {r: s["steps"] for r, s in lm.cluster.stats().items()}
@@ -378,10 +380,88 @@ def test_continuous_batching_through_a_pipeline_gives_each_sequence_its_tokens(
         deep_llama, addresses(workers), plan_mode=plan, vocab_parallel=vocab_parallel
     ) as lm:
         if nano:  # batches cut into micro-batches that flow through the stages
-            lm.engine.planner.fixed_nano = nano
+            lm.engine.chunking.fixed_nano = nano
         seqs = seqs_for(sampled)
         batched(lm.engine, seqs, join_late={2: 4}, max_batch=4, prefill_chunk=8)
         assert [s.tokens for s in seqs] == expected
+
+
+# --- direct hops ------------------------------------------------------------------------
+
+
+def test_direct_hops_link_each_later_group_and_each_stage_to_the_next():
+    from tpi.master.topology import direct_hop_pairs
+    from tpi.model.partition import Stage
+
+    # master,w1 | w2,w3 | w4 : 2 and 3 sum through 2; 2 hands on to 4.
+    stages = [Stage((0, 2), (0, 1)), Stage((2, 4), (2, 3)), Stage((4, 6), (4,))]
+    assert direct_hop_pairs(stages) == [(3, 2), (4, 2)]
+    # master | w1 | w2 | w3: each stage's lead to the next stage's rank; stage 0 is
+    # the master's, which reaches stage 1 over its own link.
+    chain = [Stage((0, 1), (0,)), Stage((1, 2), (1,)), Stage((2, 3), (2,)), Stage((3, 4), (3,))]
+    assert direct_hop_pairs(chain) == [(2, 1), (3, 2)]
+    assert direct_hop_pairs(chain[:2]) == []  # two stages: nothing between workers
+
+
+@pytest.mark.parametrize(
+    "plan, stage_layers",
+    [("master | w1 | w2", None), ("master,w1 | w2,w3", None), ("master | w1,w2 | w3", "1,4,1")],
+)
+def test_direct_hops_give_single_node_tokens_without_the_master_between_stages(
+    plan, stage_layers, deep_llama, workers, monkeypatch
+):
+    import tpi.master.remote_stage as remote_stage
+
+    expected_logits, expected_tokens = _expected(deep_llama)
+    outputs = []
+    output = remote_stage.RemoteStage.output
+
+    def spy(self, link, msg, step, shape):
+        outputs.append((link.rank, msg.data.stage))
+        return output(self, link, msg, step, shape)
+
+    monkeypatch.setattr(remote_stage.RemoteStage, "output", spy)
+    ws = addresses(workers)[: plan.count("w")]
+    with cluster_model(deep_llama, ws, plan_mode=plan, stage_layers=stage_layers) as lm:
+        top = lm.cluster.topology
+        assert top.direct and len(top.later) == 1 and top.stages == plan.count("|") + 1
+        assert (step_logits(lm.engine, PROMPT, FOLLOW) - expected_logits).abs().max() <= 1e-4
+        lm.engine.reset()
+        assert greedy(lm.engine, PROMPT, 32) == expected_tokens
+        # Only the last stage's lead ever answered the master; no group summed through it.
+        last_lead = lm.cluster.index["stages"][-1]["ranks"][0]
+        assert outputs and set(outputs) == {(last_lead, top.stages - 1)}
+        assert top.relay_stats.count == 0
+
+
+def test_a_worker_that_cannot_reach_another_falls_back_to_hops_through_the_master(
+    deep_llama, workers, monkeypatch
+):
+    import json
+    import socket
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    ws = addresses(workers)[:2]
+    routes = {ws[1]: {ws[0]: f"127.0.0.1:{closed.getsockname()[1]}"}}
+    monkeypatch.setenv("TPI_PEER_ROUTES", json.dumps(routes))
+    said = []
+    _, expected_tokens = _expected(deep_llama, 16)
+    import tpi.master.loader as loader
+
+    monkeypatch.setattr(loader, "_err", said.append)
+    try:
+        lm = open_model(str(deep_llama), "fp32", workers=ws, plan_mode="master | w1 | w2")
+        try:
+            assert not lm.cluster.topology.direct
+            assert greedy(lm.engine, PROMPT, 16) == expected_tokens
+        finally:
+            lm.close()
+    finally:
+        closed.close()
+    lines = [m for m in said if "direct hops" in m]
+    assert len(lines) == 1 and "rank 2" in lines[0] and "cannot reach rank 1" in lines[0]
+    assert "through the master" in lines[0]
 
 
 # --- the command line -------------------------------------------------------------------

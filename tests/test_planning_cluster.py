@@ -57,6 +57,31 @@ def test_a_probe_session_needs_no_shard_and_measures_the_link(tmp_path):
         lc.stop()
 
 
+def test_a_probe_times_the_links_between_workers_too(tmp_path):
+    """Home networks are not uniform: the probe links every pair of workers and each
+    times its links while the others echo; a far worker is far from every other."""
+    import os
+
+    links = [LinkSpec(0.002), LinkSpec(0.002), LinkSpec(0.015)]
+    lc = LocalCluster(3, tmp_path, threads=1, worker_links=links)
+    addrs = lc.start()
+    try:
+        session = ProbeSession(
+            addresses=addrs, secret=os.environ["TPI_SECRET"].encode(), echo=lambda _m: None
+        )
+        session.start()
+        try:
+            rtts = session.peer_round_trips(pings=3)
+        finally:
+            session.close()
+    finally:
+        lc.stop()
+    assert set(rtts) == {(a, b) for a in (1, 2, 3) for b in (1, 2, 3) if a != b}
+    assert rtts[(1, 2)] == rtts[(2, 1)] and rtts[(1, 3)] == rtts[(3, 1)]
+    assert 2 * 0.002 <= rtts[(1, 2)] < 2 * 0.015  # both near: the slower of two 2 ms links
+    assert rtts[(1, 3)] >= 2 * 0.015 and rtts[(2, 3)] >= 2 * 0.015  # the far one's 15 ms
+
+
 def test_tpi_plan_shows_the_candidates_and_why(llama_dir, tmp_path):
     res = CliRunner().invoke(
         cli,
@@ -136,7 +161,7 @@ def test_a_placement_the_solver_chose_runs_with_single_node_parity(
             assert plan is not None and len(plan.chosen.node_names) == 2
             assert plan.chosen.shares[0] == 1 and plan.chosen.shares[1] > 1  # the master least
             assert plan.windows[1] < cfg.num_layers  # the worker streams
-            assert loaded.cluster.worker_info[1]["plan"]["window"] == plan.windows[1]
+            assert loaded.cluster.worker_info[1]["memory"]["window"] == plan.windows[1]
             assert greedy(loaded.engine, PROMPT, 8) == expected
         finally:
             loaded.close()

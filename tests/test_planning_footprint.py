@@ -10,7 +10,7 @@ from tests.factories import make_model
 from tpi.model.config import load_config
 from tpi.planning.footprint import Format, head_bytes, layer_bytes, plan_memory
 from tpi.quant.quantize import QuantSpec
-from tpi.runtime.memory_model import activation_bytes, kv_cache_bytes, plan_window
+from tpi.runtime.memory_model import activation_bytes, choose_window, kv_cache_bytes
 from tpi.runtime.sliding_window import StreamLayout
 from tpi.storage.shard_reader import RankShard
 from tpi.storage.split import split_model
@@ -83,7 +83,7 @@ def test_plan_memory_chooses_the_window_the_runtime_chooses(qwen_like, tmp_path)
     assert full.window == cfg.num_layers
     # A budget one byte short of every layer: the runtime and the planner both take one less.
     budget = full.total - 1
-    runtime = plan_window(
+    runtime = choose_window(
         num_layers=cfg.num_layers,
         layer_bytes=layout.slot_bytes,
         staging_bytes=layout.staging_bytes,

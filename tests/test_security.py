@@ -165,10 +165,10 @@ def test_curve_worker_refuses_a_master_without_its_keys(llama_dir, tmp_path):
     other = tmp_path / "other"
     CliRunner().invoke(cli, ["keygen", str(other)])
     with local_workers(1, tmp_path / "w", extra_args=["--curve", str(keys)]) as lc:
-        import tpi.master.connection as conn
+        import tpi.master.connection as connection
 
-        old = conn.HANDSHAKE_TIMEOUT_S, conn.CONNECT_TIMEOUT_S
-        conn.HANDSHAKE_TIMEOUT_S = conn.CONNECT_TIMEOUT_S = 3.0
+        old = connection.HANDSHAKE_TIMEOUT_S, connection.CONNECT_TIMEOUT_S
+        connection.HANDSHAKE_TIMEOUT_S = connection.CONNECT_TIMEOUT_S = 3.0
         try:
             with pytest.raises(ClusterError, match="does not answer"):
                 open_model(
@@ -177,7 +177,7 @@ def test_curve_worker_refuses_a_master_without_its_keys(llama_dir, tmp_path):
             with pytest.raises(ClusterError, match="does not answer"):  # plaintext master
                 open_model(str(llama_dir), "fp32", quiet=True, workers=addresses(lc))
         finally:
-            conn.HANDSHAKE_TIMEOUT_S, conn.CONNECT_TIMEOUT_S = old
+            connection.HANDSHAKE_TIMEOUT_S, connection.CONNECT_TIMEOUT_S = old
 
 
 def test_keygen_files_and_permissions(tmp_path):

@@ -41,10 +41,10 @@ def _loaded(master_bytes: int, workers: dict | None):
 def test_a_kv_budget_charges_positions_at_the_fullest_nodes_bytes():
     assert _largest_kv_bytes_per_position(_loaded(100, None)) == 100
     workers = {
-        1: {"plan": {"kv_bytes": 256 * 300}, "max_context": 256},  # more KV heads than rank 0
-        2: {"plan": {"kv_bytes": 256 * 50}, "max_context": 256},
-        3: {"plan": None, "max_context": 256},  # an older worker: no plan reported
-        4: {"plan": {"kv_bytes": 999}, "max_context": 0},
+        1: {"memory": {"kv_bytes": 256 * 300}, "max_context": 256},  # more KV heads than rank 0
+        2: {"memory": {"kv_bytes": 256 * 50}, "max_context": 256},
+        3: {"memory": None, "max_context": 256},  # an older worker: no memory reported
+        4: {"memory": {"kv_bytes": 999}, "max_context": 0},
     }
     assert _largest_kv_bytes_per_position(_loaded(100, workers)) == 300
     assert _largest_kv_bytes_per_position(_loaded(400, workers)) == 400

@@ -12,7 +12,7 @@ import pytest
 import tpi.master.serve.responses as responses
 from tpi.comm.links import LinkLost
 from tpi.errors import PromptError, TpiError
-from tpi.master.batching import KVBudgetError
+from tpi.master.kv_budget import KVBudgetError
 from tpi.master.sampling import SamplingParams
 from tpi.master.serve.errors import ApiError, generation_error
 from tpi.master.serve.jobs import Job

@@ -19,7 +19,7 @@ from tpi.errors import TpiError
 from tpi.master.engine import load_engine
 from tpi.master.loader import MemoryOptions, open_model
 from tpi.runtime.memory_budget import MemoryBudgetError, parse_size
-from tpi.runtime.memory_model import MIN_FITTED_CONTEXT, fit_context, plan_window
+from tpi.runtime.memory_model import MIN_FITTED_CONTEXT, choose_window, fit_context
 from tpi.runtime.sliding_window import SlidingWindowLayers, StreamLayout
 from tpi.storage.shard_reader import RankShard
 from tpi.storage.split import split_model
@@ -231,13 +231,13 @@ def test_budget_picks_the_largest_window_that_fits():
         baseline_bytes=1000,
         window=None,
     )
-    assert plan_window(**common, budget_bytes=1050 + 350).window == 3
-    assert plan_window(**common, budget_bytes=10**9).window == 10
-    assert plan_window(**common, budget_bytes=None).window == 10
+    assert choose_window(**common, budget_bytes=1050 + 350).window == 3
+    assert choose_window(**common, budget_bytes=10**9).window == 10
+    assert choose_window(**common, budget_bytes=None).window == 10
     with pytest.raises(MemoryBudgetError, match="out of memory budget: need .* have"):
-        plan_window(**common, budget_bytes=1100)
+        choose_window(**common, budget_bytes=1100)
     with pytest.raises(MemoryBudgetError, match="for window 5"):
-        plan_window(**{**common, "window": 5}, budget_bytes=1300)
+        choose_window(**{**common, "window": 5}, budget_bytes=1300)
 
 
 def test_a_context_too_big_for_the_budget_shrinks_to_leave_a_window():

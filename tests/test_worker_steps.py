@@ -25,7 +25,7 @@ from tpi.comm.wire import (
     payload_tensor,
     tensor_payload,
 )
-from tpi.model.batch import BatchPlan
+from tpi.model.batch import BatchStep
 from tpi.model.vocab_head import HeadRequest
 from tpi.model.want import Want
 from tpi.runtime.rank_runtime import build_rank
@@ -50,6 +50,8 @@ class SummingChannel:
     """The master as a StarWorker sees it: each PARTIAL is answered with a SUM of
     the same values (the master's own share zeros), HEADs and HIDDENs are kept,
     and `next` hands out what the test queued."""
+
+    session = SESSION
 
     def __init__(self, queued: list[Message] | None = None) -> None:
         self.sent: list[Message] = []
@@ -90,14 +92,14 @@ def _rank(split, rank: int, channel) -> LoadedRank:
     return LoadedRank(runtime, collective, head, 0.0, hands_on, index, last, stage and stage.layers)
 
 
-def _step(step: int, h: torch.Tensor, plan: BatchPlan, chunks: int = 1) -> Message:
+def _step(step: int, h: torch.Tensor, plan: BatchStep, chunks: int = 1) -> Message:
     header = StepHeader(SESSION, step, plan.first_pos, chunks, h.dtype, tuple(h.shape))
-    header.plan = tuple(plan.to_ints())
+    header.batch = tuple(plan.to_ints())
     return _msg([encode_data(Kind.STEP, header), tensor_payload(h)])
 
 
-def _tokens(step: int, ids: list[int], plan: BatchPlan, want: Want) -> Message:
-    body = {"session": SESSION, "step": step, "plan": plan.to_ints(), "chunks": 1}
+def _tokens(step: int, ids: list[int], plan: BatchStep, want: Want) -> Message:
+    body = {"session": SESSION, "step": step, "batch": plan.to_ints(), "chunks": 1}
     return _msg(
         [encode_control(Kind.STEP_TOKENS, {**body, "head": want.to_wire()}), ids_payload(ids)]
     )
@@ -119,11 +121,11 @@ def test_a_step_runs_every_layer_with_two_allreduces_keyed_by_its_step(splits):
     steps = RankSteps(channel, loaded, serve_between=None)
     cfg = loaded.runtime.decoder.cfg
     h = torch.randn(3, cfg.hidden_size)
-    steps.step(_step(7, h, BatchPlan.single(0, 3)))
+    steps.step(_step(7, h, BatchStep.single(0, 3)))
     keys = [(p.step, p.layer, p.phase, p.pos) for p in channel.kinds(Kind.PARTIAL)]
     assert keys == [(7, layer, phase, 0) for layer in range(cfg.num_layers) for phase in (0, 1)]
     assert (loaded.collective.step, steps.steps) == (7, 1)
-    steps.step(_step(8, h[:1], BatchPlan.single(3, 1)))  # the next token, at position 3
+    steps.step(_step(8, h[:1], BatchStep.single(3, 1)))  # the next token, at position 3
     # A sum is told apart by its step and its piece's first row (0: the pass is one piece).
     assert {(p.step, p.pos) for p in channel.kinds(Kind.PARTIAL)[2 * cfg.num_layers :]} == {(8, 0)}
     assert loaded.runtime.decoder.caches.get(0).capacity >= 4  # reserved through position 3
@@ -133,8 +135,8 @@ def test_a_step_runs_every_layer_with_two_allreduces_keyed_by_its_step(splits):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda d: _step(1, torch.zeros(2, d + 1), BatchPlan.single(0, 2)), "malformed STEP"),
-        (lambda d: _step(1, torch.zeros(2, d), BatchPlan.single(0, 3)), "malformed step plan"),
+        (lambda d: _step(1, torch.zeros(2, d + 1), BatchStep.single(0, 2)), "malformed STEP"),
+        (lambda d: _step(1, torch.zeros(2, d), BatchStep.single(0, 3)), "malformed batch step"),
     ],
 )
 def test_a_step_no_master_sends_is_refused(splits, make, message):
@@ -151,7 +153,7 @@ def test_a_later_stage_of_one_sends_only_its_output(splits):
     loaded = _rank(splits["pp"], 1, channel)
     steps = RankSteps(channel, loaded, serve_between=None)
     h = torch.randn(2, loaded.runtime.decoder.cfg.hidden_size)
-    steps.step(_step(5, h, BatchPlan.single(0, 2)))
+    steps.step(_step(5, h, BatchStep.single(0, 2)))
     assert [m.kind for m in channel.sent] == [Kind.HIDDEN]
     out = channel.sent[0].data
     assert isinstance(out, HiddenHeader) and (out.step, out.stage, out.shape) == (
@@ -167,10 +169,10 @@ def test_a_vocabulary_parallel_rank_embeds_runs_and_answers_each_row(splits):
     steps = RankSteps(channel, loaded, serve_between=None)
     with pytest.raises(ProtocolError, match="vocabulary-parallel"):
         steps.step(
-            _step(1, torch.zeros(1, loaded.runtime.decoder.cfg.hidden_size), BatchPlan.single(0, 1))
+            _step(1, torch.zeros(1, loaded.runtime.decoder.cfg.hidden_size), BatchStep.single(0, 1))
         )
     want = Want.choose([1, 3], [HeadRequest(), HeadRequest(temperature=0.8, noise_seed=9)])
-    steps.step_tokens(_tokens(3, [5, 6, 7, 8], BatchPlan.single(0, 4), want))
+    steps.step_tokens(_tokens(3, [5, 6, 7, 8], BatchStep.single(0, 4), want))
     phases = [p.phase for p in channel.kinds(Kind.PARTIAL)]
     assert phases[0] == Phase.EMBED and len(phases) == 1 + 2 * loaded.runtime.decoder.cfg.num_layers
     heads = channel.kinds(Kind.HEAD)
@@ -199,7 +201,7 @@ def test_a_vocabulary_parallel_rank_embeds_runs_and_answers_each_row(splits):
             )
         )
     with pytest.raises(ProtocolError, match="rows the step does not have"):
-        steps.step_tokens(_tokens(4, [5], BatchPlan.single(4, 1), Want.logits([1])))
+        steps.step_tokens(_tokens(4, [5], BatchStep.single(4, 1), Want.logits([1])))
 
 
 def test_a_later_vocab_parallel_stage_serves_requests_while_it_waits_for_its_input(
@@ -214,13 +216,13 @@ def test_a_later_vocab_parallel_stage_serves_requests_while_it_waits_for_its_inp
     steps = RankSteps(channel, loaded, serve_between=served.append)
     d = loaded.runtime.decoder.cfg.hidden_size
     stats = _msg([encode_control(Kind.STATS_REQUEST, {"session": SESSION})])
-    channel.queued = [stats, _step(6, torch.randn(2, d), BatchPlan.single(0, 2))]
-    steps.step_tokens(_tokens(6, [5, 9], BatchPlan.single(0, 2), Want.logits()))
+    channel.queued = [stats, _step(6, torch.randn(2, d), BatchStep.single(0, 2))]
+    steps.step_tokens(_tokens(6, [5, 9], BatchStep.single(0, 2), Want.logits()))
     assert [m.kind for m in served] == [Kind.STATS_REQUEST]
     assert [m.kind for m in channel.sent] == [Kind.PARTIAL, Kind.HIDDEN, Kind.HEAD]
-    channel.queued = [_step(7, torch.randn(3, d), BatchPlan.single(2, 3))]  # not its step's shape
+    channel.queued = [_step(7, torch.randn(3, d), BatchStep.single(2, 3))]  # not its step's shape
     with pytest.raises(ProtocolError, match="STEP of step 7"):
-        steps.step_tokens(_tokens(7, [5, 9], BatchPlan.single(2, 2), Want.nothing()))
+        steps.step_tokens(_tokens(7, [5, 9], BatchStep.single(2, 2), Want.nothing()))
 
 
 # --- the master channel -------------------------------------------------------------------------

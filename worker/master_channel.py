@@ -35,6 +35,15 @@ MID_STEP_TIMEOUT_S = 300.0  # backstop only: disconnects are noticed within seco
 POLL_S = 0.5
 
 
+class PeerLost(Exception):
+    """A direct link to another worker broke (a pipeline hop): the master hears
+    which rank, and names it."""
+
+    def __init__(self, rank: int, why: str) -> None:
+        super().__init__(f"lost the direct link to rank {rank}: {why}")
+        self.rank = rank
+
+
 class SessionEnded(Exception):
     """The master ended the session, vanished, or broke the protocol."""
 
@@ -64,6 +73,13 @@ class MasterChannel:
         self.keep_steps = False
         # The allreduce's own connection (tpi.comm.data_link), if the master opened one.
         self.data: DataLink | None = None
+        # Direct links to other workers, by rank (a pipeline with direct hops), whose
+        # link brings this rank's steps, and who hubs its allreduces (None: the master).
+        self.peers: dict[int, DataLink] = {}
+        self.step_source: int | None = None
+        self.hub: int | None = None
+        # A probe session: answer the other workers' PINGs on the direct links.
+        self.echo_peers = False
 
     # --- sending ---------------------------------------------------------------------
 
@@ -72,7 +88,10 @@ class MasterChannel:
             raise SessionEnded("master disconnected")
 
     def send_data(self, frames: list) -> None:
-        """An allreduce frame: over the data link when there is one."""
+        """An allreduce frame: to the group's hub, over the data link when there is
+        one."""
+        if self.hub is not None:
+            return self.send_to(self.hub, frames)
         if self.data is None:
             return self.send(frames)
         try:
@@ -80,10 +99,18 @@ class MasterChannel:
         except DataLinkClosed as e:
             raise SessionEnded(f"master disconnected ({e})") from None
 
+    def send_to(self, rank: int, frames: list) -> None:
+        """A frame for another worker, over the direct link to it."""
+        try:
+            self.peers[rank].send(frames)
+        except DataLinkClosed as e:
+            raise PeerLost(rank, str(e)) from None
+
     def close_data(self) -> None:
-        if self.data is not None:
-            self.data.close()
-            self.data = None
+        for link in [self.data, *self.peers.values()]:
+            if link is not None:
+                link.close()
+        self.data, self.peers = None, {}
 
     def control(self, kind: Kind, **body) -> None:
         self.send([encode_control(kind, {"session": self.session, **body})])
@@ -91,16 +118,25 @@ class MasterChannel:
     # --- receiving -------------------------------------------------------------------
 
     def next(self, timeout_s: float | None) -> Message:
-        """The next message for the session loop (kept ones first)."""
+        """The next message for the session loop (kept ones first): from the
+        master, or a step from the worker whose link brings this rank's steps."""
         if self._kept:
             return self._kept.popleft()
         return self._receive(timeout_s)
 
     def wait_sum(self, expected: SumHeader) -> Message:
-        """The SUM for exactly this step/layer/phase/pos (the star allreduce's channel)."""
+        """The SUM for exactly this step/layer/phase/pos (the star allreduce's
+        channel): from the master's data link or control link, or from the
+        group's hub over a direct link."""
         want = expected.key
+        source = self.hub
         while True:
-            msg = self._receive(MID_STEP_TIMEOUT_S) if self.data is None else self._receive_data()
+            if source is not None:
+                msg = self.receive_from(self.peers[source], source)
+            elif self.data is not None:
+                msg = self.receive_from(self.data)
+            else:
+                msg = self._receive(MID_STEP_TIMEOUT_S)
             if msg.kind in BETWEEN_STEPS or (self.keep_steps and msg.kind == Kind.STEP):
                 self._kept.append(msg)  # served after this step, in order
                 continue
@@ -115,46 +151,97 @@ class MasterChannel:
                 )
             return msg
 
-    def _receive_data(self) -> Message:
-        """The next SUM from the data link. While none comes, the control link is
-        looked at every POLL_S: an END or a vanished master ends the session, PINGs
-        are answered, and requests are kept for after the step."""
+    def receive_from(self, link: DataLink, peer: int | None = None) -> Message:
+        """The next data message on `link` (the master's data link, or the direct
+        link to worker `peer`). While none comes, the control link is looked at
+        every POLL_S: an END or a vanished master ends the session, PINGs are
+        answered, and what else came from the master is returned (the caller
+        keeps a request for after the step)."""
         deadline = time.monotonic() + MID_STEP_TIMEOUT_S
         while True:
             try:
-                frames = self.data.recv(POLL_S)
+                frames = link.recv(POLL_S)
             except TimeoutError:
                 beat()
                 if self._master_gone():
                     raise SessionEnded("master disconnected") from None
                 if time.monotonic() > deadline:
-                    raise SessionEnded(f"master silent for {MID_STEP_TIMEOUT_S:g} s") from None
+                    who = "master" if peer is None else f"rank {peer}"
+                    raise SessionEnded(f"{who} silent for {MID_STEP_TIMEOUT_S:g} s") from None
                 while (inb := self.endpoint.recv(0)) is not None:
                     if (msg := self._accept(inb)) is not None:
-                        return msg  # the caller keeps it for after the step, or ends
+                        return msg
                 continue
-            except DataLinkClosed as e:
-                raise SessionEnded(f"master disconnected ({e})") from None
-            except ProtocolError as e:
-                raise SessionEnded(f"protocol error from master: {e}") from None
-            try:
-                msg = decode(frames)
-            except ProtocolError as e:
-                raise SessionEnded(f"protocol error from master: {e}") from None
-            if isinstance(msg.body, DataHeader) and msg.body.session == self.session:
-                return msg  # (the data link carries nothing else; anything else is dropped)
+            except (DataLinkClosed, ProtocolError) as e:
+                self._link_broke(peer, e)
+            if (msg := self._decode_data(frames, peer)) is not None:
+                return msg
+
+    def _decode_data(self, frames: list, peer: int | None) -> Message | None:
+        """A data link's message of this session (the links carry nothing else;
+        anything else is dropped)."""
+        try:
+            msg = decode(frames)
+        except ProtocolError as e:
+            self._link_broke(peer, e)
+        if isinstance(msg.body, DataHeader) and msg.body.session == self.session:
+            return msg
+        return None
+
+    def _link_broke(self, peer: int | None, e: Exception) -> None:
+        if peer is not None:
+            raise PeerLost(peer, str(e)) from None
+        if isinstance(e, ProtocolError):
+            raise SessionEnded(f"protocol error from master: {e}") from None
+        raise SessionEnded(f"master disconnected ({e})") from None
 
     def _receive(self, timeout_s: float | None) -> Message:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        source = self.step_source
+        link = self.peers[source] if source is not None else None
         while True:
+            if self.echo_peers and self.peers:
+                self._echo_pings()
             if self._master_gone():
                 raise SessionEnded("master disconnected")
             if deadline is not None and time.monotonic() > deadline:
                 raise SessionEnded(f"master silent for {timeout_s:g} s")
-            inb = self.endpoint.recv(POLL_S)
+            if self.echo_peers and self.peers:
+                self.endpoint.wait(POLL_S, list(self.peers.values()))
+                inb = self.endpoint.recv(0)
+            elif link is None:
+                inb = self.endpoint.recv(POLL_S)
+            else:
+                # Steps come from another worker: wait on its link and the master's.
+                if link.readable() and (msg := self._from_peer(link, source)) is not None:
+                    return msg
+                self.endpoint.wait(POLL_S, [link])
+                inb = self.endpoint.recv(0)
             beat()
             if inb is not None and (msg := self._accept(inb)) is not None:
                 return msg
+
+    def _echo_pings(self) -> None:
+        """Answer every PING another worker sent over a direct link (a probe
+        session's round-trip timing); a peer that closed its link is forgotten."""
+        pong = [encode_control(Kind.PONG, {"session": self.session}), b""]
+        for rank, link in list(self.peers.items()):
+            try:
+                while link.readable():
+                    if decode(link.recv(0.0)).kind == Kind.PING:
+                        link.send(pong)
+            except (TimeoutError, DataLinkClosed, ProtocolError):
+                link.close()
+                del self.peers[rank]
+
+    def _from_peer(self, link: DataLink, peer: int) -> Message | None:
+        try:
+            frames = link.recv(0.0)
+        except TimeoutError:
+            return None
+        except (DataLinkClosed, ProtocolError) as e:
+            self._link_broke(peer, e)
+        return self._decode_data(frames, peer)
 
     def _accept(self, inb: Inbound) -> Message | None:
         """A received message for the session, or None when it was handled here

@@ -16,12 +16,20 @@ from tpi.quant.formats import weight_nbytes
 from tpi.runtime.node_stats import node_stats
 from tpi.storage.read_check import CorruptShard
 from tpi.worker.handshake import Hello, Refused, admit
-from tpi.worker.master_channel import MasterChannel, SessionEnded
+from tpi.worker.master_channel import MasterChannel, PeerLost, SessionEnded
 from tpi.worker.options import WorkerOptions
+from tpi.worker.peers import (
+    MAX_PEER_PINGS,
+    PeerSetupFailed,
+    open_peer_links,
+    peer_links,
+    peer_round_trips,
+)
 from tpi.worker.profile_service import serve_profile
 from tpi.worker.rank_loader import LoadedRank, LoadRequest, load_rank
 from tpi.worker.steps import RankSteps
 from tpi.worker.store import ShardStore
+from tpi.worker.watchdog import beat
 
 log = logging.getLogger("tpi.worker")
 DATA_ACCEPT_TIMEOUT_S = 10.0  # the master connects before it sends LOAD
@@ -62,12 +70,19 @@ class Session:
                 offer = {"data_port": self.data_listener.port, "data_ticket": ticket.hex()}
             shard_dir = admit(channel, self.hello, self.options, self.store, offer)
             msg = channel.next(None)
+            if msg.kind == Kind.PEERS:  # a pipeline's direct hops: links to other workers
+                self._open_peers(msg)
+                msg = channel.next(None)
             if msg.kind != Kind.LOAD:
                 raise SessionEnded(f"expected LOAD, got {msg.kind.name}")
+            if msg.body.get("direct_hops") is not True:
+                for link in channel.peers.values():
+                    link.close()
+                channel.peers = {}
             if msg.body.get("data_link") is True and self.data_listener is not None:
                 try:
                     channel.data = self.data_listener.accept(
-                        self.hello.session, ticket, DATA_ACCEPT_TIMEOUT_S, DATA_TIMEOUT_S
+                        self.hello.session, ticket, DATA_ACCEPT_TIMEOUT_S, DATA_TIMEOUT_S, beat
                     )
                 except TimeoutError as e:
                     raise SessionEnded(str(e)) from None
@@ -81,14 +96,14 @@ class Session:
             )
             channel.keep_steps = self.loaded.stage_layers is not None
             self.steps = RankSteps(channel, self.loaded, self._serve)
-            plan = self.loaded.runtime.plan
+            memory = self.loaded.runtime.memory
             channel.control(
                 Kind.READY,
                 load_seconds=self.loaded.load_seconds,
                 resident_bytes=self.loaded.runtime.layers.resident_bytes,
                 max_context=self.loaded.runtime.decoder.max_positions,
-                plan=plan.to_dict(),
-                plan_text=plan.describe(),
+                memory=memory.to_dict(),
+                memory_text=memory.describe(),
             )
             while True:
                 self._serve(channel.next(None))
@@ -99,6 +114,8 @@ class Session:
             body = {"session": self.hello.session, "reason": str(e)}
             channel.endpoint.send(channel.peer, [encode_control(Kind.REFUSE, body)])
             return f"refused: {e}"
+        except PeerLost as e:  # the master names the other worker, not this one
+            return self._report(str(e), peer_rank=e.rank)
         except CorruptShard as e:
             why = str(e)
             if shard_dir is not None and self.store.discard_pushed(shard_dir):
@@ -118,19 +135,44 @@ class Session:
             self.loaded = self.steps = None
 
     def _probe_only(self) -> str:
-        """A session that only measures (tpi plan, --plan auto): no shard, no LOAD."""
-        self.channel.control(Kind.WELCOME, have_shard=False, partial={})
+        """A session that only measures (tpi plan, --plan auto): no shard, no LOAD.
+        Besides this device's profile, the round trips to the other workers: the
+        master links them (PEERS) and asks each in turn to time its links, while
+        the others echo."""
+        offer = {"data_port": self.data_listener.port} if self.data_listener else {}
+        self.channel.control(Kind.WELCOME, have_shard=False, partial={}, **offer)
+        self.channel.echo_peers = True
         while True:
             msg = self.channel.next(None)
-            if msg.kind != Kind.PROFILE_REQUEST:
+            if msg.kind == Kind.PROFILE_REQUEST:
+                serve_profile(self.channel, msg, self.options, self.store)
+            elif msg.kind == Kind.PEERS:
+                self._open_peers(msg)
+            elif msg.kind == Kind.PEER_RTT_REQUEST:
+                pings = max(1, min(msg.body["pings"], MAX_PEER_PINGS))
+                rtts = peer_round_trips(self.channel, pings)
+                self.channel.control(Kind.PEER_RTT, rtts={str(r): t for r, t in rtts.items()})
+            else:
                 raise SessionEnded(f"unexpected {msg.kind.name} in a probe session")
-            serve_profile(self.channel, msg, self.options, self.store)
 
-    def _report(self, message: str) -> str:
+    def _report(self, message: str, **extra) -> str:
         """Tell the master what broke here; the daemon then goes back to waiting."""
         with contextlib.suppress(SessionEnded):
-            self.channel.control(Kind.ERROR, message=message)
+            self.channel.control(Kind.ERROR, message=message, **extra)
         return f"error: {message}"
+
+    def _open_peers(self, msg: Message) -> None:
+        """The direct links PEERS asks for; PEERED says whether they are all open
+        (if not, the master keeps every hop through itself)."""
+        try:
+            self.channel.peers = open_peer_links(
+                peer_links(msg), self.data_listener, self.hello.session, DATA_TIMEOUT_S, beat
+            )
+            failed = ""
+        except PeerSetupFailed as e:
+            failed = str(e)
+            log.warning("direct links to other workers: %s", failed)
+        self.channel.control(Kind.PEERED, failed=failed)
 
     def _serve(self, msg: Message) -> None:
         steps = self.steps

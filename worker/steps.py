@@ -5,7 +5,8 @@ that message carries (every allreduce of the step uses it: `StarWorker.begin`):
 
 - STEP (hidden states): a tensor-parallel rank, or a rank of a later pipeline
   stage, runs its slice of its layers on them; a later stage's lead rank then
-  sends the stage's output (HIDDEN).
+  sends the stage's output: to the master (HIDDEN), or with direct hops straight
+  to the next stage's ranks (their STEP) unless its stage is the last.
 - STEP_TOKENS (token ids and the head's want): a vocabulary-parallel rank embeds
   its share of the ids (summed over every rank), runs its layers (a later stage
   first waits for its input, a STEP), takes the final hidden states (a rank
@@ -19,8 +20,18 @@ import time
 
 import torch
 
-from tpi.comm.wire import Kind, Message, ProtocolError, payload_ids, payload_tensor
-from tpi.model.batch import BatchPlan, PlanError
+from tpi.comm.wire import (
+    HiddenHeader,
+    Kind,
+    Message,
+    ProtocolError,
+    StepHeader,
+    encode_data,
+    payload_ids,
+    payload_tensor,
+    tensor_payload,
+)
+from tpi.model.batch import BatchStep, BatchStepError
 from tpi.model.want import Want
 from tpi.worker.master_channel import BETWEEN_STEPS, MasterChannel
 from tpi.worker.rank_loader import LoadedRank
@@ -43,13 +54,21 @@ class RankSteps:
             raise ProtocolError(f"malformed STEP {h}")
         if loaded.head is not None:
             raise ProtocolError("STEP with hidden states sent to a vocabulary-parallel rank")
-        plan = _plan(h.plan, h.shape[0])
+        batch = _batch(h.batch, h.shape[0])
         x = payload_tensor(msg.payload, h).to(decoder.dtype, copy=True)
         loaded.collective.begin(h.step, h.pos)
         t0 = time.perf_counter()
-        out = decoder.run(x, plan, h.chunks)
-        if loaded.hands_on is not None:  # the next stage starts from here
-            loaded.collective.send_hidden(out, loaded.hands_on)
+        out = decoder.run(x, batch, h.chunks)
+        if loaded.next_stage:  # the next stage starts from here, without the master
+            out = out.contiguous()
+            nxt = StepHeader(
+                h.session, h.step, h.pos, h.chunks, out.dtype, tuple(out.shape), h.batch
+            )
+            frames = [encode_data(Kind.STEP, nxt), tensor_payload(out)]
+            for rank in loaded.next_stage:
+                self.channel.send_to(rank, frames)
+        elif loaded.hands_on is not None:
+            self._send_hidden(out, h.step)
         self._count(t0)
 
     def step_tokens(self, msg: Message) -> None:
@@ -60,21 +79,21 @@ class RankSteps:
         ids = payload_ids(msg.payload, decoder.cfg.vocab_size)
         if b["chunks"] < 1:
             raise ProtocolError(f"malformed STEP_TOKENS {b}")
-        plan = _plan(b["plan"], ids.numel())
+        batch = _batch(b["batch"], ids.numel())
         try:
             want = Want.from_wire(b["head"], ids.numel())
         except ValueError as e:
             raise ProtocolError(str(e)) from None
-        loaded.collective.begin(b["step"], plan.segments[0].pos)
+        loaded.collective.begin(b["step"], batch.segments[0].pos)
         t0 = time.perf_counter()
         x = loaded.head.embed(ids, decoder.dtype)
         if loaded.stage == 0:
-            h = decoder.run(x, plan, b["chunks"])
+            h = decoder.run(x, batch, b["chunks"])
         else:  # a later pipeline stage: its input comes when the stages before are done
             h = self._expect(Kind.STEP, x.shape, b["step"]).to(decoder.dtype, copy=True)
-            h = decoder.run(h, plan, 1)
+            h = decoder.run(h, batch, 1)
             if loaded.hands_on is not None:
-                loaded.collective.send_hidden(h, loaded.hands_on)
+                self._send_hidden(h, b["step"])
         if not loaded.last_stage and want.anything:
             # The final states, for this rank's head rows.
             h = self._expect(Kind.FINAL, x.shape, b["step"]).to(decoder.dtype)
@@ -86,6 +105,15 @@ class RankSteps:
         if loaded.head is None or msg.body["step"] != loaded.collective.step:
             raise ProtocolError("HEAD_MORE for a step this worker did not sample")
         loaded.head.more(msg.body["row"], msg.body["round"], msg.body["count"])
+
+    def _send_hidden(self, out: torch.Tensor, step: int) -> None:
+        """This stage's output, from its lead to the master (HIDDEN)."""
+        out = out.contiguous()
+        header = HiddenHeader(
+            self.channel.session, step, self.loaded.hands_on, out.dtype, out.shape
+        )
+        self.channel.send([encode_data(Kind.HIDDEN, header), tensor_payload(out)])
+        self.loaded.collective.stats.bytes_sent += header.nbytes()
 
     def _count(self, t0: float) -> None:
         self.compute_seconds += time.perf_counter() - t0
@@ -107,8 +135,8 @@ class RankSteps:
         return payload_tensor(msg.payload, h)
 
 
-def _plan(values, tokens: int) -> BatchPlan:
+def _batch(values, tokens: int) -> BatchStep:
     try:
-        return BatchPlan.from_ints(values, tokens)
-    except (PlanError, TypeError) as e:
-        raise ProtocolError(f"malformed step plan: {e}") from None
+        return BatchStep.from_ints(values, tokens)
+    except (BatchStepError, TypeError) as e:
+        raise ProtocolError(f"malformed batch step: {e}") from None

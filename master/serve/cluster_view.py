@@ -148,10 +148,10 @@ def _static(loaded) -> list[dict]:
             rs = RankShard(Path(cluster.rank_dir(r))).manifest.rank_slice
         elif loaded.runtime is not None:
             rs = RankShard(Path(loaded.model_dir)).manifest.rank_slice
-        plan = (
-            loaded.runtime.plan.to_dict()
+        memory = (
+            loaded.runtime.memory.to_dict()
             if r == 0 and loaded.runtime is not None
-            else (cluster.worker_info.get(r, {}).get("plan") if cluster is not None else None)
+            else (cluster.worker_info.get(r, {}).get("memory") if cluster is not None else None)
         )
         link = cluster.links.links[r - 1] if cluster is not None and r > 0 else None
         # A pipeline stage's rank holds only its layers: its share is of the whole model.
@@ -168,12 +168,12 @@ def _static(loaded) -> list[dict]:
                 "mlp_share": round(
                     cols * (end - first) / (cfg.intermediate_size * cfg.num_layers), 4
                 ),
-                "window": plan["window"] if plan else end - first,
+                "window": memory["window"] if memory else end - first,
                 "layers": end - first,
                 "first_layer": first,
-                "limit_bytes": plan.get("budget_bytes") if plan else None,
-                "limit_source": plan.get("budget_source") if plan else None,
-                "planned_bytes": plan.get("need_bytes") if plan else None,
+                "limit_bytes": memory.get("budget_bytes") if memory else None,
+                "limit_source": memory.get("budget_source") if memory else None,
+                "planned_bytes": memory.get("need_bytes") if memory else None,
             }
         )
     return out

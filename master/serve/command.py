@@ -112,11 +112,11 @@ def serve(
             return master_opt.open_from_options(opts)
 
     reopen = reopen if loaded.cluster is not None else None
-    plan = loaded.runtime.plan if loaded.runtime is not None else None
-    if kv_budget is None and plan is not None and plan.budget_bytes is not None:
+    memory = loaded.runtime.memory if loaded.runtime is not None else None
+    if kv_budget is None and memory is not None and memory.budget_bytes is not None:
         # A memory budget reserved one context's KV cache on every rank: a batch
         # shares that reservation (its sequences' positions add up to at most it).
-        kv_budget = plan.kv_bytes
+        kv_budget = memory.kv_bytes
     # A budget is per node: positions are charged at the largest rank's bytes.
     per_position = _largest_kv_bytes_per_position(loaded)
     app = create_app(
@@ -139,7 +139,7 @@ def _largest_kv_bytes_per_position(loaded) -> int:
     per = [loaded.engine.decoder.caches.bytes_per_position]
     cluster = loaded.cluster
     for info in cluster.worker_info.values() if cluster is not None else ():
-        plan, context = info.get("plan") or {}, info.get("max_context")
-        if isinstance(context, int) and context > 0 and isinstance(plan.get("kv_bytes"), int):
-            per.append(plan["kv_bytes"] // context)
+        memory, context = info.get("memory") or {}, info.get("max_context")
+        if isinstance(context, int) and context > 0 and isinstance(memory.get("kv_bytes"), int):
+            per.append(memory["kv_bytes"] // context)
     return max(per)

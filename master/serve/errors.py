@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tpi.comm.links import ClusterError
 from tpi.errors import PromptError, TpiError
-from tpi.master.batching import KVBudgetError
+from tpi.master.kv_budget import KVBudgetError
 from tpi.master.serve.model_holder import ModelDown
 from tpi.master.serve.protocol import error_body
 

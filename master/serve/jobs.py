@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tpi.comm.links import ClusterError
-from tpi.master.batching import Batcher, BatchSequence
+from tpi.master.batching import Batcher
 from tpi.master.engine import Engine
-from tpi.master.generation import GenerationStats
 from tpi.master.sampling import SamplingParams
+from tpi.master.sequence import BatchSequence, GenerationStats
 from tpi.master.serve.metrics import ServeMetrics
 from tpi.master.serve.model_holder import ModelHolder
 from tpi.master.serve.stop_strings import StopMatcher

@@ -29,6 +29,8 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from tpi.comm.wire import MAX_CONTROL_BYTES, MAX_FRAME_BYTES, ProtocolError
 
@@ -39,8 +41,10 @@ _LENGTHS = struct.Struct("<II")
 MAX_HEAD_BYTES = MAX_CONTROL_BYTES // 2  # a data header is tens of bytes
 SCRATCH_BYTES = MAX_CONTROL_BYTES  # one receive takes whatever is there, up to this much
 OPENING_S = 1.0  # a connection's opening must arrive this soon after it is accepted
+ALIVE_S = 0.5  # a waiting accept says it is alive this often
 STASH_CHUNK = 1 << 20  # taken in at a time while a send waits for room
 MAX_SPILL_BYTES = 4 * MAX_FRAME_BYTES  # what a peer may send ahead while it does not read
+T = TypeVar("T")
 
 
 class DataLinkClosed(ConnectionError):
@@ -233,10 +237,28 @@ class DataLink:
         self.sock.close()
 
 
+def _opening(conn: socket.socket, size: int, deadline: float) -> bytes:
+    """The first `size` bytes a new connection sends (fewer if it dawdles or closes).
+    A real peer sends its opening right after connecting: one that dawdles is a
+    stranger's, and must not hold up the real ones."""
+    got = b""
+    try:
+        conn.settimeout(min(OPENING_S, max(0.1, deadline - time.monotonic())))
+        while len(got) < size:
+            part = conn.recv(size - len(got))
+            if not part:
+                break
+            got += part
+    except OSError:
+        return b""
+    return got
+
+
 def connect(
     host: str, port: int, session: int, ticket: bytes, timeout_s: float, connect_timeout_s: float
 ) -> DataLink:
-    """The master's end: connect, present the session's ticket. Raises OSError."""
+    """The connecting end (the master, or a worker opening a direct hop): connect,
+    present the session's ticket. Raises OSError."""
     sock = socket.create_connection((host, port), timeout=connect_timeout_s)
     try:
         sock.sendall(_OPEN.pack(OPEN_MAGIC, session, ticket))
@@ -262,34 +284,56 @@ class DataListener:
         self.port = self.sock.getsockname()[1]
 
     def accept(
-        self, session: int, ticket: bytes, timeout_s: float, link_timeout_s: float
+        self,
+        session: int,
+        ticket: bytes,
+        timeout_s: float,
+        link_timeout_s: float,
+        alive: Callable[[], None] | None = None,
     ) -> DataLink:
         """The master's connection for `session`: whoever does not present its
         ticket first thing is dropped. Raises TimeoutError if none comes in time."""
+        try:
+            return self.accept_each(session, {ticket: 0}, timeout_s, link_timeout_s, alive)[0]
+        except TimeoutError:
+            raise TimeoutError("the master did not open its data link in time") from None
+
+    def accept_each(
+        self,
+        session: int,
+        tickets: dict[bytes, T],
+        timeout_s: float,
+        link_timeout_s: float,
+        alive: Callable[[], None] | None = None,
+    ) -> dict[T, DataLink]:
+        """One connection per ticket (the master's, or other workers' for direct
+        pipeline hops), each presenting its ticket first thing; anyone else is
+        dropped. Raises TimeoutError, naming what did not come, when not every
+        ticket's connection arrived in time (those that did are closed).
+        `alive` is called at least every ALIVE_S while waiting (a watchdog's beat)."""
         deadline = time.monotonic() + timeout_s
-        want = _OPEN.pack(OPEN_MAGIC, session, ticket)
-        while (left := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(left)
+        wanted = {_OPEN.pack(OPEN_MAGIC, session, t): key for t, key in tickets.items()}
+        got: dict[T, DataLink] = {}
+        while len(got) < len(tickets) and (left := deadline - time.monotonic()) > 0:
+            if alive is not None:
+                alive()
+            self.sock.settimeout(min(left, ALIVE_S))
             try:
                 conn, _ = self.sock.accept()
             except TimeoutError:
-                break
-            try:
-                # The master sends its opening right after connecting: a connection
-                # that dawdles is a stranger's, and must not hold up the master's.
-                conn.settimeout(min(OPENING_S, max(0.1, deadline - time.monotonic())))
-                got = b""
-                while len(got) < len(want):
-                    part = conn.recv(len(want) - len(got))
-                    if not part:
-                        break
-                    got += part
-            except OSError:
-                got = b""
-            if secrets.compare_digest(got, want):
-                return DataLink(conn, link_timeout_s)
-            conn.close()  # a stranger, or a late connection of an earlier session
-        raise TimeoutError("the master did not open its data link in time")
+                continue
+            opening = _opening(conn, len(OPEN_MAGIC) + 8 + TICKET_BYTES, deadline)
+            key = next((k for w, k in wanted.items() if secrets.compare_digest(opening, w)), None)
+            if key is None or key in got:
+                conn.close()  # a stranger, or a late connection of an earlier session
+                continue
+            got[key] = DataLink(conn, link_timeout_s)
+        if len(got) < len(tickets):
+            for link in got.values():
+                link.close()
+            missing = [k for k in tickets.values() if k not in got]
+            raise TimeoutError(f"no data link opened in time for {missing}")
+        return got
 
     def close(self) -> None:
         self.sock.close()

@@ -116,6 +116,12 @@ class Inbox:
         body = msg.body
         session = body.session if isinstance(body, DataHeader) else body.get("session")
         if msg.kind == Kind.ERROR and session in (self.session, None):
+            peer = body.get("peer_rank")
+            if isinstance(peer, int) and 1 <= peer <= len(self.links.links) and peer != link.rank:
+                # A worker lost its direct link to another (a pipeline hop): name that one.
+                lost = self.links.links[peer - 1]
+                why = f"rank {link.rank} ({link.name}) {body['message']}"
+                raise LinkLost(peer, lost.name, why, where)
             raise WorkerFailed(link.rank, link.name, body["message"], where)
         if msg.kind == Kind.REFUSE:
             raise ClusterError(f"rank {link.rank} ({link.name}) refused: {body['reason']}")

@@ -393,6 +393,20 @@ class WorkerEndpoint:
             return None
         return self._inbound(frames)
 
+    def wait(self, timeout_s: float, others: list) -> None:
+        """Wait until a message is here or any of `others` (sockets with a fileno:
+        a worker's direct links) is readable, at most `timeout_s`; disconnects
+        reported meanwhile are collected."""
+        self._collect_disconnects()
+        if readable(self.sock):
+            return
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        for other in others:
+            poller.register(other, zmq.POLLIN)
+        poller.poll(max(0, int(timeout_s * 1000)))
+        self._collect_disconnects()
+
     def _collect_disconnects(self) -> None:
         while self.monitor.poll(0):
             msg = parse_monitor_message(self.monitor.recv_multipart())

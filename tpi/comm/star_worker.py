@@ -15,7 +15,6 @@ from tpi.comm.traffic import AllreduceStats
 from tpi.comm.wire import (
     HeadHeader,
     HeadMode,
-    HiddenHeader,
     Kind,
     Message,
     Phase,
@@ -107,11 +106,4 @@ class StarWorker:
         out = out.contiguous()
         header = HeadHeader(self.session, self.step, row, round_, mode, out.dtype, tuple(out.shape))
         self.channel.send([encode_data(Kind.HEAD, header), tensor_payload(out)])
-        self.stats.bytes_sent += header.nbytes()
-
-    def send_hidden(self, h: torch.Tensor, stage: int) -> None:
-        """A pipeline stage's output, from its lead rank to the master (HIDDEN)."""
-        out = h.contiguous()
-        header = HiddenHeader(self.session, self.step, stage, out.dtype, tuple(out.shape))
-        self.channel.send([encode_data(Kind.HIDDEN, header), tensor_payload(out)])
         self.stats.bytes_sent += header.nbytes()

@@ -21,8 +21,8 @@ from tpi.comm.wire import (
 )
 
 
-class StepPlan(Protocol):
-    """Which sequences a step's rows belong to (tpi.model.batch.BatchPlan)."""
+class StepRows(Protocol):
+    """Which sequences a step's rows belong to (tpi.model.batch.BatchStep)."""
 
     @property
     def first_pos(self) -> int: ...
@@ -65,14 +65,14 @@ class StepBroadcaster:
         return self.clock.step
 
     def hidden(
-        self, h: torch.Tensor, plan: StepPlan, pieces: int = 1, step: int | None = None
+        self, h: torch.Tensor, batch: StepRows, pieces: int = 1, step: int | None = None
     ) -> None:
         """A new step whose input is rank 0's embedded hidden states (STEP); with
         `step`, that step's input to a later pipeline stage."""
-        pos = plan.first_pos
+        pos = batch.first_pos
         step = self._advance(pos) if step is None else step
         header = StepHeader(
-            self.session, step, pos, pieces, h.dtype, tuple(h.shape), tuple(plan.to_ints())
+            self.session, step, pos, pieces, h.dtype, tuple(h.shape), tuple(batch.to_ints())
         )
         self._send_all(
             [encode_data(Kind.STEP, header), tensor_payload(h)], h.numel() * h.element_size()
@@ -86,13 +86,13 @@ class StepBroadcaster:
             [encode_data(Kind.FINAL, header), tensor_payload(h)], h.numel() * h.element_size()
         )
 
-    def tokens(self, ids: list[int], plan: StepPlan, pieces: int, head: dict) -> None:
+    def tokens(self, ids: list[int], batch: StepRows, pieces: int, head: dict) -> None:
         """A vocabulary-parallel step: only the token ids and what the head should return."""
-        step = self._advance(plan.first_pos)
+        step = self._advance(batch.first_pos)
         body = {
             "session": self.session,
             "step": step,
-            "plan": plan.to_ints(),
+            "batch": batch.to_ints(),
             "chunks": pieces,
             "head": head,
         }

@@ -11,13 +11,13 @@ kinds carry a fixed binary header of their own, with exactly the fields that
 kind uses, each meaning one thing, so a receiver can check that a tensor
 belongs where it is about to be used:
 
-    STEP         StepHeader    session, step, pos, chunks, dtype, shape, plan
+    STEP         StepHeader    session, step, pos, chunks, dtype, shape, batch
     PARTIAL/SUM  SumHeader     session, step, pos, layer, phase, dtype, shape
     HEAD         HeadHeader    session, step, row, round, mode, dtype, shape
     HIDDEN       HiddenHeader  session, step, stage, dtype, shape
     FINAL        FinalHeader   session, step, dtype, shape
 
-A STEP's plan (tpi.model.batch.BatchPlan as integers) says which sequences of a
+A STEP's batch step (tpi.model.batch.BatchStep as integers) says which sequences of a
 batch its rows belong to; it follows the shape as a u16 count and u32 values.
 
 docs/architecture.md lists every kind and field.
@@ -81,6 +81,10 @@ class Kind(IntEnum):
     PROFILE = 24  # worker -> master: the measurements
     HIDDEN = 25  # worker -> master: a pipeline stage's output hidden states (data)
     FINAL = 26  # master -> workers: a pipeline's final hidden states, for their head rows (data)
+    PEERS = 27  # master -> worker: open these direct links to other workers (pipeline hops)
+    PEERED = 28  # worker -> master: the direct links are open (or why not)
+    PEER_RTT_REQUEST = 29  # master -> worker: time a round trip to each of your peers
+    PEER_RTT = 30  # worker -> master: the medians, by peer rank
 
 
 class Phase(IntEnum):
@@ -130,13 +134,17 @@ SCHEMAS: dict[Kind, dict[str, type | tuple[type, ...]]] = {
     Kind.PONG: {"session": int},
     Kind.STATS_REQUEST: {"session": int},
     Kind.STATS: {"session": int, "stats": dict},
-    Kind.STEP_TOKENS: {"session": int, "step": int, "plan": list, "chunks": int, "head": dict},
+    Kind.STEP_TOKENS: {"session": int, "step": int, "batch": list, "chunks": int, "head": dict},
     Kind.HEAD_MORE: {"session": int, "step": int, "row": int, "round": int, "count": int},
     Kind.PROFILE_REQUEST: {"session": int, "request": dict},
     Kind.PROFILE: {"session": int, "profile": dict},
+    Kind.PEERS: {"session": int, "links": list},
+    Kind.PEERED: {"session": int, "failed": str},
+    Kind.PEER_RTT_REQUEST: {"session": int, "pings": int},
+    Kind.PEER_RTT: {"session": int, "rtts": dict},
 }
 MAX_STEP_TOKENS = 1 << 20
-MAX_PLAN_INTS = 4096  # a plan's integers: 3 per sequence of a batch, plus releases
+MAX_BATCH_INTS = 4096  # a batch step's integers: 3 per sequence of a batch, plus releases
 
 DTYPE_CODES = {
     torch.float32: 0,
@@ -175,7 +183,7 @@ class StepHeader(DataHeader):
     chunks: int  # pieces the step is cut into (1 = none)
     dtype: torch.dtype
     shape: tuple[int, ...]
-    plan: tuple[int, ...] = ()  # its BatchPlan as integers
+    batch: tuple[int, ...] = ()  # its BatchStep as integers
 
 
 @dataclass(slots=True)
@@ -240,7 +248,7 @@ HEADERS: dict[Kind, type[DataHeader]] = {
 }
 # Per data kind: its fields before dtype and shape, in wire order, and their packing.
 _FIELDS: dict[Kind, tuple[str, ...]] = {
-    kind: tuple(f for f in cls.__dataclass_fields__ if f not in ("dtype", "shape", "plan"))
+    kind: tuple(f for f in cls.__dataclass_fields__ if f not in ("dtype", "shape", "batch"))
     for kind, cls in HEADERS.items()
 }
 _CODES = {
@@ -260,7 +268,7 @@ _HEADERS = {
     for kind, fields in _FIELDS.items()
 }
 _DIM = struct.Struct("<I")
-_PLAN_COUNT = struct.Struct("<H")
+_BATCH_COUNT = struct.Struct("<H")
 _SHAPES = [struct.Struct("<" + "I" * n) for n in range(5)]
 
 
@@ -296,9 +304,9 @@ def encode_data(kind: Kind, h: DataHeader) -> bytes:
         + _SHAPES[len(h.shape)].pack(*h.shape)
     )
     if kind == Kind.STEP:
-        if len(h.plan) > MAX_PLAN_INTS:
-            raise ValueError("plan too long")
-        out += _PLAN_COUNT.pack(len(h.plan)) + struct.pack(f"<{len(h.plan)}I", *h.plan)
+        if len(h.batch) > MAX_BATCH_INTS:
+            raise ValueError("batch step too long")
+        out += _BATCH_COUNT.pack(len(h.batch)) + struct.pack(f"<{len(h.batch)}I", *h.batch)
     return out
 
 
@@ -403,11 +411,11 @@ def decode(frames: list[Any]) -> Message:
             raise ProtocolError(f"{kind.name} header too short")
         *values, dcode, ndim = layout.unpack_from(body_bytes)
         end = layout.size + ndim * _DIM.size if ndim <= MAX_NDIM else -1
-        plan: tuple[int, ...] = ()
-        if kind == Kind.STEP and end >= 0 and len(body_bytes) >= end + _PLAN_COUNT.size:
-            (count,) = _PLAN_COUNT.unpack_from(body_bytes, end)
-            if count <= MAX_PLAN_INTS and len(body_bytes) == end + _PLAN_COUNT.size + 4 * count:
-                plan = struct.unpack_from(f"<{count}I", body_bytes, end + _PLAN_COUNT.size)
+        batch: tuple[int, ...] = ()
+        if kind == Kind.STEP and end >= 0 and len(body_bytes) >= end + _BATCH_COUNT.size:
+            (count,) = _BATCH_COUNT.unpack_from(body_bytes, end)
+            if count <= MAX_BATCH_INTS and len(body_bytes) == end + _BATCH_COUNT.size + 4 * count:
+                batch = struct.unpack_from(f"<{count}I", body_bytes, end + _BATCH_COUNT.size)
                 end = len(body_bytes)
             else:
                 end = -1
@@ -419,8 +427,8 @@ def decode(frames: list[Any]) -> Message:
         if payload is None:
             raise ProtocolError(f"{kind.name} without payload")
         header = HEADERS[kind](*values, CODE_DTYPES[dcode], shape)
-        if plan:
-            header.plan = plan
+        if batch:
+            header.batch = batch
         _check_data_fields(kind, header)
         return Message(kind, header, payload)
     if len(body_bytes) > MAX_CONTROL_BYTES:

@@ -3,24 +3,24 @@
 A pass carries a block of token rows. The rows belong to one or more sequences
 (a batch), each a contiguous run of rows with its own KV cache slot and first
 position: one row for a sequence that decodes, many for a prompt or a piece of
-one. The same plan is sent with the step to every rank, so every rank writes
+one. The same batch step is sent with the step to every rank, so every rank writes
 the same cache slots at the same positions.
 
 A pass may also be cut into pieces that move through each layer one after the
 other, so that one piece's allreduce is on the wire while the next computes:
 chunks of a long prompt (overlapped prefill), or nano-batches of a batch of
-sequences (NanoFlow). Every rank cuts a plan into the same pieces.
+sequences (NanoFlow). Every rank cuts a batch step into the same pieces.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-MAX_SLOTS = 1024  # cache slots a plan may name (a worker refuses others)
+MAX_SLOTS = 1024  # cache slots a batch step may name (a worker refuses others)
 
 
-class PlanError(ValueError):
-    """A plan that no master makes (a worker reports it as a protocol error)."""
+class BatchStepError(ValueError):
+    """A batch step that no master makes (a worker reports it as a protocol error)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,14 +46,14 @@ class Piece:
 
 
 @dataclass(frozen=True)
-class BatchPlan:
+class BatchStep:
     segments: tuple[Segment, ...]
     # Slots whose sequences ended: their caches are freed before the pass runs (a
     # slot may be released and run again at once, by a new sequence).
     release: tuple[int, ...] = ()
 
     @classmethod
-    def single(cls, pos: int, length: int, slot: int = 0) -> BatchPlan:
+    def single(cls, pos: int, length: int, slot: int = 0) -> BatchStep:
         return cls((Segment(slot, pos, length),))
 
     @property
@@ -99,36 +99,38 @@ class BatchPlan:
         return pieces
 
     def to_ints(self) -> list[int]:
-        """The plan as integers for the wire: releases, then (slot, pos, length)*."""
+        """The batch step as integers for the wire: releases, then (slot, pos, length)*."""
         out = [len(self.release), *self.release]
         for s in self.segments:
             out += [s.slot, s.pos, s.length]
         return out
 
     @classmethod
-    def from_ints(cls, values: list[int] | tuple[int, ...], tokens: int) -> BatchPlan:
-        """A received plan, checked against the `tokens` rows it came with."""
+    def from_ints(cls, values: list[int] | tuple[int, ...], tokens: int) -> BatchStep:
+        """A received batch step, checked against the `tokens` rows it came with."""
         values = list(values)
         if not values or not all(isinstance(v, int) and v >= 0 for v in values):
-            raise PlanError("a plan is a non-empty list of non-negative integers")
+            raise BatchStepError("a batch step is a non-empty list of non-negative integers")
         n = values[0]
         release, rest = tuple(values[1 : 1 + n]), values[1 + n :]
         if len(release) != n or len(rest) % 3 or not rest:
-            raise PlanError("a plan's length does not match its counts")
+            raise BatchStepError("a batch step's length does not match its counts")
         segs = tuple(Segment(*rest[i : i + 3]) for i in range(0, len(rest), 3))
-        plan = cls(segs, release)
-        plan.check(tokens)
-        return plan
+        batch = cls(segs, release)
+        batch.check(tokens)
+        return batch
 
     def check(self, tokens: int) -> None:
         if any(s.length < 1 for s in self.segments):
-            raise PlanError("a segment without tokens")
+            raise BatchStepError("a segment without tokens")
         if any(not 0 <= s.slot < MAX_SLOTS for s in self.segments) or any(
             not 0 <= r < MAX_SLOTS for r in self.release
         ):
-            raise PlanError(f"cache slots are 0..{MAX_SLOTS - 1}")
+            raise BatchStepError(f"cache slots are 0..{MAX_SLOTS - 1}")
         if self.tokens != tokens:
-            raise PlanError(f"the plan covers {self.tokens} rows, the step carries {tokens}")
+            raise BatchStepError(
+                f"the batch step covers {self.tokens} rows, the step carries {tokens}"
+            )
 
 
 def chunk_bounds(length: int, chunks: int) -> list[tuple[int, int]]:

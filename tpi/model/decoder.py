@@ -4,7 +4,7 @@ The same class serves a single machine, the master and every worker; what
 differs between them is only where layer weights come from (`LayerSource`) and
 how partial sums are combined (`Collective`).
 
-A pass runs a BatchPlan (tpi.model.batch): one or more sequences, each with its
+A pass runs a BatchStep (tpi.model.batch): one or more sequences, each with its
 own cache slot and position; the matmuls run on all their rows at once.
 
 Overlap (NanoFlow's nano-batches): a pass may be cut into pieces that move
@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
-from tpi.model.batch import BatchPlan, Piece
+from tpi.model.batch import BatchStep, Piece
 from tpi.model.config import ModelConfig
 from tpi.model.kv_cache import KVCache, SlotCaches
 from tpi.model.layers import (
@@ -117,7 +117,7 @@ class Decoder:
 
         With chunks > 1 the block moves through the layers as that many
         consecutive pieces whose allreduces overlap the next piece's compute."""
-        return self.run(h, BatchPlan.single(pos, h.shape[0]), chunks)
+        return self.run(h, BatchStep.single(pos, h.shape[0]), chunks)
 
     def _context(self, piece: Piece, ends: dict[int, int]) -> StepContext:
         """`ends`: where each slot's rows of the whole pass end (LongRoPE's choice is
@@ -135,19 +135,19 @@ class Decoder:
         return StepContext(seqs, cos, sin, self.dtype, local)
 
     @torch.inference_mode()
-    def run(self, h: torch.Tensor, plan: BatchPlan, pieces: int = 1) -> torch.Tensor:
-        """Hidden states (T, hidden) of the rows of `plan`, cut into at most
+    def run(self, h: torch.Tensor, batch: BatchStep, pieces: int = 1) -> torch.Tensor:
+        """Hidden states (T, hidden) of the rows of `batch`, cut into at most
         `pieces` pieces whose allreduces overlap the next piece's compute.
 
         Runs in inference mode: no autograd bookkeeping on any op of the pass
         (the layers' few hundred small ops, and the allreduces' views and copies:
         an allreduce at world 3 measured 0.30 -> 0.29 ms, a SmolLM2 token ~3%)."""
-        for slot in plan.release:
+        for slot in batch.release:
             self.caches.release(slot)
-        for seg in plan.segments:
+        for seg in batch.segments:
             self.caches.get(seg.slot).reserve(seg.end)
-        parts = plan.pieces(pieces)
-        ends = {seg.slot: seg.end for seg in plan.segments}
+        parts = batch.pieces(pieces)
+        ends = {seg.slot: seg.end for seg in batch.segments}
         steps = [self._context(p, ends) for p in parts]
         hs = [h[p.start : p.end] for p in parts]
         # A piece's allreduces are told apart by its first row (same on every rank).

@@ -19,11 +19,11 @@ from tpi.quant.int4_pack import ROW_MULTIPLE
 from tpi.runtime.memory_budget import MemoryBudgetError
 from tpi.runtime.memory_model import (
     RankSizes,
-    WindowPlan,
+    WindowChoice,
     activation_bytes_per_position,
+    choose_rank_memory,
     kv_cache_bytes,
     need_at_window,
-    plan_rank_memory,
 )
 from tpi.runtime.slot_fill import aligned
 
@@ -107,34 +107,34 @@ def head_bytes(cfg: ModelConfig, fmt: Format, rows: int | None = None) -> int:
 class MemoryNeed:
     """What a rank would plan: tpi.runtime.memory_model's plan over footprint's sizes."""
 
-    plan: WindowPlan
+    choice: WindowChoice
     layer: LayerBytes
     context: int
 
     @property
     def window(self) -> int:
         """Layers held; == num_layers: all resident, nothing re-read."""
-        return self.plan.window
+        return self.choice.window
 
     @property
     def total(self) -> int:
-        return self.plan.need_bytes
+        return self.choice.need_bytes
 
     @property
     def kv_bytes(self) -> int:
-        return self.plan.kv_bytes
+        return self.choice.kv_bytes
 
     @property
     def head_bytes(self) -> int:
-        return self.plan.head_bytes
+        return self.choice.head_bytes
 
     @property
     def activation_bytes(self) -> int:
-        return self.plan.activation_bytes
+        return self.choice.activation_bytes
 
     @property
     def baseline_bytes(self) -> int:
-        return self.plan.baseline_bytes
+        return self.choice.baseline_bytes
 
 
 def rank_sizes(
@@ -170,7 +170,7 @@ def plan_memory(
     the runtime's own plan; None if not even one layer fits."""
     sizes = rank_sizes(cfg, rs, fmt, baseline_bytes=baseline_bytes, head=head)
     try:
-        plan = plan_rank_memory(
+        memory = choose_rank_memory(
             sizes,
             context=context,
             fit=fit_context_to_capacity,
@@ -180,7 +180,7 @@ def plan_memory(
         )
     except MemoryBudgetError:
         return None
-    return MemoryNeed(plan.window_plan, layer_bytes(cfg, rs, fmt), plan.context)
+    return MemoryNeed(memory.window, layer_bytes(cfg, rs, fmt), memory.context)
 
 
 def memory_at(
@@ -198,7 +198,7 @@ def memory_at(
     """What rank `rs` plans when given `window` layers within `capacity` (over it or
     not: a placement's memory is shown beside the node's capacity)."""
     sizes = rank_sizes(cfg, rs, fmt, baseline_bytes=baseline_bytes, head=head)
-    plan = need_at_window(
+    memory = need_at_window(
         sizes, context=context, fit=fit_context_to_capacity, window=window, budget_bytes=capacity
     )
-    return MemoryNeed(plan.window_plan, layer_bytes(cfg, rs, fmt), plan.context)
+    return MemoryNeed(memory.window, layer_bytes(cfg, rs, fmt), memory.context)

@@ -3,7 +3,7 @@
 need = baseline + window x layer slot + staging (+ cached experts)
        + KV cache for the context + head + activations
 
-Two callers give it the sizes, and both call `plan_rank_memory`:
+Two callers give it the sizes, and both call `choose_rank_memory`:
 - the runtime (tpi.runtime.rank_runtime.build_rank) measures them: the shard's
   StreamLayout (slot, staging, experts), the head it loaded, and its baseline;
 - the planner (tpi.planning.footprint) computes them from shapes, for shares nobody
@@ -148,7 +148,7 @@ def fit_context(
 
 
 @dataclass(frozen=True)
-class WindowPlan:
+class WindowChoice:
     window: int
     num_layers: int
     layer_bytes: int
@@ -199,7 +199,7 @@ class WindowPlan:
         }
 
 
-def plan_window(
+def choose_window(
     *,
     num_layers: int,
     layer_bytes: int,
@@ -211,13 +211,13 @@ def plan_window(
     window: int | None,
     budget_bytes: int | None,
     budget_source: str = "--memory-budget",
-) -> WindowPlan:
+) -> WindowChoice:
     """The window to use: as asked (refused if over the budget), else the largest
     that fits the budget (all layers without one)."""
     fixed = baseline_bytes + staging_bytes + kv_bytes + head_bytes + activation_bytes
 
-    def plan(w: int) -> WindowPlan:
-        return WindowPlan(
+    def choice(w: int) -> WindowChoice:
+        return WindowChoice(
             w,
             num_layers,
             layer_bytes,
@@ -232,7 +232,7 @@ def plan_window(
 
     if window is None:
         if budget_bytes is None:
-            return plan(num_layers)
+            return choice(num_layers)
         fits = (budget_bytes - fixed) // layer_bytes if layer_bytes else num_layers
         window = int(min(num_layers, fits))
         if window < 1:
@@ -240,9 +240,9 @@ def plan_window(
                 f"out of memory budget: need {format_size(fixed + layer_bytes)} for even one layer, "
                 f"have {format_size(budget_bytes)} ({budget_source})"
             )
-        return plan(window)
+        return choice(window)
     window = max(1, min(window, num_layers))
-    p = plan(window)
+    p = choice(window)
     if budget_bytes is not None and p.need_bytes > budget_bytes:
         raise MemoryBudgetError(
             f"out of memory budget: need {format_size(p.need_bytes)} for window {window}, "
@@ -252,15 +252,15 @@ def plan_window(
 
 
 @dataclass(frozen=True)
-class MemoryPlan:
-    """A rank's plan: its window (and what it needs), context and expert slots."""
+class RankMemory:
+    """A rank's memory: its window (and what it needs), context and expert slots."""
 
-    window_plan: WindowPlan
+    window: WindowChoice
     context: int  # tokens the KV cache is reserved for
     expert_slots: int | None  # per MoE layer (None: a dense model)
 
 
-def plan_rank_memory(
+def choose_rank_memory(
     sizes: RankSizes,
     *,
     context: int,
@@ -269,12 +269,12 @@ def plan_rank_memory(
     budget_bytes: int | None,
     budget_source: str = "--memory-budget",
     note: Note | None = None,
-) -> MemoryPlan:
+) -> RankMemory:
     """The context (`context`, shrunk to fit the budget if `fit`), the expert slots
     and the window (as asked, else the largest that fits) of a rank; raises
     MemoryBudgetError if the window asked for, or a single layer, does not fit."""
     context, slots, staging = _context_and_experts(sizes, context, fit, window, budget_bytes, note)
-    plan = plan_window(
+    choice = choose_window(
         num_layers=sizes.num_layers,
         layer_bytes=sizes.layer_bytes,
         staging_bytes=staging,
@@ -286,19 +286,19 @@ def plan_rank_memory(
         budget_bytes=budget_bytes,
         budget_source=budget_source,
     )
-    return MemoryPlan(plan, context, slots)
+    return RankMemory(choice, context, slots)
 
 
 def need_at_window(
     sizes: RankSizes, *, context: int, fit: bool, window: int, budget_bytes: int | None
-) -> MemoryPlan:
+) -> RankMemory:
     """What a rank given `window` plans under `budget_bytes`, over budget or not (a
     placement's predicted memory, shown beside the node's capacity). A window of
     every layer is not asked for (the loader leaves the choice to the rank)."""
     w = max(1, min(window, sizes.num_layers))
     asked = w if w < sizes.num_layers else None
     context, slots, staging = _context_and_experts(sizes, context, fit, asked, budget_bytes)
-    plan = WindowPlan(
+    choice = WindowChoice(
         w,
         sizes.num_layers,
         sizes.layer_bytes,
@@ -310,7 +310,7 @@ def need_at_window(
         budget_bytes,
         "capacity",
     )
-    return MemoryPlan(plan, context, slots)
+    return RankMemory(choice, context, slots)
 
 
 def _context_and_experts(

@@ -20,13 +20,13 @@ from tpi.model.partition import RankSlice
 from tpi.runtime.memory_budget import MemoryBudgetError, effective_budget
 from tpi.runtime.memory_model import (
     ExpertSizes,
-    MemoryPlan,
+    RankMemory,
     RankSizes,
-    WindowPlan,
+    WindowChoice,
     activation_bytes_per_position,
+    choose_rank_memory,
     context_limit,
     kv_cache_bytes,
-    plan_rank_memory,
 )
 from tpi.runtime.resident_layers import ResidentLayers
 from tpi.runtime.sliding_window import SlidingWindowLayers, StreamLayout
@@ -41,7 +41,7 @@ from tpi.system.process_memory import rss_bytes
 class RankRuntime:
     decoder: Decoder
     layers: SlidingWindowLayers | ResidentLayers
-    plan: WindowPlan
+    memory: WindowChoice  # the window chosen, and what it needs
 
     def close(self) -> None:
         self.layers.close()
@@ -105,12 +105,12 @@ def _open_layers(
 
 
 def _hold(
-    source: RankShard, dtype: torch.dtype, layout: StreamLayout, plan: MemoryPlan
+    source: RankShard, dtype: torch.dtype, layout: StreamLayout, memory: RankMemory
 ) -> SlidingWindowLayers:
-    if plan.window_plan.window >= source.config.num_layers:
+    if memory.window.window >= source.config.num_layers:
         # Every layer is read once: hold float weights transposed for decoding.
         layout = StreamLayout.of(source, dtype, transpose=True)
-    return SlidingWindowLayers(layout, plan.window_plan.window, dtype, plan.expert_slots)
+    return SlidingWindowLayers(layout, memory.window.window, dtype, memory.expert_slots)
 
 
 def build_rank(
@@ -139,7 +139,7 @@ def build_rank(
     sizes = rank_sizes(cfg, rs, dtype, layout, resident, head_bytes, baseline_bytes)
     budget, budget_source = effective_budget(budget_bytes)
     note = None if echo is None else (lambda m: echo(f"rank {rs.rank}: {m}"))
-    plan = plan_rank_memory(
+    memory = choose_rank_memory(
         sizes,
         context=context_limit(cfg, max_context, planned),
         fit=max_context is None and planned,
@@ -149,7 +149,7 @@ def build_rank(
         note=note,
     )
     if note is not None:
-        note(plan.window_plan.describe())
-    layers = resident or _hold(source, dtype, layout, plan)
-    decoder = Decoder(cfg, rs, layers, collective, dtype, max_positions=plan.context)
-    return RankRuntime(decoder, layers, plan.window_plan)
+        note(memory.window.describe())
+    layers = resident or _hold(source, dtype, layout, memory)
+    decoder = Decoder(cfg, rs, layers, collective, dtype, max_positions=memory.context)
+    return RankRuntime(decoder, layers, memory.window)

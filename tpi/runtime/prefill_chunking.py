@@ -80,7 +80,7 @@ def measure_flops_per_second(hidden: int, dtype: torch.dtype = torch.float32) ->
 
 
 @dataclass
-class PrefillPlanner:
+class PrefillChunking:
     """Chooses chunk counts for one master: RTT fixed per session, speed learnt."""
 
     rtt_s: float
@@ -92,7 +92,7 @@ class PrefillPlanner:
     @classmethod
     def estimate(
         cls, rtt_s: float, flops_per_token_phase: float, hidden: int, fixed: int | None = None
-    ) -> PrefillPlanner:
+    ) -> PrefillChunking:
         speed = measure_flops_per_second(hidden)
         return cls(rtt_s, flops_per_token_phase / speed, fixed)
 
