@@ -22,16 +22,16 @@ log = logging.getLogger("tpi.worker")
 
 def start_announcing(daemon: WorkerDaemon, store: Path) -> Announcer | None:
     """The announcement of `daemon` (stopped with it), or None where it makes none."""
+    host, _, port = display_address(daemon.address).rpartition(":")
+    addresses = announce_addresses(host.strip("[]"))
+    if not addresses:
+        log.info("not announced on the network: %s is not reachable from other devices", host)
+        return None
     if daemon.options.secret is None:
         log.warning(
             "not announced on the network: a worker without a secret (--insecure) "
             "is reached by its address only"
         )
-        return None
-    host, _, port = display_address(daemon.address).rpartition(":")
-    addresses = announce_addresses(host.strip("[]"))
-    if not addresses:
-        log.info("not announced on the network: %s is not reachable from other devices", host)
         return None
     listener = daemon.data_listener
     advert = Advert(
