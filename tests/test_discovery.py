@@ -134,3 +134,25 @@ def test_workers_auto_without_a_secret_is_one_line_before_listening(llama_dir, m
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 1 and "shared secret" in res.output
     assert "Traceback" not in res.output
+
+
+def test_an_insecure_or_loopback_worker_is_never_announced(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from tpi.worker import announce
+    from tpi.worker.options import WorkerOptions
+
+    def no_announcing(*args, **kwargs):
+        raise AssertionError("announced")
+
+    monkeypatch.setattr(announce, "Announcer", no_announcing)
+    monkeypatch.setattr(announce, "announce_addresses", lambda host: ["192.0.2.7"])
+    insecure = SimpleNamespace(
+        address="tcp://0.0.0.0:5555", options=WorkerOptions(secret=None), data_listener=None
+    )
+    assert announce.start_announcing(insecure, tmp_path) is None
+    monkeypatch.setattr(announce, "announce_addresses", lambda host: [])  # loopback's answer
+    loopback = SimpleNamespace(
+        address="tcp://127.0.0.1:5555", options=WorkerOptions(secret=b"s" * 16), data_listener=None
+    )
+    assert announce.start_announcing(loopback, tmp_path) is None
