@@ -106,9 +106,11 @@ case "$role" in
             --quant "${TPI_QUANT:-none}" $vocab $stages --force "$@"
         ;;
     worker)
+        # The compose file names every worker for the master; announcing would only
+        # put multicast on the host's bridge.
         # shellcheck disable=SC2086
         exec $run tpi worker --listen "tcp://0.0.0.0:${TPI_PORT:-5555}" --store "$split_dir" \
-            --no-accept-push $budget $window $threads $security "$@"
+            --no-accept-push --no-announce $budget $window $threads $security "$@"
         ;;
     master)
         [ "$link_method" = relay ] && shape_workers

@@ -12,7 +12,8 @@ from tpi import cli_options as opt
 
 MODEL_HELP = (
     "Model: a Hugging Face checkpoint directory, a directory made by 'tpi split', a .gguf file "
-    "(converted once), or the name of a cached model (see 'tpi models'). "
+    "(converted once), the name of a cached model (see 'tpi models'), or ORG/NAME[@REVISION] "
+    "(or ORG/NAME/FILE.gguf) on the Hugging Face hub, downloaded on first use ('tpi pull'). "
     "Default: the embedded SmolLM2-135M-Instruct."
 )
 
@@ -32,8 +33,16 @@ class PlanType(click.ParamType):
         )
 
 
+AUTO_HELP = (
+    " auto: every worker of this cluster (proving its secret) found on the local network "
+    "within a few seconds ($TPI_DISCOVERY_SECONDS, default 3); 'tpi workers' shows them."
+)
+
+
 def workers(help: str) -> Callable:
-    return click.option("--workers", "-w", default=None, metavar="HOST:PORT,...", help=help)
+    return click.option(
+        "--workers", "-w", default=None, metavar="HOST:PORT,...|auto", help=help + AUTO_HELP
+    )
 
 
 def plan_mode(help: str) -> Callable:
@@ -219,9 +228,19 @@ def sampling_options(max_new_default: int) -> list:
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed", "max_new_tokens")
 
 
-def worker_list(workers: str | None) -> list[str]:
-    """--workers as a list, else the workers of an enclosing `tpi cluster`."""
+def worker_list(
+    workers: str | None,
+    secret_file: str | None = None,
+    insecure: bool = False,
+    curve_dir: str | None = None,
+) -> list[str]:
+    """--workers as a list ('auto': those found on the network, tpi.master.auto_workers),
+    else the workers of an enclosing `tpi cluster`."""
+    from tpi.master.auto_workers import discovered, is_auto
+
     parent = click.get_current_context().obj or {}  # set by an enclosing `tpi cluster`
+    if is_auto(workers):
+        return discovered(secret_file, insecure, curve_dir)
     if workers:
         return [w.strip() for w in workers.split(",") if w.strip()]
     return list(parent.get("cluster_workers", []))
@@ -258,7 +277,7 @@ def open_from_options(opts: dict, workers: list[str] | None = None):
 
     ctx = click.get_current_context()
     parent = ctx.obj or {}  # set by an enclosing `tpi cluster`
-    configured = worker_list(opts["workers"])
+    configured = _configured(opts)
     active = configured if workers is None else workers
     replanned = list(active) != configured
     pipelined = is_layout(opts["plan_mode"] or parent.get("cluster_plan"))
@@ -300,6 +319,7 @@ def open_from_options(opts: dict, workers: list[str] | None = None):
 def open_elastic(opts: dict, echo=None):
     """The model, and (for a cluster) an ElasticCluster that re-plans it over the
     survivors when a worker is lost (None for one machine)."""
+    from tpi.master.auto_workers import newcomers
     from tpi.master.elastic import ElasticCluster, prestage
 
     ctx = click.get_current_context()
@@ -310,14 +330,19 @@ def open_elastic(opts: dict, echo=None):
         with ctx.scope(cleanup=False):
             return open_from_options(opts, workers)
 
-    configured = worker_list(opts["workers"])
+    configured = _configured(opts)
     if opts.get("prestage") and configured:
         say(f"pre-staged the shards a recovery would need in {prestage(opener, configured):.1f} s")
     loaded = open_from_options(opts)
-    if loaded.cluster is None:
+    discover = newcomers()  # --workers auto: workers that appear later join too
+    if loaded.cluster is None and discover is None:
         return loaded, None
-    elastic = ElasticCluster(opener, loaded, configured, say, opts["on_worker_loss"])
-    return loaded, elastic
+    policy = opts["on_worker_loss"]
+    return loaded, ElasticCluster(opener, loaded, configured, say, policy, discover)
+
+
+def _configured(opts: dict) -> list[str]:
+    return worker_list(opts["workers"], opts["secret_file"], opts["insecure"], opts["curve_dir"])
 
 
 def sampling_from_options(loaded, opts: dict):

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from tpi import __version__
-from tpi.comm.auth import check, new_nonce, proof
+from tpi.comm.auth import check, hello_body, new_nonce, proof
 from tpi.comm.curve import CurveKeys
 from tpi.comm.inbox import Inbox
 from tpi.comm.links import ClusterError, LinkLost, LinkSet, normalize_address
@@ -101,15 +100,14 @@ class WorkerConnections:
         ranks = set(range(1, self.world))
         nonces = {r: new_nonce() for r in ranks}
         for link in self.links.links:
-            hello = {
-                "session": self.session,
-                "rank": link.rank,
-                "world": self.world,
-                "manifest": self._manifest_of(link.rank),
-                "tpi_version": __version__,
-                "nonce": nonces[link.rank],
-                "auth": "hmac" if self.secret else "none",
-            }
+            hello = hello_body(
+                self.session,
+                link.rank,
+                self.world,
+                self._manifest_of(link.rank),
+                nonces[link.rank],
+                self.secret is not None,
+            )
             link.send([encode_control(Kind.HELLO, hello)])
         try:
             first = self._expect(

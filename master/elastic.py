@@ -16,12 +16,11 @@ request boundary, never mid-generation: `grow()`.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tpi.comm.links import ClusterError, display_address, normalize_address
+from tpi.comm.links import ClusterError, display_address, normalize_address, tcp_reachable
 
 MAX_REPLANS = 4  # re-opens per recovery (each may find one more worker gone)
 POLICIES = ("continue", "fail")
@@ -63,17 +62,6 @@ def prestage(opener: Callable[[list[str]], object], workers: list[str]) -> float
     return time.perf_counter() - t0
 
 
-def reachable(address: str, timeout_s: float = 0.5) -> bool:
-    """Whether something accepts TCP connections at a worker's address (a cheap
-    check before a re-open that would otherwise wait out a handshake timeout)."""
-    host, _, port = _key(address).rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
 class ElasticCluster:
     """The model of a master whose workers may come and go.
 
@@ -87,6 +75,7 @@ class ElasticCluster:
         workers: list[str],
         echo: Callable[[str], None] = lambda _m: None,
         policy: str = "continue",
+        discover: Callable[[list[str]], list[str]] | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}")
@@ -97,6 +86,8 @@ class ElasticCluster:
         self.echo = echo
         self.policy = policy
         self.recoveries: list[Recovery] = []
+        # --workers auto: workers found later (given those active) join the cluster.
+        self.discover = discover
 
     @property
     def world(self) -> int:
@@ -139,10 +130,12 @@ class ElasticCluster:
         return self.loaded
 
     def grow(self) -> bool:
-        """At a request boundary: take back configured workers that answer again.
-        Returns whether the cluster was re-opened (the old one is closed)."""
+        """At a request boundary: take back configured workers that answer again (and,
+        with `discover`, take in new ones). Returns whether the cluster was re-opened
+        (the old one is closed)."""
+        joined = self._newcomers()
         missing = [w for w in self.configured if _key(w) not in {_key(a) for a in self.active}]
-        back = [w for w in missing if reachable(w)]
+        back = [w for w in missing if tcp_reachable(w)]
         if not back:
             return False
         have = {_key(w) for w in [*self.active, *back]}
@@ -157,8 +150,17 @@ class ElasticCluster:
             self.loaded = old if alone else self.opener(list(self.active))
             return False
         self.active = wanted
-        self.echo(f"worker(s) {', '.join(back)} back: running on {self.world} ranks")
+        how = "joined" if set(back) <= set(joined) else "back"
+        self.echo(f"worker(s) {', '.join(back)} {how}: running on {self.world} ranks")
         return True
+
+    def _newcomers(self) -> list[str]:
+        if self.discover is None:
+            return []
+        known = {_key(w) for w in self.configured}
+        joined = [w for w in self.discover(list(self.active)) if _key(w) not in known]
+        self.configured += joined
+        return joined
 
     def _close(self, reason: str) -> None:
         close = getattr(self.loaded, "close", None)

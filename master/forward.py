@@ -60,31 +60,26 @@ class LocalForward:
 
     def __init__(self, vocab: Vocab, decoder: Decoder) -> None:
         self.vocab = vocab
-        self._decoder = decoder
+        self.decoder = decoder
 
-    @property
-    def decoder(self) -> Decoder:
-        return self._decoder
+    def start(self, ids: list[int], batch: BatchStep, pieces: int, want: Want) -> torch.Tensor:
+        """Rank 0's hidden states entering layer 0."""
+        return self.vocab.embed(ids)
 
     def run(self, ids: list[int], batch: BatchStep, pieces: int, want: Want) -> torch.Tensor:
-        return self._decoder.run(self.vocab.embed(ids), batch, pieces)
+        return self.decoder.run(self.start(ids, batch, pieces, want), batch, pieces)
 
     def waiting_seconds(self) -> float:
-        return local_waiting_seconds(self._decoder)
+        return local_waiting_seconds(self.decoder)
 
 
-class TensorParallelForward:
+class TensorParallelForward(LocalForward):
     """Stage 0's group (every worker, without a pipeline) runs each layer's slices
     together: the step starts on the workers, then rank 0 runs its own slice."""
 
     def __init__(self, vocab: Vocab, decoder: Decoder, topology: Topology) -> None:
-        self.vocab = vocab
-        self._decoder = decoder
+        super().__init__(vocab, decoder)
         self.topology = topology
-
-    @property
-    def decoder(self) -> Decoder:
-        return self._decoder
 
     def start(self, ids: list[int], batch: BatchStep, pieces: int, want: Want) -> torch.Tensor:
         """Start the step on the workers; returns rank 0's hidden states entering
@@ -98,9 +93,3 @@ class TensorParallelForward:
         h = self.vocab.embed(ids)
         top.first.broadcast.hidden(h, batch, pieces)
         return h
-
-    def run(self, ids: list[int], batch: BatchStep, pieces: int, want: Want) -> torch.Tensor:
-        return self._decoder.run(self.start(ids, batch, pieces, want), batch, pieces)
-
-    def waiting_seconds(self) -> float:
-        return local_waiting_seconds(self._decoder)

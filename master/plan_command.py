@@ -73,7 +73,7 @@ def plan(
     from tpi.runtime.memory_budget import parse_size
 
     parent = click.get_current_context().obj or {}  # set by an enclosing `tpi cluster`
-    worker_list = master_opt.worker_list(workers)
+    worker_list = master_opt.worker_list(workers, secret_file, insecure, curve_dir)
     master_opt.use_threads(threads)
     budget = memory_budget or parent.get("cluster_memory_budget")
     req = PlanRequest(

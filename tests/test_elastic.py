@@ -72,6 +72,28 @@ def test_policy_fail_and_errors_without_a_worker_to_blame_are_not_recovered():
     assert not loaded.closed
 
 
+def test_workers_discovered_later_join_at_a_grow_and_keep_their_order(monkeypatch):
+    monkeypatch.setattr("tpi.master.elastic.tcp_reachable", lambda address: True)
+    announced = [["b:2"], ["b:2"], ["b:2", "c:3"]]  # what the network shows at each grow
+    asked = []
+
+    def discover(active):
+        asked.append(list(active))
+        return [w for w in announced.pop(0) if w not in active]
+
+    said = []
+    first = FakeLoaded(["a:1"])
+    elastic = ElasticCluster(FakeLoaded, first, ["a:1"], said.append, discover=discover)
+    assert elastic.grow() and first.closed
+    assert elastic.loaded.workers == ["a:1", "b:2"] and elastic.world == 3
+    assert said == ["worker(s) b:2 joined: running on 3 ranks"]
+    assert not elastic.grow()  # nobody new
+    assert elastic.grow() and elastic.loaded.workers == ["a:1", "b:2", "c:3"]
+    assert asked == [["a:1"], ["a:1", "b:2"], ["a:1", "b:2"]]  # ours are never checked
+    alone = ElasticCluster(FakeLoaded, FakeLoaded([]), [], discover=lambda active: ["d:4"])
+    assert alone.grow() and alone.loaded.workers == ["d:4"]  # a master that began alone
+
+
 # --- real workers ----------------------------------------------------------------------
 
 

@@ -74,7 +74,34 @@ CONTRACTS = (
     Contract(
         "the wire knows bytes and tensors, not models, files or schedules",
         "tpi.comm",
-        ("tpi.model", "tpi.quant", "tpi.storage", "tpi.runtime", "tpi.sources", "tpi.text"),
+        (
+            "tpi.model",
+            "tpi.quant",
+            "tpi.storage",
+            "tpi.runtime",
+            "tpi.sources",
+            "tpi.text",
+            "tpi.discovery",
+        ),
+    ),
+    Contract(
+        "discovery finds workers and checks their secret; it knows no model, weights or text",
+        "tpi.discovery",
+        (
+            "tpi.model",
+            "tpi.quant",
+            "tpi.kernels",
+            "tpi.storage",
+            "tpi.runtime",
+            "tpi.sources",
+            "tpi.text",
+            "tpi.planning",
+        ),
+    ),
+    Contract(
+        "a service runs the worker by its command line: no model, network or worker code",
+        "tpi.service",
+        ("tpi.model", "tpi.comm", "tpi.runtime", "tpi.sources", "tpi.discovery", "tpi.planning"),
     ),
     Contract(
         "storage reads and writes weights; it does not run or send them",
@@ -87,9 +114,9 @@ CONTRACTS = (
         ("tpi.model", "tpi.quant", "tpi.storage", "tpi.comm", "tpi.runtime", "tpi.sources"),
     ),
     Contract(
-        "model sources convert and find models; they do not run them",
+        "model sources convert, find and pull models; they neither run them nor meet workers",
         "tpi.sources",
-        ("tpi.runtime", "tpi.comm"),
+        ("tpi.runtime", "tpi.comm", "tpi.discovery"),
     ),
     Contract(
         "a rank's runtime does not know where models come from or how text looks",

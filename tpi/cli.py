@@ -118,6 +118,7 @@ def convert_gguf_cmd(
 
 @cli.command("split")
 @click.argument("model", required=False, default=None)
+@opt.assume_yes()
 @click.option(
     "--world",
     "-N",
@@ -180,7 +181,8 @@ def split_cmd(
     """Cut a model into one shard directory per rank.
 
     MODEL is what --model accepts elsewhere: a Hugging Face checkpoint directory,
-    a .gguf file, or a cached model name; omitted, the embedded default model.
+    a .gguf file, a cached model name or ORG/NAME on the hub; omitted, the embedded
+    default model.
 
     Each rank gets one safetensors file per layer holding only its slice
     (attention heads by KV group, MLP columns) and a manifest with sha256 of every
@@ -248,29 +250,6 @@ def keygen_cmd(directory: str, force: bool) -> None:
     click.echo(f"use: --secret-file {d}/secret --curve {d}   (on the master and on every worker)")
 
 
-@cli.command("models")
-def models_cmd() -> None:
-    """List models converted into the cache ($TPI_HOME/models)."""
-    from tpi.paths import models_dir
-    from tpi.sources.default_model import DEFAULT_MODEL_NAME, find_embedded_gguf
-    from tpi.sources.model_registry import cached_models
-
-    found = cached_models()
-    click.echo(f"cache: {models_dir()}")
-    if not found:
-        click.echo("no converted models yet")
-    for m in found:
-        tag = "  (default)" if m.name == DEFAULT_MODEL_NAME else ""
-        click.echo(f"{m.name:40s} {m.size_bytes / 1e6:9.1f} MB  {m.path}{tag}")
-    if DEFAULT_MODEL_NAME not in {m.name for m in found}:
-        state = (
-            "installed, converts on first use"
-            if find_embedded_gguf()
-            else "not installed, installs on first use"
-        )
-        click.echo(f"default {DEFAULT_MODEL_NAME}: {state}")
-
-
 @cli.command("probe")
 @opt.model(
     "Also time this node's layer slices of this model (as 'tpi plan' would ask). "
@@ -335,6 +314,20 @@ def probe_cmd(
         slices[slices_key(shape_key(cfg), setting.key())] = prof
     node = NodeProfile("this node", facts, slices)
     click.echo(json_mod.dumps(node.to_dict(), indent=2) if as_json else describe_profile(node))
+
+
+def _add_commands() -> None:
+    # Commands of the shared library, in modules of their own (imported at once:
+    # they import nothing heavy until run).
+    from tpi.model_commands import COMMANDS as MODEL_COMMANDS
+    from tpi.service_command import service
+    from tpi.workers_command import workers
+
+    for command in (*MODEL_COMMANDS, service, workers):
+        cli.add_command(command)
+
+
+_add_commands()
 
 
 def main() -> None:

@@ -27,7 +27,29 @@ def apply(options: list[Callable]) -> Callable:
 
 
 def model(help: str) -> Callable:
-    return click.option("--model", "-m", default=None, metavar="PATH|NAME", help=help)
+    """--model, and --yes: a model named ORG/NAME that is not in the cache yet is
+    downloaded once the user agrees, at a terminal or by --yes."""
+    option = click.option("--model", "-m", default=None, metavar="PATH|NAME", help=help)
+    return lambda f: option(assume_yes()(f))
+
+
+def _set_assume_yes(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    from tpi.sources import consent
+
+    consent.assume_yes(value)
+    return value
+
+
+def assume_yes() -> Callable:
+    return click.option(
+        "--yes",
+        "-y",
+        is_flag=True,
+        expose_value=False,
+        callback=_set_assume_yes,
+        help="Download a model named ORG/NAME that is not in the cache without asking "
+        "(otherwise tpi asks at a terminal, and refuses elsewhere).",
+    )
 
 
 def compute_dtype(help: str) -> Callable:

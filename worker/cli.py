@@ -80,6 +80,27 @@ PARENT_GONE_EXIT_S = 5.0
     hidden=True,
     help="Stop when this pipe closes (tpi cluster: workers die with their master).",
 )
+@click.option(
+    "--announce/--no-announce",
+    default=True,
+    show_default=True,
+    help="Announce this worker on the local network (mDNS, service _tpi._tcp) so that "
+    "masters find it with '--workers auto': its ports, protocol version and a device "
+    "summary (cores, memory, free disk), never the secret or its models. Never on "
+    "loopback, never with --insecure.",
+)
+@click.option(
+    "--install-service",
+    type=click.Choice(["auto", "user", "system"]),
+    is_flag=False,
+    flag_value="auto",
+    default=None,
+    metavar="[user|system]",
+    help="Instead of running now, install this command line as a systemd service "
+    "(system as root, else the user's own; or say which), enabled, started, restarted on "
+    "failure. The secret must come from --secret-file. Then 'tpi service status' or "
+    "'tpi service uninstall'.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="Log only warnings and errors.")
 def worker(
     listen,
@@ -96,6 +117,8 @@ def worker(
     insecure,
     curve_dir,
     parent_fd,
+    announce,
+    install_service,
     quiet,
 ):
     """Run the worker daemon: wait for a master, serve its session, wait again.
@@ -112,22 +135,16 @@ def worker(
     from tpi.paths import tpi_home
     from tpi.runtime.memory_budget import parse_size
     from tpi.storage.atomic import atomic_write_text
-    from tpi.system.lifeline import watch_parent
+    from tpi.worker.announce import start_announcing
     from tpi.worker.daemon import WorkerDaemon
     from tpi.worker.options import WorkerOptions
     from tpi.worker.watchdog import Watchdog
 
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s tpi-worker %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     address = normalize_address(listen, default_host="127.0.0.1", allow_any_port=True)
     secret = require_secret(secret_file, insecure, "the worker")
+    if install_service:  # checked what it could; the service runs the rest
+        return _install_service(install_service)
+    _setup(quiet, threads)
     if insecure:
         logging.getLogger("tpi.worker").warning(
             "running --insecure: any master on the network may connect"
@@ -142,25 +159,57 @@ def worker(
         secret=secret,
     )
     build_all(logging.getLogger("tpi.worker").info)  # before listening: see tpi.kernels.warm
-    daemon = WorkerDaemon(address, store or tpi_home() / "store", curve=curve, options=options)
+    store = store or tpi_home() / "store"
+    daemon = WorkerDaemon(address, store, curve=curve, options=options)
+    announcer = start_announcing(daemon, store) if announce else None
     if port_file:
         atomic_write_text(port_file, daemon.address + "\n")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     if parent_fd is not None:
-
-        def parent_gone() -> None:
-            logging.getLogger("tpi.worker").warning("the process that started me is gone: stopping")
-            stop.set()
-            # A session in progress ends when its master's link drops; never linger.
-            threading.Timer(PARENT_GONE_EXIT_S, os._exit, (0,)).start()
-
-        watch_parent(parent_fd, parent_gone)
+        _stop_with_parent(parent_fd, stop)
     try:
         with Watchdog():
             daemon.serve(stop, max_sessions)
     except KeyboardInterrupt:
         click.echo("worker stopped", err=True)
+    finally:
+        if announcer is not None:
+            announcer.stop()
+
+
+def _stop_with_parent(parent_fd: int, stop: threading.Event) -> None:
+    from tpi.system.lifeline import watch_parent
+
+    def parent_gone() -> None:
+        logging.getLogger("tpi.worker").warning("the process that started me is gone: stopping")
+        stop.set()
+        # A session in progress ends when its master's link drops; never linger.
+        threading.Timer(PARENT_GONE_EXIT_S, os._exit, (0,)).start()
+
+    watch_parent(parent_fd, parent_gone)
+
+
+def _setup(quiet: bool, threads: int | None) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s tpi-worker %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _install_service(scope: str) -> None:
+    from tpi.service.systemd import install
+    from tpi.service.unit import default_scope, spec_for_worker
+
+    spec = spec_for_worker(
+        click.get_current_context(), default_scope() if scope == "auto" else scope
+    )
+    install(spec, lambda m: click.echo(m, err=True))
 
 
 def _data_port(text: str | None, address: str) -> int | None:

@@ -68,6 +68,24 @@ def require_secret(secret_file: str | Path | None, insecure: bool, who: str) -> 
     return secret
 
 
+def hello_body(
+    session: int, rank: int, world: int, manifest: str, nonce: str, with_secret: bool
+) -> dict:
+    """A master's HELLO: the session it opens, the rank and shard it asks for, its
+    nonce, and whether it will prove the shared secret ("hmac") or not ("none")."""
+    from tpi import __version__
+
+    return {
+        "session": session,
+        "rank": rank,
+        "world": world,
+        "manifest": manifest,
+        "tpi_version": __version__,
+        "nonce": nonce,
+        "auth": "hmac" if with_secret else "none",
+    }
+
+
 def proof(secret: bytes, role: str, nonce_master: str, nonce_worker: str, session: int) -> str:
     msg = f"tpi-auth-v1|{role}|{nonce_master}|{nonce_worker}|{session}".encode()
     return hmac.new(secret, msg, hashlib.sha256).hexdigest()

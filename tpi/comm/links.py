@@ -15,6 +15,7 @@ name the rank, instead of a receive that waits forever.
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -96,6 +97,17 @@ def normalize_address(
 
 def display_address(address: str) -> str:
     return address[len("tcp://") :] if address.startswith("tcp://") else address
+
+
+def tcp_reachable(address: str, timeout_s: float = 0.5) -> bool:
+    """Whether something accepts TCP connections at a worker's address (a cheap
+    check before a handshake that would otherwise wait out its timeout)."""
+    host, _, port = display_address(normalize_address(address)).rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def configure_socket(sock: zmq.Socket) -> None:
