@@ -24,6 +24,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the arm64 root needs 3.11's tomllib
+    tomllib = None
+
 ROOT = Path(os.environ.get("TPI_ARM64_ROOT", "/var/cache/tpi/arm64-root"))
 MIRROR = os.environ.get("TPI_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 SUITE = "bookworm"  # its python3 is 3.11
@@ -52,27 +57,26 @@ CUDA = (
     "nvidia-nccl-cu13==2.32.3",
     "nvidia-nvshmem-cu13==3.4.5",
 )
-# torch's own dependencies and tpi's (pyproject.toml), without torch itself.
-PYTHON_DEPS = (
+# torch's own dependencies; tpi's are read from pyproject.toml (without torch itself).
+TORCH_DEPS = (
     "filelock",
     "typing-extensions>=4.10",
     "sympy>=1.13.3",
     "networkx>=2.5.1",
     "jinja2>=3.1",
     "fsspec>=0.8.5",
-    "pyzmq>=25",
-    "safetensors>=0.4",
-    "psutil>=5.9",
-    "click>=8.1",
-    "tokenizers>=0.19",
-    "gguf>=0.10",
-    "numpy>=1.24",
-    "fastapi>=0.110",
-    "uvicorn>=0.29",
-    "isal>=1.6",
-    "prometheus-client>=0.20",
-    "highspy>=1.7",
 )
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def tpi_dependencies() -> tuple[str, ...]:
+    if tomllib is None:
+        return ()
+    deps = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    return tuple(d for d in deps if not d.replace(" ", "").startswith("torch"))
+
+
+PYTHON_DEPS = (*TORCH_DEPS, *tpi_dependencies())
 RECIPE = "\n".join((SUITE, PACKAGES, TORCH, *CUDA, *PYTHON_DEPS, "sys-a76", "v1"))
 MARK = ".tpi-root"
 BUILD_TIMEOUT_S = 40 * 60
@@ -82,6 +86,8 @@ def missing() -> str | None:
     """Why an arm64 root cannot be made or run here (None: it can)."""
     if os.geteuid() != 0:
         return "an arm64 root needs root (debootstrap, chroot)"
+    if tomllib is None:
+        return "making an arm64 root reads pyproject.toml with Python 3.11's tomllib"
     for tool in ("debootstrap", "chroot", "unshare"):
         if not shutil.which(tool):
             return f"no {tool} (apt-get install debootstrap util-linux)"
@@ -193,6 +199,8 @@ def build(root: Path = ROOT, echo=print) -> Path:
     part = root.with_name(root.name + ".partial")
     log = root.with_name(root.name + ".log")
     stage = part / ".tpi-stage"  # a Debian base made by an earlier, unfinished build
+    if (root / stage.name).is_file() and not part.exists():
+        root.rename(part)  # another recipe on the same Debian base: redo what follows it
     if not (stage.is_file() and stage.read_text().strip() == f"{SUITE} {PACKAGES}"):
         shutil.rmtree(part, ignore_errors=True)
         part.mkdir(parents=True)
